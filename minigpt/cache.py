@@ -1,0 +1,81 @@
+"""Key/value cache for incremental decoding.
+
+A dense layer keeps every past key (a preallocated buffer of block_size slots, written
+in place). A banded layer of width w never looks further back than w - 1 tokens, so it
+keeps only a ring of w slots: token index p lives in slot p % w. Softmax does not care
+about the order of keys, so the ring is never re-sorted; each slot's absolute index is
+computed to build the mask.
+"""
+from __future__ import annotations
+
+import torch
+
+from minigpt.config import GPTConfig
+
+
+class LayerCache:
+    """Keys and values of one layer: (B, H, capacity, D) buffers."""
+
+    def __init__(self, config: GPTConfig, layer: int, batch_size: int, dtype: torch.dtype, device) -> None:
+        self.window = config.layer_window(layer)
+        capacity = config.block_size if self.window is None else min(self.window, config.block_size)
+        shape = (batch_size, config.n_head, capacity, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _ring_index(self, count: int, end: int) -> torch.Tensor:
+        """Absolute indices held by ring slots 0..count-1 when tokens 0..end-1 were written."""
+        slots = torch.arange(count, device=self.k.device)
+        return (end - 1) - ((end - 1 - slots) % self.window)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add the keys/values of tokens start..start+T-1; return what their queries attend to.
+
+        k, v: (B, H, T, D). Returns (keys, values, key_index): keys/values (B, H, S, D) and
+        the absolute token index of each of the S keys.
+        """
+        T = k.shape[-2]
+        end = start + T
+        if self.window is None:
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+            return self.k[:, :, :end], self.v[:, :, :end], torch.arange(end, device=k.device)
+
+        w = self.window
+        if T == 1:  # decoding: write first, then every filled slot is visible
+            self.k[:, :, start % w] = k[:, :, 0]
+            self.v[:, :, start % w] = v[:, :, 0]
+            count = min(end, w)
+            return self.k[:, :, :count], self.v[:, :, :count], self._ring_index(count, end)
+
+        # A chunk of several tokens: its early queries may need ring entries that its own
+        # later tokens would overwrite, so attend to (old ring + new chunk), then store.
+        count = min(start, w)
+        keys = torch.cat([self.k[:, :, :count], k], dim=2)
+        values = torch.cat([self.v[:, :, :count], v], dim=2)
+        index = torch.cat([self._ring_index(count, start), torch.arange(start, end, device=k.device)])
+        keep = min(T, w)
+        slots = torch.arange(end - keep, end, device=k.device) % w
+        self.k[:, :, slots] = k[:, :, T - keep :]
+        self.v[:, :, slots] = v[:, :, T - keep :]
+        return keys, values, index
+
+
+class KVCache:
+    """Per-layer caches plus the decoding position and each row's left padding.
+
+    left_pad: (B,) number of padding tokens at the start of each row (prompts of different
+    lengths are left-padded); None when no row is padded.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        left_pad: torch.Tensor | None = None,
+    ) -> None:
+        self.layers = [LayerCache(config, i, batch_size, dtype, device) for i in range(config.n_layer)]
+        self.length = 0
+        self.left_pad = left_pad

@@ -1,0 +1,68 @@
+"""The ``minigpt`` command. Each subcommand parses its arguments and calls one library function."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from minigpt.ops import BACKENDS
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from minigpt.generate import stream_text
+    from minigpt.model import GPT
+    from minigpt.tokenizer import load_tokenizer
+
+    model = GPT.from_pretrained(args.model, backend=args.backend).to(args.device)
+    tokenizer = load_tokenizer(args.model)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        sys.stdout.write(args.prompt)
+        pieces = stream_text(
+            model, tokenizer, args.prompt, args.max_new_tokens,
+            stop=args.stop, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            seed=None if args.seed is None else args.seed + i, use_cache=not args.no_cache,
+        )
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a model folder, streaming tokens as they come")
+    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--backend", choices=BACKENDS, default="sdpa")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
+    p.set_defaults(func=_sample)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_sample_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"minigpt {args.command}: error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

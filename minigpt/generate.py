@@ -1,0 +1,217 @@
+"""Autoregressive generation: sampling, the KV-cache loop, and text-level helpers.
+
+Prompts of different lengths are left-padded into one batch; the model gets each row's
+padding so positions start at 0 for every prompt and padding is never attended to.
+With the cache on, each step feeds one token per row; once the sequence reaches
+block_size the loop crops to the last block_size tokens and recomputes (as it does with
+the cache off), so both paths give identical greedy output.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+PromptLike = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive integer or None")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from (B, V) logits. temperature=0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Nucleus sampling (Holtzman et al. 2020): keep the smallest set of tokens whose
+        # probability reaches top_p; the most likely token is always kept.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _as_rows(prompts: PromptLike) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = prompts[None]
+        if prompts.dim() != 2:
+            raise ValueError(f"prompt tensor must be (batch, seq); got shape {tuple(prompts.shape)}")
+        return prompts.tolist()
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    rows = [list(p) for p in prompts]
+    if not rows:
+        raise ValueError("no prompts given")
+    return rows
+
+
+def stream_tokens(
+    model,
+    prompts: PromptLike,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) ids, one step at a time.
+
+    Rows that produced `eos_id` keep yielding `eos_id`; the loop ends when every row has
+    finished or after max_new_tokens steps.
+    """
+    _check_sampling(temperature, top_k, top_p, max_new_tokens)
+    config = model.config
+    rows = _as_rows(prompts)
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. the eos id)")
+        if len(row) > config.block_size:
+            raise ValueError(
+                f"prompt {i} has {len(row)} tokens, more than block_size={config.block_size}; "
+                f"shorten it or keep its last {config.block_size} tokens"
+            )
+    device = model.lm_head.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    longest = max(len(r) for r in rows)
+    pad_counts = [longest - len(r) for r in rows]
+    fill = rows[0][0]  # any valid id: padding is masked out
+    seq = torch.tensor([[fill] * p + r for p, r in zip(pad_counts, rows)], dtype=torch.long, device=device)
+    left_pad = torch.tensor(pad_counts, device=device) if any(pad_counts) else None
+    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            cache = model.new_cache(len(rows), left_pad) if use_cache else None
+            logits = model(seq, cache=cache, left_pad=None if use_cache else left_pad, last_only=True).logits
+            for step in range(max_new_tokens):
+                token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+                if eos_id is not None:
+                    token = torch.where(finished, torch.full_like(token, eos_id), token)
+                    finished |= token == eos_id
+                yield token
+                if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+                    return
+                seq = torch.cat([seq, token[:, None]], dim=1)
+                if cache is not None and cache.length < config.block_size:
+                    logits = model(token[:, None], cache=cache, last_only=True).logits
+                    continue
+                # The context is full: slide a block_size window and recompute without cache.
+                cache = None
+                cut = max(0, seq.shape[1] - config.block_size)
+                window_pad = None if left_pad is None else (left_pad - cut).clamp(min=0)
+                logits = model(seq[:, cut:], left_pad=window_pad, last_only=True).logits
+    finally:
+        model.train(was_training)
+
+
+def generate(model, prompts: PromptLike, max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """Generate up to `max_new_tokens` per prompt; return the new tokens of each row.
+
+    Keyword arguments are those of `stream_tokens` (temperature, top_k, top_p, seed,
+    eos_id, use_cache). A row stops at `eos_id`, which is not included in its output.
+    """
+    eos_id = kwargs.get("eos_id")
+    rows = _as_rows(prompts)
+    out: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    for token in stream_tokens(model, rows, max_new_tokens, **kwargs):
+        for i, t in enumerate(token.tolist()):
+            if done[i]:
+                continue
+            if eos_id is not None and t == eos_id:
+                done[i] = True
+            else:
+                out[i].append(t)
+    return out
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def stream_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    stop: Sequence[str] = (),
+    **kwargs,
+) -> Iterator[str]:
+    """Yield pieces of the completion of one text prompt as they are produced.
+
+    Stops at the tokenizer's eos or at the first stop string (which is not yielded).
+    Text that could still turn into a stop string, or an incomplete UTF-8 character,
+    is held back until it is certain.
+    """
+    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    ids: list[int] = []
+    emitted = 0
+    hold = max((len(s) for s in stop), default=1) - 1
+    for token in stream_tokens(model, [tokenizer.encode(prompt)], max_new_tokens, **kwargs):
+        t = int(token[0])
+        if t == kwargs["eos_id"]:
+            break
+        ids.append(t)
+        text, stopped = _cut_at_stop(tokenizer.decode(ids), stop)
+        if stopped:
+            yield text[emitted:]
+            return
+        safe = len(text) - hold
+        while safe > emitted and text[safe - 1] == "\ufffd":  # a character split across tokens
+            safe -= 1
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text, _ = _cut_at_stop(tokenizer.decode(ids), stop)
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompts: str | Sequence[str],
+    max_new_tokens: int,
+    *,
+    stop: Sequence[str] = (),
+    **kwargs,
+) -> list[str]:
+    """Complete one or several text prompts (batched); cut each at eos or a stop string."""
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    ids = generate(model, [tokenizer.encode(t) for t in texts], max_new_tokens, **kwargs)
+    return [_cut_at_stop(tokenizer.decode(row), stop)[0] for row in ids]

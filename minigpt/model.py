@@ -1,0 +1,280 @@
+"""The GPT model: token + learned position embeddings, pre-norm blocks, tied LM head.
+
+Shape letters used in comments throughout:
+    B batch, T sequence length (queries), S keys, C n_embd, H n_head, D head_dim = C / H,
+    V vocab_size.
+
+Each block is the two residual lines of GPT-2 (Radford et al. 2019, section 2.3):
+    x = x + attn(ln_1(x))
+    x = x + mlp(ln_2(x))
+Layers are 'dense' (full causal attention) or 'banded' (query i sees keys i-w+1..i), as
+set per layer by `GPTConfig.attention_pattern` (GPT-3 and GPT-Neo alternate them).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minigpt import ops
+from minigpt.cache import KVCache
+from minigpt.config import GPTConfig
+
+
+@dataclass
+class GPTOutput:
+    """What `GPT.forward` returns."""
+
+    logits: torch.Tensor
+    """(B, T, V) next-token logits (only the last position when asked for `last_only`)."""
+    loss: torch.Tensor | None = None
+    """Mean cross-entropy over targets that are not -100, when targets were given."""
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    """n_layer + 1 tensors (B, T, C): the residual stream entering each block, then the
+    final normed output that the head reads."""
+    attentions: tuple[torch.Tensor, ...] | None = None
+    """n_layer tensors (B, H, T, S) of attention probabilities (from the math path)."""
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias; parameter names match `torch.nn.LayerNorm`."""
+
+    def __init__(self, n: int, eps: float, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+        self.eps = eps
+        self.backend = "sdpa"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.window = config.layer_window(layer)
+        self.scale = config.softmax_scale
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.backend = "sdpa"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache=None,
+        start: int = 0,
+        left_pad: torch.Tensor | None = None,
+        return_probs: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+
+        if cache is None and left_pad is None:
+            y, probs = ops.causal_attention(
+                q, k, v, window=self.window, scale=self.scale, backend=self.backend,
+                dropout_p=self.dropout, training=self.training, return_probs=return_probs,
+            )
+        else:
+            if cache is not None:
+                k, v, k_index = cache.update(k, v, start)  # (B, H, S, D) x 2, (S,)
+            else:
+                k_index = torch.arange(T, device=x.device)
+            if T == 1 and left_pad is None:
+                mask = None  # one new query: the cache holds only keys it may see
+            else:
+                q_index = torch.arange(start, start + T, device=x.device)
+                mask = ops.build_mask(q_index, k_index, self.window, left_pad)
+            y, probs = ops.masked_attention(
+                q, k, v, mask, scale=self.scale, backend=self.backend, return_probs=return_probs
+            )
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y)), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_eps, config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, start=0, left_pad=None, return_probs=False):
+        a, probs = self.attn(self.ln_1(x), cache, start, left_pad, return_probs)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, probs
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer. See the module docstring for the architecture."""
+
+    def __init__(self, config: GPTConfig, backend: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_eps, config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at init: each block
+        # adds two branches to the residual stream (Radford et al. 2019, section 2.3).
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.set_backend(backend)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def backend(self) -> str:
+        return self.ln_f.backend
+
+    def set_backend(self, backend: str) -> "GPT":
+        """Choose the attention/LayerNorm backend: 'math', 'sdpa' or 'triton' (see `ops`)."""
+        ops.check_backend(backend)
+        for module in self.modules():
+            if isinstance(module, (LayerNorm, CausalSelfAttention)):
+                module.backend = backend
+        return self
+
+    def _check_input(self, idx: torch.Tensor, start: int) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            raise ValueError(f"idx must be a (batch, seq) tensor of token ids; got {getattr(idx, 'shape', type(idx))}")
+        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"idx must hold integer token ids; got dtype {idx.dtype} (use .long())")
+        T = idx.shape[1]
+        if T == 0:
+            raise ValueError("idx has no tokens (seq length 0)")
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
+                f"crop the input to the last {self.config.block_size} tokens"
+            )
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}")
+
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        left_pad: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        """Run the blocks; return (final normed hidden (B, T, C), hidden states, attentions)."""
+        start = cache.length if cache is not None else 0
+        self._check_input(idx, start)
+        if cache is not None:
+            left_pad = cache.left_pad
+        B, T = idx.shape
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        if left_pad is not None:
+            pos = (pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        states, attentions = [], []
+        for i, block in enumerate(self.blocks):
+            if output_hidden_states:
+                states.append(x)
+            layer_cache = cache.layers[i] if cache is not None else None
+            x, probs = block(x, layer_cache, start, left_pad, output_attentions)
+            if output_attentions:
+                attentions.append(probs)
+        x = self.ln_f(x)
+        if cache is not None:
+            cache.length += T
+        if output_hidden_states:
+            states.append(x)
+        return x, (tuple(states) if output_hidden_states else None), (tuple(attentions) if output_attentions else None)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        left_pad: torch.Tensor | None = None,
+        last_only: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> GPTOutput:
+        """idx: (B, T) token ids; targets: (B, T) next tokens, -100 where no loss is taken.
+
+        Raises ValueError for token ids out of range, non-integer ids, or sequences longer
+        than block_size.
+        """
+        x, states, attentions = self.hidden(
+            idx, cache=cache, left_pad=left_pad,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C): decoding needs only the newest position
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return GPTOutput(logits=logits, loss=loss, hidden_states=states, attentions=attentions)
+
+    def new_cache(self, batch_size: int, left_pad: torch.Tensor | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, left_pad=left_pad)
+
+    def num_params(self) -> int:
+        """Trainable parameters of this instance, counting a tied matrix once."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int, **kwargs):
+        """Sample continuations; see `minigpt.generate.generate` for the arguments."""
+        from minigpt.generate import generate
+
+        return generate(self, prompts, max_new_tokens, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backend: str = "sdpa") -> "GPT":
+        """Load a GPT-2 / GPT-Neo folder in the Hugging Face layout, or one saved by minigpt."""
+        from minigpt.weights import load_pretrained
+
+        return load_pretrained(path, backend=backend)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save in the Hugging Face layout of the family that represents this config exactly."""
+        from minigpt.weights import save_pretrained
+
+        save_pretrained(self, path)

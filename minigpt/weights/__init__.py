@@ -1,0 +1,109 @@
+"""Load and save models in the Hugging Face layout (GPT-2, GPT-Neo) or minigpt's own.
+
+Loading is strict: every source tensor is either used or explicitly dropped (the causal
+mask buffers of old checkpoints, a head tied to the embedding), every minigpt tensor is
+filled, and every shape is checked; any mismatch is one error that lists them all.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from minigpt.config import GPTConfig
+from minigpt.model import GPT
+from minigpt.weights import gpt2, gpt_neo
+from minigpt.weights.common import read_state_dict
+
+FAMILIES = {gpt2.MODEL_TYPE: gpt2, gpt_neo.MODEL_TYPE: gpt_neo}
+NATIVE = "minigpt"
+
+
+def read_config(path: str | Path) -> tuple[str, GPTConfig]:
+    """(model_type, GPTConfig) of a checkpoint folder's config.json."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; is it a model folder?")
+    hf = json.loads(config_file.read_text())
+    model_type = hf.get("model_type")
+    if model_type == NATIVE:
+        return model_type, GPTConfig.from_dict(hf["config"])
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{config_file}: model_type={model_type!r} is not supported; "
+            f"minigpt loads {sorted([*FAMILIES, NATIVE])}"
+        )
+    return model_type, FAMILIES[model_type].config_from_hf(hf)
+
+
+def _map_to_minigpt(model_type: str, source: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    if model_type == NATIVE:
+        state = dict(source)
+        if config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+    family = FAMILIES[model_type]
+    # GPT2Model checkpoints have bare names; *LMHeadModel ones prefix "transformer.".
+    source = {k.removeprefix("transformer."): v for k, v in source.items()}
+    source.pop("lm_head.weight", None)  # tied to wte; both families require tying
+    try:
+        state = family.to_minigpt(source, config)
+    except KeyError as err:
+        raise ValueError(f"{model_type} checkpoint is missing tensor {err.args[0]!r}") from None
+    unused = sorted(k for k in source if not family.DROPPED.match(k))
+    if unused:
+        raise ValueError(f"{model_type} checkpoint has tensors minigpt does not know: {unused}")
+    return state
+
+
+def load_pretrained(path: str | Path, backend: str = "sdpa", dtype: torch.dtype | None = None) -> GPT:
+    """A GPT built from a checkpoint folder (config.json + weights)."""
+    folder = Path(path)
+    model_type, config = read_config(folder)
+    state = _map_to_minigpt(model_type, read_state_dict(folder), config)
+    model = GPT(config, backend=backend)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(s)}"
+             for k, s in expected.items() if k in state and state[k].shape != s]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"checkpoint {folder} does not fit its config: missing={missing} unexpected={unexpected} "
+            f"shape mismatches={wrong}"
+        )
+    model.load_state_dict(state, strict=False)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def save_pretrained(model: GPT, path: str | Path) -> str:
+    """Write config.json + model.safetensors; return the layout used.
+
+    The layout is GPT-2's when the config is a GPT-2, GPT-Neo's when it is a GPT-Neo (so
+    `transformers` loads it), and minigpt's own otherwise (e.g. GPT-3's banded layers
+    with 1/sqrt(d) scaling, which no Hugging Face architecture expresses).
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        state.pop("lm_head.weight")
+    for model_type, family in FAMILIES.items():
+        if not family.unrepresentable(config):
+            tensors = {k: v.contiguous() for k, v in family.from_minigpt(state, config).items()}
+            hf_config = family.config_to_hf(config)
+            break
+    else:
+        model_type, tensors = NATIVE, state
+        hf_config = {"model_type": NATIVE, "config": config.to_dict()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return model_type

@@ -1,0 +1,58 @@
+"""Reading tensors safely and strictly, shared by every weight family."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def take(source: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """Remove and return `name` from `source`; a missing tensor is a clear error."""
+    if name not in source:
+        raise KeyError(name)
+    return source.pop(name)
+
+
+def gpt2_special_tokens(config) -> dict:
+    """bos/eos ids for config.json: GPT-2's <|endoftext|> when the vocabulary has it."""
+    eos = 50256
+    return {"bos_token_id": eos, "eos_token_id": eos} if config.vocab_size > eos else {}
+
+
+def check_hf_options(hf: dict, model_type: str, supported: dict[str, tuple]) -> None:
+    """Reject Hugging Face config options whose behaviour minigpt does not implement."""
+    for key, allowed in supported.items():
+        if key in hf and hf[key] not in allowed:
+            raise ValueError(
+                f"{model_type} config: {key}={hf[key]!r} is not supported by minigpt (supported: {allowed})"
+            )
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint folder: model.safetensors (or its sharded index), else
+    pytorch_model.bin read with ``weights_only=True`` (no arbitrary unpickling)."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    legacy = folder / "pytorch_model.bin"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(folder / shard))
+        return state
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{legacy} holds objects other than tensors and is not loaded for safety; "
+                f"convert it to safetensors. ({err})"
+            ) from err
+    raise FileNotFoundError(
+        f"{folder} has no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )

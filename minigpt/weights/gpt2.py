@@ -1,0 +1,116 @@
+"""GPT-2 in the Hugging Face layout (``GPT2LMHeadModel``): config and tensor-name map.
+
+GPT-2 stores its projections as ``Conv1D`` weights of shape (in, out), the transpose of
+``nn.Linear``'s (out, in), so every matrix except the embeddings is transposed.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from minigpt.config import GPTConfig
+from minigpt.weights.common import check_hf_options, gpt2_special_tokens, take
+
+MODEL_TYPE = "gpt2"
+
+# HF block tensor -> (minigpt block tensor, transpose?)
+_BLOCK_MAP = {
+    "ln_1.weight": ("ln_1.weight", False),
+    "ln_1.bias": ("ln_1.bias", False),
+    "attn.c_attn.weight": ("attn.qkv.weight", True),
+    "attn.c_attn.bias": ("attn.qkv.bias", False),
+    "attn.c_proj.weight": ("attn.proj.weight", True),
+    "attn.c_proj.bias": ("attn.proj.bias", False),
+    "ln_2.weight": ("ln_2.weight", False),
+    "ln_2.bias": ("ln_2.bias", False),
+    "mlp.c_fc.weight": ("mlp.fc.weight", True),
+    "mlp.c_fc.bias": ("mlp.fc.bias", False),
+    "mlp.c_proj.weight": ("mlp.proj.weight", True),
+    "mlp.c_proj.bias": ("mlp.proj.bias", False),
+}
+# Causal-mask buffers that old checkpoints saved; minigpt builds its masks itself.
+DROPPED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    check_hf_options(hf, MODEL_TYPE, {
+        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+        "scale_attn_weights": (True,),
+        "scale_attn_by_inverse_layer_idx": (False,),
+        "reorder_and_upcast_attn": (False,),
+        "tie_word_embeddings": (True,),
+    })
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        n_inner=hf.get("n_inner"),
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def unrepresentable(config: GPTConfig) -> list[str]:
+    """Why `config` cannot be saved as GPT-2 (empty when it can)."""
+    reasons = []
+    if set(config.layer_kinds) != {"dense"}:
+        reasons.append("GPT-2 has no banded layers")
+    if config.attention_scale is not None:
+        reasons.append("GPT-2 always scales attention by 1/sqrt(head_dim)")
+    if not (config.bias and config.qkv_bias and config.tie_embeddings):
+        reasons.append("GPT-2 has all biases and a tied head")
+    return reasons
+
+
+def config_to_hf(config: GPTConfig) -> dict:
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": config.n_inner,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        **gpt2_special_tokens(config),
+    }
+
+
+def to_minigpt(source: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Map an HF GPT-2 state dict to minigpt names. Consumes `source`: what is left is unused."""
+    out = {
+        "tok_emb.weight": take(source, "wte.weight"),
+        "pos_emb.weight": take(source, "wpe.weight"),
+        "ln_f.weight": take(source, "ln_f.weight"),
+        "ln_f.bias": take(source, "ln_f.bias"),
+    }
+    for i in range(config.n_layer):
+        for hf_name, (name, transpose) in _BLOCK_MAP.items():
+            t = take(source, f"h.{i}.{hf_name}")
+            out[f"blocks.{i}.{name}"] = t.t() if transpose else t
+    return out
+
+
+def from_minigpt(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """minigpt state dict -> HF GPT2LMHeadModel names (the tied head is not stored)."""
+    out = {
+        "transformer.wte.weight": state["tok_emb.weight"],
+        "transformer.wpe.weight": state["pos_emb.weight"],
+        "transformer.ln_f.weight": state["ln_f.weight"],
+        "transformer.ln_f.bias": state["ln_f.bias"],
+    }
+    for i in range(config.n_layer):
+        for hf_name, (name, transpose) in _BLOCK_MAP.items():
+            t = state[f"blocks.{i}.{name}"]
+            out[f"transformer.h.{i}.{hf_name}"] = t.t() if transpose else t
+    return out

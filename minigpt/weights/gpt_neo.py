@@ -1,0 +1,141 @@
+"""GPT-Neo in the Hugging Face layout (``GPTNeoForCausalLM``): config and tensor-name map.
+
+GPT-Neo differs from GPT-2 in three ways that are explicit config fields in minigpt:
+layers alternate 'global' (dense) and 'local' (banded, ``window_size``) attention, the
+softmax is not scaled by 1/sqrt(head_dim), and q/k/v have no biases. Its projections
+are ``nn.Linear`` (no transpose); q, k and v are separate matrices that minigpt stacks
+into one ``qkv`` projection.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from minigpt.config import GPTConfig
+from minigpt.weights.common import check_hf_options, gpt2_special_tokens, take
+
+MODEL_TYPE = "gpt_neo"
+_KIND = {"global": "dense", "local": "banded"}
+_HF_KIND = {v: k for k, v in _KIND.items()}
+
+_BLOCK_MAP = {
+    "ln_1.weight": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "attn.attention.out_proj.weight": "attn.proj.weight",
+    "attn.attention.out_proj.bias": "attn.proj.bias",
+    "ln_2.weight": "ln_2.weight",
+    "ln_2.bias": "ln_2.bias",
+    "mlp.c_fc.weight": "mlp.fc.weight",
+    "mlp.c_fc.bias": "mlp.fc.bias",
+    "mlp.c_proj.weight": "mlp.proj.weight",
+    "mlp.c_proj.bias": "mlp.proj.bias",
+}
+_QKV = ("q_proj", "k_proj", "v_proj")
+DROPPED = re.compile(r"^h\.\d+\.attn\.attention\.(bias|masked_bias)$")
+
+
+def _layer_kinds(hf: dict) -> list[str]:
+    if "attention_layers" in hf and hf["attention_layers"]:
+        names = list(hf["attention_layers"])
+    else:  # attention_types = [[["global", "local"], 6]]
+        names = [kind for pattern, reps in hf["attention_types"] for _ in range(reps) for kind in pattern]
+    unknown = sorted(set(names) - set(_KIND))
+    if unknown:
+        raise ValueError(f"gpt_neo config: attention layer types {unknown} are not supported; use 'global' or 'local'")
+    if len(names) != hf["num_layers"]:
+        raise ValueError(f"gpt_neo config: {len(names)} attention layer types for num_layers={hf['num_layers']}")
+    return [_KIND[n] for n in names]
+
+
+def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
+    for p in range(1, len(kinds) + 1):
+        if len(kinds) % p == 0 and kinds == kinds[:p] * (len(kinds) // p):
+            return tuple(kinds[:p])
+    return tuple(kinds)
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    check_hf_options(hf, MODEL_TYPE, {
+        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+        "tie_word_embeddings": (True,),
+    })
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        block_size=hf["max_position_embeddings"],
+        n_layer=hf["num_layers"],
+        n_head=hf["num_heads"],
+        n_embd=hf["hidden_size"],
+        n_inner=hf.get("intermediate_size"),
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        attention_pattern=_shortest_period(_layer_kinds(hf)),
+        attention_window=hf.get("window_size", 256),
+        attention_scale=1.0,
+        qkv_bias=False,
+    )
+
+
+def unrepresentable(config: GPTConfig) -> list[str]:
+    """Why `config` cannot be saved as GPT-Neo (empty when it can)."""
+    reasons = []
+    if config.attention_scale != 1.0:
+        reasons.append("GPT-Neo does not scale attention (attention_scale must be 1.0)")
+    if config.qkv_bias or not config.bias or not config.tie_embeddings:
+        reasons.append("GPT-Neo has no q/k/v biases, all other biases and a tied head")
+    return reasons
+
+
+def config_to_hf(config: GPTConfig) -> dict:
+    kinds = [_HF_KIND[k] for k in config.attention_pattern]
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": ["GPTNeoForCausalLM"],
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.block_size,
+        "hidden_size": config.n_embd,
+        "num_layers": config.n_layer,
+        "num_heads": config.n_head,
+        "intermediate_size": config.n_inner,
+        "window_size": config.attention_window,
+        "attention_types": [[kinds, config.n_layer // len(kinds)]],
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "embed_dropout": config.dropout,
+        "attention_dropout": config.dropout,
+        "resid_dropout": config.dropout,
+        "tie_word_embeddings": True,
+        **gpt2_special_tokens(config),
+    }
+
+
+def to_minigpt(source: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Map an HF GPT-Neo state dict to minigpt names. Consumes `source`: what is left is unused."""
+    out = {
+        "tok_emb.weight": take(source, "wte.weight"),
+        "pos_emb.weight": take(source, "wpe.weight"),
+        "ln_f.weight": take(source, "ln_f.weight"),
+        "ln_f.bias": take(source, "ln_f.bias"),
+    }
+    for i in range(config.n_layer):
+        qkv = [take(source, f"h.{i}.attn.attention.{p}.weight") for p in _QKV]
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(qkv, dim=0)  # (3C, C)
+        for hf_name, name in _BLOCK_MAP.items():
+            out[f"blocks.{i}.{name}"] = take(source, f"h.{i}.{hf_name}")
+    return out
+
+
+def from_minigpt(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """minigpt state dict -> HF GPTNeoForCausalLM names (the tied head is not stored)."""
+    out = {
+        "transformer.wte.weight": state["tok_emb.weight"],
+        "transformer.wpe.weight": state["pos_emb.weight"],
+        "transformer.ln_f.weight": state["ln_f.weight"],
+        "transformer.ln_f.bias": state["ln_f.bias"],
+    }
+    for i in range(config.n_layer):
+        q, k, v = state[f"blocks.{i}.attn.qkv.weight"].chunk(3, dim=0)
+        for proj, t in zip(_QKV, (q, k, v)):
+            out[f"transformer.h.{i}.attn.attention.{proj}.weight"] = t
+        for hf_name, name in _BLOCK_MAP.items():
+            out[f"transformer.h.{i}.{hf_name}"] = state[f"blocks.{i}.{name}"]
+    return out
