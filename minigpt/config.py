@@ -169,19 +169,9 @@ def _gpt3(n_layer: int, n_embd: int, n_head: int) -> dict[str, Any]:
 
 
 def _gpt_neo(n_layer: int, n_head: int, n_embd: int) -> dict[str, Any]:
-    # GPT-Neo: alternating global/local layers (window 256), no 1/sqrt(d) scaling,
-    # no q/k/v biases; otherwise GPT-2.
-    return dict(
-        vocab_size=50257,
-        block_size=2048,
-        n_layer=n_layer,
-        n_head=n_head,
-        n_embd=n_embd,
-        attention_pattern=("dense", "banded"),
-        attention_window=256,
-        attention_scale=1.0,
-        qkv_bias=False,
-    )
+    # GPT-Neo: GPT-3's alternating global/local layers (window 256), but no 1/sqrt(d)
+    # scaling and no q/k/v biases.
+    return {**_gpt3(n_layer, n_embd, n_head), "attention_scale": 1.0, "qkv_bias": False}
 
 
 PRESETS: dict[str, dict[str, Any]] = {

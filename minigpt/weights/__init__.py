@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from minigpt.config import GPTConfig
 from minigpt.model import GPT
 from minigpt.weights import gpt2, gpt_neo
-from minigpt.weights.common import read_state_dict
+from minigpt.weights.common import map_from_minigpt, map_to_minigpt, read_state_dict
 
 FAMILIES = {gpt2.MODEL_TYPE: gpt2, gpt_neo.MODEL_TYPE: gpt_neo}
 NATIVE = "minigpt"
@@ -50,7 +50,7 @@ def _map_to_minigpt(model_type: str, source: dict[str, torch.Tensor], config: GP
     source = {k.removeprefix("transformer."): v for k, v in source.items()}
     source.pop("lm_head.weight", None)  # tied to wte; both families require tying
     try:
-        state = family.to_minigpt(source, config)
+        state = map_to_minigpt(source, config.n_layer, family.block_to_minigpt)
     except KeyError as err:
         raise ValueError(f"{model_type} checkpoint is missing tensor {err.args[0]!r}") from None
     unused = sorted(k for k in source if not family.DROPPED.match(k))
@@ -98,7 +98,8 @@ def save_pretrained(model: GPT, path: str | Path) -> str:
         state.pop("lm_head.weight")
     for model_type, family in FAMILIES.items():
         if not family.unrepresentable(config):
-            tensors = {k: v.contiguous() for k, v in family.from_minigpt(state, config).items()}
+            tensors = map_from_minigpt(state, config.n_layer, family.block_from_minigpt)
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
             hf_config = family.config_to_hf(config)
             break
     else:

@@ -9,6 +9,31 @@ import torch
 from safetensors.torch import load_file
 
 
+# Tensors outside the blocks, named alike in GPT-2 and GPT-Neo: HF name -> minigpt name.
+OUTER_NAMES = {
+    "wte.weight": "tok_emb.weight",
+    "wpe.weight": "pos_emb.weight",
+    "ln_f.weight": "ln_f.weight",
+    "ln_f.bias": "ln_f.bias",
+}
+
+
+def map_to_minigpt(source: dict, n_layer: int, block_to_minigpt) -> dict[str, torch.Tensor]:
+    """HF tensors (without the "transformer." prefix) -> minigpt names. Consumes `source`."""
+    out = {name: take(source, hf_name) for hf_name, name in OUTER_NAMES.items()}
+    for i in range(n_layer):
+        out.update({f"blocks.{i}.{k}": v for k, v in block_to_minigpt(source, f"h.{i}.").items()})
+    return out
+
+
+def map_from_minigpt(state: dict, n_layer: int, block_from_minigpt) -> dict[str, torch.Tensor]:
+    """minigpt tensors -> HF *ForCausalLM names (the tied head is not stored)."""
+    out = {f"transformer.{hf_name}": state[name] for hf_name, name in OUTER_NAMES.items()}
+    for i in range(n_layer):
+        out.update({f"transformer.h.{i}.{k}": v for k, v in block_from_minigpt(state, f"blocks.{i}.").items()})
+    return out
+
+
 def take(source: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """Remove and return `name` from `source`; a missing tensor is a clear error."""
     if name not in source:

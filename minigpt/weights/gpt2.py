@@ -86,31 +86,19 @@ def config_to_hf(config: GPTConfig) -> dict:
     }
 
 
-def to_minigpt(source: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Map an HF GPT-2 state dict to minigpt names. Consumes `source`: what is left is unused."""
-    out = {
-        "tok_emb.weight": take(source, "wte.weight"),
-        "pos_emb.weight": take(source, "wpe.weight"),
-        "ln_f.weight": take(source, "ln_f.weight"),
-        "ln_f.bias": take(source, "ln_f.bias"),
-    }
-    for i in range(config.n_layer):
-        for hf_name, (name, transpose) in _BLOCK_MAP.items():
-            t = take(source, f"h.{i}.{hf_name}")
-            out[f"blocks.{i}.{name}"] = t.t() if transpose else t
+def block_to_minigpt(source: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One block's HF tensors (names under `prefix`, consumed) -> minigpt names within the block."""
+    out = {}
+    for hf_name, (name, transpose) in _BLOCK_MAP.items():
+        t = take(source, prefix + hf_name)
+        out[name] = t.t() if transpose else t
     return out
 
 
-def from_minigpt(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """minigpt state dict -> HF GPT2LMHeadModel names (the tied head is not stored)."""
-    out = {
-        "transformer.wte.weight": state["tok_emb.weight"],
-        "transformer.wpe.weight": state["pos_emb.weight"],
-        "transformer.ln_f.weight": state["ln_f.weight"],
-        "transformer.ln_f.bias": state["ln_f.bias"],
-    }
-    for i in range(config.n_layer):
-        for hf_name, (name, transpose) in _BLOCK_MAP.items():
-            t = state[f"blocks.{i}.{name}"]
-            out[f"transformer.h.{i}.{hf_name}"] = t.t() if transpose else t
+def block_from_minigpt(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One block's minigpt tensors (names under `prefix`) -> HF names within the block."""
+    out = {}
+    for hf_name, (name, transpose) in _BLOCK_MAP.items():
+        t = state[prefix + name]
+        out[hf_name] = t.t() if transpose else t
     return out

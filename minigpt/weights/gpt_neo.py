@@ -108,34 +108,17 @@ def config_to_hf(config: GPTConfig) -> dict:
     }
 
 
-def to_minigpt(source: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Map an HF GPT-Neo state dict to minigpt names. Consumes `source`: what is left is unused."""
-    out = {
-        "tok_emb.weight": take(source, "wte.weight"),
-        "pos_emb.weight": take(source, "wpe.weight"),
-        "ln_f.weight": take(source, "ln_f.weight"),
-        "ln_f.bias": take(source, "ln_f.bias"),
-    }
-    for i in range(config.n_layer):
-        qkv = [take(source, f"h.{i}.attn.attention.{p}.weight") for p in _QKV]
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(qkv, dim=0)  # (3C, C)
-        for hf_name, name in _BLOCK_MAP.items():
-            out[f"blocks.{i}.{name}"] = take(source, f"h.{i}.{hf_name}")
+def block_to_minigpt(source: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One block's HF tensors (names under `prefix`, consumed) -> minigpt names within the block."""
+    qkv = [take(source, f"{prefix}attn.attention.{p}.weight") for p in _QKV]
+    out = {"attn.qkv.weight": torch.cat(qkv, dim=0)}  # (3C, C)
+    out.update({name: take(source, prefix + hf_name) for hf_name, name in _BLOCK_MAP.items()})
     return out
 
 
-def from_minigpt(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """minigpt state dict -> HF GPTNeoForCausalLM names (the tied head is not stored)."""
-    out = {
-        "transformer.wte.weight": state["tok_emb.weight"],
-        "transformer.wpe.weight": state["pos_emb.weight"],
-        "transformer.ln_f.weight": state["ln_f.weight"],
-        "transformer.ln_f.bias": state["ln_f.bias"],
-    }
-    for i in range(config.n_layer):
-        q, k, v = state[f"blocks.{i}.attn.qkv.weight"].chunk(3, dim=0)
-        for proj, t in zip(_QKV, (q, k, v)):
-            out[f"transformer.h.{i}.attn.attention.{proj}.weight"] = t
-        for hf_name, name in _BLOCK_MAP.items():
-            out[f"transformer.h.{i}.{hf_name}"] = state[f"blocks.{i}.{name}"]
+def block_from_minigpt(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One block's minigpt tensors (names under `prefix`) -> HF names within the block."""
+    q, k, v = state[prefix + "attn.qkv.weight"].chunk(3, dim=0)
+    out = {f"attn.attention.{p}.weight": t for p, t in zip(_QKV, (q, k, v))}
+    out.update({hf_name: state[prefix + name] for hf_name, name in _BLOCK_MAP.items()})
     return out
