@@ -20,8 +20,9 @@ class LayerCache:
         self.window = config.layer_window(layer)
         capacity = config.block_size if self.window is None else min(self.window, config.block_size)
         shape = (batch_size, config.n_head, capacity, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised: a slot is always written before any query reads it.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
 
     def _ring_index(self, count: int, end: int) -> torch.Tensor:
         """Absolute indices held by ring slots 0..count-1 when tokens 0..end-1 were written."""
