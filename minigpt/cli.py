@@ -47,11 +47,33 @@ def add_sample_parser(sub) -> None:
     p.set_defaults(func=_sample)
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from minigpt.report import report
+
+    print(report(args.source, seq_len=args.seq_len, batch_size=args.batch_size, as_json=args.json))
+
+
+def add_inspect_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="parameters by component, FLOPs and memory of a preset, config file or model folder",
+        description="Parameters by component, FLOPs per token and memory, computed from the config alone "
+        "(nothing is allocated: gpt3-175b is instant). SOURCE 'gpt3' prints the GPT-3 paper's Table 2.1 "
+        "beside minigpt's eight GPT-3 presets.",
+    )
+    p.add_argument("source", metavar="PRESET|CONFIG_JSON|MODEL_DIR|gpt3")
+    p.add_argument("--seq-len", type=int, default=None, help="context for attention FLOPs, activations, KV cache (default block_size)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per batch for activation and KV totals")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(sub)
+    add_inspect_parser(sub)
     return parser
 
 
