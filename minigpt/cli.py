@@ -68,12 +68,36 @@ def add_inspect_parser(sub) -> None:
     p.set_defaults(func=_inspect)
 
 
+def _logit_lens(args: argparse.Namespace) -> None:
+    from minigpt.lens import lens_report
+
+    print(lens_report(args.model, args.prompt, top_k=args.top_k, position=args.position,
+                      device=args.device, as_json=args.json))
+
+
+def add_logit_lens_parser(sub) -> None:
+    p = sub.add_parser(
+        "logit-lens",
+        help="top-k next tokens read from every layer's residual stream (the logit lens)",
+        description="Read each layer's residual stream through the final LayerNorm and the LM head and print "
+        "the top-k next tokens per layer; the last row is the model's own prediction.",
+    )
+    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--position", type=int, default=-1, help="token position to read (default: the last)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=_logit_lens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(sub)
     add_inspect_parser(sub)
+    add_logit_lens_parser(sub)
     return parser
 
 

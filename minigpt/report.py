@@ -236,14 +236,14 @@ def format_report(data: dict[str, Any]) -> str:
         source = "GPT-3 paper, Table 2.1" if data["paper"] else "published figure"
         rows.append(["  published", source, "", "", "", f"{p['published']:,.0f}",
                      f"{p['total'] / p['published'] - 1:+.1%}"])
-    lines += _table(rows, right={3, 4, 5, 6})
+    lines += text_table(rows, right={3, 4, 5, 6})
 
     if data["paper"]:
         rows = [["GPT-3 paper, Table 2.1", "paper", "this config", ""]]
         for row in data["paper"].values():
             ours = "(training setting)" if row["config"] is None else _paper_value(row["config"])
             rows.append(["  " + row["label"], _paper_value(row["paper"]), ours, row["note"] or ""])
-        lines += ["", *_table(rows, right={1, 2})]
+        lines += ["", *text_table(rows, right={1, 2})]
 
     f = data["flops_per_token"]
     rows = [
@@ -252,7 +252,7 @@ def format_report(data: dict[str, Any]) -> str:
         ["  attention: 4 x C x context per layer (banded: window)", _si(f["forward_attention"]), _si(3 * f["forward_attention"])],
         ["  total", _si(f["forward"]), _si(f["training"])],
     ]
-    lines += ["", *_table(rows, right={1, 2})]
+    lines += ["", *text_table(rows, right={1, 2})]
 
     m, kv, act = data["memory"], data["kv_cache"], data["activations"]
     B, T = act["batch_size"], act["seq_len"]
@@ -264,7 +264,7 @@ def format_report(data: dict[str, Any]) -> str:
     rows.append([f"  KV cache per token (mean over T={T}; banded layers hold <= window)",
                  *(_bytes(kv[d]["per_token"]) for d in kv)])
     rows.append([f"  KV cache, batch {B} x {T} tokens", *(_bytes(kv[d]["batch"]) for d in kv)])
-    lines += ["", *_table(rows, right={1, 2})]
+    lines += ["", *text_table(rows, right={1, 2})]
 
     rows = [
         [f"Activations for backward, batch {B} x T={T}", "per token", "batch"],
@@ -272,7 +272,7 @@ def format_report(data: dict[str, Any]) -> str:
         ["  fused attention (no T x context scores)", _bytes(act["per_token_fused_attention"]),
          _bytes(act["per_token_fused_attention"] * B * T)],
     ]
-    lines += ["", *_table(rows, right={1, 2}), f"  ({act['formula']})"]
+    lines += ["", *text_table(rows, right={1, 2}), f"  ({act['formula']})"]
     return "\n".join(lines)
 
 
@@ -292,10 +292,11 @@ def format_gpt3_table(table: list[dict[str, Any]]) -> str:
                 notes.append(f"* {entry['name']} {key}: {entry[key]['note']}")
             cells.append(cell)
         rows.append(cells)
-    return "\n".join([*_table(rows, right=set(range(1, len(rows[0])))), "", *notes])
+    return "\n".join([*text_table(rows, right=set(range(1, len(rows[0])))), "", *notes])
 
 
-def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+def text_table(rows: list[list[str]], right: set[int]) -> list[str]:
+    """Lines of an aligned table; columns in `right` are right-aligned (numbers)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
