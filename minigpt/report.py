@@ -268,7 +268,7 @@ def format_report(data: dict[str, Any]) -> str:
 
     rows = [
         [f"Activations for backward, batch {B} x T={T}", "per token", "batch"],
-        ["  attention scores stored (math path)", _bytes(act["per_token"]), _bytes(act["batch"])],
+        ["  attention scores stored (banded: band only)", _bytes(act["per_token"]), _bytes(act["batch"])],
         ["  fused attention (no T x context scores)", _bytes(act["per_token_fused_attention"]),
          _bytes(act["per_token_fused_attention"] * B * T)],
     ]
