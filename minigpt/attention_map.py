@@ -114,7 +114,7 @@ def plot_attention(maps: AttentionMaps, path: str | Path, title: str | None = No
     side = min(7.0, max(2.6, 0.16 * min(T, MAX_TICK_LABELS) + 1.2))  # inches per panel
     fontsize = 7 if T <= 24 else 6
     fig = Figure(figsize=(side * n_cols + 1.0, side * n_rows + 0.6), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(n_rows, n_cols, squeeze=False))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)  # (n_rows, n_cols) of Axes
     image = None
     for r, layer in enumerate(maps.layers):
         for c, head in enumerate(maps.heads):
@@ -213,7 +213,8 @@ def save_attention_map(
         raise ValueError("prompt has no tokens; give at least one character")
     model = GPT.from_pretrained(model_dir).to(device).eval()
     maps = attention_maps(model, ids, [token_label(tokenizer.decode([i])) for i in ids], layers, heads)
-    return plot_attention(maps, out, title=f"{Path(model_dir).name}: {prompt!r}")
+    shown = repr(prompt) if len(prompt) <= 60 else repr(prompt[:57]) + "…"  # a title stays on the figure
+    return plot_attention(maps, out, title=f"{Path(model_dir).name}: {shown}")
 
 
 def save_mask_pattern(source: str, out: str | Path, seq_len: int | None = None) -> Path:

@@ -62,12 +62,20 @@ def load_config(source: str) -> tuple[str, GPTConfig]:
     if source in PRESETS:
         return source, GPTConfig.from_preset(source)
     path = Path(source)
-    if path.is_dir() or (path.is_file() and "model_type" in json.loads(path.read_text())):
+    if path.is_dir():
         from minigpt.weights import read_config
 
-        return str(path), read_config(path if path.is_dir() else path.parent)[1]
+        return str(path), read_config(path)[1]
     if path.is_file():
-        return str(path), GPTConfig.from_json(path)
+        try:
+            values = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a JSON config file: {err}") from None
+        if "model_type" in values:  # a Hugging Face config.json: read its folder's way
+            from minigpt.weights import read_config
+
+            return str(path), read_config(path.parent)[1]
+        return str(path), GPTConfig.from_dict(values)
     raise ValueError(
         f"{source!r} is neither a preset ({', '.join(PRESETS)}), '{GPT3_FAMILY}' (the GPT-3 paper's "
         f"table), a config JSON file nor a model folder"

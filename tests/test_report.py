@@ -157,6 +157,9 @@ def test_load_config_reads_presets_json_and_model_folders(tmp_path):
     assert load_config("gpt2")[1] == GPTConfig.from_preset("gpt2")
     with pytest.raises(ValueError, match="neither a preset.*gpt2"):
         load_config(str(tmp_path / "missing"))
+    (tmp_path / "notes.txt").write_text("n_layer: 2")
+    with pytest.raises(ValueError, match="notes.txt is not a JSON config file"):
+        load_config(str(tmp_path / "notes.txt"))
 
 
 def test_cli_inspect_prints_tables_and_json_for_175b_without_allocating(capsys):
