@@ -47,11 +47,100 @@ def add_sample_parser(sub) -> None:
     p.set_defaults(func=_sample)
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from minigpt.report import report
+
+    print(report(args.source, seq_len=args.seq_len, batch_size=args.batch_size, as_json=args.json))
+
+
+def add_inspect_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="parameters by component, FLOPs and memory of a preset, config file or model folder",
+        description="Parameters by component, FLOPs per token and memory, computed from the config alone "
+        "(nothing is allocated: gpt3-175b is instant). SOURCE 'gpt3' prints the GPT-3 paper's Table 2.1 "
+        "beside minigpt's eight GPT-3 presets.",
+    )
+    p.add_argument("source", metavar="PRESET|CONFIG_JSON|MODEL_DIR|gpt3")
+    p.add_argument("--seq-len", type=int, default=None, help="context for attention FLOPs, activations, KV cache (default block_size)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per batch for activation and KV totals")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=_inspect)
+
+
+def _logit_lens(args: argparse.Namespace) -> None:
+    from minigpt.lens import lens_report
+
+    print(lens_report(args.model, args.prompt, top_k=args.top_k, position=args.position,
+                      device=args.device, as_json=args.json))
+
+
+def add_logit_lens_parser(sub) -> None:
+    p = sub.add_parser(
+        "logit-lens",
+        help="top-k next tokens read from every layer's residual stream (the logit lens)",
+        description="Read each layer's residual stream through the final LayerNorm and the LM head and print "
+        "the top-k next tokens per layer; the last row is the model's own prediction.",
+    )
+    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--position", type=int, default=-1, help="token position to read (default: the last)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=_logit_lens)
+
+
+def _index_list(text: str) -> list[int] | None:
+    """'0,2,5' -> [0, 2, 5]; 'all' -> None (every index)."""
+    if text == "all":
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of indices like 0,1 (or 'all')") from None
+
+
+def _attention_map(args: argparse.Namespace) -> None:
+    from minigpt.attention_map import save_attention_map, save_mask_pattern
+
+    if args.pattern is not None:
+        path = save_mask_pattern(args.pattern, args.out, seq_len=args.seq_len)
+    else:
+        if args.prompt is None:
+            raise ValueError("--model needs --prompt, the text whose attention to draw")
+        path = save_attention_map(args.model, args.prompt, args.out, args.layers, args.heads, device=args.device)
+    print(f"wrote {path}")
+
+
+def add_attention_map_parser(sub) -> None:
+    p = sub.add_parser(
+        "attention-map",
+        help="draw a model's attention for a prompt, or the mask pattern of each layer kind",
+        description="With --model: a PNG grid of the attention probabilities of the chosen layers and heads, "
+        "tokens on both axes. With --pattern: the kind of every layer and the mask of each kind (dense, "
+        "banded with its window); needs no weights.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    what.add_argument("--pattern", metavar="PRESET|CONFIG_JSON|MODEL_DIR", help="draw the masks of this config")
+    p.add_argument("--prompt", help="text whose attention to draw (with --model)")
+    p.add_argument("--layers", type=_index_list, default=None, help="e.g. 0,1 (default: all)")
+    p.add_argument("--heads", type=_index_list, default=None, help="e.g. 0,1 (default: all)")
+    p.add_argument("--seq-len", type=int, default=None, help="mask size for --pattern (default block_size)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_attention_map)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(sub)
+    add_inspect_parser(sub)
+    add_attention_map_parser(sub)
+    add_logit_lens_parser(sub)
     return parser
 
 

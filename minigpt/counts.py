@@ -1,22 +1,44 @@
-"""Parameter and FLOP counts computed from a config alone (a 175B config allocates nothing)."""
+"""Parameter, FLOP and memory counts computed from a config alone (a 175B config allocates nothing)."""
 from __future__ import annotations
 
+import numbers
+
 from minigpt.config import GPTConfig
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+"""Bytes per value of the dtypes the memory counts are given in."""
+
+
+def block_param_breakdown(config: GPTConfig) -> dict[str, int]:
+    """Trainable parameters of one block by component, keyed by module path in `model.Block`.
+
+    attn.q, attn.k and attn.v are the three equal row-slices of the fused `attn.qkv`
+    (weight rows [0:C], [C:2C], [2C:3C] and the matching bias entries).
+    """
+    C, M = config.n_embd, config.mlp_width
+    ln = C * (2 if config.bias else 1)
+    q = C * C + (C if config.qkv_bias else 0)
+    return {
+        "ln_1": ln,
+        "attn.q": q,
+        "attn.k": q,
+        "attn.v": q,
+        "attn.proj": C * C + (C if config.bias else 0),
+        "ln_2": ln,
+        "mlp.fc": C * M + (M if config.bias else 0),
+        "mlp.proj": M * C + (C if config.bias else 0),
+    }
 
 
 def param_breakdown(config: GPTConfig) -> dict[str, int]:
     """Trainable parameters by component, mirroring the modules in `model.py`.
 
     Keys: tok_emb, pos_emb, per_block (one block), blocks (all of them), ln_f, lm_head
-    (0 when tied to tok_emb).
+    (0 when tied to tok_emb). `block_param_breakdown` splits per_block further.
     """
     C, V = config.n_embd, config.vocab_size
     ln = C * (2 if config.bias else 1)
-    qkv = 3 * C * C + (3 * C if config.qkv_bias else 0)
-    attn_proj = C * C + (C if config.bias else 0)
-    fc = C * config.mlp_width + (config.mlp_width if config.bias else 0)
-    mlp_proj = config.mlp_width * C + (C if config.bias else 0)
-    per_block = 2 * ln + qkv + attn_proj + fc + mlp_proj
+    per_block = sum(block_param_breakdown(config).values())
     return {
         "tok_emb": V * C,
         "pos_emb": config.block_size * C,
@@ -42,6 +64,13 @@ def attention_context(config: GPTConfig, seq_len: int, layer: int) -> int:
     return seq_len if window is None else min(window, seq_len)
 
 
+def attention_flops_per_token(config: GPTConfig, seq_len: int | None = None) -> float:
+    """Forward FLOPs per token of QK^T and AV: 4 * n_embd * context per layer, where context
+    is seq_len for dense layers and the band width for banded ones (see `flops_per_token`)."""
+    T = _seq_len(config, seq_len)
+    return sum(4.0 * config.n_embd * attention_context(config, T, i) for i in range(config.n_layer))
+
+
 def flops_per_token(config: GPTConfig, seq_len: int | None = None, training: bool = True) -> float:
     """Matmul FLOPs per token (Kaplan et al. 2020, section 2.1; PaLM appendix B convention).
 
@@ -50,10 +79,59 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None, training: boo
     seq_len for dense layers and the band width for banded ones (the causal half is not
     subtracted, as in the usual MFU convention). Training is 3x forward (backward is 2x).
     """
-    T = config.block_size if seq_len is None else seq_len
     weights = params(config, non_embedding=True)
     if config.tie_embeddings:  # the LM head is a matmul even when its weight is shared
         weights += config.vocab_size * config.n_embd
-    forward = 2.0 * weights
-    forward += sum(4.0 * config.n_embd * attention_context(config, T, i) for i in range(config.n_layer))
+    forward = 2.0 * weights + attention_flops_per_token(config, seq_len)
     return 3.0 * forward if training else forward
+
+
+def training_state_bytes(config: GPTConfig, dtype: str = "fp32") -> dict[str, int]:
+    """Bytes of the weights, their gradients and AdamW's two moments (m, v), all in `dtype`.
+
+    'fp32' is also what autocast mixed precision keeps (fp32 weights, grads and moments);
+    'bf16' is pure bf16 training. Raises ValueError for a dtype not in `DTYPE_BYTES`.
+    """
+    n, b = params(config), _dtype_bytes(dtype)
+    return {"weights": n * b, "gradients": n * b, "adamw": 2 * n * b}
+
+
+def activation_bytes_per_token(config: GPTConfig, seq_len: int | None = None, stored_scores: bool = True) -> int:
+    """Activation bytes per token kept for the backward pass, summed over the blocks.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+    Models", section 4.1): one layer stores s*b*h*(34 + 5*a*s/h) bytes with 16-bit
+    activations, 1-byte dropout masks and no recomputation. Per token that is
+    34*C + 5*H*context; the second term is the (H, T, context) score, softmax and dropout
+    tensors, so banded layers count their band. `stored_scores=False` drops it, as a fused
+    (flash) attention kernel does. Embeddings and the LM head are not included.
+    """
+    T = _seq_len(config, seq_len)
+    C, H = config.n_embd, config.n_head
+    scores = sum(5 * H * attention_context(config, T, i) for i in range(config.n_layer)) if stored_scores else 0
+    return 34 * C * config.n_layer + scores
+
+
+def kv_cache_bytes(config: GPTConfig, seq_len: int | None = None, batch_size: int = 1, dtype: str = "bf16") -> int:
+    """Bytes of the keys and values cached for `batch_size` sequences of `seq_len` tokens.
+
+    A dense layer keeps every token; a banded layer keeps at most its window (see
+    `minigpt.cache`), so at seq_len=block_size this is what `GPT.new_cache` allocates.
+    """
+    T = _seq_len(config, seq_len)
+    slots = sum(attention_context(config, T, i) for i in range(config.n_layer))
+    return 2 * batch_size * config.n_embd * slots * _dtype_bytes(dtype)
+
+
+def _seq_len(config: GPTConfig, seq_len: int | None) -> int:
+    if seq_len is None:
+        return config.block_size
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or not 1 <= seq_len <= config.block_size:
+        raise ValueError(f"seq_len={seq_len!r} must be an integer in [1, block_size={config.block_size}]")
+    return int(seq_len)
+
+
+def _dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
