@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests' models are tiny: one thread avoids thread hand-off costs that dominate them
+# on a small (or busy) CPU, and makes timings of the suite steadier.
+torch.set_num_threads(1)
+
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
