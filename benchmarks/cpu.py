@@ -1,0 +1,219 @@
+"""CPU speed, side by side: minigpt against Hugging Face transformers on the same weights.
+
+Cases (issue 9):
+  gen        greedy decoding with the KV cache, batch 1, 32-token prompt, 128 new tokens,
+             GPT-2 shape 6 layers / 6 heads / n_embd 384 / GPT-2 vocabulary
+  gen-124m   the same on the GPT-2 124M shape
+  gen-batch  four prompts of different lengths (32, 20, 9, 27), left-padded
+  train      forward + backward + AdamW, batch 8 x 128 tokens, 6/6/384 shape
+
+Random weights are saved once by `transformers` and loaded by both libraries. Each
+measurement runs in a fresh child process so that its peak resident memory is its own;
+times are medians over --repeats runs after a warm-up. Writes JSON and a markdown table.
+Never asserts: it reports, including whether the outputs matched.
+
+    python benchmarks/cpu.py --out benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {"small": dict(n_layer=6, n_head=6, n_embd=384), "124m": dict(n_layer=12, n_head=12, n_embd=768)}
+PROMPT_LEN, NEW_TOKENS = 32, 128
+BATCH_LENGTHS = (32, 20, 9, 27)
+TRAIN_BATCH, TRAIN_T = 8, 128
+
+
+def save_random_gpt2(shape: str, folder: Path) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**SHAPES[shape], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+
+
+def _prompts(lengths):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 50257, (n,), generator=g).tolist() for n in lengths]
+
+
+def _load(library: str, folder: Path):
+    import torch
+
+    if library == "minigpt":
+        from minigpt import GPT
+
+        return GPT.from_pretrained(folder).eval()
+    import transformers
+
+    return transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _generate(library: str, model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    import torch
+
+    if library == "minigpt":
+        return model.generate(prompts, new_tokens, temperature=0)
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, use_cache=True, pad_token_id=0)
+    return out[:, longest:].tolist()
+
+
+def _train_steps(library: str, model, repeats: int) -> tuple[list[float], float]:
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 50257, (TRAIN_BATCH, TRAIN_T + 1), generator=g)
+    x, y = idx[:, :-1], idx[:, 1:]
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times, first_loss = [], None
+    for step in range(repeats + 1):
+        start = time.perf_counter()
+        if library == "minigpt":
+            loss = model(x, y).loss
+        else:
+            loss = _hf_loss(model, x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            first_loss = loss.item()
+        else:
+            times.append(time.perf_counter() - start)
+    return times, first_loss
+
+
+def _hf_loss(model, x, y):
+    import torch.nn.functional as F
+
+    logits = model(x).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def _child(case: str, library: str, folder: str, repeats: int, threads: int, queue) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    model = _load(library, Path(folder))
+    result: dict = {"library": library, "case": case}
+    if case == "train":
+        times, loss = _train_steps(library, model, repeats)
+        result.update(seconds=statistics.median(times), tokens=TRAIN_BATCH * TRAIN_T, first_loss=loss)
+    else:
+        prompts = _prompts(BATCH_LENGTHS if case == "gen-batch" else (PROMPT_LEN,))
+        with torch.no_grad():
+            _generate(library, model, prompts, 8)  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out = _generate(library, model, prompts, NEW_TOKENS)
+                times.append(time.perf_counter() - start)
+        result.update(seconds=statistics.median(times), tokens=NEW_TOKENS * len(prompts), output=out)
+    result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(result)
+
+
+def measure(case: str, library: str, folder: Path, repeats: int, threads: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(case, library, str(folder), repeats, threads, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    import torch
+    import transformers
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cases", default="gen,gen-124m,gen-batch,train")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {}
+        for case in args.cases.split(","):
+            shape = "124m" if case == "gen-124m" else "small"
+            if shape not in folders:
+                folders[shape] = Path(tmp) / shape
+                save_random_gpt2(shape, folders[shape])
+            pair = {lib: measure(case, lib, folders[shape], args.repeats, args.threads) for lib in ("minigpt", "transformers")}
+            mini, hf = pair["minigpt"], pair["transformers"]
+            row = {
+                "case": case,
+                "shape": shape,
+                "minigpt_tokens_per_s": round(mini["tokens_per_s"], 1),
+                "transformers_tokens_per_s": round(hf["tokens_per_s"], 1),
+                "speedup": round(mini["tokens_per_s"] / hf["tokens_per_s"], 2),
+                "minigpt_peak_rss_mb": round(mini["peak_rss_mb"]),
+                "transformers_peak_rss_mb": round(hf["peak_rss_mb"]),
+            }
+            if case == "train":
+                row["first_loss_minigpt"] = mini["first_loss"]
+                row["first_loss_transformers"] = hf["first_loss"]
+            else:
+                row["identical_tokens"] = mini["output"] == hf["output"]
+            rows.append(row)
+            print(json.dumps(row))
+
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, {mp.cpu_count()} cores",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": args.threads,
+        "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "repeats": args.repeats,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [
+        f"# CPU: minigpt vs transformers ({meta['date']}, commit {meta['commit']})",
+        "",
+        f"{meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}, {meta['threads']} threads; "
+        f"median of {meta['repeats']} runs. Generation: greedy, KV cache, {NEW_TOKENS} new tokens per prompt. "
+        f"Train: fwd+bwd+AdamW, batch {TRAIN_BATCH}x{TRAIN_T}.",
+        "",
+        "| case | shape | minigpt tok/s | transformers tok/s | speed-up | peak RSS MB (minigpt / transformers) | outputs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        same = (f"identical: {r['identical_tokens']}" if "identical_tokens" in r
+                else f"first loss {r['first_loss_minigpt']:.5f} vs {r['first_loss_transformers']:.5f}")
+        lines.append(f"| {r['case']} | {r['shape']} | {r['minigpt_tokens_per_s']} | {r['transformers_tokens_per_s']} | "
+                     f"{r['speedup']}x | {r['minigpt_peak_rss_mb']} / {r['transformers_peak_rss_mb']} | {same} |")
+    (args.out / "cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
