@@ -239,6 +239,7 @@ def _attention_fwd_kernel(
         offs_m, offs_d, seq_len, qk_scale, mid_hi, hi,
         BLOCK_N, CAUSAL, WINDOW, True, DOT_PRECISION)
 
+    l_i = tl.where(row_ok, l_i, 1.0)  # padding rows may have seen no key; keep them finite
     o = acc / l_i[:, None]
     tl.store(O_ptr + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
              o.to(O_ptr.dtype.element_ty), mask=row_ok[:, None])
