@@ -1,4 +1,13 @@
 """Fused Triton kernels for minigpt: flash-style attention and LayerNorm.
 
 This package stands alone: it imports only torch and triton, never ``minigpt``.
+Each kernel has a plain-PyTorch twin in ``kernels.reference``.
+
+The kernels run on CUDA tensors; on CPU they run only under Triton's interpreter,
+which must be selected (``TRITON_INTERPRET=1``) before this package is imported.
 """
+from kernels.attention import attention
+from kernels.layer_norm import LayerNorm, layer_norm
+from kernels.reference import attention_reference, layer_norm_reference
+
+__all__ = ["attention", "layer_norm", "LayerNorm", "attention_reference", "layer_norm_reference"]
