@@ -6,8 +6,9 @@ Each kernel has a plain-PyTorch twin in ``kernels.reference``.
 The kernels run on CUDA tensors; on CPU they run only under Triton's interpreter,
 which must be selected (``TRITON_INTERPRET=1``) before this package is imported.
 """
+from kernels.attention import SUPPORTED_HEAD_DIMS as ATTENTION_HEAD_DIMS
 from kernels.attention import attention
 from kernels.layer_norm import LayerNorm, layer_norm
 from kernels.reference import attention_reference, layer_norm_reference
 
-__all__ = ["attention", "layer_norm", "LayerNorm", "attention_reference", "layer_norm_reference"]
+__all__ = ["ATTENTION_HEAD_DIMS", "attention", "layer_norm", "LayerNorm", "attention_reference", "layer_norm_reference"]

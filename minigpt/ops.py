@@ -54,6 +54,14 @@ def _kernels():
     return kernels
 
 
+def _kernel_head_dim_ok(head_dim: int) -> bool:
+    supported = _kernels().ATTENTION_HEAD_DIMS
+    if head_dim in supported:
+        return True
+    _log_once(f"the Triton attention kernel supports head_dim in {supported}, not {head_dim}; using 'sdpa' for attention")
+    return False
+
+
 def band_mask(q_index: torch.Tensor, k_index: torch.Tensor, window: int | None) -> torch.Tensor:
     """Boolean (Tq, Tk) mask: True where query at index q_index[i] may see key k_index[j]."""
     diff = q_index[:, None] - k_index[None, :]
@@ -111,7 +119,7 @@ def causal_attention(
         index = torch.arange(T, device=q.device)
         out, probs = _math_attention(q, k, v, band_mask(index, index, window), scale, dropout_p, training)
         return out, (probs if return_probs else None)
-    if backend == "triton" and _triton_usable(q):
+    if backend == "triton" and _triton_usable(q) and _kernel_head_dim_ok(q.shape[-1]):
         if dropout_p > 0 and training:
             _log_once("the Triton attention kernel has no dropout; using 'sdpa' while dropout > 0 in training")
         else:

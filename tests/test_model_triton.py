@@ -56,3 +56,16 @@ def test_triton_backend_without_cuda_or_interpreter_falls_back_and_logs(monkeypa
     torch.testing.assert_close(out, model.set_backend("sdpa")(idx).logits)
     messages = [r.message for r in caplog.records if "needs CUDA" in r.message]
     assert len(messages) == 1
+
+
+def test_triton_backend_with_an_unsupported_head_dim_uses_sdpa_for_attention(caplog):
+    from minigpt import ops
+
+    ops._log_once.cache_clear()
+    config = GPTConfig(vocab_size=37, block_size=16, n_layer=1, n_head=4, n_embd=32)  # head_dim 8
+    model = randomize_(GPT(config), std=0.1).to(DEVICE)
+    idx = torch.randint(0, 37, (1, 9), device=DEVICE)
+    with caplog.at_level("INFO", logger="minigpt.ops"):
+        out = model.set_backend("triton")(idx).logits
+    assert rel_err(out, model.set_backend("math")(idx).logits) < REL_TOL
+    assert any("not 8" in r.message for r in caplog.records)
