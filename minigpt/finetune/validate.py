@@ -124,7 +124,10 @@ def parse_rows(path: str | Path) -> tuple[list[Row], list[Dropped], int]:
 
 
 def _common_suffix(texts: Sequence[str]) -> str:
-    return os.path.commonprefix([t[::-1] for t in texts])[::-1]
+    """The ending all texts share, or "" when it is only letters and digits: a shared last
+    letter ("title", "one") is a coincidence, not a separator."""
+    suffix = os.path.commonprefix([t[::-1] for t in texts])[::-1]
+    return suffix if any(not c.isalnum() for c in suffix) else ""
 
 
 def _pick(candidates: Sequence[str], texts: Sequence[str]) -> str:
