@@ -23,9 +23,9 @@ def bigram_gpt(pairs, tokenizer, n_embd=16):
         for i, (cue, label) in enumerate(pairs):
             direction = torch.zeros(n_embd)
             direction[2 * i], direction[2 * i + 1] = 4.0, -4.0  # zero mean: LayerNorm keeps its direction
-            for word in (cue, label):
+            for word, scale in ((cue, 1.0), (label, 2.0)):  # the label outscores the cue itself
                 (token,) = tokenizer.encode(word)
-                model.tok_emb.weight[token] = direction
+                model.tok_emb.weight[token] = scale * direction
     return model
 
 
