@@ -9,19 +9,21 @@ from minigpt.ops import BACKENDS
 
 
 def _sample(args: argparse.Namespace) -> None:
+    from minigpt.finetune.export import saved_stop
     from minigpt.generate import stream_text
     from minigpt.model import GPT
     from minigpt.tokenizer import load_tokenizer
 
     model = GPT.from_pretrained(args.model, backend=args.backend).to(args.device)
     tokenizer = load_tokenizer(args.model)
+    stop = args.stop or saved_stop(args.model)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(args.prompt)
         pieces = stream_text(
             model, tokenizer, args.prompt, args.max_new_tokens,
-            stop=args.stop, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            stop=stop, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=None if args.seed is None else args.seed + i, use_cache=not args.no_cache,
         )
         for piece in pieces:
@@ -39,7 +41,8 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable; default: a fine-tuned model's own stop sequence)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--backend", choices=BACKENDS, default="sdpa")
     p.add_argument("--device", default="cpu")
@@ -47,11 +50,127 @@ def add_sample_parser(sub) -> None:
     p.set_defaults(func=_sample)
 
 
+def _finetune_check(args: argparse.Namespace) -> None:
+    from minigpt.finetune.validate import check_file
+
+    report = check_file(args.file, model=args.model, block_size=args.block_size, fix=args.fix, out=args.out)
+    print(report.format())
+    if not report.ok and not args.fix:
+        raise SystemExit(1)
+
+
+def add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model: check data, train a classifier or a completion model")
+    actions = p.add_subparsers(dest="action", required=True)
+    c = actions.add_parser("check", help="check a prompt/completion JSONL file; --fix writes a cleaned copy")
+    c.add_argument("file", help="JSONL with one {\"prompt\": ..., \"completion\": ...} per line")
+    c.add_argument("--model", default=None, help="model folder whose tokenizer and context length to check against")
+    c.add_argument("--block-size", type=int, default=None, help="context length (default: the model's, else 1024)")
+    c.add_argument("--fix", action="store_true", help="write a cleaned copy; every dropped row is listed")
+    c.add_argument("--out", default=None, help="where --fix writes (default: FILE.fixed.jsonl)")
+    c.set_defaults(func=_finetune_check)
+
+
+def _fewshot(args: argparse.Namespace) -> None:
+    from minigpt.finetune.evaluate import evaluate_fewshot
+    from minigpt.finetune.fewshot import FewShotPrompt
+
+    prompt = FewShotPrompt(template=args.template.replace("\\n", "\n"), label_prefix=args.label_prefix,
+                           separator=args.separator.replace("\\n", "\n"), verbalizers=dict(args.verbalizer),
+                           normalize=args.normalize)
+    report = evaluate_fewshot(args.model, args.shots, args.data, k=args.k, prompt=prompt, seed=args.seed,
+                              limit=args.limit, out_dir=args.out, text_column=args.text_column,
+                              label_column=args.label_column, device=args.device)
+    print(report.format())
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected LABEL=WORDS, got {text!r}")
+    return key, value
+
+
+def _add_columns(p) -> None:
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+
+
+def add_fewshot_parser(sub) -> None:
+    p = sub.add_parser("fewshot", help="classify a labeled file by k-shot prompting, no training (the baseline)")
+    p.add_argument("model", help="language model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--shots", required=True, help="labeled file (CSV/TSV/JSONL) to draw the k examples from")
+    p.add_argument("--data", required=True, help="labeled file to evaluate on")
+    p.add_argument("--k", type=int, default=4, help="examples in the prompt, balanced over labels")
+    p.add_argument("--template", default="Review: {text}\\nSentiment:", help="one example; must contain {text}")
+    p.add_argument("--label-prefix", default=" ", help="between the template and the label")
+    p.add_argument("--separator", default="\\n\\n", help="between examples")
+    p.add_argument("--verbalizer", type=_key_value, action="append", default=[],
+                   help="LABEL=WORDS to write a label differently in the prompt (repeatable)")
+    p.add_argument("--normalize", action="store_true", help="score by mean, not summed, token log-likelihood")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out", default=None, help="folder for metrics.json, report.txt, confusion_matrix.png")
+    p.add_argument("--device", default="cpu")
+    _add_columns(p)
+    p.set_defaults(func=_fewshot)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from minigpt.finetune.evaluate import evaluate
+
+    report = evaluate(args.model, args.data, out_dir=args.out, text_column=args.text_column,
+                      label_column=args.label_column, batch_size=args.batch_size,
+                      max_generate=args.max_generate, device=args.device)
+    print(report.format())
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a fine-tuned model on a labeled or prompt/completion file")
+    p.add_argument("model", help="fine-tuned model folder")
+    p.add_argument("data", help="labeled CSV/TSV/JSONL (classifier) or prompt/completion JSONL")
+    p.add_argument("--out", default=None, help="folder for metrics.json, report.txt (and confusion_matrix.png)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-generate", type=int, default=100, help="completion models: prompts to complete for exact match")
+    p.add_argument("--device", default="cpu")
+    _add_columns(p)
+    p.set_defaults(func=_evaluate)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import json
+
+    from minigpt.finetune.evaluate import predict
+
+    for p in predict(args.model, args.texts, file=args.file, text_column=args.text_column,
+                     batch_size=args.batch_size, device=args.device):
+        if args.json:
+            print(json.dumps({"text": p.text, "label": p.label, "probabilities": p.probabilities}, ensure_ascii=False))
+        else:
+            print(f"{p.label}\t{p.probabilities[p.label]:.3f}\t{p.text}")
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="labels from a fine-tuned classifier (label, probability, text per line)")
+    p.add_argument("model", help="fine-tuned classifier folder")
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--file", default=None, help=".txt (one text per line) or CSV/TSV/JSONL with --text-column")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--json", action="store_true", help="one JSON object per line, with every class's probability")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(sub)
+    add_finetune_parser(sub)
+    add_fewshot_parser(sub)
+    add_evaluate_parser(sub)
+    add_predict_parser(sub)
     return parser
 
 

@@ -105,3 +105,11 @@ def load_finetuned(folder: str | Path, backend: str = "sdpa") -> tuple[nn.Module
     model = GPTClassifier(backbone, len(labels))
     model.score.weight.data.copy_(weight)
     return model, tokenizer, meta, labels
+
+
+def saved_stop(folder: str | Path) -> list[str]:
+    """[stop sequence] a fine-tuned completion model was trained with; [] for other folders."""
+    if not (Path(folder) / META_FILE).is_file():
+        return []
+    stop = read_meta(folder).stop
+    return [stop] if stop else []

@@ -241,3 +241,19 @@ def check_prompt_completion(path: str | Path, tokenizer=None, block_size: int | 
 def _lines(numbers: Sequence[int], n: int = 8) -> str:
     shown = ", ".join(map(str, numbers[:n]))
     return shown + (f", ... ({len(numbers)} in all)" if len(numbers) > n else "")
+
+
+def check_file(path: str | Path, *, model: str | Path | None = None, block_size: int | None = None,
+               fix: bool = False, out: str | Path | None = None) -> CheckReport:
+    """`check_prompt_completion` with the tokenizer and context of a model folder (or
+    GPT-2's tokenizer and `block_size`, 1024 by default, when no model is given)."""
+    from minigpt.tokenizer import Tokenizer, load_tokenizer
+
+    if model is not None:
+        from minigpt.weights import read_config
+
+        _, config = read_config(model)
+        tokenizer, block_size = load_tokenizer(model), block_size or config.block_size
+    else:
+        tokenizer, block_size = Tokenizer(), block_size or 1024
+    return check_prompt_completion(path, tokenizer, block_size, fix=fix, out=out)
