@@ -123,7 +123,7 @@ def parse_rows(path: str | Path) -> tuple[list[Row], list[Dropped], int]:
     return rows, dropped, read
 
 
-def _common_suffix(texts: Sequence[str]) -> str:
+def common_suffix(texts: Sequence[str]) -> str:
     """The ending all texts share, or "" when it is only letters and digits: a shared last
     letter ("title", "one") is a coincidence, not a separator."""
     suffix = os.path.commonprefix([t[::-1] for t in texts])[::-1]
@@ -176,7 +176,7 @@ def check_prompt_completion(path: str | Path, tokenizer=None, block_size: int | 
     no_space: list[int] = []
     if rows:
         prompts = [r.prompt for r in rows]
-        report.separator = _common_suffix(prompts)
+        report.separator = common_suffix(prompts)
         if not report.separator:
             need_sep = True
             report.separator = _pick(SEPARATOR_CANDIDATES, prompts)
@@ -189,7 +189,7 @@ def check_prompt_completion(path: str | Path, tokenizer=None, block_size: int | 
                 f"{len(no_space)} completions do not start with whitespace (lines {_lines(no_space)}); "
                 f"GPT-2's tokens carry their leading space, so this tokenizes better (--fix prepends ' ')")
         completions = [r.completion for r in rows]
-        report.stop = _common_suffix(completions)
+        report.stop = common_suffix(completions)
         if not report.stop:
             need_stop = True
             report.stop = _pick(STOP_CANDIDATES, completions)

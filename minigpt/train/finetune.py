@@ -205,7 +205,7 @@ def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, batch_size: 
 
 def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, batch_size: int, seed: int) -> _Run:
     from minigpt.finetune.evaluate import evaluate_completion
-    from minigpt.finetune.validate import _common_suffix
+    from minigpt.finetune.validate import common_suffix
     from minigpt.train.loop import language_model_loss
 
     pairs = read_prompt_completion(config.train_file)
@@ -226,8 +226,8 @@ def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, batch_size
     def collate(examples):
         return collate_completion(examples, pad)
 
-    separator = _common_suffix([p.prompt for p in pairs])
-    stop = _common_suffix([p.completion for p in pairs])
+    separator = common_suffix([p.prompt for p in pairs])
+    stop = common_suffix([p.completion for p in pairs])
     return _Run(
         model=backbone,
         train_batches=ShuffledBatches(train_examples, batch_size, collate, seed),
