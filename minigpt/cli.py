@@ -50,6 +50,76 @@ def add_sample_parser(sub) -> None:
     p.set_defaults(func=_sample)
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from minigpt.data import PrepareConfig, prepare
+
+    prepare(PrepareConfig(
+        inputs=tuple(args.inputs), out_dir=args.out, tokenizer=args.tokenizer, chars=args.chars,
+        val_fraction=args.val_fraction, text_field=args.text_field, errors=args.errors,
+        eos=False if args.no_eos else None, shard_tokens=args.shard_tokens, num_workers=args.workers,
+    ))
+
+
+def add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into token shards")
+    p.add_argument("inputs", nargs="+", help="text files, folders of them, or .jsonl files")
+    p.add_argument("--out", required=True, help="output folder (meta.json + shards)")
+    p.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2")
+    p.add_argument("--chars", default=None, help="the char tokenizer's alphabet (default: every character seen)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the input, at its end, held out")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                   help="undecodable UTF-8: stop with file and offset, or replace with U+FFFD")
+    p.add_argument("--no-eos", action="store_true", help="do not separate documents with <|endoftext|>")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: one per core)")
+    p.set_defaults(func=_prepare)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from minigpt.train.pretrain import load_config, pretrain
+
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    if args.out_dir is not None:
+        overrides.append(f"train.out_dir={args.out_dir}")
+    result = pretrain(load_config(args.preset, args.config, overrides), resume=args.resume)
+    if result.sample is not None:
+        print(f"--- sample from {result.train.last_checkpoint} ---")
+        print(result.sample)
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", allow_abbrev=False, help="pretrain a model (torchrun --nproc_per_node=N -m minigpt train ... for DDP)",
+        description="Pretrain from a recipe (--preset), a TOML/JSON file (--config) and overrides "
+                    "--section.key=value or --key=value (sections: model, train, data, sample).",
+    )
+    p.add_argument("--preset", default=None, help="recipe or model preset to start from (default: tiny)")
+    p.add_argument("--config", default=None, help="TOML or JSON file with sections model/train/data/sample")
+    p.add_argument("--data", default=None, help="prepared folder, or text/JSONL to prepare (default: download "
+                                                "tiny Shakespeare)")
+    p.add_argument("--out-dir", default=None, help="run folder (train.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override such as train.lr=1e-3 (repeatable); --train.lr=1e-3 works too")
+    p.set_defaults(func=_train, accepts_overrides=True)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from minigpt.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+
+
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="draw a run's train/validation loss curves to a PNG")
+    p.add_argument("run_dir", help="run folder holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    p.set_defaults(func=_plot)
+
+
 def _finetune_check(args: argparse.Namespace) -> None:
     from minigpt.finetune.validate import check_file
 
@@ -162,11 +232,28 @@ def add_predict_parser(sub) -> None:
     p.set_defaults(func=_predict)
 
 
+def _pair_overrides(extra: list[str]) -> list[str]:
+    """['--a=1', '--b', '2', '--flag'] -> ['a=1', 'b=2', 'flag']."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            raise ValueError(f"unexpected argument {item!r}; overrides look like --train.lr=1e-3")
+        if "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            item, i = f"{item}={extra[i + 1]}", i + 1
+        out.append(item[2:])
+        i += 1
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(sub)
+    add_prepare_parser(sub)
+    add_train_parser(sub)
+    add_plot_parser(sub)
     add_finetune_parser(sub)
     add_fewshot_parser(sub)
     add_evaluate_parser(sub)
@@ -175,11 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only `train` takes free-form --key=value overrides
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            args.overrides = args.overrides + _pair_overrides(extra)
+        except ValueError as err:
+            parser.error(str(err))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, ArithmeticError) as err:  # OSError: files, downloads; ArithmeticError: NaN loss
         raise SystemExit(f"minigpt {args.command}: error: {err}") from None
 
 
