@@ -8,30 +8,22 @@ from minigpt.finetune.lora import LoRALinear, apply_lora, freeze_all_but_last, h
 CONFIG = GPTConfig(vocab_size=32, block_size=16, n_layer=3, n_head=2, n_embd=16)
 
 
-def test_lora_starts_at_the_base_model_and_trains_only_adapters():
+def test_lora_starts_at_the_base_model_and_only_adapters_get_gradients():
     torch.manual_seed(0)
     model = GPT(CONFIG).eval()
     idx = torch.randint(0, 32, (2, 10))
     before = model(idx).logits
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
     apply_lora(model, rank=2, alpha=4, dropout=0.1)
     torch.testing.assert_close(model.eval()(idx).logits, before)  # B = 0 at the start
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable)
     assert len(trainable) == 2 * 4 * CONFIG.n_layer  # A and B for qkv, proj, fc, proj in each block
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        model.train()
-        loss = model(idx, idx).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for name, value in model.state_dict().items():
-        if "lora_" not in name:
-            original = name.replace(".base.", ".")
-            assert torch.equal(value, base_state[original]), name
-    assert any(m.lora_B.abs().sum() > 0 for m in model.modules() if isinstance(m, LoRALinear))
+    model.train()
+    model(idx, idx).loss.backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    # Training through the shared loop changes nothing but the adapters: see
+    # test_finetune_train.py::test_lora_finetune_changes_only_adapters_and_exports_merged.
 
 
 def test_merge_gives_identical_outputs_and_the_original_names(tmp_path):

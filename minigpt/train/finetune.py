@@ -153,7 +153,8 @@ def _start_model(config: FinetuneConfig, model: GPT | None, tokenizer, backend: 
         return model, tokenizer if tokenizer is not None else Tokenizer()
     if config.init is None:
         raise ValueError("say where to start: FinetuneConfig.init (--init) names a model folder")
-    return GPT.from_pretrained(config.init, backend=backend), tokenizer or load_tokenizer(config.init)
+    folder = _resolve_init(config.init)
+    return GPT.from_pretrained(folder, backend=backend), tokenizer or load_tokenizer(folder)
 
 
 def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, batch_size: int, seed: int) -> _Run:
@@ -262,33 +263,90 @@ def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | N
     return run, tokenizer
 
 
+# Training defaults for fine-tuning: a short run at a small learning rate, evaluated often.
+FINETUNE_TRAIN: dict[str, Any] = dict(
+    max_steps=1000,
+    batch_size=16,
+    lr=1e-4,
+    min_lr=1e-5,
+    warmup_steps=50,
+    weight_decay=0.01,
+    beta2=0.999,
+    eval_interval=100,
+    eval_steps=100,
+    checkpoint_interval=0,
+)
+# LoRA's adapters start at zero and are few: they take a larger step (Hu et al. 2021 use 2e-4..1e-3).
+LORA_LR = 1e-3
+
+
+def default_train_config(config: FinetuneConfig, out_dir: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """FINETUNE_TRAIN for this task, then `overrides` (TrainConfig fields, validated).
+
+    Classifiers keep the checkpoint with the best val_accuracy; completion models the one
+    with the lowest val_loss. With LoRA the peak lr is LORA_LR.
+    """
+    values: dict[str, Any] = {**FINETUNE_TRAIN, "out_dir": out_dir}
+    if config.lora_rank:
+        values.update(lr=LORA_LR, min_lr=LORA_LR / 10)
+    if config.task == "classify":
+        values.update(best_metric="val_accuracy", best_mode="max")
+    values.update(overrides or {})
+    return TrainConfig.from_dict(values)
+
+
+def _resolve_init(path: str | Path) -> Path:
+    """A model folder; a training run folder means its best (else newest) checkpoint."""
+    from minigpt.train import checkpoint as ckpt
+
+    folder = Path(path)
+    root = folder / "checkpoints"
+    if not (folder / "config.json").is_file() and root.is_dir():
+        chosen = ckpt.best_checkpoint(root) or ckpt.latest_checkpoint(root)
+        if chosen is None:
+            raise FileNotFoundError(f"{root} holds no checkpoint to start from")
+        log.info("starting from checkpoint %s", chosen)
+        return chosen
+    return folder
+
+
 def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None, tokenizer=None,
              resume: bool = False) -> FinetuneResult:
     """Fine-tune, export the best model to OUT/model and evaluate it into OUT/eval.
 
     model/tokenizer: start from this GPT instead of `config.init` (e.g. a fresh one).
+    Every checkpoint the loop writes is itself a fine-tuned folder (LoRA merged) that
+    `minigpt evaluate`/`predict` read; `resume` continues from the newest one.
     Raises ValueError for bad data (naming file and line) or inconsistent options.
     """
+    from minigpt.train import checkpoint as ckpt
+    from minigpt.train import distributed as dist_
+
     run, tokenizer = prepare(config, train_config, model=model, tokenizer=tokenizer)
     out = Path(train_config.out_dir)
 
     def save_model(model: nn.Module, folder: Path) -> None:
         save_finetuned(model, folder, tokenizer, run.meta, run.labels)
 
+    metadata = {"finetune": dataclasses.asdict(config), "model": run.model.config.to_dict(),
+                "labels": list(run.labels.labels) if run.labels else None}
     result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
                    loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, resume=resume,
-                   run_metadata={"finetune": dataclasses.asdict(config)})
-    best = _load_best(run.model, result)
+                   run_metadata=metadata)
+    if not dist_.setup(train_config.device).is_main:
+        return FinetuneResult(out / "model", None, result, run.details["trainable_params"], run.details["total_params"])
+    best = result.best_checkpoint or result.last_checkpoint
+    weights = best / ckpt.RESUME_MODEL_FILE
+    run.model.load_state_dict(ckpt.load_state_dict_file(weights if weights.is_file() else best / ckpt.MODEL_FILE))
+    run.model.cpu()
     model_dir = out / "model"
-    save_model(best, model_dir)
-    report = run.evaluate(best)
-    _write_eval(report, out / "eval", {"model": str(model_dir), "task": config.task})
-    log.info("validation:\n%s", report.format())
+    save_model(run.model, model_dir)
+    report = run.evaluate(run.model)
+    _write_eval(report, out / "eval", {"model": str(model_dir), "task": config.task, "checkpoint": str(best),
+                                       "best_step": result.best_step})
+    log.info("best checkpoint %s (step %s) exported to %s; on the validation data:\n%s",
+             best, result.best_step, model_dir, report.format())
     return FinetuneResult(model_dir, report, result, run.details["trainable_params"], run.details["total_params"])
-
-
-def _load_best(model: nn.Module, result) -> nn.Module:
-    raise NotImplementedError("wired to the loop's best checkpoint once minigpt.train.loop lands (issue 5)")
 
 
 def _write_eval(report, folder: Path, extra: dict) -> None:
