@@ -139,6 +139,55 @@ def add_finetune_parser(sub) -> None:
     c.add_argument("--fix", action="store_true", help="write a cleaned copy; every dropped row is listed")
     c.add_argument("--out", default=None, help="where --fix writes (default: FILE.fixed.jsonl)")
     c.set_defaults(func=_finetune_check)
+    for task, help_text in (("classify", "train a classification head (and the model) on a labeled CSV/TSV/JSONL"),
+                            ("completion", "train on prompt/completion JSONL; the loss covers completions only")):
+        t = actions.add_parser(
+            task, help=help_text, allow_abbrev=False,
+            description=f"{help_text}. Training settings (TrainConfig fields) are overrides such as "
+                        f"--max_steps=500 --lr=1e-4 --batch_size=16 (or --train.lr=...); the defaults are "
+                        f"minigpt.train.finetune.FINETUNE_TRAIN. The best checkpoint is exported to OUT/model "
+                        f"and evaluated into OUT/eval.")
+        t.add_argument("--init", required=True, help="model folder to start from (Hugging Face GPT-2/GPT-Neo, "
+                                                     "minigpt's), or a minigpt training run folder")
+        t.add_argument("--train-file", required=True, help="training data")
+        t.add_argument("--val-file", default=None, help="validation data (default: hold out --val-fraction)")
+        t.add_argument("--val-fraction", type=float, default=0.1)
+        t.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, model/, eval/)")
+        t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        if task == "classify":
+            _add_columns(t)
+            t.add_argument("--max-length", type=int, default=None, help="tokens kept per text (default: block_size)")
+            t.add_argument("--class-weights", choices=("none", "balanced"), default="none")
+        else:
+            t.add_argument("--packing", action="store_true", help="pack several examples per row instead of padding")
+            t.add_argument("--no-eos", action="store_true", help="do not append eos to completions")
+        t.add_argument("--train-last-blocks", type=int, default=None,
+                       help="train only the last N blocks, final LayerNorm and head (0: the head alone)")
+        t.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: no LoRA); only adapters train")
+        t.add_argument("--lora-alpha", type=float, default=16.0)
+        t.add_argument("--lora-dropout", type=float, default=0.0)
+        t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="a TrainConfig override such as lr=1e-4 (repeatable); --lr=1e-4 works too")
+        t.set_defaults(func=_finetune_train, task=task, accepts_overrides=True)
+
+
+def _finetune_train(args: argparse.Namespace) -> None:
+    from minigpt.train.finetune import FinetuneConfig, default_train_config, finetune, train_overrides
+
+    fields = dict(task=args.task, init=args.init, train_file=args.train_file, val_file=args.val_file,
+                  val_fraction=args.val_fraction, train_last_blocks=args.train_last_blocks,
+                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    if args.task == "classify":
+        fields.update(text_column=args.text_column, label_column=args.label_column, max_length=args.max_length,
+                      class_weights=args.class_weights)
+    else:
+        fields.update(packing=args.packing, add_eos=not args.no_eos)
+    config = FinetuneConfig(**fields)
+    result = finetune(config, default_train_config(config, args.out, train_overrides(args.overrides)),
+                      resume=args.resume)
+    if result.report is not None:
+        print(result.report.format())
+        print(f"model: {result.model_dir}")
 
 
 def _fewshot(args: argparse.Namespace) -> None:

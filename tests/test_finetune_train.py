@@ -118,3 +118,53 @@ def test_lora_finetune_changes_only_adapters_and_exports_merged(tmp_path, tokeni
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(exported.eval()(idx).logits, model(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_finetunes_with_lora_resumes_and_predicts(tmp_path, tokenizer, capsys):
+    from minigpt.cli import main
+
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path / "base")
+    rows = need_file(DATA / "sentiment" / "validation.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "data.csv").write_text("".join(rows[:81]), encoding="utf-8")  # header + 80 rows
+    run = tmp_path / "run"
+    command = ["finetune", "classify", "--init", str(tmp_path / "base"), "--train-file", str(tmp_path / "data.csv"),
+               "--out", str(run), "--max-length", "32", "--lora-rank", "2", "--batch_size=8", "--eval_interval=4",
+               "--cpu_threads=1", "--progress=false"]
+    main([*command, "--max_steps=4"])
+    out = capsys.readouterr().out
+    assert "macro avg" in out and f"model: {run / 'model'}" in out
+    main([*command, "--max_steps=8", "--resume"])
+    capsys.readouterr()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    assert steps == [4, 8]  # the second run continued the first
+    info = json.loads((run / "checkpoints" / "step_0000008" / "trainer.json").read_text())
+    assert info["run_metadata"]["finetune"]["lora_rank"] == 2 and info["train_config"]["lr"] == 1e-3
+    main(["predict", str(run / "model"), "a gem", "dreadful"])
+    labels = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert len(labels) == 2 and set(labels) <= {"negative", "positive"}
+    with pytest.raises(SystemExit, match="unknown TrainConfig keys \\['max_stepz'\\]"):
+        main([*command, "--max_stepz=3"])
+
+
+def test_starts_from_a_minigpt_training_run(tmp_path, tokenizer):
+    """init may be a run folder of the shared loop (its best checkpoint is used)."""
+    from minigpt.finetune.data import CompletionExample, ShuffledBatches, collate_completion
+    from minigpt.train.finetune import prepare
+    from minigpt.train.loop import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    rows = [CompletionExample(tuple(range(i, i + 9)), (True,) * 9) for i in range(8)]
+    config = TrainConfig(out_dir=str(tmp_path / "pre"), max_steps=2, batch_size=2, eval_interval=2, eval_steps=1,
+                         device="cpu", progress=False, cpu_threads=1)
+    train(model, config, ShuffledBatches(rows, 2, collate_completion),
+          eval_batches=lambda: [collate_completion(rows[:2])])
+    (tmp_path / "data.csv").write_text("text,label\ngood,pos\nbad,neg\nfine,pos\nawful,neg\n")
+    run, _ = prepare(FinetuneConfig(task="classify", train_file=str(tmp_path / "data.csv"), init=str(tmp_path / "pre"),
+                                    val_fraction=0.5),
+                     default_train_config(FinetuneConfig(task="classify", train_file="x"), str(tmp_path / "ft"),
+                                          dict(device="cpu")), tokenizer=tokenizer)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(run.model.backbone.state_dict()[name], value)

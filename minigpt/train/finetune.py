@@ -284,7 +284,8 @@ def default_train_config(config: FinetuneConfig, out_dir: str, overrides: dict[s
     """FINETUNE_TRAIN for this task, then `overrides` (TrainConfig fields, validated).
 
     Classifiers keep the checkpoint with the best val_accuracy; completion models the one
-    with the lowest val_loss. With LoRA the peak lr is LORA_LR.
+    with the lowest val_loss. With LoRA the peak lr is LORA_LR. Warm-up is at most a tenth
+    of max_steps unless set.
     """
     values: dict[str, Any] = {**FINETUNE_TRAIN, "out_dir": out_dir}
     if config.lora_rank:
@@ -292,7 +293,22 @@ def default_train_config(config: FinetuneConfig, out_dir: str, overrides: dict[s
     if config.task == "classify":
         values.update(best_metric="val_accuracy", best_mode="max")
     values.update(overrides or {})
+    if "warmup_steps" not in (overrides or {}) and isinstance(values["max_steps"], int):
+        values["warmup_steps"] = min(values["warmup_steps"], values["max_steps"] // 10)  # short runs
     return TrainConfig.from_dict(values)
+
+
+def train_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """TrainConfig values from 'key=value' / 'train.key=value' items (dashes allowed in keys);
+    values are parsed as in `minigpt train` (JSON, True/False/None, else text)."""
+    from minigpt.train.pretrain import parse_value
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.lstrip("-").partition("=")
+        key = key.replace("-", "_").removeprefix("train.")
+        out[key] = parse_value(value) if sep else True
+    return out
 
 
 def _resolve_init(path: str | Path) -> Path:
