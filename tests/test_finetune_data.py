@@ -125,7 +125,7 @@ def test_shuffled_batches_cover_each_epoch_and_resume_exactly():
     resumed.load_state_dict(state)
     for want in expected:
         assert torch.equal(resumed.next_batch()["x"], want)
-    with pytest.raises(ValueError, match="same data and seed"):
+    with pytest.raises(ValueError, match="same data, seed and world size"):
         ShuffledBatches(examples[:5], 4, lambda xs: xs, seed=1).load_state_dict(state)
 
 
@@ -135,3 +135,10 @@ def test_classification_batch_is_right_padded_with_lengths():
     batch = collate_classification([ClassificationExample((5, 6, 7), 1), ClassificationExample((8,), 0)], pad_id=9)
     assert batch["idx"].tolist() == [[5, 6, 7], [8, 9, 9]]
     assert batch["lengths"].tolist() == [3, 1] and batch["labels"].tolist() == [1, 0]
+
+
+def test_ranks_read_disjoint_slices_of_each_epoch():
+    collate = lambda xs: {"x": torch.tensor(xs)}  # noqa: E731
+    ranks = [ShuffledBatches(list(range(12)), 3, collate, seed=5, rank=r, world_size=2) for r in range(2)]
+    seen = [torch.cat([b.next_batch()["x"] for _ in range(2)]).tolist() for b in ranks]
+    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(12))

@@ -309,28 +309,34 @@ def collate_completion(examples: Sequence[CompletionExample], pad_id: int = 0) -
 class ShuffledBatches:
     """Endless batches over a fixed list of examples, for the training loop (`Batches`).
 
-    Epoch e visits the examples in the order of a permutation drawn from (seed, e); a batch
-    never spans two epochs' orders in a way that depends on history, so `state_dict()`
-    (epoch, position) is all a resumed run needs.
+    Epoch e visits the examples in the order of a permutation drawn from (seed, e); with
+    several ranks (torchrun), rank r reads every world_size-th entry of that order from
+    offset r, so ranks see disjoint examples. `state_dict()` (epoch, position) is all a
+    resumed run needs to see the batches it would have seen.
     """
 
     def __init__(self, examples: Sequence, batch_size: int, collate: Callable[[Sequence], dict],
-                 seed: int = 1337) -> None:
+                 seed: int = 1337, rank: int = 0, world_size: int = 1) -> None:
         if not examples:
             raise ValueError("no training examples")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in 0..world_size-1={world_size - 1}")
+        if len(examples) < world_size:
+            raise ValueError(f"{len(examples)} examples cannot be shared among {world_size} ranks")
         self.examples = list(examples)
         self.batch_size = batch_size
         self.collate = collate
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.position = 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
+        return torch.randperm(len(self.examples), generator=g).tolist()[self.rank :: self.world_size]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         chosen = []
@@ -345,13 +351,16 @@ class ShuffledBatches:
         return self.collate([self.examples[i] for i in chosen])
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": len(self.examples)}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": len(self.examples),
+                "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("n") != len(self.examples) or state.get("seed") != self.seed:
-            raise ValueError(f"batch state is for {state.get('n')} examples with seed {state.get('seed')}, "
-                             f"but this data has {len(self.examples)} with seed {self.seed}; "
-                             f"resume with the same data and seed")
+        mine = self.state_dict()
+        differs = [k for k in ("n", "seed", "world_size") if state.get(k) != mine[k]]
+        if differs:
+            raise ValueError(f"batch state is for {state.get('n')} examples, seed {state.get('seed')}, "
+                             f"{state.get('world_size')} ranks; this run has {len(self.examples)}, {self.seed}, "
+                             f"{self.world_size}. Resume with the same data, seed and world size")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
 

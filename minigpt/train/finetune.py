@@ -157,7 +157,14 @@ def _start_model(config: FinetuneConfig, model: GPT | None, tokenizer, backend: 
     return GPT.from_pretrained(folder, backend=backend), tokenizer or load_tokenizer(folder)
 
 
-def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, batch_size: int, seed: int) -> _Run:
+def _batches(examples, batch_size: int, collate, seed: int, device: str) -> ShuffledBatches:
+    from minigpt.train import distributed as dist_
+
+    info = dist_.setup(device)
+    return ShuffledBatches(examples, batch_size, collate, seed, info.rank, info.world_size)
+
+
+def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
     from minigpt.finetune.evaluate import classify, evaluate_classifier
 
     rows = read_labeled(config.train_file, config.text_column, config.label_column)
@@ -191,7 +198,8 @@ def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, batch_size: 
     counts = {label: sum(r.label == label for r in rows) for label in labels.labels}
     return _Run(
         model=GPTClassifier(backbone, len(labels)),
-        train_batches=ShuffledBatches(train_examples, batch_size, collate, seed),
+        train_batches=_batches(train_examples, train_config.batch_size, collate, train_config.seed,
+                               train_config.device),
         eval_batches=lambda: fixed_batches(val_examples, config.eval_batch_size, collate),
         loss_fn=ClassificationLoss(weights),
         extra_eval=extra_eval,
@@ -204,7 +212,7 @@ def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, batch_size: 
     )
 
 
-def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, batch_size: int, seed: int) -> _Run:
+def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
     from minigpt.finetune.evaluate import evaluate_completion
     from minigpt.finetune.validate import common_suffix
     from minigpt.train.loop import language_model_loss
@@ -231,7 +239,8 @@ def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, batch_size
     stop = common_suffix([p.completion for p in pairs])
     return _Run(
         model=backbone,
-        train_batches=ShuffledBatches(train_examples, batch_size, collate, seed),
+        train_batches=_batches(train_examples, train_config.batch_size, collate, train_config.seed,
+                               train_config.device),
         eval_batches=lambda: fixed_batches(val_examples, config.eval_batch_size, collate),
         loss_fn=language_model_loss,
         extra_eval=None,
@@ -249,7 +258,7 @@ def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | N
     """Build the model, data and hooks of a run without training (for inspection and tests)."""
     backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend)
     build = _classify_run if config.task == "classify" else _completion_run
-    run = build(config, backbone, tokenizer, train_config.batch_size, train_config.seed)
+    run = build(config, backbone, tokenizer, train_config)
     head = ("score.",) if config.task == "classify" else ()
     if config.lora_rank:
         apply_lora(run.model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
