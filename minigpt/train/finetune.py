@@ -369,8 +369,8 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
     report = run.evaluate(run.model)
     _write_eval(report, out / "eval", {"model": str(model_dir), "task": config.task, "checkpoint": str(best),
                                        "best_step": result.best_step})
-    log.info("best checkpoint %s (step %s) exported to %s; on the validation data:\n%s",
-             best, result.best_step, model_dir, report.format())
+    log.info("best checkpoint %s (step %s) exported to %s; its validation report is in %s",
+             best, result.best_step, model_dir, out / "eval")
     return FinetuneResult(model_dir, report, result, run.details["trainable_params"], run.details["total_params"])
 
 
