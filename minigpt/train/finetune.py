@@ -257,6 +257,7 @@ def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | N
             tokenizer=None) -> tuple[_Run, object]:
     """Build the model, data and hooks of a run without training (for inspection and tests)."""
     backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend)
+    torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
     build = _classify_run if config.task == "classify" else _completion_run
     run = build(config, backbone, tokenizer, train_config)
     head = ("score.",) if config.task == "classify" else ()
