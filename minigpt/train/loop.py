@@ -127,8 +127,6 @@ class TrainConfig:
         if self.lr_decay_steps is not None:
             need(isinstance(self.lr_decay_steps, int) and self.lr_decay_steps >= self.warmup_steps,
                  "lr_decay_steps", f"must be an integer >= warmup_steps={self.warmup_steps}, or None (max_steps)")
-        else:
-            need(self.max_steps >= self.warmup_steps, "warmup_steps", f"must be <= max_steps={self.max_steps}")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
         need(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
