@@ -14,15 +14,6 @@ from minigpt.train.finetune import FinetuneConfig, default_train_config, finetun
 from tests.helpers import DATA, need_file, use_tiktoken_cache
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs here use TrainConfig.cpu_threads=1 (several times faster than two threads on a
-    shared 2-core machine); give torch its thread count back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def tokenizer(monkeypatch):
     use_tiktoken_cache(monkeypatch)
@@ -41,7 +32,7 @@ def test_classifier_from_scratch_beats_the_majority_baseline_on_sst2(tmp_path, t
     config = FinetuneConfig(task="classify", train_file=str(train_file), val_file=str(val_file), max_length=48)
     train_config = default_train_config(config, str(tmp_path / "run"), dict(
         max_steps=300, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=20, weight_decay=0.0,
-        eval_interval=100, device="cpu", progress=False, cpu_threads=1))
+        eval_interval=100, device="cpu", progress=False))
     result = finetune(config, train_config, model=model, tokenizer=tokenizer)
 
     report = result.report
@@ -84,7 +75,7 @@ def test_completion_finetune_lowers_held_out_completion_loss(tmp_path, tokenizer
                             packing=True, max_generate=4)
     train_config = default_train_config(config, str(tmp_path / "run"), dict(
         max_steps=20, batch_size=3, lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_interval=20, device="cpu",
-        progress=False, cpu_threads=1))
+        progress=False))
     result = finetune(config, train_config, model=model, tokenizer=tokenizer)
     after = result.report.loss
     assert after < before - 1.0, (before, after)  # from ~ln(50257) = 10.8 nats: perplexity down e-fold
@@ -103,7 +94,7 @@ def test_lora_finetune_changes_only_adapters_and_exports_merged(tmp_path, tokeni
     config = FinetuneConfig(task="completion", train_file=str(train_file), val_file=str(val_file),
                             lora_rank=4, lora_alpha=8, max_generate=0)
     train_config = default_train_config(config, str(tmp_path / "run"), dict(
-        max_steps=6, batch_size=4, warmup_steps=0, eval_interval=6, device="cpu", progress=False, cpu_threads=1))
+        max_steps=6, batch_size=4, warmup_steps=0, eval_interval=6, device="cpu", progress=False))
     result = finetune(config, train_config, model=model, tokenizer=tokenizer)
     # rank 4 on qkv (32 -> 96), proj (32 -> 32), fc (32 -> 128), proj (128 -> 32), in 2 blocks
     assert result.trainable_params == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))

@@ -23,7 +23,7 @@ def test_lora_starts_at_the_base_model_and_only_adapters_get_gradients():
     model(idx, idx).loss.backward()
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
     # Training through the shared loop changes nothing but the adapters: see
-    # test_finetune_train.py::test_lora_finetune_changes_only_adapters_and_exports_merged.
+    # tests/train/test_finetune.py::test_lora_finetune_changes_only_adapters_and_exports_merged.
 
 
 def test_merge_gives_identical_outputs_and_the_original_names(tmp_path):

@@ -1,5 +1,5 @@
 """Saving, loading, evaluating and predicting with fine-tuned folders, and their CLI commands
-(models built directly here; training itself is tested in test_finetune_train.py)."""
+(models built directly here; training itself is tested in tests/train/test_finetune.py)."""
 import json
 import math
 
@@ -14,7 +14,7 @@ from minigpt.finetune.evaluate import completion_loss, evaluate, predict
 from minigpt.finetune.export import FinetuneMeta, load_finetuned, save_finetuned
 from minigpt.finetune.lora import LoRALinear, apply_lora
 from tests.helpers import randomize_, use_tiktoken_cache
-from tests.test_finetune_fewshot import bigram_gpt
+from tests.finetune.common import bigram_gpt
 
 CONFIG = GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=16)
 LABELS = LabelMap(("negative", "neutral", "positive"))
