@@ -9,19 +9,21 @@ from minigpt.ops import BACKENDS
 
 
 def _sample(args: argparse.Namespace) -> None:
+    from minigpt.finetune.export import saved_stop
     from minigpt.generate import stream_text
     from minigpt.model import GPT
     from minigpt.tokenizer import load_tokenizer
 
     model = GPT.from_pretrained(args.model, backend=args.backend).to(args.device)
     tokenizer = load_tokenizer(args.model)
+    stop = args.stop or saved_stop(args.model)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(args.prompt)
         pieces = stream_text(
             model, tokenizer, args.prompt, args.max_new_tokens,
-            stop=args.stop, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            stop=stop, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=None if args.seed is None else args.seed + i, use_cache=not args.no_cache,
         )
         for piece in pieces:
@@ -39,7 +41,8 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable; default: a fine-tuned model's own stop sequence)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--backend", choices=BACKENDS, default="sdpa")
     p.add_argument("--device", default="cpu")
@@ -131,6 +134,249 @@ def add_attention_map_parser(sub) -> None:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_attention_map)
+def _prepare(args: argparse.Namespace) -> None:
+    from minigpt.data import PrepareConfig, prepare
+
+    prepare(PrepareConfig(
+        inputs=tuple(args.inputs), out_dir=args.out, tokenizer=args.tokenizer, chars=args.chars,
+        val_fraction=args.val_fraction, text_field=args.text_field, errors=args.errors,
+        eos=False if args.no_eos else None, shard_tokens=args.shard_tokens, num_workers=args.workers,
+    ))
+
+
+def add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into token shards")
+    p.add_argument("inputs", nargs="+", help="text files, folders of them, or .jsonl files")
+    p.add_argument("--out", required=True, help="output folder (meta.json + shards)")
+    p.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2")
+    p.add_argument("--chars", default=None, help="the char tokenizer's alphabet (default: every character seen)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the input, at its end, held out")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                   help="undecodable UTF-8: stop with file and offset, or replace with U+FFFD")
+    p.add_argument("--no-eos", action="store_true", help="do not separate documents with <|endoftext|>")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: one per core)")
+    p.set_defaults(func=_prepare)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from minigpt.train.pretrain import load_config, pretrain
+
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    if args.out_dir is not None:
+        overrides.append(f"train.out_dir={args.out_dir}")
+    result = pretrain(load_config(args.preset, args.config, overrides), resume=args.resume)
+    if result.sample is not None:
+        print(f"--- sample from {result.train.last_checkpoint} ---")
+        print(result.sample)
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", allow_abbrev=False, help="pretrain a model (torchrun --nproc_per_node=N -m minigpt train ... for DDP)",
+        description="Pretrain from a recipe (--preset), a TOML/JSON file (--config) and overrides "
+                    "--section.key=value or --key=value (sections: model, train, data, sample).",
+    )
+    p.add_argument("--preset", default=None, help="recipe or model preset to start from (default: tiny)")
+    p.add_argument("--config", default=None, help="TOML or JSON file with sections model/train/data/sample")
+    p.add_argument("--data", default=None, help="prepared folder, or text/JSONL to prepare (default: download "
+                                                "tiny Shakespeare)")
+    p.add_argument("--out-dir", default=None, help="run folder (train.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override such as train.lr=1e-3 (repeatable); --train.lr=1e-3 works too")
+    p.set_defaults(func=_train, accepts_overrides=True)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from minigpt.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+
+
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="draw a run's train/validation loss curves to a PNG")
+    p.add_argument("run_dir", help="run folder holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    p.set_defaults(func=_plot)
+
+
+def _finetune_check(args: argparse.Namespace) -> None:
+    from minigpt.finetune.validate import check_file
+
+    report = check_file(args.file, model=args.model, block_size=args.block_size, fix=args.fix, out=args.out)
+    print(report.format())
+    if not report.ok and not args.fix:
+        raise SystemExit(1)
+
+
+def add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model: check data, train a classifier or a completion model")
+    actions = p.add_subparsers(dest="action", required=True)
+    c = actions.add_parser("check", help="check a prompt/completion JSONL file; --fix writes a cleaned copy")
+    c.add_argument("file", help="JSONL with one {\"prompt\": ..., \"completion\": ...} per line")
+    c.add_argument("--model", default=None, help="model folder whose tokenizer and context length to check against")
+    c.add_argument("--block-size", type=int, default=None, help="context length (default: the model's, else 1024)")
+    c.add_argument("--fix", action="store_true", help="write a cleaned copy; every dropped row is listed")
+    c.add_argument("--out", default=None, help="where --fix writes (default: FILE.fixed.jsonl)")
+    c.set_defaults(func=_finetune_check)
+    for task, help_text in (("classify", "train a classification head (and the model) on a labeled CSV/TSV/JSONL"),
+                            ("completion", "train on prompt/completion JSONL; the loss covers completions only")):
+        t = actions.add_parser(
+            task, help=help_text, allow_abbrev=False,
+            description=f"{help_text}. Training settings (TrainConfig fields) are overrides such as "
+                        f"--max_steps=500 --lr=1e-4 --batch_size=16 (or --train.lr=...); the defaults are "
+                        f"minigpt.train.finetune.FINETUNE_TRAIN. The best checkpoint is exported to OUT/model "
+                        f"and evaluated into OUT/eval.")
+        t.add_argument("--init", required=True, help="model folder to start from (Hugging Face GPT-2/GPT-Neo, "
+                                                     "minigpt's), or a minigpt training run folder")
+        t.add_argument("--train-file", required=True, help="training data")
+        t.add_argument("--val-file", default=None, help="validation data (default: hold out --val-fraction)")
+        t.add_argument("--val-fraction", type=float, default=0.1)
+        t.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, model/, eval/)")
+        t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        if task == "classify":
+            _add_columns(t)
+            t.add_argument("--max-length", type=int, default=None, help="tokens kept per text (default: block_size)")
+            t.add_argument("--class-weights", choices=("none", "balanced"), default="none")
+        else:
+            t.add_argument("--packing", action="store_true", help="pack several examples per row instead of padding")
+            t.add_argument("--no-eos", action="store_true", help="do not append eos to completions")
+        t.add_argument("--train-last-blocks", type=int, default=None,
+                       help="train only the last N blocks, final LayerNorm and head (0: the head alone)")
+        t.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: no LoRA); only adapters train")
+        t.add_argument("--lora-alpha", type=float, default=16.0)
+        t.add_argument("--lora-dropout", type=float, default=0.0)
+        t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="a TrainConfig override such as lr=1e-4 (repeatable); --lr=1e-4 works too")
+        t.set_defaults(func=_finetune_train, task=task, accepts_overrides=True)
+
+
+def _finetune_train(args: argparse.Namespace) -> None:
+    from minigpt.train.finetune import FinetuneConfig, default_train_config, finetune, train_overrides
+
+    fields = dict(task=args.task, init=args.init, train_file=args.train_file, val_file=args.val_file,
+                  val_fraction=args.val_fraction, train_last_blocks=args.train_last_blocks,
+                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    if args.task == "classify":
+        fields.update(text_column=args.text_column, label_column=args.label_column, max_length=args.max_length,
+                      class_weights=args.class_weights)
+    else:
+        fields.update(packing=args.packing, add_eos=not args.no_eos)
+    config = FinetuneConfig(**fields)
+    result = finetune(config, default_train_config(config, args.out, train_overrides(args.overrides)),
+                      resume=args.resume)
+    if result.report is not None:
+        print(result.report.format())
+        print(f"model: {result.model_dir}")
+
+
+def _fewshot(args: argparse.Namespace) -> None:
+    from minigpt.finetune.evaluate import evaluate_fewshot
+    from minigpt.finetune.fewshot import FewShotPrompt
+
+    prompt = FewShotPrompt(template=args.template.replace("\\n", "\n"), label_prefix=args.label_prefix,
+                           separator=args.separator.replace("\\n", "\n"), verbalizers=dict(args.verbalizer),
+                           normalize=args.normalize)
+    report = evaluate_fewshot(args.model, args.shots, args.data, k=args.k, prompt=prompt, seed=args.seed,
+                              limit=args.limit, out_dir=args.out, text_column=args.text_column,
+                              label_column=args.label_column, device=args.device)
+    print(report.format())
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected LABEL=WORDS, got {text!r}")
+    return key, value
+
+
+def _add_columns(p) -> None:
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+
+
+def add_fewshot_parser(sub) -> None:
+    p = sub.add_parser("fewshot", help="classify a labeled file by k-shot prompting, no training (the baseline)")
+    p.add_argument("model", help="language model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--shots", required=True, help="labeled file (CSV/TSV/JSONL) to draw the k examples from")
+    p.add_argument("--data", required=True, help="labeled file to evaluate on")
+    p.add_argument("--k", type=int, default=4, help="examples in the prompt, balanced over labels")
+    p.add_argument("--template", default="Review: {text}\\nSentiment:", help="one example; must contain {text}")
+    p.add_argument("--label-prefix", default=" ", help="between the template and the label")
+    p.add_argument("--separator", default="\\n\\n", help="between examples")
+    p.add_argument("--verbalizer", type=_key_value, action="append", default=[],
+                   help="LABEL=WORDS to write a label differently in the prompt (repeatable)")
+    p.add_argument("--normalize", action="store_true", help="score by mean, not summed, token log-likelihood")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out", default=None, help="folder for metrics.json, report.txt, confusion_matrix.png")
+    p.add_argument("--device", default="cpu")
+    _add_columns(p)
+    p.set_defaults(func=_fewshot)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from minigpt.finetune.evaluate import evaluate
+
+    report = evaluate(args.model, args.data, out_dir=args.out, text_column=args.text_column,
+                      label_column=args.label_column, batch_size=args.batch_size,
+                      max_generate=args.max_generate, device=args.device)
+    print(report.format())
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a fine-tuned model on a labeled or prompt/completion file")
+    p.add_argument("model", help="fine-tuned model folder")
+    p.add_argument("data", help="labeled CSV/TSV/JSONL (classifier) or prompt/completion JSONL")
+    p.add_argument("--out", default=None, help="folder for metrics.json, report.txt (and confusion_matrix.png)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-generate", type=int, default=100, help="completion models: prompts to complete for exact match")
+    p.add_argument("--device", default="cpu")
+    _add_columns(p)
+    p.set_defaults(func=_evaluate)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import json
+
+    from minigpt.finetune.evaluate import predict
+
+    for p in predict(args.model, args.texts, file=args.file, text_column=args.text_column,
+                     batch_size=args.batch_size, device=args.device):
+        if args.json:
+            print(json.dumps({"text": p.text, "label": p.label, "probabilities": p.probabilities}, ensure_ascii=False))
+        else:
+            print(f"{p.label}\t{p.probabilities[p.label]:.3f}\t{p.text}")
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="labels from a fine-tuned classifier (label, probability, text per line)")
+    p.add_argument("model", help="fine-tuned classifier folder")
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--file", default=None, help=".txt (one text per line) or CSV/TSV/JSONL with --text-column")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--json", action="store_true", help="one JSON object per line, with every class's probability")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_predict)
+
+
+def _pair_overrides(extra: list[str]) -> list[str]:
+    """['--a=1', '--b', '2', '--flag'] -> ['a=1', 'b=2', 'flag']."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            raise ValueError(f"unexpected argument {item!r}; overrides look like --train.lr=1e-3")
+        if "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            item, i = f"{item}={extra[i + 1]}", i + 1
+        out.append(item[2:])
+        i += 1
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,15 +387,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub)
     add_attention_map_parser(sub)
     add_logit_lens_parser(sub)
+    add_prepare_parser(sub)
+    add_train_parser(sub)
+    add_plot_parser(sub)
+    add_finetune_parser(sub)
+    add_fewshot_parser(sub)
+    add_evaluate_parser(sub)
+    add_predict_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only `train` takes free-form --key=value overrides
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            args.overrides = args.overrides + _pair_overrides(extra)
+        except ValueError as err:
+            parser.error(str(err))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, ArithmeticError) as err:  # OSError: files, downloads; ArithmeticError: NaN loss
         raise SystemExit(f"minigpt {args.command}: error: {err}") from None
 
 

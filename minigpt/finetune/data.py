@@ -1,0 +1,371 @@
+"""Fine-tuning data: labeled texts, prompt/completion pairs, their tokenization and batches.
+
+Two shapes of example come out of here:
+- classification: token ids of a text and a label id; batches are right-padded and carry
+  each row's length, so the head can find the last real token;
+- completion: the tokens of prompt + completion + eos and a mask that is True where a
+  token is a training target. A row's input is tokens[:-1] and its targets are
+  tokens[1:], with -100 (ignored by the loss) wherever the target is a prompt token.
+
+`ShuffledBatches` serves both to the training loop: endless batches, reshuffled each epoch
+from (seed, epoch), whose position is part of the checkpoint so a resumed run sees the
+batches it would have seen.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Target value the loss skips (`F.cross_entropy`'s ignore_index)."""
+
+
+# --------------------------------------------------------------------------- labeled text
+@dataclass(frozen=True)
+class LabeledText:
+    text: str
+    label: str
+    line: int
+    """Line (CSV/TSV: row, counting the header as line 1) in the source file, for messages."""
+
+
+def _format_of(path: Path, fmt: str | None) -> str:
+    fmt = fmt or {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix.lower())
+    if fmt not in ("csv", "tsv", "jsonl"):
+        raise ValueError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
+                         f"name it .csv, .tsv or .jsonl, or pass the format (csv, tsv, jsonl)")
+    return fmt
+
+
+def read_labeled(path: str | Path, text_column: str = "text", label_column: str = "label",
+                 fmt: str | None = None) -> list[LabeledText]:
+    """Rows of a CSV/TSV file (with a header) or a JSONL file, as (text, label) pairs.
+
+    Raises ValueError naming the file and line for a missing column, an empty text or
+    label, or a line that is not a JSON object; FileNotFoundError for a missing file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    fmt = _format_of(path, fmt)
+    rows: list[tuple[int, dict]] = []
+    with path.open(encoding="utf-8", newline="") as f:
+        if fmt == "jsonl":
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+                rows.append((line_no, obj))
+        else:
+            reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+            header = reader.fieldnames or []
+            for column in (text_column, label_column):
+                if column not in header:
+                    raise ValueError(f"{path}: no column {column!r}; the header has {header}. "
+                                     f"Choose the columns with text_column=/label_column= (--text-column/--label-column)")
+            rows = [(reader.line_num, row) for row in reader]
+    out = []
+    for line_no, row in rows:
+        for column in (text_column, label_column):
+            if column not in row:
+                raise ValueError(f"{path}:{line_no}: no field {column!r}; it has {sorted(row)}")
+        text, label = row[text_column], row[label_column]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{line_no}: empty {text_column!r}")
+        if label is None or not str(label).strip():
+            raise ValueError(f"{path}:{line_no}: empty {label_column!r}")
+        out.append(LabeledText(text, str(label).strip(), line_no))
+    if not out:
+        raise ValueError(f"{path} holds no rows")
+    return out
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Class names in id order; saved beside a classifier as labels.json."""
+
+    labels: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.labels) < 2:
+            raise ValueError(f"a classifier needs at least 2 labels; got {list(self.labels)}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct; got {list(self.labels)}")
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[LabeledText]) -> "LabelMap":
+        """Sorted distinct labels, so the ids do not depend on row order."""
+        return cls(tuple(sorted({e.label for e in examples})))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def id(self, label: str) -> int:
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            raise ValueError(f"label {label!r} is not one of the model's labels {list(self.labels)}") from None
+
+    def to_dict(self) -> dict:
+        # The same keys as a Hugging Face config's, so the file reads familiarly.
+        return {"id2label": {str(i): s for i, s in enumerate(self.labels)},
+                "label2id": {s: i for i, s in enumerate(self.labels)}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LabelMap":
+        id2label = data["id2label"]
+        return cls(tuple(id2label[str(i)] for i in range(len(id2label))))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LabelMap":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def stratified_split(examples: Sequence, val_fraction: float, seed: int = 1337,
+                     key: Callable = lambda e: e.label) -> tuple[list, list]:
+    """Split into (train, validation) keeping each label's share, reproducibly for a seed.
+
+    Each label contributes round(n_label * val_fraction) rows to validation (at least one
+    when it has two or more rows), chosen by a seeded shuffle; both parts keep file order.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    by_label: dict = {}
+    for i, e in enumerate(examples):
+        by_label.setdefault(key(e), []).append(i)
+    rng = random.Random(seed)
+    val: set[int] = set()
+    for label in sorted(by_label):
+        indices = by_label[label]
+        n_val = round(len(indices) * val_fraction)
+        if len(indices) >= 2:
+            n_val = min(max(n_val, 1), len(indices) - 1)
+        chosen = list(indices)
+        rng.shuffle(chosen)
+        val.update(chosen[:n_val])
+    return ([e for i, e in enumerate(examples) if i not in val],
+            [e for i, e in enumerate(examples) if i in val])
+
+
+# ---------------------------------------------------------------------- prompt/completion
+@dataclass(frozen=True)
+class PromptCompletion:
+    prompt: str
+    completion: str
+    line: int
+
+
+def read_prompt_completion(path: str | Path) -> list[PromptCompletion]:
+    """Pairs of a prompt/completion JSONL file. Any defect `minigpt finetune check` would
+    drop a row for (bad JSON, a missing, non-string or empty field) is a ValueError that
+    names the lines and points at the checker."""
+    from minigpt.finetune.validate import parse_rows
+
+    path = Path(path)
+    rows, dropped, _ = parse_rows(path)
+    if dropped:
+        shown = "; ".join(f"line {d.line}: {d.reason}" for d in dropped[:5])
+        more = f" (and {len(dropped) - 5} more)" if len(dropped) > 5 else ""
+        raise ValueError(f"{path}: {len(dropped)} unusable rows: {shown}{more}. "
+                         f"Run `minigpt finetune check {path} --fix` to write a cleaned copy")
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return [PromptCompletion(r.prompt, r.completion, r.line) for r in rows]
+
+
+# ------------------------------------------------------------------------- tokenization
+@dataclass(frozen=True)
+class ClassificationExample:
+    ids: tuple[int, ...]
+    label: int
+
+
+@dataclass(frozen=True)
+class CompletionExample:
+    tokens: tuple[int, ...]
+    """prompt + completion (+ eos) token ids."""
+    mask: tuple[bool, ...]
+    """True where tokens[j] is a training target: the completion and eos, never the prompt."""
+
+
+def encode_classification(tokenizer, examples: Sequence[LabeledText], labels: LabelMap,
+                          max_length: int) -> list[ClassificationExample]:
+    """Token ids (the first `max_length` of each text) and label ids. Truncation is logged."""
+    out, truncated = [], 0
+    for e in examples:
+        ids = tokenizer.encode(e.text)
+        if not ids:
+            raise ValueError(f"line {e.line}: text {e.text!r} encodes to no tokens")
+        truncated += len(ids) > max_length
+        out.append(ClassificationExample(tuple(ids[:max_length]), labels.id(e.label)))
+    if truncated:
+        log.warning("%d of %d texts were longer than max_length=%d tokens and were truncated",
+                    truncated, len(examples), max_length)
+    return out
+
+
+def encode_completion(tokenizer, pair: PromptCompletion, add_eos: bool = True) -> CompletionExample:
+    """prompt + completion (+ eos), with the loss mask on the completion and eos.
+
+    Prompt and completion are encoded separately, so the boundary between them is a token
+    boundary; that is why completions should start with whitespace (the checker says so).
+    """
+    prompt = tokenizer.encode(pair.prompt)
+    completion = tokenizer.encode(pair.completion)
+    if add_eos:
+        if tokenizer.eos_id is None:
+            raise ValueError("this tokenizer has no eos token; pass add_eos=False and end completions "
+                             "with a stop sequence instead")
+        completion.append(tokenizer.eos_id)
+    if not completion:
+        raise ValueError(f"line {pair.line}: the completion encodes to no tokens")
+    return CompletionExample(tuple(prompt + completion), (False,) * len(prompt) + (True,) * len(completion))
+
+
+def encode_completions(tokenizer, pairs: Sequence[PromptCompletion], block_size: int,
+                       add_eos: bool = True) -> list[CompletionExample]:
+    """Encode every pair; a pair longer than block_size + 1 tokens is an error listing them
+    all (the checker's --fix drops them, and says which)."""
+    out = [encode_completion(tokenizer, p, add_eos) for p in pairs]
+    too_long = [(p.line, len(e.tokens)) for p, e in zip(pairs, out) if len(e.tokens) > block_size + 1]
+    if too_long:
+        shown = ", ".join(f"line {line} ({n} tokens)" for line, n in too_long[:5])
+        raise ValueError(f"{len(too_long)} examples exceed block_size + 1 = {block_size + 1} tokens: {shown}"
+                         f"{' ...' if len(too_long) > 5 else ''}. Shorten them, or drop them with "
+                         f"`minigpt finetune check FILE --fix`")
+    return out
+
+
+def pack_completions(examples: Sequence[CompletionExample], block_size: int,
+                     seed: int = 1337) -> list[CompletionExample]:
+    """Concatenate examples (in a seeded random order) into rows of at most block_size + 1
+    tokens, so little compute goes to padding.
+
+    Each example ends with eos, so a row reads "a1 ... eos b1 ... eos". Later examples in a
+    row can attend to earlier ones (the usual trade of packing); their loss masks are kept,
+    so the prompts still carry no loss. Use padding instead for fully isolated examples.
+    """
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rows: list[CompletionExample] = []
+    tokens: list[int] = []
+    mask: list[bool] = []
+    for i in order:
+        e = examples[i]
+        if tokens and len(tokens) + len(e.tokens) > block_size + 1:
+            rows.append(CompletionExample(tuple(tokens), tuple(mask)))
+            tokens, mask = [], []
+        tokens += e.tokens
+        mask += e.mask
+    if tokens:
+        rows.append(CompletionExample(tuple(tokens), tuple(mask)))
+    return rows
+
+
+# ------------------------------------------------------------------------------ batches
+def collate_classification(examples: Sequence[ClassificationExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """{"idx": (B, T) right-padded ids, "lengths": (B,), "labels": (B,)}; T is the longest row."""
+    T = max(len(e.ids) for e in examples)
+    idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    for i, e in enumerate(examples):
+        idx[i, : len(e.ids)] = torch.tensor(e.ids)
+    return {"idx": idx,
+            "lengths": torch.tensor([len(e.ids) for e in examples]),
+            "labels": torch.tensor([e.label for e in examples])}
+
+
+def collate_completion(examples: Sequence[CompletionExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """{"idx": (B, T), "targets": (B, T)} with T = longest row - 1; targets are -100 on prompt
+    tokens and padding, so `GPT(idx, targets).loss` averages over completion tokens only."""
+    T = max(len(e.tokens) for e in examples) - 1
+    idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        tokens = torch.tensor(e.tokens)
+        mask = torch.tensor(e.mask)
+        n = len(e.tokens) - 1
+        idx[i, :n] = tokens[:-1]
+        targets[i, :n] = torch.where(mask[1:], tokens[1:], IGNORE_INDEX)
+    return {"idx": idx, "targets": targets}
+
+
+class ShuffledBatches:
+    """Endless batches over a fixed list of examples, for the training loop (`Batches`).
+
+    Epoch e visits the examples in the order of a permutation drawn from (seed, e); with
+    several ranks (torchrun), rank r reads every world_size-th entry of that order from
+    offset r, so ranks see disjoint examples. `state_dict()` (epoch, position) is all a
+    resumed run needs to see the batches it would have seen.
+    """
+
+    def __init__(self, examples: Sequence, batch_size: int, collate: Callable[[Sequence], dict],
+                 seed: int = 1337, rank: int = 0, world_size: int = 1) -> None:
+        if not examples:
+            raise ValueError("no training examples")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in 0..world_size-1={world_size - 1}")
+        if len(examples) < world_size:
+            raise ValueError(f"{len(examples)} examples cannot be shared among {world_size} ranks")
+        self.examples = list(examples)
+        self.batch_size = batch_size
+        self.collate = collate
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()[self.rank :: self.world_size]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        chosen = []
+        while len(chosen) < self.batch_size:
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+            take = min(self.batch_size - len(chosen), len(self._order) - self.position)
+            chosen += self._order[self.position : self.position + take]
+            self.position += take
+        return self.collate([self.examples[i] for i in chosen])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": len(self.examples),
+                "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        differs = [k for k in ("n", "seed", "world_size") if state.get(k) != mine[k]]
+        if differs:
+            raise ValueError(f"batch state is for {state.get('n')} examples, seed {state.get('seed')}, "
+                             f"{state.get('world_size')} ranks; this run has {len(self.examples)}, {self.seed}, "
+                             f"{self.world_size}. Resume with the same data, seed and world size")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+def fixed_batches(examples: Sequence, batch_size: int, collate: Callable[[Sequence], dict]) -> Iterator[dict]:
+    """Every example once, in order, in batches (evaluation)."""
+    for i in range(0, len(examples), batch_size):
+        yield collate(examples[i : i + batch_size])

@@ -1,0 +1,227 @@
+"""Evaluate fine-tuned models and few-shot prompting on labeled files; predict labels.
+
+Classifiers get accuracy, per-class and macro precision/recall/F1, the confusion matrix
+(as text and PNG) and the majority-class baseline beside them. Completion models get the
+loss over completion tokens (the training objective, averaged per token), its perplexity,
+and exact match of greedy completions on held-out prompts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.finetune.classifier import GPTClassifier, predict_proba
+from minigpt.finetune.data import (
+    IGNORE_INDEX, ClassificationExample, LabeledText, LabelMap, PromptCompletion, collate_classification,
+    collate_completion, encode_classification, encode_completions, fixed_batches, read_labeled,
+    read_prompt_completion,
+)
+from minigpt.finetune.export import load_finetuned
+from minigpt.finetune.fewshot import FewShotClassifier, FewShotPrompt, select_shots
+from minigpt.finetune.metrics import ClassificationReport, classification_report, write_report
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------ classification
+@torch.no_grad()
+def classify(model: GPTClassifier, examples: Sequence[ClassificationExample], batch_size: int = 64,
+             pad_id: int = 0) -> torch.Tensor:
+    """(N, num_labels) probabilities for encoded examples, on the model's device."""
+    device = next(model.parameters()).device
+    out = []
+    for batch in fixed_batches(examples, batch_size, lambda xs: collate_classification(xs, pad_id)):
+        out.append(predict_proba(model, {k: v.to(device) for k, v in batch.items()}).cpu())
+    return torch.cat(out)
+
+
+def evaluate_classifier(model: GPTClassifier, tokenizer, rows: Sequence[LabeledText], labels: LabelMap,
+                        max_length: int, batch_size: int = 64) -> ClassificationReport:
+    """The classification report of `model` on labeled rows. A row whose label the model
+    does not know is a ValueError naming it."""
+    examples = encode_classification(tokenizer, rows, labels, max_length)
+    predicted = classify(model, examples, batch_size, pad_id=tokenizer.eos_id or 0).argmax(-1).tolist()
+    return classification_report([e.label for e in examples], predicted, labels.labels)
+
+
+# ---------------------------------------------------------------------------- completion
+@dataclass
+class CompletionReport:
+    loss: float
+    """Mean cross-entropy per completion token (eos included), nats."""
+    perplexity: float
+    tokens: int
+    """Completion tokens the loss averages over."""
+    exact_match: float | None = None
+    """Fraction of greedy completions equal to the reference (whitespace-trimmed, stop cut)."""
+    generated: int = 0
+    samples: list[dict] = field(default_factory=list)
+    """A few (prompt, reference, generated) triples to read."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [f"completion loss {self.loss:.4f} nats/token over {self.tokens} tokens, "
+                 f"perplexity {self.perplexity:.2f}"]
+        if self.exact_match is not None:
+            lines.append(f"exact match {self.exact_match:.3f} on {self.generated} greedy completions")
+        for s in self.samples:
+            lines += ["", f"prompt:    {s['prompt']!r}", f"reference: {s['reference']!r}", f"generated: {s['generated']!r}"]
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def completion_loss(model, tokenizer, pairs: Sequence[PromptCompletion], batch_size: int = 16,
+                    add_eos: bool = True) -> tuple[float, int]:
+    """(mean loss per completion token, number of tokens), prompt tokens excluded."""
+    examples = encode_completions(tokenizer, pairs, model.config.block_size, add_eos)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in fixed_batches(examples, batch_size, lambda xs: collate_completion(xs, tokenizer.eos_id or 0)):
+            idx, targets = batch["idx"].to(device), batch["targets"].to(device)
+            logits = model(idx).logits  # (B, T, V)
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((targets != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return total / count, count
+
+
+def evaluate_completion(model, tokenizer, pairs: Sequence[PromptCompletion], *, stop: str = "",
+                        max_generate: int = 100, batch_size: int = 16, samples: int = 3,
+                        add_eos: bool = True) -> CompletionReport:
+    """Loss/perplexity on every pair, and exact match of greedy completions on the first
+    `max_generate` pairs (generation is the slow part; 0 skips it)."""
+    from minigpt.generate import generate_text
+
+    loss, tokens = completion_loss(model, tokenizer, pairs, batch_size, add_eos)
+    report = CompletionReport(loss, math.exp(min(loss, 80.0)), tokens)
+    chosen = list(pairs[:max_generate])
+    if not chosen:
+        return report
+    stops = [stop] if stop else []
+    hits = 0
+    for i in range(0, len(chosen), batch_size):
+        part = chosen[i : i + batch_size]
+        budget = max(len(tokenizer.encode(p.completion)) for p in part) + 4
+        budget = min(budget, model.config.block_size - max(len(tokenizer.encode(p.prompt)) for p in part))
+        outputs = generate_text(model, tokenizer, [p.prompt for p in part], max(budget, 1), stop=stops, temperature=0)
+        for p, out in zip(part, outputs):
+            reference = p.completion[: -len(stop)] if stop and p.completion.endswith(stop) else p.completion
+            hits += out.strip() == reference.strip()
+            if len(report.samples) < samples:
+                report.samples.append({"prompt": p.prompt, "reference": reference, "generated": out})
+    report.exact_match = hits / len(chosen)
+    report.generated = len(chosen)
+    return report
+
+
+# --------------------------------------------------------------------------- file level
+def evaluate(model_dir: str | Path, data_file: str | Path, *, out_dir: str | Path | None = None,
+             text_column: str = "text", label_column: str = "label", batch_size: int = 32,
+             max_generate: int = 100, device: str = "cpu") -> ClassificationReport | CompletionReport:
+    """Evaluate a fine-tuned folder on a labeled file (classifier) or a prompt/completion
+    JSONL (completion model). With out_dir, write metrics.json and report.txt there (and
+    confusion_matrix.png for a classifier). Returns the report; `.format()` reads well."""
+    model, tokenizer, meta, labels = load_finetuned(model_dir)
+    model.to(device)
+    extra = {"model": str(model_dir), "data": str(data_file)}
+    if meta.task == "classify":
+        rows = read_labeled(data_file, text_column, label_column)
+        report = evaluate_classifier(model, tokenizer, rows, labels, meta.max_length or model.config.block_size,
+                                     batch_size)
+        if out_dir is not None:
+            write_report(report, out_dir, extra)
+        return report
+    report = evaluate_completion(model, tokenizer, read_prompt_completion(data_file), stop=meta.stop,
+                                 max_generate=max_generate, batch_size=batch_size)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({**report.to_dict(), **extra}, indent=2) + "\n")
+        (out / "report.txt").write_text(report.format() + "\n")
+    return report
+
+
+def evaluate_fewshot(model_dir: str | Path, shots_file: str | Path, data_file: str | Path, *, k: int = 4,
+                     prompt: FewShotPrompt = FewShotPrompt(), seed: int = 1337, limit: int | None = None,
+                     out_dir: str | Path | None = None, text_column: str = "text", label_column: str = "label",
+                     device: str = "cpu") -> ClassificationReport:
+    """Few-shot classification by prompting a plain language model (any model folder):
+    k balanced shots from `shots_file`, every label scored on each row of `data_file` (its
+    first `limit` rows when given). Returns the report; writes it to out_dir when given."""
+    from minigpt.model import GPT
+    from minigpt.tokenizer import load_tokenizer
+
+    model = GPT.from_pretrained(model_dir).to(device)
+    tokenizer = load_tokenizer(model_dir)
+    pool = read_labeled(shots_file, text_column, label_column)
+    rows = read_labeled(data_file, text_column, label_column)[:limit]
+    labels = LabelMap.from_examples(pool)
+    unknown = sorted({r.label for r in rows} - set(labels.labels))
+    if unknown:
+        raise ValueError(f"{data_file} has labels {unknown} that no example in {shots_file} has")
+    clf = FewShotClassifier(model, tokenizer, labels.labels, tuple(select_shots(pool, k, seed)), prompt)
+    predicted = [clf.predict(r.text) for r in rows]
+    report = classification_report([labels.id(r.label) for r in rows], predicted, labels.labels)
+    if out_dir is not None:
+        example = prompt.render(clf.shots, "<text>")
+        write_report(report, out_dir, {"model": str(model_dir), "data": str(data_file), "k": k, "prompt": example})
+    return report
+
+
+# ------------------------------------------------------------------------------- predict
+@dataclass(frozen=True)
+class Prediction:
+    text: str
+    label: str
+    probabilities: dict[str, float]
+
+
+def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
+    """Texts to classify: a .txt file (one per non-blank line) or a CSV/TSV/JSONL column."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    import csv
+
+    if path.suffix.lower() in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="," if path.suffix.lower() == ".csv" else "\t")
+            if text_column not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: no column {text_column!r}; the header has {reader.fieldnames}")
+            return [row[text_column] for row in reader]
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return [json.loads(line)[text_column] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raise ValueError(f"{path}: expected .txt (one text per line), .csv, .tsv or .jsonl")
+
+
+def predict(model_dir: str | Path, texts: Sequence[str] = (), *, file: str | Path | None = None,
+            text_column: str = "text", batch_size: int = 32, device: str = "cpu") -> list[Prediction]:
+    """Labels and class probabilities from a fine-tuned classifier folder, for `texts` and
+    the texts of `file`. A completion model is an error that points at `minigpt sample`."""
+    model, tokenizer, meta, labels = load_finetuned(model_dir)
+    if meta.task != "classify":
+        raise ValueError(f"{model_dir} is a completion model; generate with "
+                         f"`minigpt sample --model {model_dir} --prompt ...`")
+    texts = list(texts) + (read_texts(file, text_column) if file is not None else [])
+    if not texts:
+        raise ValueError("no texts given: pass texts or a file")
+    model.to(device)
+    rows = [LabeledText(t, labels.labels[0], i + 1) for i, t in enumerate(texts)]
+    examples = encode_classification(tokenizer, rows, labels, meta.max_length or model.config.block_size)
+    probs = classify(model, examples, batch_size, pad_id=tokenizer.eos_id or 0)
+    return [Prediction(t, labels.labels[int(p.argmax())], {l: float(v) for l, v in zip(labels.labels, p)})
+            for t, p in zip(texts, probs)]

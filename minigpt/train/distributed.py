@@ -1,0 +1,130 @@
+"""PyTorch's own distributed engine, applied from outside the model.
+
+`torchrun --nproc_per_node=N -m minigpt train ...` sets RANK, WORLD_SIZE and LOCAL_RANK;
+`setup` joins the process group (NCCL on GPUs, gloo on CPUs) and `wrap` puts the model
+under DistributedDataParallel or FSDP (`fully_shard`, FSDP2). Without torchrun all of
+this is a no-op and the run is a single process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment (idempotent)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        on_gpu = resolve_device(device, info).type == "cuda"
+        if on_gpu:
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+        logger.info("rank %d of %d joined the process group (%s)", info.rank, world_size, dist.get_backend())
+    return info
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_device(device: str, info: DistInfo | None = None) -> torch.device:
+    """'auto' is this rank's GPU when there is one, else the CPU."""
+    info = info or DistInfo()
+    if device == "auto":
+        device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and info.distributed:
+        device = f"cuda:{info.local_rank}"
+    return torch.device(device)
+
+
+def resolve_parallel(parallel: str, info: DistInfo) -> str:
+    if parallel == "auto":
+        return "ddp" if info.distributed else "none"
+    if parallel != "none" and not info.distributed:
+        logger.info("parallel=%r in a single process: training without it", parallel)
+        return "none"
+    return parallel
+
+
+def wrap(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
+    """The module to train: `model` itself, under DDP, or sharded in place by FSDP2."""
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from minigpt.model import Block
+
+        # Shard each transformer block, then the root (embeddings, final norm, head).
+        for module in model.modules():
+            if isinstance(module, Block):
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (gloo has no AVG, so SUM then divide)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def all_gather_objects(obj):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

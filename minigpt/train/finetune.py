@@ -1,0 +1,386 @@
+"""Fine-tuning entry point: set a run up, then hand it to the shared training loop.
+
+Pretraining and fine-tuning share `minigpt.train.loop.train` (optimizer, schedule,
+checkpoints, resume, logging, early stopping); this module only differs in setup:
+
+- classify: read a labeled file, map labels to ids, split off a stratified validation set
+  when none is given, wrap the model in a `GPTClassifier`, cross-entropy (class-weighted
+  if asked), and report val_accuracy / val_macro_f1 at each evaluation;
+- completion: read prompt/completion pairs, mask prompt tokens out of the loss, append
+  eos, pad or pack the rows;
+- either: freeze all but the last N blocks (and the head), or train LoRA adapters only.
+
+The best checkpoint (by `TrainConfig.best_metric`) is exported to OUT/model as a
+fine-tuned folder (LoRA merged, see `minigpt.finetune.export`) and evaluated on the
+validation data into OUT/eval.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from minigpt.finetune.classifier import ClassificationLoss, GPTClassifier, balanced_class_weights
+from minigpt.finetune.data import (
+    LabelMap, ShuffledBatches, collate_classification, collate_completion, encode_classification,
+    encode_completions, fixed_batches, pack_completions, read_labeled, read_prompt_completion, stratified_split,
+)
+from minigpt.finetune.export import FinetuneMeta, save_finetuned
+from minigpt.finetune.lora import LORA_TARGETS, apply_lora, count_trainable, freeze_all_but_last
+from minigpt.finetune.metrics import classification_report
+from minigpt.model import GPT
+from minigpt.train.loop import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+TASKS = ("classify", "completion")
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What to fine-tune, on what, and which parameters train; `TrainConfig` says how."""
+
+    task: str
+    """"classify" (a head on the last token) or "completion" (prompt -> completion)."""
+    train_file: str
+    """classify: CSV/TSV/JSONL with a text and a label column; completion: prompt/completion JSONL."""
+    init: str | None = None
+    """Model folder to start from (Hugging Face GPT-2/GPT-Neo layout or minigpt's); None
+    when the model is passed to `finetune` directly."""
+    val_file: str | None = None
+    """Validation data; None splits val_fraction off the training file (stratified by label)."""
+    val_fraction: float = 0.1
+    """Share of the training file held out when no val_file is given."""
+    split_seed: int = 1337
+    """Seed of that split (and of packing's order)."""
+    text_column: str = "text"
+    """classify: column (or JSON field) holding the text."""
+    label_column: str = "label"
+    """classify: column (or JSON field) holding the label."""
+    max_length: int | None = None
+    """classify: tokens kept per text (its first ones); None means the model's block_size."""
+    class_weights: str = "none"
+    """classify: "none", or "balanced" (n / (classes * count) per class, for skewed labels)."""
+    packing: bool = False
+    """completion: pack several examples per row instead of padding each to the batch's longest."""
+    add_eos: bool = True
+    """completion: append the tokenizer's eos to every completion, so generation learns to stop."""
+    train_last_blocks: int | None = None
+    """Train only the last N blocks (+ final LayerNorm and head); 0 is the head alone; None trains all."""
+    lora_rank: int = 0
+    """LoRA rank r; 0 disables LoRA. With LoRA only the adapters (and a classifier's head) train."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the update is (alpha / r) B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """Projections in each block that get adapters."""
+    eval_batch_size: int = 32
+    """Batch size of validation passes."""
+    max_generate: int = 50
+    """completion: held-out prompts completed greedily for exact match in the final report."""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} must be one of {TASKS}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weights={self.class_weights!r} must be one of {CLASS_WEIGHTS}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
+        if self.lora_rank and self.train_last_blocks is not None:
+            raise ValueError("choose LoRA (lora_rank > 0) or train_last_blocks, not both")
+        if self.train_last_blocks is not None and self.train_last_blocks < 0:
+            raise ValueError(f"train_last_blocks={self.train_last_blocks} must be >= 0 or None (train all)")
+        if self.task == "completion" and self.train_last_blocks == 0:
+            raise ValueError("train_last_blocks=0 leaves a completion model nothing to train (its head is "
+                             "tied to the embedding); use 1 or more, or LoRA")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length} must be >= 1 or None (block_size)")
+        if isinstance(self.lora_targets, list):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "FinetuneConfig":
+        """Build from a plain dict; unknown keys are an error that lists the valid ones."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown FinetuneConfig keys {unknown}; valid keys are: {', '.join(sorted(valid))}")
+        return cls(**values)
+
+
+@dataclass
+class FinetuneResult:
+    model_dir: Path
+    """The exported best model (a fine-tuned folder)."""
+    report: Any
+    """Its evaluation on the validation data (ClassificationReport or CompletionReport)."""
+    train_result: Any
+    """What the training loop returned."""
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+@dataclass
+class _Run:
+    """Everything the loop needs for one task, plus what the final evaluation needs."""
+
+    model: nn.Module
+    train_batches: ShuffledBatches
+    eval_batches: Callable[[], Iterable[dict]]
+    loss_fn: Callable
+    extra_eval: Callable[[nn.Module], dict[str, float]] | None
+    meta: FinetuneMeta
+    labels: LabelMap | None = None
+    evaluate: Callable[[nn.Module], Any] = lambda model: None
+    details: dict = field(default_factory=dict)
+
+
+def _start_model(config: FinetuneConfig, model: GPT | None, tokenizer, backend: str) -> tuple[GPT, object]:
+    from minigpt.tokenizer import Tokenizer, load_tokenizer
+
+    if model is not None:
+        return model, tokenizer if tokenizer is not None else Tokenizer()
+    if config.init is None:
+        raise ValueError("say where to start: FinetuneConfig.init (--init) names a model folder")
+    folder = _resolve_init(config.init)
+    return GPT.from_pretrained(folder, backend=backend), tokenizer or load_tokenizer(folder)
+
+
+def _batches(examples, batch_size: int, collate, seed: int, device: str) -> ShuffledBatches:
+    from minigpt.train import distributed as dist_
+
+    info = dist_.setup(device)
+    return ShuffledBatches(examples, batch_size, collate, seed, info.rank, info.world_size)
+
+
+def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
+    from minigpt.finetune.evaluate import classify, evaluate_classifier
+
+    rows = read_labeled(config.train_file, config.text_column, config.label_column)
+    if config.val_file is not None:
+        val_rows = read_labeled(config.val_file, config.text_column, config.label_column)
+    else:
+        rows, val_rows = stratified_split(rows, config.val_fraction, config.split_seed)
+        log.info("no validation file: held out %d of %d rows (stratified, seed %d)",
+                 len(val_rows), len(rows) + len(val_rows), config.split_seed)
+    labels = LabelMap.from_examples(rows)
+    unseen = sorted({r.label for r in val_rows} - set(labels.labels))
+    if unseen:
+        raise ValueError(f"validation labels {unseen} never occur in the training data {config.train_file}")
+    max_length = min(config.max_length or backbone.config.block_size, backbone.config.block_size)
+    pad = tokenizer.eos_id or 0
+    train_examples = encode_classification(tokenizer, rows, labels, max_length)
+    val_examples = encode_classification(tokenizer, val_rows, labels, max_length)
+    weights = None
+    if config.class_weights == "balanced":
+        weights = balanced_class_weights([e.label for e in train_examples], len(labels))
+        log.info("class weights: %s", dict(zip(labels.labels, (round(w, 3) for w in weights))))
+
+    def collate(examples):
+        return collate_classification(examples, pad)
+
+    def extra_eval(model: nn.Module) -> dict[str, float]:
+        predicted = classify(model, val_examples, config.eval_batch_size, pad).argmax(-1).tolist()
+        report = classification_report([e.label for e in val_examples], predicted, labels.labels)
+        return {"val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1}
+
+    counts = {label: sum(r.label == label for r in rows) for label in labels.labels}
+    return _Run(
+        model=GPTClassifier(backbone, len(labels)),
+        train_batches=_batches(train_examples, train_config.batch_size, collate, train_config.seed,
+                               train_config.device),
+        eval_batches=lambda: fixed_batches(val_examples, config.eval_batch_size, collate),
+        loss_fn=ClassificationLoss(weights),
+        extra_eval=extra_eval,
+        meta=FinetuneMeta("classify", max_length=max_length),
+        labels=labels,
+        evaluate=lambda model: evaluate_classifier(model, tokenizer, val_rows, labels, max_length,
+                                                   config.eval_batch_size),
+        details={"train_rows": len(rows), "val_rows": len(val_rows), "train_label_counts": counts,
+                 "class_weights": weights},
+    )
+
+
+def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
+    from minigpt.finetune.evaluate import evaluate_completion
+    from minigpt.finetune.validate import common_suffix
+    from minigpt.train.loop import language_model_loss
+
+    pairs = read_prompt_completion(config.train_file)
+    if config.val_file is not None:
+        val_pairs = read_prompt_completion(config.val_file)
+    else:
+        pairs, val_pairs = stratified_split(pairs, config.val_fraction, config.split_seed, key=lambda p: 0)
+        log.info("no validation file: held out %d of %d pairs", len(val_pairs), len(pairs) + len(val_pairs))
+    block_size = backbone.config.block_size
+    train_examples = encode_completions(tokenizer, pairs, block_size, config.add_eos)
+    val_examples = encode_completions(tokenizer, val_pairs, block_size, config.add_eos)
+    if config.packing:
+        rows = pack_completions(train_examples, block_size, config.split_seed)
+        log.info("packed %d examples into %d rows of up to %d tokens", len(train_examples), len(rows), block_size + 1)
+        train_examples = rows
+    pad = tokenizer.eos_id or 0
+
+    def collate(examples):
+        return collate_completion(examples, pad)
+
+    separator = common_suffix([p.prompt for p in pairs])
+    stop = common_suffix([p.completion for p in pairs])
+    return _Run(
+        model=backbone,
+        train_batches=_batches(train_examples, train_config.batch_size, collate, train_config.seed,
+                               train_config.device),
+        eval_batches=lambda: fixed_batches(val_examples, config.eval_batch_size, collate),
+        loss_fn=language_model_loss,
+        extra_eval=None,
+        meta=FinetuneMeta("completion", separator=separator, stop=stop),
+        evaluate=lambda model: evaluate_completion(model, tokenizer, val_pairs, stop=stop,
+                                                   max_generate=config.max_generate,
+                                                   batch_size=config.eval_batch_size, add_eos=config.add_eos),
+        details={"train_pairs": len(pairs), "val_pairs": len(val_pairs), "packed_rows": len(train_examples)
+                 if config.packing else None},
+    )
+
+
+def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None,
+            tokenizer=None) -> tuple[_Run, object]:
+    """Build the model, data and hooks of a run without training (for inspection and tests)."""
+    backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend)
+    torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
+    build = _classify_run if config.task == "classify" else _completion_run
+    run = build(config, backbone, tokenizer, train_config)
+    head = ("score.",) if config.task == "classify" else ()
+    if config.lora_rank:
+        apply_lora(run.model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                   trainable=head)
+    elif config.train_last_blocks is not None:
+        freeze_all_but_last(run.model, config.train_last_blocks, trainable=head)
+    trainable, total = count_trainable(run.model), sum(p.numel() for p in run.model.parameters())
+    log.info("training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    run.details.update(trainable_params=trainable, total_params=total)
+    run.meta = dataclasses.replace(run.meta, details={"finetune": dataclasses.asdict(config), **run.details})
+    return run, tokenizer
+
+
+# Training defaults for fine-tuning: a short run at a small learning rate, evaluated often.
+FINETUNE_TRAIN: dict[str, Any] = dict(
+    max_steps=1000,
+    batch_size=16,
+    lr=1e-4,
+    min_lr=1e-5,
+    warmup_steps=50,
+    weight_decay=0.01,
+    beta2=0.999,
+    eval_interval=100,
+    eval_steps=100,
+    checkpoint_interval=0,
+)
+# LoRA's adapters start at zero and are few: they take a larger step (Hu et al. 2021 use 2e-4..1e-3).
+LORA_LR = 1e-3
+
+
+def default_train_config(config: FinetuneConfig, out_dir: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """FINETUNE_TRAIN for this task, then `overrides` (TrainConfig fields, validated).
+
+    Classifiers keep the checkpoint with the best val_accuracy; completion models the one
+    with the lowest val_loss. With LoRA the peak lr is LORA_LR. Warm-up is at most a tenth
+    of max_steps unless set.
+    """
+    values: dict[str, Any] = {**FINETUNE_TRAIN, "out_dir": out_dir}
+    if config.lora_rank:
+        values.update(lr=LORA_LR, min_lr=LORA_LR / 10)
+    if config.task == "classify":
+        values.update(best_metric="val_accuracy", best_mode="max")
+    values.update(overrides or {})
+    if "warmup_steps" not in (overrides or {}) and isinstance(values["max_steps"], int):
+        values["warmup_steps"] = min(values["warmup_steps"], values["max_steps"] // 10)  # short runs
+    return TrainConfig.from_dict(values)
+
+
+def train_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """TrainConfig values from 'key=value' / 'train.key=value' items (dashes allowed in keys);
+    values are parsed as in `minigpt train` (JSON, True/False/None, else text)."""
+    from minigpt.train.pretrain import parse_value
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.lstrip("-").partition("=")
+        key = key.replace("-", "_").removeprefix("train.")
+        out[key] = parse_value(value) if sep else True
+    return out
+
+
+def _resolve_init(path: str | Path) -> Path:
+    """A model folder; a training run folder means its best (else newest) checkpoint."""
+    from minigpt.train import checkpoint as ckpt
+
+    folder = Path(path)
+    root = folder / "checkpoints"
+    if not (folder / "config.json").is_file() and root.is_dir():
+        chosen = ckpt.best_checkpoint(root) or ckpt.latest_checkpoint(root)
+        if chosen is None:
+            raise FileNotFoundError(f"{root} holds no checkpoint to start from")
+        log.info("starting from checkpoint %s", chosen)
+        return chosen
+    return folder
+
+
+def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None, tokenizer=None,
+             resume: bool = False) -> FinetuneResult:
+    """Fine-tune, export the best model to OUT/model and evaluate it into OUT/eval.
+
+    model/tokenizer: start from this GPT instead of `config.init` (e.g. a fresh one).
+    Every checkpoint the loop writes is itself a fine-tuned folder (LoRA merged) that
+    `minigpt evaluate`/`predict` read; `resume` continues from the newest one.
+    Raises ValueError for bad data (naming file and line) or inconsistent options.
+    """
+    from minigpt.train import checkpoint as ckpt
+    from minigpt.train import distributed as dist_
+
+    run, tokenizer = prepare(config, train_config, model=model, tokenizer=tokenizer)
+    out = Path(train_config.out_dir)
+
+    def save_model(model: nn.Module, folder: Path) -> None:
+        save_finetuned(model, folder, tokenizer, run.meta, run.labels)
+
+    metadata = {"finetune": dataclasses.asdict(config), "model": run.model.config.to_dict(),
+                "labels": list(run.labels.labels) if run.labels else None}
+    result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
+                   loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, resume=resume,
+                   run_metadata=metadata)
+    if not dist_.setup(train_config.device).is_main:
+        return FinetuneResult(out / "model", None, result, run.details["trainable_params"], run.details["total_params"])
+    best = result.best_checkpoint or result.last_checkpoint
+    weights = best / ckpt.RESUME_MODEL_FILE
+    run.model.load_state_dict(ckpt.load_state_dict_file(weights if weights.is_file() else best / ckpt.MODEL_FILE))
+    run.model.cpu()
+    model_dir = out / "model"
+    save_model(run.model, model_dir)
+    report = run.evaluate(run.model)
+    _write_eval(report, out / "eval", {"model": str(model_dir), "task": config.task, "checkpoint": str(best),
+                                       "best_step": result.best_step})
+    log.info("best checkpoint %s (step %s) exported to %s; its validation report is in %s",
+             best, result.best_step, model_dir, out / "eval")
+    return FinetuneResult(model_dir, report, result, run.details["trainable_params"], run.details["total_params"])
+
+
+def _write_eval(report, folder: Path, extra: dict) -> None:
+    from minigpt.finetune.metrics import ClassificationReport, write_report
+
+    if isinstance(report, ClassificationReport):
+        write_report(report, folder, extra)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps({**report.to_dict(), **extra}, indent=2) + "\n")
+    (folder / "report.txt").write_text(report.format() + "\n")

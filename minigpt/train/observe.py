@@ -1,0 +1,146 @@
+"""What a training run reports: model FLOP utilisation and the metrics log.
+
+MFU (PaLM, Chowdhery et al. 2022, appendix B) is achieved FLOP/s over the device's peak,
+with FLOPs counted by `minigpt.counts.flops_per_token`. The peak is a property of the
+hardware, so it lives here and never in the model; every run states the one it assumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minigpt.config import GPTConfig
+from minigpt.counts import flops_per_token
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity).
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def _cpu_ghz() -> float:
+    try:
+        max_khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
+        return int(max_khz) / 1e6
+    except (OSError, ValueError):
+        pass
+    try:
+        mhz = re.search(r"cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text())
+        if mhz:
+            return float(mhz.group(1)) / 1e3
+    except OSError:
+        pass
+    return 2.5  # a typical server core, when the OS does not say
+
+
+def _cpu_flops_per_cycle() -> tuple[int, str]:
+    try:
+        flags = set(re.search(r"flags\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1).split())
+    except (OSError, AttributeError):
+        flags = set()
+    if "avx512f" in flags:
+        return 64, "AVX-512 FMA"  # 2 FMA units x 16 fp32 lanes x 2
+    if "avx2" in flags and "fma" in flags:
+        return 32, "AVX2 FMA"  # 2 FMA units x 8 fp32 lanes x 2
+    return 16, "SIMD, assumed"
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s of one device, how it was arrived at) for MFU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops, f"{name}: {flops / 1e12:.0f} TFLOP/s bf16 dense (data sheet)"
+        return 312e12, f"{name} is not in the table: assuming A100's 312 TFLOP/s bf16; set peak_flops"
+    threads = torch.get_num_threads()
+    ghz = _cpu_ghz()
+    per_cycle, isa = _cpu_flops_per_cycle()
+    flops = threads * ghz * 1e9 * per_cycle
+    return flops, f"CPU: {threads} threads x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle ({isa}) = {flops / 1e9:.0f} GFLOP/s"
+
+
+def find_gpt_config(model: nn.Module) -> GPTConfig | None:
+    """The GPTConfig of `model` or of the first submodule that has one (a classifier over a GPT)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, GPTConfig):
+            return config
+    return None
+
+
+def model_flops_per_token(model: nn.Module, seq_len: int) -> float | None:
+    config = find_gpt_config(model)
+    return None if config is None else flops_per_token(config, seq_len=seq_len, training=True)
+
+
+class MetricsLog:
+    """metrics.jsonl in the run folder (one JSON object per line), and TensorBoard if asked.
+
+    On resume, lines for steps after the checkpoint (from the interrupted run) are dropped
+    so the log reads as one run.
+    """
+
+    def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool, enabled: bool) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.is_file():
+            self.path.unlink()
+        self.file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError as err:
+                logger.warning("tensorboard=True but TensorBoard is not installed (%s); "
+                               "pip install tensorboard. Metrics still go to %s", err, self.path)
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl; is it a training run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+

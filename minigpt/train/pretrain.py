@@ -1,0 +1,360 @@
+"""Pretraining set-up: a config from a recipe, a file and overrides; data; model; `train`; a sample.
+
+A run is configured by four sections, each a frozen dataclass validated on construction:
+
+    model   GPTConfig fields, plus `preset` (a name in minigpt.config.PRESETS) to start from
+    train   TrainConfig fields (minigpt.train.loop)
+    data    DataConfig fields (below)
+    sample  SampleConfig fields: the text generated after training
+
+They come, each overriding the last, from a recipe (`--preset`: `RECIPES`, or any model
+preset with `DEFAULT_TRAIN`), a TOML or JSON file with the same sections, and
+`--section.key=value` overrides (`--key=value` when the key names one field in one
+section). Unknown sections and keys are errors that list the valid ones. The effective
+config is saved as run_config.json in the run folder, and that file is itself a valid
+`--config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpt.config import PRESETS, GPTConfig
+from minigpt.data.dataset import FixedWindows, RandomWindows, TokenSplit, read_metadata
+from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, find_sources, prepare
+from minigpt.train import distributed as dist_
+from minigpt.train.loop import TrainConfig, TrainResult, train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from."""
+
+    path: str | None = None
+    """A folder from `minigpt prepare`, or text files / a folder / JSONL to prepare into
+    out_dir/data; None downloads tiny Shakespeare (once, into ~/.cache/minigpt)."""
+    tokenizer: str = "char"
+    """Tokenizer used when `path` still has to be prepared: 'char' or 'gpt2'."""
+    val_fraction: float = 0.1
+    """Share of the input held out for validation when preparing."""
+    text_field: str = "text"
+    """JSONL field holding the text, when preparing."""
+    errors: str = "strict"
+    """Undecodable UTF-8 when preparing: 'strict' or 'replace'."""
+    verify: bool = False
+    """Check every shard's sha256 against meta.json before training."""
+    eval_seed: int = 0
+    """Seed of the fixed validation windows (the same ones every evaluation)."""
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer={self.tokenizer!r} must be one of {TOKENIZERS}")
+        if self.errors not in ERRORS:
+            raise ValueError(f"errors={self.errors!r} must be one of {ERRORS}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1): training evaluates on it")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Text generated from the trained model at the end of the run."""
+
+    tokens: int = 300
+    """Tokens to generate; 0 skips sampling."""
+    prompt: str = "\n"
+    """Text to continue."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 is greedy."""
+    top_k: int | None = None
+    """Sample from the k most likely tokens only."""
+    seed: int = 0
+    """Sampling seed."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, int) or self.tokens < 0:
+            raise ValueError(f"tokens={self.tokens!r} must be an integer >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a pretraining run needs."""
+
+    model: GPTConfig
+    train: TrainConfig
+    data: DataConfig = DataConfig()
+    sample: SampleConfig = SampleConfig()
+
+    def to_dict(self) -> dict[str, dict]:
+        return {"model": self.model.to_dict(), "train": self.train.to_dict(),
+                "data": dataclasses.asdict(self.data), "sample": dataclasses.asdict(self.sample)}
+
+
+# The README's main job: character-level tiny Shakespeare on a 2-core CPU in under two
+# minutes (issue 9). Tuned by measurement; see the README's Training section.
+TINY_TRAIN: dict[str, Any] = dict(
+    out_dir="runs/tiny",
+    max_steps=1400,
+    batch_size=32,
+    lr=3e-3,
+    min_lr=3e-4,
+    warmup_steps=50,
+    weight_decay=0.1,
+    beta2=0.99,
+    grad_clip=1.0,
+    eval_interval=200,
+    eval_steps=10,
+    log_interval=10,
+    checkpoint_interval=0,
+    device="cpu",
+)
+
+# A GPT-2-style recipe (nanoGPT's train_gpt2: ~0.5M tokens per update at block 1024).
+DEFAULT_TRAIN: dict[str, Any] = dict(
+    max_steps=600_000,
+    batch_size=12,
+    grad_accum=40,
+    lr=6e-4,
+    min_lr=6e-5,
+    warmup_steps=2000,
+    weight_decay=0.1,
+    beta2=0.95,
+    eval_interval=1000,
+    eval_steps=200,
+    checkpoint_interval=1000,
+)
+
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "model": {"preset": "tiny"},
+        "train": TINY_TRAIN,
+        "data": {"tokenizer": "char"},
+        "sample": {"tokens": 500, "prompt": "\n"},
+    },
+}
+
+SECTIONS = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "sample": SampleConfig}
+
+
+def recipe(name: str) -> dict[str, dict[str, Any]]:
+    """The starting config of `--preset name`: a tuned recipe, or a model preset with DEFAULT_TRAIN."""
+    if name in RECIPES:
+        return json.loads(json.dumps(RECIPES[name]))
+    if name in PRESETS:
+        return {"model": {"preset": name}, "train": {"out_dir": f"runs/{name}", **DEFAULT_TRAIN},
+                "data": {"tokenizer": "gpt2"}}
+    raise ValueError(f"unknown preset {name!r}; choose a recipe ({', '.join(RECIPES)}) or a model preset "
+                     f"({', '.join(PRESETS)})")
+
+
+def _section_fields(section: str) -> set[str]:
+    names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    return names | {"preset"} if section == "model" else names
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (Python >= 3.11) or JSON config file as a dict of sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:
+            raise ValueError(f"{path}: reading TOML needs Python >= 3.11 (tomllib); write the config as JSON") from None
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    if path.suffix.lower() == ".json":
+        return json.loads(path.read_text())
+    raise ValueError(f"config file {path} must end in .toml or .json")
+
+
+def parse_value(text: str) -> Any:
+    """A value from the command line: JSON (numbers, true/false/null, lists, quoted strings),
+    Python's True/False/None, or else the text itself."""
+    aliases = {"True": True, "False": False, "None": None}
+    if text in aliases:
+        return aliases[text]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_override(sections: dict[str, dict[str, Any]], item: str) -> None:
+    """Apply one 'section.key=value' or 'key=value' (leading dashes and '-' in keys allowed)."""
+    item = item.lstrip("-")
+    key, sep, value = item.partition("=")
+    parsed = parse_value(value) if sep else True  # a bare --flag means true
+    key = key.replace("-", "_")
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ValueError(f"override {item!r}: unknown section {section!r}; sections are {', '.join(SECTIONS)}")
+        if name not in _section_fields(section):
+            raise ValueError(f"override {item!r}: {section} has no key {name!r}; valid keys are: "
+                             f"{', '.join(sorted(_section_fields(section)))}")
+    else:
+        owners = [s for s in SECTIONS if key in _section_fields(s)]
+        if not owners:
+            valid = "; ".join(f"{s}: {', '.join(sorted(_section_fields(s)))}" for s in SECTIONS)
+            raise ValueError(f"override {item!r}: no section has a key {key!r}. Valid keys are {valid}")
+        if len(owners) > 1:
+            raise ValueError(f"override {item!r}: {key!r} is in several sections; write "
+                             + " or ".join(f"--{s}.{key}=..." for s in owners))
+        section, name = owners[0], key
+    sections.setdefault(section, {})[name] = parsed
+
+
+def build_config(sections: dict[str, Any]) -> PretrainConfig:
+    """Validate a dict of sections into a PretrainConfig."""
+    unknown = sorted(set(sections) - set(SECTIONS) - {"preset"})
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; valid sections are: {', '.join(SECTIONS)}")
+    model = dict(sections.get("model") or {})
+    preset = model.pop("preset", None)
+    model_config = GPTConfig.from_preset(preset, **model) if preset else GPTConfig.from_dict(model)
+    train_values = dict(sections.get("train") or {})
+    for name in ("out_dir", "max_steps", "batch_size"):
+        if name not in train_values:
+            raise ValueError(f"train.{name} is required (set it in the config file or with --train.{name}=...)")
+    return PretrainConfig(
+        model=model_config,
+        train=TrainConfig.from_dict(train_values),
+        data=_from_dict(DataConfig, sections.get("data") or {}),
+        sample=_from_dict(SampleConfig, sections.get("sample") or {}),
+    )
+
+
+def _from_dict(cls, values: dict[str, Any]):
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are: {', '.join(sorted(valid))}")
+    return cls(**values)
+
+
+def load_config(preset: str | None = None, file: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> PretrainConfig:
+    """Recipe `preset`, then `file`, then `overrides` ('section.key=value'), validated."""
+    sections: dict[str, dict[str, Any]] = {}
+    file_values = read_config_file(file) if file is not None else {}
+    preset = preset or file_values.pop("preset", None)
+    file_values.pop("preset", None)
+    if preset is None and file is None:
+        preset = "tiny"
+    if preset is not None:
+        sections = recipe(preset)
+    for section, values in file_values.items():
+        if section not in SECTIONS:
+            raise ValueError(f"{file}: unknown section {section!r}; valid sections are: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{file}: section {section!r} must be a table of key = value")
+        if section == "model" and "preset" in values:
+            sections["model"] = {}  # a new model preset replaces the recipe's model
+        sections.setdefault(section, {}).update(values)
+    for item in overrides:
+        apply_override(sections, item)
+    return build_config(sections)
+
+
+@dataclass
+class PretrainResult:
+    """What `pretrain` returns."""
+
+    train: TrainResult
+    run_dir: Path
+    data_dir: Path
+    sample: str | None
+
+
+def _data_folder(config: PretrainConfig, info: dist_.DistInfo) -> Path:
+    """A prepared dataset folder for config.data.path (preparing raw text into out_dir/data)."""
+    data = config.data
+    if data.path is not None and (Path(data.path) / "meta.json").is_file():
+        return Path(data.path)
+    if data.path is None:
+        from minigpt.data.corpora import tiny_shakespeare
+
+        inputs = (str(tiny_shakespeare()),) if info.is_main else ()
+    else:
+        inputs = (data.path,)
+    folder = Path(config.train.out_dir) / "data"
+    if info.is_main:
+        prep = PrepareConfig(inputs=inputs, out_dir=str(folder), tokenizer=data.tokenizer,
+                             val_fraction=data.val_fraction, text_field=data.text_field, errors=data.errors,
+                             progress=False)
+        if not _already_prepared(folder, prep):
+            prepare(prep)
+    dist_.barrier()
+    return folder
+
+
+def _already_prepared(folder: Path, prep: PrepareConfig) -> bool:
+    try:
+        meta = read_metadata(folder)
+    except (FileNotFoundError, ValueError):
+        return False
+    sources = [{"path": str(s.path), "kind": s.kind, "bytes": s.size} for s in find_sources(prep.inputs)]
+    return (meta["sources"] == sources and meta["tokenizer"]["type"] == prep.tokenizer
+            and meta["val_fraction"] == prep.val_fraction)
+
+
+def pretrain(config: PretrainConfig, resume: bool = False) -> PretrainResult:
+    """Prepare or open the data, build the model, train it, and sample from it (rank 0).
+
+    Raises ValueError when the data's vocabulary does not fit the model, and whatever
+    `prepare` and `train` raise.
+    """
+    info = dist_.setup(config.train.device)
+    run_dir = Path(config.train.out_dir)
+    data_dir = _data_folder(config, info)
+    train_split = TokenSplit(data_dir, "train", verify=config.data.verify)
+    val_split = TokenSplit(data_dir, "val", verify=config.data.verify)
+    if train_split.vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"the data's tokenizer has {train_split.vocab_size} ids but model.vocab_size={config.model.vocab_size}; "
+            f"set --model.vocab_size={train_split.vocab_size}"
+        )
+    block, tc = config.model.block_size, config.train
+    batches = RandomWindows(train_split, block, tc.batch_size, seed=tc.seed, rank=info.rank,
+                            world_size=info.world_size)
+    evals = FixedWindows(val_split, block, tc.batch_size, tc.eval_steps, seed=config.data.eval_seed,
+                         rank=info.rank, world_size=info.world_size)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    from minigpt.model import GPT
+    from minigpt.tokenizer import tokenizer_from_dict
+
+    torch.manual_seed(tc.seed)  # the initial weights
+    model = GPT(config.model)
+    tokenizer = tokenizer_from_dict(train_split.tokenizer)
+    meta = train_split.meta
+    run_metadata = {"model": config.model.to_dict(),
+                    "data": {"tokenizer": meta["tokenizer"], "dtype": meta["dtype"],
+                             "train_tokens": meta["splits"]["train"]["tokens"],
+                             "val_tokens": meta["splits"]["val"]["tokens"]}}
+    result = train(model, tc, batches, eval_batches=evals, resume=resume, run_metadata=run_metadata,
+                   checkpoint_files={"tokenizer.json": json.dumps(tokenizer.to_dict())})
+    text = None
+    if info.is_main and config.sample.tokens > 0:
+        from minigpt.generate import generate_text
+
+        model.eval()
+        s = config.sample
+        text = s.prompt + generate_text(model, tokenizer, s.prompt, s.tokens, temperature=s.temperature,
+                                        top_k=s.top_k, seed=s.seed)[0]
+    dist_.teardown()
+    return PretrainResult(train=result, run_dir=run_dir, data_dir=data_dir, sample=text)

@@ -1,0 +1,84 @@
+import json
+
+from minigpt.finetune.validate import check_prompt_completion
+from tests.helpers import use_tiktoken_cache
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return path
+
+
+GOOD = [{"prompt": f"Q{i} ->", "completion": f" answer {i}\n"} for i in range(4)]
+
+
+def test_a_clean_file_has_no_findings(tmp_path):
+    report = check_prompt_completion(write_jsonl(tmp_path / "d.jsonl", GOOD))
+    assert report.ok and len(report.kept) == 4
+    assert report.separator == " ->" and report.stop == "\n"
+    assert "no problems found" in report.format()
+
+
+def test_each_row_defect_is_dropped_with_its_line_and_reason(tmp_path):
+    lines = [
+        GOOD[0],                                     # 1 ok
+        "{not json",                                 # 2 invalid JSON
+        {"prompt": "p ->"},                          # 3 missing completion
+        {"completion": " c\n"},                      # 4 missing prompt
+        {"prompt": "p ->", "completion": 5},         # 5 not a string
+        {"prompt": "p ->", "completion": "  "},      # 6 empty completion
+        GOOD[0],                                     # 7 duplicate of line 1
+        "[1, 2]",                                    # 8 not an object
+        GOOD[1],                                     # 9 ok
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    report = check_prompt_completion(path)
+    reasons = {d.line: d.reason for d in report.dropped}
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8]
+    assert "not valid JSON" in reasons[2]
+    assert "missing field 'completion'" in reasons[3] and "missing field 'prompt'" in reasons[4]
+    assert "strings" in reasons[5] and "empty completion" in reasons[6]
+    assert reasons[7] == "duplicate of line 1" and "JSON object" in reasons[8]
+    assert [r.line for r in report.kept] == [1, 9]
+    text = report.format()
+    for line in reasons:
+        assert f"line {line}:" in text
+
+
+def test_missing_separator_whitespace_and_stop_are_found_and_fixed(tmp_path):
+    rows = [{"prompt": "Title one", "completion": "Body one."},
+            {"prompt": "Another title", "completion": " Body two!", "id": 7}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = check_prompt_completion(path)
+    warnings = "\n".join(report.warnings)
+    assert "common separator" in warnings and "\\n\\n###\\n\\n" in warnings
+    assert "1 completions do not start with whitespace (lines 1)" in warnings
+    assert "stop sequence" in warnings and "fields other than prompt/completion: ['id']" in warnings
+    assert not report.dropped and report.written is None
+
+    fixed = check_prompt_completion(path, fix=True)
+    assert fixed.written == tmp_path / "d.fixed.jsonl"
+    out = [json.loads(l) for l in fixed.written.read_text().splitlines()]
+    assert out == [{"prompt": "Title one\n\n###\n\n", "completion": " Body one.\n"},
+                   {"prompt": "Another title\n\n###\n\n", "completion": " Body two!\n"}]
+    assert check_prompt_completion(fixed.written).ok
+
+
+def test_suggested_separator_avoids_text_already_in_prompts(tmp_path):
+    rows = [{"prompt": "a\n\n###\n\nb", "completion": " x\n"}, {"prompt": "c", "completion": " y\n"}]
+    report = check_prompt_completion(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert report.separator == " ->"
+
+
+def test_too_long_rows_are_dropped_and_listed(tmp_path, monkeypatch):
+    use_tiktoken_cache(monkeypatch)
+    from minigpt import Tokenizer
+
+    rows = [{"prompt": "short ->", "completion": " yes\n"},
+            {"prompt": "word " * 40 + "->", "completion": " no\n"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = check_prompt_completion(path, tokenizer=Tokenizer(), block_size=16, fix=True,
+                                     out=tmp_path / "clean.jsonl")
+    assert [d.line for d in report.dropped] == [2] and "too long" in report.dropped[0].reason
+    assert "dropped rows:" in report.format() and "line 2: too long" in report.format()
+    assert len((tmp_path / "clean.jsonl").read_text().splitlines()) == 1

@@ -1,0 +1,18 @@
+"""Builders shared by the training tests."""
+from __future__ import annotations
+
+from minigpt import GPTConfig
+from minigpt.train import TrainConfig
+
+
+def tiny_gpt_config(**overrides) -> GPTConfig:
+    """A GPT small enough that a training step takes milliseconds (dense and banded layers)."""
+    values = dict(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32,
+                  attention_pattern=("dense", "banded"), attention_window=8)
+    return GPTConfig(**{**values, **overrides})
+
+
+def quick_train_config(out_dir, **overrides) -> TrainConfig:
+    values = dict(out_dir=str(out_dir), max_steps=6, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=2,
+                  eval_interval=3, eval_steps=2, log_interval=1, checkpoint_interval=3, device="cpu", progress=False)
+    return TrainConfig(**{**values, **overrides})

@@ -1,0 +1,91 @@
+"""Pretraining set-up: config from recipe + file + overrides, the CLI, sampling, plotting."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minigpt.cli import main
+from minigpt.config import GPTConfig
+from minigpt.train.pretrain import load_config
+from tests.helpers import SHAKESPEARE, need_file
+
+
+def test_tiny_recipe_is_the_main_job():
+    config = load_config("tiny")
+    assert config.model == GPTConfig.from_preset("tiny")
+    assert config.data.path is None and config.data.tokenizer == "char"  # downloads tiny Shakespeare
+    assert config.train.device == "cpu" and config.train.out_dir == "runs/tiny"
+
+
+def test_file_then_overrides(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\n[model]\nn_layer = 2\n[train]\nlr = 0.002\nout_dir = "r"\n')
+    config = load_config(file=toml, overrides=["--train.max_steps=7", "n_head=2", "dropout=0.1", "sample.tokens=0",
+                                               "--compile", "data.path=x"])
+    assert (config.model.n_layer, config.model.n_head, config.model.dropout) == (2, 2, 0.1)
+    assert config.model.n_embd == GPTConfig.from_preset("tiny").n_embd  # the rest of the preset stays
+    assert (config.train.lr, config.train.max_steps, config.train.compile) == (0.002, 7, True)
+    assert config.data.path == "x" and config.sample.tokens == 0
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps(config.to_dict()))
+    assert load_config(file=again) == config  # run_config.json is itself a config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=1", r"train has no key 'learning_rate'; valid keys are: .*\blr\b"),
+    ("optim.lr=1", r"unknown section 'optim'; sections are model, train, data, sample"),
+    ("lrr=1", r"no section has a key 'lrr'. Valid keys are model: .*; train: "),
+    ("seed=1", r"'seed' is in several sections; write --train.seed=... or --sample.seed=..."),
+    ("train.lr=-1", r"lr=-1 must be > 0"),
+    ("model.n_embd=130", r"n_embd=130 is not divisible by n_head=4"),
+    ("data.tokenizer=bpe", r"tokenizer='bpe' must be one of"),
+])
+def test_bad_overrides_are_named_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny", overrides=[override])
+
+
+def test_unknown_preset_and_section_in_a_file(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset 'huge'; choose a recipe"):
+        load_config("huge")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"out_dir": "x", "max_steps": 1, "batch_size": 1}, "optimizer": {}}))
+    with pytest.raises(ValueError, match="unknown section 'optimizer'"):
+        load_config(file=bad)
+
+
+def test_cli_prepares_trains_samples_resumes_and_plots(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data", str(need_file(SHAKESPEARE)), "--out-dir", str(run), "--max_steps=4",
+            "--train.batch_size", "2", "--model.n_layer=2", "--block_size=32", "--eval_interval=2", "--eval_steps=1",
+            "--sample.tokens=20", "--progress=false", "--warmup_steps=1"]
+    main(args)
+    out = capsys.readouterr().out
+    assert out.startswith("--- sample from ") and len(out.splitlines()) >= 2
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["train"]["max_steps"] == 4 and saved["model"]["n_layer"] == 2
+    assert json.loads((run / "checkpoints" / "latest" / "tokenizer.json").read_text())["type"] == "char"
+
+    main(args[:-1] + ["--max_steps=6", "--resume", "--sample.tokens=0", "--warmup_steps=1"])
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 6 and (run / "checkpoints" / "step_0000006").is_dir()
+
+    capsys.readouterr()
+    main(["sample", "--model", str(run / "checkpoints" / "best"), "--max-new-tokens", "10", "--prompt", "ROMEO:"])
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+    main(["plot", str(run)])
+    png = run / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SystemExit, match=r"minigpt prepare: error: .*empty\.txt is empty"):
+        main(["prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"minigpt train: error: .*no section has a key 'lrr'"):
+        main(["train", "--lrr=1"])
+    with pytest.raises(SystemExit):
+        main(["plot", str(tmp_path), "--bogus=1"])  # only `train` takes overrides
+    assert "unrecognized arguments: --bogus=1" in capsys.readouterr().err
