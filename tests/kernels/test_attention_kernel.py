@@ -141,11 +141,12 @@ def test_attention_bwd_accepts_broadcast_grad_output():
     assert_rel_close(qk.grad, qr.grad, torch.float32, "dq")
 
 
-def test_attention_output_is_a_view_over_bthd_storage():
+def test_attention_output_is_laid_out_as_bthd_and_not_a_view():
     q, k, v, _ = _inputs((2, 3, 9, 16), torch.float32, seed=7)
     out = attention(q, k, v)
     assert out.shape == q.shape
-    assert out.transpose(1, 2).is_contiguous()
+    assert out.transpose(1, 2).is_contiguous()  # heads merge back into (B, T, C) without a copy
+    assert out._base is None  # a view of an internal buffer would forbid in-place ops on the output
 
 
 def test_new_buffer_is_poisoned_in_tests():
