@@ -6,6 +6,8 @@ add bfloat16.
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -113,6 +115,26 @@ def test_attention_bwd_matches_reference_low_precision(dtype, window):
 def test_attention_bwd_matches_reference_head_dim_128():
     q, k, v, do = _inputs((1, 1, 40, 128), torch.float32, seed=4)
     _check_fwd_bwd(q, k, v, do, causal=True, window=9, scale=None)
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim, causal, window",
+    [
+        (torch.float16, 64, True, None),
+        (torch.float16, 64, True, 100),
+        (torch.float16, 128, False, None),
+        (torch.float32, 128, True, 50),
+    ],
+    ids=["float16-causal", "float16-banded", "float16-non-causal-d128", "float32-banded-d128"],
+)
+def test_attention_bwd_matches_reference_with_gpu_tiles(monkeypatch, dtype, head_dim, causal, window):
+    # The interpreter normally uses small tiles; run the GPU's tiles (128x64 forward,
+    # 32x128 dK/dV, ...) once too, so their segment arithmetic is covered on CPU.
+    module = importlib.import_module("kernels.attention")
+    gpu_tiles = module.attention_tiles
+    monkeypatch.setattr(module, "attention_tiles", lambda d, dt, interpreter=None: gpu_tiles(d, dt, interpreter=False))
+    q, k, v, do = _inputs((1, 1, 200, head_dim), dtype, seed=8)
+    _check_fwd_bwd(q, k, v, do, causal=causal, window=window, scale=None)
 
 
 def _split_qkv_views(shape, g):
