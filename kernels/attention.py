@@ -56,7 +56,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
-def _key_tile_segments(start_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW):
+def _key_tile_segments(
+    start_m, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr
+):
     # Key tiles that a query tile [start_m, start_m + BLOCK_M) must visit, as
     # (lo, mid_lo, mid_hi, hi): [lo, mid_lo) masked, [mid_lo, mid_hi) unmasked,
     # [mid_hi, hi) masked. Every boundary except hi is a multiple of BLOCK_N.
@@ -83,7 +85,9 @@ def _key_tile_segments(start_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW):
 
 
 @triton.jit
-def _query_tile_segments(start_n, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW):
+def _query_tile_segments(
+    start_n, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr
+):
     # Query tiles that see some key of the tile [start_n, start_n + BLOCK_N), as
     # (lo, mid_lo, mid_hi, hi) like _key_tile_segments, stepping by BLOCK_M.
     # Here a tile is unmasked only if all its query rows are below seq_len: a
@@ -670,7 +674,9 @@ def _attention_bwd(
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, window, scale):
+    def forward(
+        ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None, scale: float | None
+    ) -> torch.Tensor:
         o, lse = _attention_fwd(q, k, v, causal, window, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.window, ctx.scale = causal, window, _resolve_scale(scale, q.shape[-1])
@@ -678,7 +684,7 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _attention_bwd(q, k, v, o, lse, do, ctx.causal, ctx.window, ctx.scale)
         return dq, dk, dv, None, None, None
