@@ -13,7 +13,7 @@ attention counts only the (query, key) pairs inside the band:
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +58,16 @@ def _providers(T: int, window: int | None, scale: float) -> dict[str, Callable]:
         sdpa_kernel = None
     if sdpa_kernel is not None and window is None:
         # SDPA's fused backends take no band mask, so they only join the dense causal runs.
+        def sdpa_with(backend):
+            def run(q, k, v):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+            return run
+
         for name, backend in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
             if hasattr(SDPBackend, backend):
-                def run(q, k, v, _backend=getattr(SDPBackend, backend)):
-                    with sdpa_kernel(_backend):
-                        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-                providers[name] = run
+                providers[name] = sdpa_with(getattr(SDPBackend, backend))
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
@@ -116,8 +120,8 @@ def run(dtype: torch.dtype = torch.bfloat16, quick: bool = False, ceilings: dict
             for provider, f in _providers(T, window, scale).items():
                 for mode in MODES:
                     row = {
-                        "kernel": "attention", "shape": f"{B}x{H}x{T}x{D}", "mask": mask_name,
-                        "window": window, "mode": mode, "provider": provider, "dtype": str(dtype).removeprefix("torch."),
+                        "kernel": "attention", "shape": f"{B}x{H}x{T}x{D}", "mask": mask_name, "window": window,
+                        "mode": mode, "provider": provider, "dtype": str(dtype).removeprefix("torch."),
                     }
                     row.update(_case(f, q, k, v, mode, quick))
                     if "ms" in row:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import datetime
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -44,6 +44,18 @@ def peak_memory_mib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def _matmul_tflops(n: int, quick: bool) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n**3 / (bench_ms(lambda: a @ b, quick=quick) * 1e-3) / 1e12
+
+
+def _copy_gbps(n_bytes: int, quick: bool) -> float:
+    src = torch.empty(n_bytes, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / (bench_ms(lambda: dst.copy_(src), quick=quick) * 1e-3) / 1e9  # read + write
+
+
 def measure_ceilings(quick: bool = False) -> dict[str, float]:
     """Measured device ceilings: a large bf16 matmul (TFLOP/s) and a large device-to-device copy (GB/s).
 
@@ -51,22 +63,15 @@ def measure_ceilings(quick: bool = False) -> dict[str, float]:
     measured here, not taken from a spec sheet.
     """
     n = 4096 if quick else 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    matmul_ms = bench_ms(lambda: a @ b, quick=quick)
-    del a, b
     n_bytes = 2**28 if quick else 2**30  # 256 MiB / 1 GiB, far beyond L2
-    src = torch.empty(n_bytes, device="cuda", dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    copy_ms = bench_ms(lambda: dst.copy_(src), quick=quick)
-    del src, dst
-    torch.cuda.empty_cache()
-    return {
-        "matmul_bf16_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
+    ceilings = {
+        "matmul_bf16_tflops": _matmul_tflops(n, quick),
         "matmul_size": n,
-        "copy_gbps": 2 * n_bytes / (copy_ms * 1e-3) / 1e9,  # bytes read + bytes written
+        "copy_gbps": _copy_gbps(n_bytes, quick),
         "copy_bytes": n_bytes,
     }
+    torch.cuda.empty_cache()
+    return ceilings
 
 
 def git_commit() -> str:

@@ -50,8 +50,14 @@ def poison_enabled() -> bool:
     return os.environ.get(POISON_ENV, "0") == "1"
 
 
-def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate an uninitialised buffer, filled with NaN when poisoning is on."""
+def new_buffer(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, strides: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Allocate an uninitialised buffer (contiguous, or with ``strides``), NaN-filled when poisoning is on."""
+    if strides is None:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        buf = torch.empty_strided(shape, strides, dtype=dtype, device=device)
     if poison_enabled():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+        buf.fill_(float("nan"))
+    return buf

@@ -56,7 +56,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
-def _key_tile_segments(start_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW):
+def _key_tile_segments(
+    start_m, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr
+):
     # Key tiles that a query tile [start_m, start_m + BLOCK_M) must visit, as
     # (lo, mid_lo, mid_hi, hi): [lo, mid_lo) masked, [mid_lo, mid_hi) unmasked,
     # [mid_hi, hi) masked. Every boundary except hi is a multiple of BLOCK_N.
@@ -83,7 +85,9 @@ def _key_tile_segments(start_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW):
 
 
 @triton.jit
-def _query_tile_segments(start_n, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW):
+def _query_tile_segments(
+    start_n, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr
+):
     # Query tiles that see some key of the tile [start_n, start_n + BLOCK_N), as
     # (lo, mid_lo, mid_hi, hi) like _key_tile_segments, stepping by BLOCK_M.
     # Here a tile is unmasked only if all its query rows are below seq_len: a
@@ -502,10 +506,14 @@ def attention_tiles(head_dim: int, dtype: torch.dtype, interpreter: bool | None 
 
     Under Triton's interpreter small tiles keep the CPU tests fast; the forward
     and dQ tiles have ``block_m != block_n`` there on purpose, like on the GPU, so
-    that the tests exercise the segment arithmetic for unequal tiles. On the GPU
-    the choices follow the usual FlashAttention-2 shapes for an H100: wide query
-    tiles in the forward and dQ passes, wide key tiles in the dK/dV pass, smaller
-    tiles for float32 (twice the bytes) and for head_dim 128 (register pressure).
+    that the tests exercise the segment arithmetic for unequal tiles.
+
+    On the GPU, 16-bit inputs use the usual FlashAttention-2 shapes: wide query
+    tiles in the forward and dQ passes, wide key tiles in the dK/dV pass. float32
+    inputs take the CUDA-core path ("ieee" dot), which needs far more registers per
+    tile, so their tiles are small. The choices were made by compiling for sm_90
+    (Triton 3.6 and 3.9) and keeping configurations that do not spill registers;
+    they have not been tuned by timing.
     """
     if interpreter is None:
         interpreter = interpreter_enabled()
@@ -516,17 +524,17 @@ def attention_tiles(head_dim: int, dtype: torch.dtype, interpreter: bool | None 
     if dtype == torch.float32:
         if head_dim <= 64:
             return AttentionTiles(
-                fwd=TileConfig(64, 32, 4, 3), bwd_dkdv=TileConfig(32, 64, 4, 2), bwd_dq=TileConfig(64, 32, 4, 2)
+                fwd=TileConfig(64, 32, 8, 2), bwd_dkdv=TileConfig(16, 32, 4, 2), bwd_dq=TileConfig(64, 32, 8, 2)
             )
         return AttentionTiles(
-            fwd=TileConfig(64, 32, 4, 2), bwd_dkdv=TileConfig(32, 32, 4, 2), bwd_dq=TileConfig(32, 32, 4, 2)
+            fwd=TileConfig(16, 16, 4, 2), bwd_dkdv=TileConfig(16, 32, 8, 2), bwd_dq=TileConfig(32, 16, 4, 2)
         )
     if head_dim <= 64:
         return AttentionTiles(
-            fwd=TileConfig(128, 64, 4, 3), bwd_dkdv=TileConfig(32, 128, 4, 3), bwd_dq=TileConfig(128, 32, 4, 3)
+            fwd=TileConfig(128, 64, 8, 3), bwd_dkdv=TileConfig(32, 128, 8, 3), bwd_dq=TileConfig(128, 32, 4, 3)
         )
     return AttentionTiles(
-        fwd=TileConfig(128, 64, 8, 3), bwd_dkdv=TileConfig(32, 64, 8, 3), bwd_dq=TileConfig(64, 32, 8, 3)
+        fwd=TileConfig(128, 64, 8, 3), bwd_dkdv=TileConfig(32, 128, 8, 3), bwd_dq=TileConfig(128, 32, 8, 3)
     )
 
 
@@ -537,10 +545,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _new_attention_buffer(like: torch.Tensor) -> torch.Tensor:
-    # (B, H, T, D) view over (B, T, H, D) storage: the layout the model wants to
-    # merge heads back into (B, T, C) without a copy.
+    # A (B, H, T, D) tensor laid out in memory as (B, T, H, D): the layout the model
+    # wants to merge heads back into (B, T, C) without a copy. It is a tensor of
+    # its own, not a view, so callers may still modify the output in place.
     B, H, T, D = like.shape
-    return new_buffer((B, T, H, D), like.dtype, like.device).transpose(1, 2)
+    return new_buffer((B, H, T, D), like.dtype, like.device, strides=(T * H * D, D, H * D, 1))
 
 
 def _check_attention_inputs(
@@ -589,7 +598,7 @@ def _attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate, allocate and launch the forward kernel. Returns (O, LSE2).
 
-    O is (B, H, T, D) in q.dtype (stored as (B, T, H, D)); LSE2 is the base-2
+    O is (B, H, T, D) in q.dtype (laid out as (B, T, H, D)); LSE2 is the base-2
     log-sum-exp of the scaled scores, (B, H, T) float32.
     """
     _check_attention_inputs(q, k, v, causal, window)
@@ -665,7 +674,9 @@ def _attention_bwd(
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, window, scale):
+    def forward(
+        ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None, scale: float | None
+    ) -> torch.Tensor:
         o, lse = _attention_fwd(q, k, v, causal, window, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.window, ctx.scale = causal, window, _resolve_scale(scale, q.shape[-1])
@@ -673,7 +684,7 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _attention_bwd(q, k, v, o, lse, do, ctx.causal, ctx.window, ctx.scale)
         return dq, dk, dv, None, None, None
@@ -700,8 +711,8 @@ def attention(
         scale: softmax scale; ``None`` means ``1/sqrt(D)`` (GPT-Neo uses 1.0).
 
     Returns:
-        (B, H, T, D) tensor in q's dtype: a transposed view over (B, T, H, D) storage,
-        so ``out.transpose(1, 2)`` is contiguous. Accumulation is in float32.
+        (B, H, T, D) tensor in q's dtype, laid out in memory as (B, T, H, D), so
+        ``out.transpose(1, 2)`` is contiguous. Accumulation is in float32.
 
     Supported: CUDA tensors (CPU only under ``TRITON_INTERPRET=1``); float32,
     float16 and bfloat16; head_dim in ``SUPPORTED_HEAD_DIMS``; any T >= 1.

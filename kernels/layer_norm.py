@@ -262,14 +262,16 @@ def _layer_norm_bwd(
 
 class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+    ) -> torch.Tensor:
         y, mean, rstd = _layer_norm_fwd(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dw, db = _layer_norm_bwd(x, weight, bias, mean, rstd, dy)
         return dx, dw, db, None

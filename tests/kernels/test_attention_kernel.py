@@ -6,6 +6,8 @@ add bfloat16.
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -115,6 +117,26 @@ def test_attention_bwd_matches_reference_head_dim_128():
     _check_fwd_bwd(q, k, v, do, causal=True, window=9, scale=None)
 
 
+@pytest.mark.parametrize(
+    "dtype, head_dim, causal, window",
+    [
+        (torch.float16, 64, True, None),
+        (torch.float16, 64, True, 100),
+        (torch.float16, 128, False, None),
+        (torch.float32, 128, True, 50),
+    ],
+    ids=["float16-causal", "float16-banded", "float16-non-causal-d128", "float32-banded-d128"],
+)
+def test_attention_bwd_matches_reference_with_gpu_tiles(monkeypatch, dtype, head_dim, causal, window):
+    # The interpreter normally uses small tiles; run the GPU's tiles (128x64 forward,
+    # 32x128 dK/dV, ...) once too, so their segment arithmetic is covered on CPU.
+    module = importlib.import_module("kernels.attention")
+    gpu_tiles = module.attention_tiles
+    monkeypatch.setattr(module, "attention_tiles", lambda d, dt, interpreter=None: gpu_tiles(d, dt, interpreter=False))
+    q, k, v, do = _inputs((1, 1, 200, head_dim), dtype, seed=8)
+    _check_fwd_bwd(q, k, v, do, causal=causal, window=window, scale=None)
+
+
 def _split_qkv_views(shape, g):
     # The model's layout: one (B, T, 3, H, D) projection, split and transposed into
     # (B, H, T, D) views that are not contiguous and share one storage.
@@ -141,11 +163,12 @@ def test_attention_bwd_accepts_broadcast_grad_output():
     assert_rel_close(qk.grad, qr.grad, torch.float32, "dq")
 
 
-def test_attention_output_is_a_view_over_bthd_storage():
+def test_attention_output_is_laid_out_as_bthd_and_not_a_view():
     q, k, v, _ = _inputs((2, 3, 9, 16), torch.float32, seed=7)
     out = attention(q, k, v)
     assert out.shape == q.shape
-    assert out.transpose(1, 2).is_contiguous()
+    assert out.transpose(1, 2).is_contiguous()  # heads merge back into (B, T, C) without a copy
+    assert out._base is None  # a view of an internal buffer would forbid in-place ops on the output
 
 
 def test_new_buffer_is_poisoned_in_tests():

@@ -60,7 +60,10 @@ def test_layer_norm_fwd_bwd_matches_reference_float32_params_bfloat16_input():
 
 def test_layer_norm_fwd_bwd_matches_reference_strided_columns():
     # (rows, N) transposed out of (N, rows): the column stride is not 1.
-    _check_layer_norm((9, 40), torch.float32, has_bias=True, seed=2, make_x=lambda g: torch.randn(40, 9, generator=g).t())
+    def make_x(g):
+        return torch.randn(40, 9, generator=g).t()
+
+    _check_layer_norm((9, 40), torch.float32, has_bias=True, seed=2, make_x=make_x)
 
 
 @given(
@@ -85,7 +88,7 @@ def test_layer_norm_bwd_is_deterministic():
         x.grad = w.grad = b.grad = None
         layer_norm(x, w, b).backward(dy)
         grads.append((x.grad.clone(), w.grad.clone(), b.grad.clone()))
-    for first, second in zip(*grads):
+    for first, second in zip(*grads, strict=True):
         assert torch.equal(first, second)
 
 
