@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 SHAPES = {"small": dict(n_layer=6, n_head=6, n_embd=384), "124m": dict(n_layer=12, n_head=12, n_embd=768)}
@@ -106,7 +108,7 @@ def _hf_loss(model, x, y):
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
-def _child(case: str, library: str, folder: str, repeats: int, threads: int, queue) -> None:
+def _child(case: str, library: str, folder: str, repeats: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -127,17 +129,20 @@ def _child(case: str, library: str, folder: str, repeats: int, threads: int, que
         result.update(seconds=statistics.median(times), tokens=NEW_TOKENS * len(prompts), output=out)
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put(result)
+    return result
+
+
+def _run_child(*args: str) -> str:
+    """Run this script in a fresh interpreter (its own memory peak, no threads shared with us)."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def measure(case: str, library: str, folder: Path, repeats: int, threads: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(case, library, str(folder), repeats, threads, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return json.loads(_run_child("--child", case, library, str(folder), str(repeats), str(threads)))
 
 
 def _commit() -> str:
@@ -148,13 +153,18 @@ def _commit() -> str:
 
 
 def main() -> None:
-    import torch
-    import transformers
-
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        case, library, folder, repeats, threads = sys.argv[2:7]
+        print(json.dumps(_child(case, library, folder, int(repeats), int(threads))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--save":
+        save_random_gpt2(sys.argv[2], Path(sys.argv[3]))
+        return
+    # This parent never imports torch: every measurement runs in its own interpreter.
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in each run")
     parser.add_argument("--cases", default="gen,gen-124m,gen-batch,train")
     args = parser.parse_args()
 
@@ -165,7 +175,7 @@ def main() -> None:
             shape = "124m" if case == "gen-124m" else "small"
             if shape not in folders:
                 folders[shape] = Path(tmp) / shape
-                save_random_gpt2(shape, folders[shape])
+                _run_child("--save", shape, str(folders[shape]))
             pair = {lib: measure(case, lib, folders[shape], args.repeats, args.threads) for lib in ("minigpt", "transformers")}
             mini, hf = pair["minigpt"], pair["transformers"]
             row = {
@@ -186,9 +196,9 @@ def main() -> None:
             print(json.dumps(row))
 
     meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {mp.cpu_count()} cores",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": version("torch"),
+        "transformers": version("transformers"),
         "threads": args.threads,
         "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"),
