@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 LAYER_KINDS = ("dense", "banded")
+# MLP non-linearities. GPT-2, GPT-3 and GPT-Neo use GELU's tanh approximation; the exact
+# (erf) GELU is a choice for models trained from scratch, and on CPUs without AVX-512 it
+# is about twice as fast as the tanh form (benchmarks/NOTES.md).
+ACTIVATIONS = ("gelu_tanh", "gelu")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class GPTConfig:
     """Softmax scale; None means 1/sqrt(head_dim). GPT-Neo uses 1.0."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the LM head."""
+    activation: str = "gelu_tanh"
+    """MLP non-linearity: 'gelu_tanh' (GPT-2's approximation) or 'gelu' (exact, erf)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "attention_window"):
@@ -83,6 +89,8 @@ class GPTConfig:
                 f"n_layer={self.n_layer} is not a multiple of len(attention_pattern)="
                 f"{len(self.attention_pattern)}; the pattern repeats over the layers"
             )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r} must be one of {ACTIVATIONS}")
         if self.attention_scale is not None and not self.attention_scale > 0:
             raise ValueError(f"attention_scale={self.attention_scale} must be > 0 or None (1/sqrt(head_dim))")
 

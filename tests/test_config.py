@@ -67,6 +67,7 @@ def test_param_count_equals_instantiated_model(n_layer, n_head, head_dim, vocab,
         (dict(attention_window=0), ["attention_window=0"]),
         (dict(attention_scale=-1.0), ["attention_scale=-1.0"]),
         (dict(attention_pattern="dense"), ["tuple"]),
+        (dict(activation="relu"), ["activation='relu'", "gelu_tanh", "'gelu'"]),
     ],
 )
 def test_invalid_config_names_field_value_and_rule(changes, words):

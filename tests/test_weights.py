@@ -1,5 +1,6 @@
 """Parity with the reference implementation (Hugging Face transformers), no downloads:
 tiny random models are built locally, saved with save_pretrained and loaded by minigpt."""
+import dataclasses
 import json
 
 import pytest
@@ -68,6 +69,30 @@ def test_round_trip_minigpt_to_transformers(hf_model, tmp_path):
     idx = torch.randint(0, 97, (2, 25))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(idx).logits, model(idx).logits, rtol=0, atol=LOGITS_ATOL)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo"])
+def test_exact_gelu_models_match_transformers_both_ways(family, tmp_path):
+    hf = hf_gpt2() if family == "gpt2" else hf_gpt_neo()
+    config = json.loads(hf.config.to_json_string())
+    config["activation_function"] = "gelu"
+    hf = randomize_(type(hf)(type(hf.config).from_dict(config)), 1, std=0.5).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model = GPT.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.activation == "gelu"
+    idx = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        torch.testing.assert_close(model(idx).logits, expected, rtol=0, atol=LOGITS_ATOL)
+        # The tanh form differs measurably with these weights, so the test can tell the two apart.
+        tanh = GPT(dataclasses.replace(model.config, activation="gelu_tanh"))
+        tanh.load_state_dict(model.state_dict())
+        assert (tanh(idx).logits - expected).abs().max() > 10 * LOGITS_ATOL
+    model.save_pretrained(tmp_path / "mini")
+    assert json.loads((tmp_path / "mini" / "config.json").read_text())["activation_function"] == "gelu"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mini").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx).logits, expected, rtol=0, atol=LOGITS_ATOL)
 
 
 def test_config_without_hf_architecture_round_trips_natively(tmp_path):

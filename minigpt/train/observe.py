@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -95,13 +96,15 @@ class MetricsLog:
     """metrics.jsonl in the run folder (one JSON object per line), and TensorBoard if asked.
 
     On resume, lines for steps after the checkpoint (from the interrupted run) are dropped
-    so the log reads as one run.
+    so the log reads as one run. Each line carries `wall_s`, the seconds since this log
+    was opened (the start of training in this process), for loss-versus-time curves.
     """
 
     def __init__(self, out_dir: Path, resume_step: int | None, tensorboard: bool, enabled: bool) -> None:
         self.path = out_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
+        self.started = time.perf_counter()
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
@@ -123,7 +126,8 @@ class MetricsLog:
     def write(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.file.write(json.dumps({"kind": kind, "step": step, **values,
+                                    "wall_s": round(time.perf_counter() - self.started, 3)}) + "\n")
         self.file.flush()
         if self.writer is not None:
             for key, value in values.items():

@@ -47,6 +47,11 @@ def gpt2_special_tokens(config) -> dict:
     return {"bos_token_id": eos, "eos_token_id": eos} if config.vocab_size > eos else {}
 
 
+# Hugging Face `activation_function` names <-> minigpt's `activation`.
+ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+
+
 def check_hf_options(hf: dict, model_type: str, supported: dict[str, tuple]) -> None:
     """Reject Hugging Face config options whose behaviour minigpt does not implement."""
     for key, allowed in supported.items():

@@ -10,7 +10,7 @@ import re
 import torch
 
 from minigpt.config import GPTConfig
-from minigpt.weights.common import check_hf_options, gpt2_special_tokens, take
+from minigpt.weights.common import ACTIVATION_FROM_HF, ACTIVATION_TO_HF, check_hf_options, gpt2_special_tokens, take
 
 MODEL_TYPE = "gpt2"
 
@@ -35,7 +35,7 @@ DROPPED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 def config_from_hf(hf: dict) -> GPTConfig:
     check_hf_options(hf, MODEL_TYPE, {
-        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+        "activation_function": tuple(ACTIVATION_FROM_HF),
         "scale_attn_weights": (True,),
         "scale_attn_by_inverse_layer_idx": (False,),
         "reorder_and_upcast_attn": (False,),
@@ -49,6 +49,7 @@ def config_from_hf(hf: dict) -> GPTConfig:
         n_embd=hf["n_embd"],
         n_inner=hf.get("n_inner"),
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation=ACTIVATION_FROM_HF[hf.get("activation_function", "gelu_new")],
     )
 
 
@@ -75,7 +76,7 @@ def config_to_hf(config: GPTConfig) -> dict:
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_inner": config.n_inner,
-        "activation_function": "gelu_new",
+        "activation_function": ACTIVATION_TO_HF[config.activation],
         "layer_norm_epsilon": config.layer_norm_eps,
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,

@@ -13,7 +13,7 @@ import re
 import torch
 
 from minigpt.config import GPTConfig
-from minigpt.weights.common import check_hf_options, gpt2_special_tokens, take
+from minigpt.weights.common import ACTIVATION_FROM_HF, ACTIVATION_TO_HF, check_hf_options, gpt2_special_tokens, take
 
 MODEL_TYPE = "gpt_neo"
 _KIND = {"global": "dense", "local": "banded"}
@@ -57,7 +57,7 @@ def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
 
 def config_from_hf(hf: dict) -> GPTConfig:
     check_hf_options(hf, MODEL_TYPE, {
-        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+        "activation_function": tuple(ACTIVATION_FROM_HF),
         "tie_word_embeddings": (True,),
     })
     return GPTConfig(
@@ -68,6 +68,7 @@ def config_from_hf(hf: dict) -> GPTConfig:
         n_embd=hf["hidden_size"],
         n_inner=hf.get("intermediate_size"),
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation=ACTIVATION_FROM_HF[hf.get("activation_function", "gelu_new")],
         attention_pattern=_shortest_period(_layer_kinds(hf)),
         attention_window=hf.get("window_size", 256),
         attention_scale=1.0,
@@ -98,7 +99,7 @@ def config_to_hf(config: GPTConfig) -> dict:
         "intermediate_size": config.n_inner,
         "window_size": config.attention_window,
         "attention_types": [[kinds, config.n_layer // len(kinds)]],
-        "activation_function": "gelu_new",
+        "activation_function": ACTIVATION_TO_HF[config.activation],
         "layer_norm_epsilon": config.layer_norm_eps,
         "embed_dropout": config.dropout,
         "attention_dropout": config.dropout,
