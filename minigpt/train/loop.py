@@ -32,11 +32,13 @@ from torch import nn
 from minigpt.ops import BACKENDS
 from minigpt.train import checkpoint as ckpt
 from minigpt.train import distributed as dist_
+from minigpt.train.muon import MuonWithAdamW
 from minigpt.train.observe import MetricsLog, model_flops_per_token, peak_flops
 
 logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,11 @@ class TrainConfig:
     """Updates of linear warm-up from lr / warmup_steps to lr."""
     lr_decay_steps: int | None = None
     """Update at which the cosine decay reaches min_lr; None means max_steps."""
+    optimizer: str = "adamw"
+    """'adamw', or 'muon': Muon for the weight matrices inside the transformer blocks and
+    AdamW for the rest, one lr and schedule for both (minigpt.train.muon)."""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay on matrices (not biases, norms or embeddings)."""
+    """Decoupled weight decay on matrices (not biases, norms or embeddings)."""
     decay_embeddings: bool = False
     """Apply weight decay to embedding tables too."""
     beta1: float = 0.9
@@ -128,6 +133,10 @@ class TrainConfig:
             need(isinstance(self.lr_decay_steps, int) and self.lr_decay_steps >= self.warmup_steps,
                  "lr_decay_steps", f"must be an integer >= warmup_steps={self.warmup_steps}, or None (max_steps)")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
+        need(not (self.optimizer == "muon" and self.parallel == "fsdp"), "optimizer",
+             "cannot be used with parallel='fsdp': Muon orthogonalizes whole matrices and FSDP shards them; "
+             "use parallel='ddp' or optimizer='adamw'")
         need(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
         need(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
@@ -230,25 +239,35 @@ def language_model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
     return model(batch["idx"], batch["targets"]).loss
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the parameters that require grad; weight decay on matrices only.
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer over the parameters that require grad; weight decay on matrices only.
 
     Biases and norm gains (dim < 2) never decay; embedding tables decay only with
     `decay_embeddings` (a tied LM head is the token embedding, so it follows that rule).
+    With optimizer='muon', the matrices inside the transformer blocks (parameter names
+    under 'blocks.') get Muon updates and everything else AdamW's.
     """
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
+    hidden, decay, no_decay, seen = [], [], [], set()
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        matrix = p.dim() >= 2 and (config.decay_embeddings or id(p) not in embeddings)
-        (decay if matrix else no_decay).append(p)
-    if not decay and not no_decay:
+        matrix = p.dim() == 2 and id(p) not in embeddings
+        if config.optimizer == "muon" and matrix and (name.startswith("blocks.") or ".blocks." in name):
+            hidden.append(p)
+        elif p.dim() >= 2 and (config.decay_embeddings or id(p) not in embeddings):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    if not (hidden or decay or no_decay):
         raise ValueError("the model has no parameters with requires_grad=True; nothing to train")
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused)
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "muon":
+        muon = [{"params": hidden, "weight_decay": config.weight_decay, "muon": True}]
+        return MuonWithAdamW(muon + groups, lr=config.lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, fused=device.type == "cuda")
 
 
 def _amp(device: torch.device, dtype: str) -> tuple[torch.dtype, bool]:

@@ -134,6 +134,20 @@ DEFAULT_TRAIN: dict[str, Any] = dict(
     checkpoint_interval=1000,
 )
 
+# nanoGPT's documented CPU run of shakespeare_char (its README: config/train_shakespeare_char.py
+# with --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
+# --lr_decay_iters=2000 --dropout=0.0 --eval_iters=20), restated as a minigpt recipe so the
+# main job can be compared with it on the same machine (benchmarks/cpu.py --cases main).
+NANOGPT_CPU: dict[str, dict[str, Any]] = {
+    "model": {"vocab_size": 65, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128,
+              "dropout": 0.0, "bias": False, "qkv_bias": False, "activation": "gelu"},
+    "train": dict(out_dir="runs/nanogpt-cpu", max_steps=2000, batch_size=12, lr=1e-3, min_lr=1e-4,
+                  warmup_steps=100, weight_decay=0.1, decay_embeddings=True, beta2=0.99, grad_clip=1.0,
+                  eval_interval=250, eval_steps=20, log_interval=10, checkpoint_interval=0, device="cpu"),
+    "data": {"tokenizer": "char"},
+    "sample": {"tokens": 500, "prompt": "\n"},
+}
+
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": {"preset": "tiny"},
@@ -141,6 +155,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"tokenizer": "char"},
         "sample": {"tokens": 500, "prompt": "\n"},
     },
+    "nanogpt-cpu": NANOGPT_CPU,
 }
 
 SECTIONS = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "sample": SampleConfig}

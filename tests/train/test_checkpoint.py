@@ -21,10 +21,12 @@ def _run(out_dir, data, resume=False, model_config=None, **overrides):
     return model, result
 
 
-def test_resumed_run_equals_uninterrupted_run_exactly(tmp_path, shakespeare_chars):
-    whole, expected = _run(tmp_path / "a", shakespeare_chars, max_steps=8, lr_decay_steps=8)
-    _run(tmp_path / "b", shakespeare_chars, max_steps=4, lr_decay_steps=8)  # "interrupted" after 4 updates
-    resumed, result = _run(tmp_path / "b", shakespeare_chars, resume=True, max_steps=8, lr_decay_steps=8)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_run_equals_uninterrupted_run_exactly(tmp_path, shakespeare_chars, optimizer):
+    whole, expected = _run(tmp_path / "a", shakespeare_chars, max_steps=8, lr_decay_steps=8, optimizer=optimizer)
+    _run(tmp_path / "b", shakespeare_chars, max_steps=4, lr_decay_steps=8, optimizer=optimizer)  # "interrupted"
+    resumed, result = _run(tmp_path / "b", shakespeare_chars, resume=True, max_steps=8, lr_decay_steps=8,
+                           optimizer=optimizer)
     assert result.train_losses == expected.train_losses  # bit for bit, every step
     resumed_evals = {e["step"]: e["val_loss"] for e in result.evals}  # plus the one that ended the first part
     assert all(resumed_evals[e["step"]] == e["val_loss"] for e in expected.evals)

@@ -1,0 +1,105 @@
+"""Muon with AdamW: the Newton-Schulz orthogonalization against an SVD in float64, the
+Muon update against a float64 restatement of its rule, the AdamW part against torch's
+AdamW, and the split of a GPT's parameters between the two."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minigpt import GPT
+from minigpt.train import TrainConfig, build_optimizer
+from minigpt.train.muon import MuonWithAdamW, orthogonalize
+from tests.train.common import tiny_gpt_config
+
+
+@settings(deadline=None, max_examples=25)
+@given(rows=st.integers(1, 48), cols=st.integers(1, 48), seed=st.integers(0, 2**16))
+def test_orthogonalize_keeps_singular_vectors_and_pulls_singular_values_towards_one(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    out = orthogonalize(matrix.float()).double()
+    assert out.shape == matrix.shape and out.dtype == torch.float64
+    # In the singular basis of the input the output is diagonal: same singular vectors ...
+    core = u.T @ out @ vh.T
+    diagonal = torch.diagonal(core)
+    off = core - torch.diag(diagonal)
+    assert off.abs().max() < 1e-4
+    # ... and singular values in the band the quintic iteration is designed for, for every
+    # direction that is not negligible against the largest one.
+    significant = s > 1e-2 * s[0]
+    assert ((diagonal[significant] > 0.5) & (diagonal[significant] < 1.3)).all(), diagonal
+
+
+def _reference_muon(weight, grads, lr, momentum, weight_decay):
+    """Muon restated in float64: Nesterov momentum, Newton-Schulz, RMS-matched step."""
+    w, buffer = weight.double().clone(), torch.zeros_like(weight, dtype=torch.float64)
+    for grad in grads:
+        grad = grad.double()
+        w *= 1 - lr * weight_decay
+        buffer = momentum * buffer + grad
+        x = grad + momentum * buffer
+        x = x.T if x.shape[0] > x.shape[1] else x
+        x = x / x.norm()
+        for _ in range(5):
+            a = x @ x.T
+            x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+        x = x.T if weight.shape[0] > weight.shape[1] else x
+        w -= lr * 0.2 * math.sqrt(max(weight.shape)) * x
+    return w
+
+
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24), (16, 16)])
+def test_muon_update_matches_a_float64_restatement(shape):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(shape))
+    grads = [torch.randn(shape) for _ in range(4)]
+    expected = _reference_muon(weight.detach(), grads, lr=0.01, momentum=0.95, weight_decay=0.1)
+    optimizer = MuonWithAdamW([{"params": [weight], "muon": True, "weight_decay": 0.1}], lr=0.01)
+    for grad in grads:
+        weight.grad = grad.clone()
+        optimizer.step()
+    torch.testing.assert_close(weight.detach().double(), expected, rtol=0, atol=1e-5)  # float32 iteration
+
+
+def test_adamw_groups_match_torch_adamw():
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    groups = lambda ps: [{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0}]
+    mine = MuonWithAdamW(groups(ours), lr=3e-3, betas=(0.9, 0.99))
+    reference = torch.optim.AdamW(groups(theirs), lr=3e-3, betas=(0.9, 0.99))
+    for _ in range(5):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        mine.step()
+        reference.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_muon_refuses_vectors_naming_the_shape():
+    with pytest.raises(ValueError, match=r"shape \(7,\).*muon=False"):
+        MuonWithAdamW([{"params": [torch.nn.Parameter(torch.zeros(7))], "muon": True}], lr=1e-3)
+
+
+def test_muon_takes_block_matrices_and_adamw_the_rest(tmp_path):
+    model = GPT(tiny_gpt_config())
+    config = TrainConfig(out_dir=str(tmp_path), max_steps=1, batch_size=1, optimizer="muon")
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in optimizer.param_groups if g["muon"] for p in g["params"]}
+    adamw = {names[id(p)] for g in optimizer.param_groups if not g["muon"] for p in g["params"]}
+    assert muon == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert "tok_emb.weight" in adamw and "pos_emb.weight" in adamw and "blocks.0.ln_1.weight" in adamw
+    assert not muon & adamw
+
+
+def test_muon_with_fsdp_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="optimizer='muon' cannot be used with parallel='fsdp'"):
+        TrainConfig(out_dir=str(tmp_path), max_steps=1, batch_size=1, optimizer="muon", parallel="fsdp")
