@@ -6,6 +6,9 @@ Cases (issue 9):
   gen-124m   the same on the GPT-2 124M shape
   gen-batch  four prompts of different lengths (32, 20, 9, 27), left-padded
   train      forward + backward + AdamW, batch 8 x 128 tokens, 6/6/384 shape
+  main       the README's main job (`minigpt train`, recipe 'tiny') against nanoGPT's
+             documented CPU recipe run by the same trainer (recipe 'nanogpt-cpu'): wall
+             time of the whole command, peak memory, final validation loss
 
 Random weights are saved once by `transformers` and loaded by both libraries. Each
 measurement runs in a fresh child process so that its peak resident memory is its own;
@@ -33,6 +36,8 @@ SHAPES = {"small": dict(n_layer=6, n_head=6, n_embd=384), "124m": dict(n_layer=1
 PROMPT_LEN, NEW_TOKENS = 32, 128
 BATCH_LENGTHS = (32, 20, 9, 27)
 TRAIN_BATCH, TRAIN_T = 8, 128
+MAIN_RECIPES = ("tiny", "nanogpt-cpu")
+SHAKESPEARE = os.environ.get("MINIGPT_SHAKESPEARE", "../shared/data/tinyshakespeare/input.txt")
 
 
 def save_random_gpt2(shape: str, folder: Path) -> None:
@@ -132,6 +137,19 @@ def _child(case: str, library: str, folder: str, repeats: int, threads: int) -> 
     return result
 
 
+def _main_job(recipe: str, data: str, threads: int) -> dict:
+    """One whole `minigpt train` run, as a user types it (plus a scratch run folder)."""
+    from minigpt.cli import main as cli
+
+    with tempfile.TemporaryDirectory() as out:
+        cli(["train", "--preset", recipe, "--data", data, "--out-dir", out, f"--train.cpu_threads={threads}",
+             "--train.progress=false"])
+        records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    evals = [(r["step"], r["wall_s"], r["val_loss"]) for r in records if r["kind"] == "eval"]
+    return {"library": "minigpt", "case": "main", "recipe": recipe, "evals": evals, "final_val_loss": evals[-1][2],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def _run_child(*args: str) -> str:
     """Run this script in a fresh interpreter (its own memory peak, no threads shared with us)."""
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
@@ -143,6 +161,29 @@ def _run_child(*args: str) -> str:
 
 def measure(case: str, library: str, folder: Path, repeats: int, threads: int) -> dict:
     return json.loads(_run_child("--child", case, library, str(folder), str(repeats), str(threads)))
+
+
+def _compare_main_jobs(data: str, threads: int) -> dict:
+    """Each recipe once, in its own interpreter; wall time includes start-up and data preparation."""
+    runs = {}
+    for recipe in MAIN_RECIPES:
+        start = time.perf_counter()
+        result = json.loads(_run_child("--main-job", recipe, data, str(threads)))
+        result["wall_s"] = time.perf_counter() - start
+        runs[recipe] = result
+    ours, theirs = runs["tiny"], runs["nanogpt-cpu"]
+    return {
+        "case": "main",
+        "shape": "tiny vs nanogpt-cpu recipe",
+        "minigpt_wall_s": round(ours["wall_s"], 1),
+        "nanogpt_recipe_wall_s": round(theirs["wall_s"], 1),
+        "minigpt_val_loss": round(ours["final_val_loss"], 4),
+        "nanogpt_recipe_val_loss": round(theirs["final_val_loss"], 4),
+        "minigpt_peak_rss_mb": round(ours["peak_rss_mb"]),
+        "nanogpt_recipe_peak_rss_mb": round(theirs["peak_rss_mb"]),
+        "minigpt_evals": ours["evals"],
+        "nanogpt_recipe_evals": theirs["evals"],
+    }
 
 
 def _commit() -> str:
@@ -157,6 +198,9 @@ def main() -> None:
         case, library, folder, repeats, threads = sys.argv[2:7]
         print(json.dumps(_child(case, library, folder, int(repeats), int(threads))))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--main-job":
+        print(json.dumps(_main_job(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--save":
         save_random_gpt2(sys.argv[2], Path(sys.argv[3]))
         return
@@ -165,13 +209,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in each run")
-    parser.add_argument("--cases", default="gen,gen-124m,gen-batch,train")
+    parser.add_argument("--cases", default="gen,gen-124m,gen-batch,train,main")
+    parser.add_argument("--data", default=SHAKESPEARE, help="tiny Shakespeare input.txt for the main job")
     args = parser.parse_args()
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}
         for case in args.cases.split(","):
+            if case == "main":
+                rows.append(_compare_main_jobs(args.data, args.threads))
+                print(json.dumps(rows[-1]))
+                continue
             shape = "124m" if case == "gen-124m" else "small"
             if shape not in folders:
                 folders[shape] = Path(tmp) / shape
@@ -217,10 +266,25 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        if r["case"] == "main":
+            continue
         same = (f"identical: {r['identical_tokens']}" if "identical_tokens" in r
                 else f"first loss {r['first_loss_minigpt']:.5f} vs {r['first_loss_transformers']:.5f}")
         lines.append(f"| {r['case']} | {r['shape']} | {r['minigpt_tokens_per_s']} | {r['transformers_tokens_per_s']} | "
                      f"{r['speedup']}x | {r['minigpt_peak_rss_mb']} / {r['transformers_peak_rss_mb']} | {same} |")
+    for r in rows:
+        if r["case"] == "main":
+            lines += [
+                "",
+                "Main job (`minigpt train`, the whole command in a fresh interpreter: start-up, data "
+                "preparation, training, evaluations, checkpoint and the final 500-character sample):",
+                "",
+                "| recipe | wall s | final val loss | peak RSS MB |",
+                "| --- | --- | --- | --- |",
+                f"| tiny (minigpt's main job) | {r['minigpt_wall_s']} | {r['minigpt_val_loss']} | {r['minigpt_peak_rss_mb']} |",
+                f"| nanogpt-cpu (nanoGPT's CPU recipe, same trainer) | {r['nanogpt_recipe_wall_s']} | "
+                f"{r['nanogpt_recipe_val_loss']} | {r['nanogpt_recipe_peak_rss_mb']} |",
+            ]
     (args.out / "cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

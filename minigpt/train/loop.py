@@ -239,7 +239,7 @@ def language_model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
     return model(batch["idx"], batch["targets"]).loss
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer | MuonWithAdamW:
     """The optimizer over the parameters that require grad; weight decay on matrices only.
 
     Biases and norm gains (dim < 2) never decay; embedding tables decay only with

@@ -43,18 +43,23 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     return (x.T if tall else x).to(matrix.dtype)
 
 
-class MuonWithAdamW(torch.optim.Optimizer):
+class MuonWithAdamW:
     """One optimizer: groups with ``muon=True`` get Muon updates, the others AdamW.
 
     Every group has lr, weight_decay (decoupled, as in AdamW) and muon; Muon groups also
-    momentum and nesterov, AdamW groups betas and eps.
+    momentum and nesterov, AdamW groups betas and eps. It has the interface the training
+    loop and `torch.amp.GradScaler` use (param_groups, step, zero_grad, state_dict,
+    load_state_dict) but is deliberately not a `torch.optim.Optimizer`: that class imports
+    torch._dynamo on construction, about 150 MB of resident memory, which on the main job
+    would be a third of the process.
     """
 
     def __init__(self, groups: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=0.0, muon=False)
-        super().__init__(list(groups), defaults)
+        self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
+        self.state: dict[torch.Tensor, dict] = {}
         for group in self.param_groups:
             if group["muon"]:
                 for p in group["params"]:
@@ -62,12 +67,43 @@ class MuonWithAdamW(torch.optim.Optimizer):
                         raise ValueError(f"Muon takes weight matrices only; got a parameter of shape "
                                          f"{tuple(p.shape)} (put it in a group with muon=False)")
 
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self._params():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def state_dict(self) -> dict:
+        """torch.optim's layout: per-parameter state by position, groups without tensors."""
+        index = {id(p): i for i, p in enumerate(self._params())}
+        groups, start = [], 0
+        for group in self.param_groups:
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": list(range(start, start + len(group["params"])))})
+            start += len(group["params"])
+        state = {index[id(p)]: dict(values) for p, values in self.state.items()}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = [len(g["params"]) for g in state_dict["param_groups"]]
+        ours = [len(g["params"]) for g in self.param_groups]
+        if saved != ours:
+            raise ValueError(f"optimizer state has groups of {saved} parameters, this optimizer {ours}; "
+                             f"was it saved with the same model and optimizer setting?")
+        params = self._params()
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+        self.state = {}
+        for i, values in state_dict["state"].items():
+            p = params[int(i)]
+            self.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in values.items()}
+
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -77,10 +113,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
                     self._muon(p, group)
                 else:
                     self._adamw(p, group)
-        return loss
 
     def _muon(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
+        state = self.state.setdefault(p, {})
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         buffer = state["momentum_buffer"]
@@ -90,7 +125,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
 
     def _adamw(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
+        state = self.state.setdefault(p, {})
         if "step" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p)
