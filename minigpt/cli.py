@@ -194,13 +194,15 @@ def add_train_parser(sub) -> None:
 def _plot(args: argparse.Namespace) -> None:
     from minigpt.plot import plot_run
 
-    print(plot_run(args.run_dir, args.out))
+    print(plot_run(args.run_dir, args.out, x=args.x))
 
 
 def add_plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="draw a run's train/validation loss curves to a PNG")
     p.add_argument("run_dir", help="run folder holding metrics.jsonl")
     p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    p.add_argument("--x", choices=("step", "time"), default="step",
+                   help="horizontal axis: update number, or wall-clock seconds of training")
     p.set_defaults(func=_plot)
 
 

@@ -78,6 +78,17 @@ def test_cli_prepares_trains_samples_resumes_and_plots(tmp_path, capsys):
     main(["plot", str(run)])
     png = run / "loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main(["plot", str(run), "--x", "time", "--out", str(run / "time.png")])  # across the resume's restarted clock
+    assert (run / "time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_axis_continues_across_a_resume():
+    from minigpt.plot import _elapsed
+
+    records = [{"wall_s": 1.0}, {"wall_s": 3.0}, {"wall_s": 0.5}, {"wall_s": 2.0}]
+    assert _elapsed(records) == [1.0, 3.0, 3.5, 5.0]
+    with pytest.raises(ValueError, match="no 'wall_s'.*plot by step"):
+        _elapsed([{"step": 1}])
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
