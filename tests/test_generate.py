@@ -36,6 +36,31 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time():
     assert batched == [model.generate([p], 15, temperature=0)[0] for p in prompts]
 
 
+def _greedy_by_full_forward(model, prompt, new):
+    """Greedy decoding the slow way: the whole sequence through `forward` every step."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(new):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_decoding_head_copy_follows_every_change_of_the_weights():
+    model = model_for(block=64)
+    prompt = [3, 1, 4, 1, 5]
+    first = model.generate(prompt, 12, temperature=0)[0]
+    assert first == _greedy_by_full_forward(model, prompt, 12)
+    assert model.generate(prompt, 12, temperature=0)[0] == first  # the kept copy gives the same tokens
+    with torch.no_grad():  # in place, as an optimizer step does (the head is tied to tok_emb)
+        model.lm_head.weight.mul_(-1.5)
+    changed = model.generate(prompt, 12, temperature=0)[0]
+    assert changed == _greedy_by_full_forward(model, prompt, 12) and changed != first
+    model.load_state_dict(model_for(block=64).state_dict())  # copied in: back to the first weights
+    assert model.generate(prompt, 12, temperature=0)[0] == first
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * -1.5)  # a new (untied) tensor
+    assert model.generate(prompt, 12, temperature=0)[0] == _greedy_by_full_forward(model, prompt, 12)
+
+
 def test_sampling_is_reproducible_for_a_seed():
     model = model_for()
     a = model.generate([[1, 2]], 20, temperature=1.0, seed=7)
