@@ -12,7 +12,9 @@ Cases (issue 9):
 
 Random weights are saved once by `transformers` and loaded by both libraries. Each
 measurement runs in a fresh child process so that its peak resident memory is its own;
-times are medians over --repeats runs after a warm-up. Writes JSON and a markdown table.
+times are medians over --repeats runs after a warm-up, and the two libraries alternate
+for --rounds rounds so that drift in the machine's speed hits both. Writes JSON and a
+markdown table.
 Never asserts: it reports, including whether the outputs matched.
 
     python benchmarks/cpu.py --out benchmarks/results
@@ -207,7 +209,8 @@ def main() -> None:
     # This parent never imports torch: every measurement runs in its own interpreter.
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per process (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per library, alternating")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in each run")
     parser.add_argument("--cases", default="gen,gen-124m,gen-batch,train,main")
     parser.add_argument("--data", default=SHAKESPEARE, help="tiny Shakespeare input.txt for the main job")
@@ -225,14 +228,20 @@ def main() -> None:
             if shape not in folders:
                 folders[shape] = Path(tmp) / shape
                 _run_child("--save", shape, str(folders[shape]))
-            pair = {lib: measure(case, lib, folders[shape], args.repeats, args.threads) for lib in ("minigpt", "transformers")}
-            mini, hf = pair["minigpt"], pair["transformers"]
+            # Alternate the two libraries round by round: the speed of a shared VM drifts by
+            # tens of percent over minutes, and a ratio of back-to-back runs cancels most of it.
+            rounds = [{lib: measure(case, lib, folders[shape], args.repeats, args.threads)
+                       for lib in ("minigpt", "transformers")} for _ in range(args.rounds)]
+            mini, hf = rounds[0]["minigpt"], rounds[0]["transformers"]
+            speed = {lib: [r[lib]["tokens_per_s"] for r in rounds] for lib in ("minigpt", "transformers")}
+            ratios = [a / b for a, b in zip(speed["minigpt"], speed["transformers"])]
             row = {
                 "case": case,
                 "shape": shape,
-                "minigpt_tokens_per_s": round(mini["tokens_per_s"], 1),
-                "transformers_tokens_per_s": round(hf["tokens_per_s"], 1),
-                "speedup": round(mini["tokens_per_s"] / hf["tokens_per_s"], 2),
+                "minigpt_tokens_per_s": round(statistics.median(speed["minigpt"]), 1),
+                "transformers_tokens_per_s": round(statistics.median(speed["transformers"]), 1),
+                "speedup": round(statistics.median(ratios), 2),
+                "speedup_per_round": [round(r, 2) for r in ratios],
                 "minigpt_peak_rss_mb": round(mini["peak_rss_mb"]),
                 "transformers_peak_rss_mb": round(hf["peak_rss_mb"]),
             }
@@ -240,7 +249,7 @@ def main() -> None:
                 row["first_loss_minigpt"] = mini["first_loss"]
                 row["first_loss_transformers"] = hf["first_loss"]
             else:
-                row["identical_tokens"] = mini["output"] == hf["output"]
+                row["identical_tokens"] = all(r["minigpt"]["output"] == r["transformers"]["output"] for r in rounds)
             rows.append(row)
             print(json.dumps(row))
 
@@ -252,6 +261,7 @@ def main() -> None:
         "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"),
         "repeats": args.repeats,
+        "rounds": args.rounds,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -259,7 +269,9 @@ def main() -> None:
         f"# CPU: minigpt vs transformers ({meta['date']}, commit {meta['commit']})",
         "",
         f"{meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}, {meta['threads']} threads; "
-        f"median of {meta['repeats']} runs. Generation: greedy, KV cache, {NEW_TOKENS} new tokens per prompt. "
+        f"{meta['rounds']} rounds alternating the libraries, each a fresh process timing {meta['repeats']} runs "
+        f"after a warm-up; tokens/s are medians, the speed-up is the median of the rounds' ratios "
+        f"(per round in cpu.json). Generation: greedy, KV cache, {NEW_TOKENS} new tokens per prompt. "
         f"Train: fwd+bwd+AdamW, batch {TRAIN_BATCH}x{TRAIN_T}.",
         "",
         "| case | shape | minigpt tok/s | transformers tok/s | speed-up | peak RSS MB (minigpt / transformers) | outputs |",
