@@ -37,8 +37,8 @@ from minigpt.train.observe import peak_flops  # noqa: E402
 
 # name -> (model config, batch size, sequence length) for CPU and for CUDA.
 SHAPES = {
-    "tiny": (GPTConfig.from_preset("tiny"), {"cpu": (32, 128), "cuda": (64, 128)}),
-    "tiny-dense": (GPTConfig.from_preset("tiny", attention_pattern=("dense",)), {"cpu": (32, 128), "cuda": (64, 128)}),
+    "tiny": (GPTConfig.from_preset("tiny"), {"cpu": (32, 64), "cuda": (64, 64)}),
+    "tiny-dense": (GPTConfig.from_preset("tiny", attention_pattern=("dense",)), {"cpu": (32, 64), "cuda": (64, 64)}),
     "small": (GPTConfig(vocab_size=50257, block_size=1024, n_layer=6, n_head=6, n_embd=384),
               {"cpu": (8, 128), "cuda": (32, 1024)}),
     "gpt2": (GPTConfig.from_preset("gpt2"), {"cpu": (1, 128), "cuda": (16, 1024)}),

@@ -166,7 +166,8 @@ def measure(case: str, library: str, folder: Path, repeats: int, threads: int) -
 
 
 def _compare_main_jobs(data: str, threads: int) -> dict:
-    """Each recipe once, in its own interpreter; wall time includes start-up and data preparation."""
+    """Each recipe once (they take minutes, so they are not alternated over rounds), in its
+    own interpreter; wall time includes start-up and data preparation."""
     runs = {}
     for recipe in MAIN_RECIPES:
         start = time.perf_counter()

@@ -14,6 +14,19 @@ from pathlib import Path
 from typing import Any
 
 LAYER_KINDS = ("dense", "banded")
+
+
+def reject_unknown_keys(cls: type, values: dict[str, Any]) -> None:
+    """ValueError naming the keys of `values` that dataclass `cls` has no field for, and
+    listing the valid ones: every config in minigpt is built from user dicts this way."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{cls.__name__} settings must be a table of key = value pairs; got {values!r}")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are: {', '.join(sorted(valid))}")
+
+
 # MLP non-linearities. GPT-2, GPT-3 and GPT-Neo use GELU's tanh approximation; the exact
 # (erf) GELU is a choice for models trained from scratch, and on CPUs without AVX-512 it
 # is about twice as fast as the tanh form (benchmarks/NOTES.md).
@@ -134,10 +147,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
         """Build from a plain dict; unknown keys are an error that lists the valid ones."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig keys {unknown}; valid keys are: {', '.join(sorted(valid))}")
+        reject_unknown_keys(cls, values)
         values = dict(values)
         if "attention_pattern" in values and isinstance(values["attention_pattern"], list):
             values["attention_pattern"] = tuple(values["attention_pattern"])

@@ -8,6 +8,7 @@ the cache off), so both paths give identical greedy output.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -68,25 +69,40 @@ def _as_rows(prompts: PromptLike) -> list[list[int]]:
     return rows
 
 
+# model -> ((data_ptr, version, dtype), (C, V) copy of its head). Weak, so the copy goes with
+# the model and is never deep-copied or pickled with it; GPT._apply (to, half, cuda) drops it.
+_DECODE_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def head_for_decoding(model) -> torch.Tensor | None:
     """The LM head as a contiguous (C, V) matrix for CPU decoding, or None on other devices.
 
     Every decoding step reads the whole head. On CPU, BLAS runs the matrix-vector product
     more than twice as fast on a (C, V) copy as on nn.Linear's (V, C) layout (GPT-2's head,
     2 threads: 6.1 vs 14.1 ms), but making the copy costs 130-220 ms, as much as 20 tokens.
-    So it is kept on the model and remade only when the weight changes (a new tensor, or an
-    in-place update such as an optimizer step, which bumps its version counter). The copy
-    holds vocab x n_embd floats (77 MB for GPT-2 small) for as long as the model lives.
+    So it is kept while the model lives and remade when the weight changes: a new tensor, an
+    in-place update such as an optimizer step or load_state_dict (they bump the tensor's
+    version counter), or a dtype/device move. Writes through `weight.data` bypass the
+    version counter; call `forget_decoding_head(model)` after those. The copy holds
+    vocab x n_embd values (77 MB for GPT-2 small).
     """
     weight = model.lm_head.weight
     if weight.device.type != "cpu":
         return None
-    key = (weight.data_ptr(), weight._version, weight.dtype)
-    cached = model.__dict__.get("_decode_head")
+    try:
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+    except RuntimeError:  # an inference-mode tensor has no version counter: copy per call
+        return weight.detach().t().contiguous()
+    cached = _DECODE_HEADS.get(model)
     if cached is None or cached[0] != key:
         cached = (key, weight.detach().t().contiguous())
-        model.__dict__["_decode_head"] = cached
+        _DECODE_HEADS[model] = cached
     return cached[1]
+
+
+def forget_decoding_head(model) -> None:
+    """Drop the kept (C, V) head copy of `model`, if any."""
+    _DECODE_HEADS.pop(model, None)
 
 
 def stream_tokens(

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from hypothesis import given
@@ -59,6 +61,13 @@ def test_decoding_head_copy_follows_every_change_of_the_weights():
     assert model.generate(prompt, 12, temperature=0)[0] == first
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * -1.5)  # a new (untied) tensor
     assert model.generate(prompt, 12, temperature=0)[0] == _greedy_by_full_forward(model, prompt, 12)
+    model.to(torch.bfloat16).to(torch.float32)  # may land on the same storage, same version
+    assert model.generate(prompt, 12, temperature=0)[0] == _greedy_by_full_forward(model, prompt, 12)
+    copied = copy.deepcopy(model)  # the kept copy is not part of the model's state
+    assert copied.generate(prompt, 12, temperature=0)[0] == _greedy_by_full_forward(model, prompt, 12)
+    with torch.inference_mode():  # tensors without a version counter: no kept copy, same tokens
+        frozen = model_for(block=64)
+    assert frozen.generate(prompt, 12, temperature=0)[0] == first
 
 
 def test_sampling_is_reproducible_for_a_seed():

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from minigpt.config import reject_unknown_keys
 from minigpt.finetune.classifier import ClassificationLoss, GPTClassifier, balanced_class_weights
 from minigpt.finetune.data import (
     LabelMap, ShuffledBatches, collate_classification, collate_completion, encode_classification,
@@ -112,10 +113,7 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "FinetuneConfig":
         """Build from a plain dict; unknown keys are an error that lists the valid ones."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown FinetuneConfig keys {unknown}; valid keys are: {', '.join(sorted(valid))}")
+        reject_unknown_keys(cls, values)
         return cls(**values)
 
 

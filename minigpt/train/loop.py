@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from minigpt.config import reject_unknown_keys
 from minigpt.ops import BACKENDS
 from minigpt.train import checkpoint as ckpt
 from minigpt.train import distributed as dist_
@@ -162,10 +163,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build from a plain dict; unknown keys are an error that lists the valid ones."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys are: {', '.join(sorted(valid))}")
+        reject_unknown_keys(cls, values)
         return cls(**values)
 
 
@@ -245,7 +243,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
     Biases and norm gains (dim < 2) never decay; embedding tables decay only with
     `decay_embeddings` (a tied LM head is the token embedding, so it follows that rule).
     With optimizer='muon', the matrices inside the transformer blocks (parameter names
-    under 'blocks.') get Muon updates and everything else AdamW's.
+    under 'blocks.', LoRA adapters excepted) get Muon updates and everything else AdamW's.
     """
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     hidden, decay, no_decay, seen = [], [], [], set()
@@ -254,7 +252,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
             continue
         seen.add(id(p))
         matrix = p.dim() == 2 and id(p) not in embeddings
-        if config.optimizer == "muon" and matrix and (name.startswith("blocks.") or ".blocks." in name):
+        in_block = name.startswith("blocks.") or ".blocks." in name
+        if config.optimizer == "muon" and matrix and in_block and "lora_" not in name:  # adapters: AdamW
             hidden.append(p)
         elif p.dim() >= 2 and (config.decay_embeddings or id(p) not in embeddings):
             decay.append(p)
@@ -317,13 +316,26 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _is_new_model_field_default(key: str, value) -> bool:
+    """Whether `key` ('model.<field>') is a GPTConfig field whose value is its default: a
+    checkpoint written before the field existed behaved that way."""
+    from minigpt.config import GPTConfig
+
+    field = {f.name: f for f in dataclasses.fields(GPTConfig)}.get(key.removeprefix("model."))
+    return field is not None and field.default is not dataclasses.MISSING and value == field.default
+
+
 def _check_same_run(folder: Path, info: dict, config: TrainConfig, run_metadata: dict | None) -> None:
     """Resuming: the checkpoint's config must agree with this run's (RESUMABLE_FIELDS aside)."""
-    saved = {k: v for k, v in info["train_config"].items() if k not in RESUMABLE_FIELDS}
+    # A field added to TrainConfig after the checkpoint was written had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    saved = {k: v for k, v in {**defaults, **info["train_config"]}.items() if k not in RESUMABLE_FIELDS}
     now = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS}
     diffs = [f"train.{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     old, new = _flat(info.get("run_metadata") or {}), _flat(json.loads(json.dumps(run_metadata or {})))
+    old = {**{k: v for k, v in new.items() if k.startswith("model.") and k not in old
+              and _is_new_model_field_default(k, v)}, **old}
     diffs += [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diffs:

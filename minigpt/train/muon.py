@@ -103,14 +103,20 @@ class MuonWithAdamW:
         self.state = {}
         for i, values in state_dict["state"].items():
             p = params[int(i)]
-            self.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in values.items()}
+            for name, value in values.items():
+                if torch.is_tensor(value) and value.shape != p.shape:
+                    raise ValueError(f"optimizer state {name!r} of parameter {i} has shape {tuple(value.shape)}, "
+                                     f"the parameter {tuple(p.shape)}; the state belongs to another model")
+            self.state[p] = {k: v.to(p.device, p.dtype, copy=True) if torch.is_tensor(v) else v
+                             for k, v in values.items()}
 
     @torch.no_grad()
     def step(self) -> None:
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            if group["weight_decay"]:
+                for p in params:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
             if group["muon"]:
                 self._muon(params, group)
             else:

@@ -81,6 +81,20 @@ def test_resuming_with_a_different_config_says_what_differs(tmp_path, shakespear
         _run(tmp_path, shakespeare_chars, resume=True, max_steps=6, model_config=tiny_gpt_config(n_embd=64))
 
 
+def test_checkpoints_from_before_a_new_config_field_still_resume(tmp_path, shakespeare_chars):
+    import json
+
+    _run(tmp_path, shakespeare_chars, max_steps=3)
+    for info_file in (tmp_path / "checkpoints").glob("step_*/trainer.json"):
+        info = json.loads(info_file.read_text())
+        del info["train_config"]["optimizer"]  # as written before these fields existed
+        del info["run_metadata"]["model"]["activation"]
+        info_file.write_text(json.dumps(info))
+    _run(tmp_path, shakespeare_chars, resume=True, max_steps=6)  # defaults: the same run
+    with pytest.raises(ValueError, match=r"train\.optimizer: checkpoint 'adamw', now 'muon'"):
+        _run(tmp_path, shakespeare_chars, resume=True, max_steps=9, optimizer="muon")
+
+
 def test_state_dict_mismatch_lists_names_and_shapes(tmp_path):
     model = GPT(tiny_gpt_config())
     state = model.state_dict()

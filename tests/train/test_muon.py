@@ -117,6 +117,24 @@ def test_muon_does_not_import_torch_dynamo():
     assert out.strip() == "False"
 
 
+def test_grad_scaler_unscales_before_the_update():
+    """The loop's fp16 path: GradScaler.unscale_/step/update on this optimizer (CPU here)."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(6, 4)) for _ in range(2)]
+    plain = MuonWithAdamW([{"params": [weights[0]], "muon": True}], lr=1e-2)
+    scaled = MuonWithAdamW([{"params": [weights[1]], "muon": True}], lr=1e-2)
+    weights[1].data.copy_(weights[0].data)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(3, 6)
+    (x @ weights[0]).square().sum().backward()
+    scaler.scale((x @ weights[1]).square().sum()).backward()
+    plain.step()
+    scaler.unscale_(scaled)
+    scaler.step(scaled)
+    scaler.update()
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=1e-6)
+
+
 def test_muon_refuses_vectors_naming_the_shape():
     with pytest.raises(ValueError, match=r"shape \(7,\).*muon=False"):
         MuonWithAdamW([{"params": [torch.nn.Parameter(torch.zeros(7))], "muon": True}], lr=1e-3)
