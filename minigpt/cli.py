@@ -1,9 +1,11 @@
-"""The ``minigpt`` command. Each subcommand parses its arguments and calls one library function."""
+"""The `minigpt` command. Each subcommand parses its arguments and calls one library function."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from minigpt.ops import BACKENDS
 
@@ -34,7 +36,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a model folder, streaming tokens as they come")
-    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
@@ -47,6 +49,7 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="sdpa")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
+    _add_threads(p)
     p.set_defaults(func=_sample)
 
 
@@ -85,12 +88,13 @@ def add_logit_lens_parser(sub) -> None:
         description="Read each layer's residual stream through the final LayerNorm and the LM head and print "
         "the top-k next tokens per layer; the last row is the model's own prediction.",
     )
-    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--position", type=int, default=-1, help="token position to read (default: the last)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    _add_threads(p)
     p.set_defaults(func=_logit_lens)
 
 
@@ -125,7 +129,7 @@ def add_attention_map_parser(sub) -> None:
         "banded with its window); needs no weights.",
     )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    what.add_argument("--model", help=MODEL_HELP)
     what.add_argument("--pattern", metavar="PRESET|CONFIG_JSON|MODEL_DIR", help="draw the masks of this config")
     p.add_argument("--prompt", help="text whose attention to draw (with --model)")
     p.add_argument("--layers", type=_index_list, default=None, help="e.g. 0,1 (default: all)")
@@ -168,7 +172,13 @@ def _train(args: argparse.Namespace) -> None:
         overrides.append(f"data.path={args.data}")
     if args.out_dir is not None:
         overrides.append(f"train.out_dir={args.out_dir}")
-    result = pretrain(load_config(args.preset, args.config, overrides), resume=args.resume)
+    config = load_config(args.preset, args.config, overrides)
+    if args.show_config:
+        import json
+
+        print(json.dumps(config.to_dict(), indent=2))
+        return
+    result = pretrain(config, resume=args.resume)
     if result.sample is not None:
         print(f"--- sample from {result.train.last_checkpoint} ---")
         print(result.sample)
@@ -179,15 +189,18 @@ def add_train_parser(sub) -> None:
         "train", allow_abbrev=False, help="pretrain a model (torchrun --nproc_per_node=N -m minigpt train ... for DDP)",
         description="Pretrain from a recipe (--preset), a TOML/JSON file (--config) and overrides "
                     "--section.key=value or --key=value (sections: model, train, data, sample).",
+        epilog=_train_epilog(),
     )
-    p.add_argument("--preset", default=None, help="recipe or model preset to start from (default: tiny)")
+    p.add_argument("--preset", default=None, help="recipe or model preset to start from (None: tiny)")
     p.add_argument("--config", default=None, help="TOML or JSON file with sections model/train/data/sample")
     p.add_argument("--data", default=None, help="prepared folder, or text/JSONL to prepare (default: download "
                                                 "tiny Shakespeare)")
     p.add_argument("--out-dir", default=None, help="run folder (train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    p.add_argument("--show-config", action="store_true", help="print the effective config as JSON and exit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an override such as train.lr=1e-3 (repeatable); --train.lr=1e-3 works too")
+    _add_threads(p)
     p.set_defaults(func=_train, accepts_overrides=True)
 
 
@@ -230,11 +243,12 @@ def add_finetune_parser(sub) -> None:
         t = actions.add_parser(
             task, help=help_text, allow_abbrev=False,
             description=f"{help_text}. Training settings (TrainConfig fields) are overrides such as "
-                        f"--max_steps=500 --lr=1e-4 --batch_size=16 (or --train.lr=...); the defaults are "
-                        f"minigpt.train.finetune.FINETUNE_TRAIN. The best checkpoint is exported to OUT/model "
-                        f"and evaluated into OUT/eval.")
-        t.add_argument("--init", required=True, help="model folder to start from (Hugging Face GPT-2/GPT-Neo, "
-                                                     "minigpt's), or a minigpt training run folder")
+                        f"--max_steps=500 --lr=1e-4 --batch_size=16 (or --train.lr=...). Their defaults here: "
+                        f"{_finetune_defaults()}. The best checkpoint is exported to OUT/model and evaluated "
+                        f"into OUT/eval.")
+        t.add_argument("--init", required=True, help=f"what to start from: {MODEL_HELP}; or a preset name "
+                                                     f"(e.g. tiny-bpe, gpt2) for a fresh random model, the "
+                                                     f"from-scratch baseline")
         t.add_argument("--train-file", required=True, help="training data")
         t.add_argument("--val-file", default=None, help="validation data (default: hold out --val-fraction)")
         t.add_argument("--val-fraction", type=float, default=0.1)
@@ -254,6 +268,7 @@ def add_finetune_parser(sub) -> None:
         t.add_argument("--lora-dropout", type=float, default=0.0)
         t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="a TrainConfig override such as lr=1e-4 (repeatable); --lr=1e-4 works too")
+        _add_threads(t)
         t.set_defaults(func=_finetune_train, task=task, accepts_overrides=True)
 
 
@@ -303,7 +318,7 @@ def _add_columns(p) -> None:
 
 def add_fewshot_parser(sub) -> None:
     p = sub.add_parser("fewshot", help="classify a labeled file by k-shot prompting, no training (the baseline)")
-    p.add_argument("model", help="language model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("model", help=f"language model: {MODEL_HELP}")
     p.add_argument("--shots", required=True, help="labeled file (CSV/TSV/JSONL) to draw the k examples from")
     p.add_argument("--data", required=True, help="labeled file to evaluate on")
     p.add_argument("--k", type=int, default=4, help="examples in the prompt, balanced over labels")
@@ -318,12 +333,16 @@ def add_fewshot_parser(sub) -> None:
     p.add_argument("--out", default=None, help="folder for metrics.json, report.txt, confusion_matrix.png")
     p.add_argument("--device", default="cpu")
     _add_columns(p)
+    _add_threads(p)
     p.set_defaults(func=_fewshot)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from minigpt.finetune.evaluate import evaluate
 
+    if args.out is not None and (Path(args.out) / "metrics.json").is_file() and not args.overwrite:
+        raise ValueError(f"{args.out} already holds an evaluation (metrics.json); choose another --out, or pass "
+                         f"--overwrite to replace it")
     report = evaluate(args.model, args.data, out_dir=args.out, text_column=args.text_column,
                       label_column=args.label_column, batch_size=args.batch_size,
                       max_generate=args.max_generate, device=args.device)
@@ -332,13 +351,16 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics of a fine-tuned model on a labeled or prompt/completion file")
-    p.add_argument("model", help="fine-tuned model folder")
+    p.add_argument("model", help="fine-tuned model folder, or the fine-tuning run folder (--out) that holds it")
     p.add_argument("data", help="labeled CSV/TSV/JSONL (classifier) or prompt/completion JSONL")
-    p.add_argument("--out", default=None, help="folder for metrics.json, report.txt (and confusion_matrix.png)")
+    p.add_argument("--out", default=None, help="folder for metrics.json, report.txt (and confusion_matrix.png); "
+                                               "default: print only")
+    p.add_argument("--overwrite", action="store_true", help="replace an evaluation already in --out")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-generate", type=int, default=100, help="completion models: prompts to complete for exact match")
     p.add_argument("--device", default="cpu")
     _add_columns(p)
+    _add_threads(p)
     p.set_defaults(func=_evaluate)
 
 
@@ -357,13 +379,14 @@ def _predict(args: argparse.Namespace) -> None:
 
 def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="labels from a fine-tuned classifier (label, probability, text per line)")
-    p.add_argument("model", help="fine-tuned classifier folder")
+    p.add_argument("model", help="fine-tuned classifier folder, or the fine-tuning run folder (--out) that holds it")
     p.add_argument("texts", nargs="*", help="texts to classify")
     p.add_argument("--file", default=None, help=".txt (one text per line) or CSV/TSV/JSONL with --text-column")
     p.add_argument("--text-column", default="text")
     p.add_argument("--json", action="store_true", help="one JSON object per line, with every class's probability")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
+    _add_threads(p)
     p.set_defaults(func=_predict)
 
 
@@ -381,8 +404,70 @@ def _pair_overrides(extra: list[str]) -> list[str]:
     return out
 
 
+MODEL_HELP = ("a model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's), a training run folder (its best "
+              "checkpoint) or a fine-tuning run folder (its exported model)")
+
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help that shows every option's default, and keeps the epilog's line breaks."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help (and every subcommand's) shows the defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _train_epilog() -> str:
+    from minigpt.config import PRESETS
+    from minigpt.train.pretrain import RECIPES
+
+    return ("recipes (--preset): " + ", ".join(RECIPES) + "; or any model preset with GPT-2's training "
+            "recipe: " + ", ".join(PRESETS) + ".\n"
+            "keys: model = GPTConfig fields (minigpt/config.py), train = TrainConfig fields "
+            "(minigpt/train/loop.py), data = DataConfig and sample = SampleConfig fields "
+            "(minigpt/train/pretrain.py), each documented there; an unknown key is an error that lists the "
+            "valid ones. `minigpt train --preset NAME --show-config` prints a recipe in full.")
+
+
+def _finetune_defaults() -> str:
+    from minigpt.train.finetune import FINETUNE_TRAIN, LORA_LR
+
+    values = ", ".join(f"{k}={v}" for k, v in FINETUNE_TRAIN.items())
+    return (f"{values}; with LoRA lr={LORA_LR:g}; classifiers keep the checkpoint with the best val_accuracy, "
+            f"completion models the lowest val_loss")
+
+
+def _resolve_models(args: argparse.Namespace) -> None:
+    """Point every model argument at a model folder (`minigpt.model_dir.resolve_model_dir`):
+    a training run means its best checkpoint, a fine-tuning run its exported model."""
+    from minigpt.model_dir import resolve_model_dir
+
+    if getattr(args, "model", None) is not None:
+        args.model = str(resolve_model_dir(args.model))
+    if args.command == "inspect" and Path(args.source).is_dir():
+        args.source = str(resolve_model_dir(args.source))
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (None: torch's default, one per core); on a busy machine fewer "
+                        "can be faster")
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads for this command; on a busy machine fewer can be faster."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minigpt", description=__doc__)
+    parser = _Parser(prog="minigpt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(sub)
@@ -411,7 +496,17 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(err))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _set_threads(getattr(args, "threads", None))
+        _resolve_models(args)
         args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`minigpt ... | head`): end quietly, as Python's docs recommend
+        # (library/signal.html, "Note on SIGPIPE"): point stdout at devnull so the interpreter's
+        # final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(1) from None
     except (ValueError, OSError, ArithmeticError) as err:  # OSError: files, downloads; ArithmeticError: NaN loss
         raise SystemExit(f"minigpt {args.command}: error: {err}") from None
 

@@ -30,6 +30,14 @@ from minigpt.finetune.metrics import ClassificationReport, classification_report
 log = logging.getLogger(__name__)
 
 
+def _progress(items, total: int, desc: str):
+    """A tqdm bar over `items` on an interactive terminal only (disable=None), so a long
+    evaluation shows progress while pipes, logs and tests stay quiet."""
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="batch", disable=None, leave=False, dynamic_ncols=True)
+
+
 # ------------------------------------------------------------------------ classification
 @torch.no_grad()
 def classify(model: GPTClassifier, examples: Sequence[ClassificationExample], batch_size: int = 64,
@@ -37,7 +45,8 @@ def classify(model: GPTClassifier, examples: Sequence[ClassificationExample], ba
     """(N, num_labels) probabilities for encoded examples, on the model's device."""
     device = next(model.parameters()).device
     out = []
-    for batch in fixed_batches(examples, batch_size, lambda xs: collate_classification(xs, pad_id)):
+    batches = fixed_batches(examples, batch_size, lambda xs: collate_classification(xs, pad_id))
+    for batch in _progress(batches, math.ceil(len(examples) / batch_size), "classify"):
         out.append(predict_proba(model, {k: v.to(device) for k, v in batch.items()}).cpu())
     return torch.cat(out)
 
@@ -88,7 +97,8 @@ def completion_loss(model, tokenizer, pairs: Sequence[PromptCompletion], batch_s
     model.eval()
     total, count = 0.0, 0
     try:
-        for batch in fixed_batches(examples, batch_size, lambda xs: collate_completion(xs, tokenizer.eos_id or 0)):
+        batches = fixed_batches(examples, batch_size, lambda xs: collate_completion(xs, tokenizer.eos_id or 0))
+        for batch in _progress(batches, math.ceil(len(examples) / batch_size), "loss"):
             idx, targets = batch["idx"].to(device), batch["targets"].to(device)
             logits = model(idx).logits  # (B, T, V)
             total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
@@ -113,7 +123,7 @@ def evaluate_completion(model, tokenizer, pairs: Sequence[PromptCompletion], *, 
         return report
     stops = [stop] if stop else []
     hits = 0
-    for i in range(0, len(chosen), batch_size):
+    for i in _progress(range(0, len(chosen), batch_size), math.ceil(len(chosen) / batch_size), "generate"):
         part = chosen[i : i + batch_size]
         budget = max(len(tokenizer.encode(p.completion)) for p in part) + 4
         budget = min(budget, model.config.block_size - max(len(tokenizer.encode(p.prompt)) for p in part))
@@ -204,7 +214,20 @@ def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
                 raise ValueError(f"{path}: no column {text_column!r}; the header has {reader.fieldnames}")
             return [row[text_column] for row in reader]
     if path.suffix.lower() in (".jsonl", ".json"):
-        return [json.loads(line)[text_column] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or text_column not in row:
+                fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise ValueError(f"{path}:{number}: no field {text_column!r} (the row has {fields}); "
+                                 f"name the field with --text-column")
+            texts.append(row[text_column])
+        return texts
     raise ValueError(f"{path}: expected .txt (one text per line), .csv, .tsv or .jsonl")
 
 

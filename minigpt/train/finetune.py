@@ -54,8 +54,9 @@ class FinetuneConfig:
     train_file: str
     """classify: CSV/TSV/JSONL with a text and a label column; completion: prompt/completion JSONL."""
     init: str | None = None
-    """Model folder to start from (Hugging Face GPT-2/GPT-Neo layout or minigpt's); None
-    when the model is passed to `finetune` directly."""
+    """What to start from (see `minigpt.model_dir`): a model folder (Hugging Face GPT-2/GPT-Neo
+    layout or minigpt's), a training or fine-tuning run folder, or a preset name (e.g. tiny-bpe,
+    gpt2) for a fresh random model; None when the model is passed to `finetune` directly."""
     val_file: str | None = None
     """Validation data; None splits val_fraction off the training file (stratified by label)."""
     val_fraction: float = 0.1
@@ -144,15 +145,17 @@ class _Run:
     details: dict = field(default_factory=dict)
 
 
-def _start_model(config: FinetuneConfig, model: GPT | None, tokenizer, backend: str) -> tuple[GPT, object]:
-    from minigpt.tokenizer import Tokenizer, load_tokenizer
+def _start_model(config: FinetuneConfig, model: GPT | None, tokenizer, backend: str, seed: int) -> tuple[GPT, object]:
+    from minigpt.model_dir import start_model
+    from minigpt.tokenizer import Tokenizer
 
     if model is not None:
         return model, tokenizer if tokenizer is not None else Tokenizer()
     if config.init is None:
-        raise ValueError("say where to start: FinetuneConfig.init (--init) names a model folder")
-    folder = _resolve_init(config.init)
-    return GPT.from_pretrained(folder, backend=backend), tokenizer or load_tokenizer(folder)
+        raise ValueError("say where to start: FinetuneConfig.init (--init) names a model or run folder, or a "
+                         "preset for a fresh random model")
+    backbone, saved = start_model(config.init, backend=backend, seed=seed)
+    return backbone, tokenizer or saved
 
 
 def _batches(examples, batch_size: int, collate, seed: int, device: str) -> ShuffledBatches:
@@ -254,7 +257,7 @@ def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_conf
 def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None,
             tokenizer=None) -> tuple[_Run, object]:
     """Build the model, data and hooks of a run without training (for inspection and tests)."""
-    backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend)
+    backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend, train_config.seed)
     torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
     build = _classify_run if config.task == "classify" else _completion_run
     run = build(config, backbone, tokenizer, train_config)
@@ -317,21 +320,6 @@ def train_overrides(items: Iterable[str]) -> dict[str, Any]:
         key = key.replace("-", "_").removeprefix("train.")
         out[key] = parse_value(value) if sep else True
     return out
-
-
-def _resolve_init(path: str | Path) -> Path:
-    """A model folder; a training run folder means its best (else newest) checkpoint."""
-    from minigpt.train import checkpoint as ckpt
-
-    folder = Path(path)
-    root = folder / "checkpoints"
-    if not (folder / "config.json").is_file() and root.is_dir():
-        chosen = ckpt.best_checkpoint(root) or ckpt.latest_checkpoint(root)
-        if chosen is None:
-            raise FileNotFoundError(f"{root} holds no checkpoint to start from")
-        log.info("starting from checkpoint %s", chosen)
-        return chosen
-    return folder
 
 
 def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None, tokenizer=None,

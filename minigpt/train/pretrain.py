@@ -151,6 +151,20 @@ NANOGPT_CPU: dict[str, dict[str, Any]] = {
     "sample": {"tokens": 500, "prompt": "\n"},
 }
 
+# The first half of "pretrain, then fine-tune" on a laptop: the tiny recipe's shape with
+# GPT-2's BPE vocabulary and a 128-token context, so its run folder is a base for
+# `minigpt finetune` on any text GPT-2's tokenizer reads. With 50,257 tokens the LM head is
+# most of the compute (39 of the 45 MFLOPs a trained token costs, `minigpt inspect`), so a
+# batch is only 8 x 128 tokens and a few hundred Muon updates take a few CPU minutes; see
+# benchmarks/results/first_hour.md for what the pretraining buys a classifier.
+TINY_BPE: dict[str, dict[str, Any]] = {
+    "model": {"preset": "tiny", "vocab_size": 50257, "block_size": 128, "attention_window": 64},
+    "train": {**TINY_TRAIN, "out_dir": "runs/tiny-bpe", "max_steps": 300, "batch_size": 8, "warmup_steps": 20,
+              "eval_interval": 100, "eval_steps": 10},
+    "data": {"tokenizer": "gpt2"},
+    "sample": {"tokens": 40, "prompt": "The"},
+}
+
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": {"preset": "tiny"},
@@ -158,6 +172,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"tokenizer": "char"},
         "sample": {"tokens": 500, "prompt": "\n"},
     },
+    "tiny-bpe": TINY_BPE,
     "nanogpt-cpu": NANOGPT_CPU,
 }
 

@@ -1,0 +1,95 @@
+"""One notion of "a model you can point at", for every command that takes a model.
+
+Three kinds of folder hold a model, and each command accepts all three:
+
+    a model folder         config.json + weights (Hugging Face GPT-2/GPT-Neo layout or minigpt's,
+                           a fine-tuned folder, or one checkpoint of a run)
+    a fine-tuning run      `minigpt finetune ... --out RUN`: its exported best model, RUN/model
+    a training run         `minigpt train --out-dir RUN`: its best checkpoint (else its newest),
+                           under RUN/checkpoints
+
+`resolve_model_dir` turns any of them into the model folder and says once, in the log,
+which one it chose. Fine-tuning can also start from a fresh random model of a preset
+(`start_model`), the from-scratch baseline a pretrained start should beat.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model folder behind `path`: itself, RUN/model, or RUN's best (else newest) checkpoint.
+
+    Raises FileNotFoundError listing every place it looked when none holds a model.
+    """
+    from minigpt.train import checkpoint as ckpt
+
+    folder = Path(path)
+    if (folder / CONFIG_FILE).is_file():
+        return folder
+    exported = folder / "model"
+    if (exported / CONFIG_FILE).is_file():
+        log.info("%s is a fine-tuning run; using its exported best model %s", folder, exported)
+        return exported
+    root = folder / "checkpoints"
+    chosen = None
+    if root.is_dir():
+        best = ckpt.best_checkpoint(root)
+        chosen = best or ckpt.latest_checkpoint(root)
+        if chosen is not None:
+            which = "best" if best is not None else "newest (no best recorded)"
+            log.info("%s is a training run; using its %s checkpoint %s", folder, which, chosen)
+            return chosen
+    looked = (f"{folder / CONFIG_FILE} (a model folder), {exported / CONFIG_FILE} (a fine-tuning run's "
+              f"exported model), {root}/ (a training run's checkpoints)")
+    if not folder.exists():
+        raise FileNotFoundError(f"model {folder} does not exist; looked for {looked}")
+    raise FileNotFoundError(f"{folder} holds no model: looked for {looked}"
+                            + ("; the run has no checkpoint yet" if root.is_dir() else ""))
+
+
+def preset_model_config(name: str):
+    """The GPTConfig of a model preset (minigpt.config.PRESETS) or a pretraining recipe's model
+    (e.g. tiny-bpe); None when `name` is neither."""
+    from minigpt.config import PRESETS, GPTConfig
+    from minigpt.train.pretrain import RECIPES
+
+    if name in RECIPES:
+        model = dict(RECIPES[name]["model"])
+        preset = model.pop("preset", None)
+        return GPTConfig.from_preset(preset, **model) if preset else GPTConfig.from_dict(model)
+    if name in PRESETS:
+        return GPTConfig.from_preset(name)
+    return None
+
+
+def start_model(spec: str | Path, backend: str = "sdpa", seed: int = 0):
+    """(GPT, tokenizer) to fine-tune from: a model, run or fine-tuned folder (`resolve_model_dir`),
+    or, when `spec` names no folder, a fresh random model of that preset with GPT-2's tokenizer.
+
+    Raises ValueError for a preset whose vocabulary cannot hold GPT-2's tokens, and
+    FileNotFoundError (listing what it looked for) when `spec` is neither a folder nor a preset.
+    """
+    import torch
+
+    from minigpt.model import GPT
+    from minigpt.tokenizer import Tokenizer, load_tokenizer
+
+    if not Path(spec).exists():
+        config = preset_model_config(str(spec))
+        if config is not None:
+            tokenizer = Tokenizer()
+            if config.vocab_size < tokenizer.vocab_size:
+                raise ValueError(
+                    f"preset {spec!r} has vocab_size={config.vocab_size}, fewer than GPT-2's {tokenizer.vocab_size} "
+                    f"tokens that fine-tuning uses; choose a GPT-2-vocabulary preset such as tiny-bpe or gpt2")
+            log.info("starting from a fresh random %s model (seed %d): the from-scratch baseline", spec, seed)
+            torch.manual_seed(seed)
+            return GPT(config, backend=backend), tokenizer
+    folder = resolve_model_dir(spec)
+    return GPT.from_pretrained(folder, backend=backend), load_tokenizer(folder)
