@@ -163,7 +163,8 @@ def to_markdown(result: dict) -> str:
     lines = ["# The README's first hour, measured", "",
              f"{result['machine']}; torch {result['torch']}; {result['note']}", "",
              "| step | wall s |", "| --- | ---: |"]
-    lines += [f"| `{s['command']}` | {s['wall_s']:.1f} |" for s in result["steps"]]
+    lines += [f"| `{s['command']}`" + (f" + `{s['appended']}`" if s.get("appended") else "")
+              + f" | {s['wall_s']:.1f} |" for s in result["steps"]]
     lines += [f"| **whole walk** | **{result['total_s']:.1f}** |", "",
               "| task | start | validation accuracy | macro F1 | majority baseline | rows | fine-tune wall s |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -180,15 +181,27 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/minigpt_first_hour", help="scratch folder (WORK/repo, WORK/shared)")
     p.add_argument("--out", default="benchmarks/results", help="folder for first_hour.json and first_hour.md")
     p.add_argument("--note", default="", help="what else the machine was doing, for the record")
+    p.add_argument("--extra", action="append", default=[], metavar="'WORDS:ARGS'",
+                   help="append ARGS to the minigpt commands that start with WORDS, e.g. "
+                        "'train:--max_steps=100' (repeatable; recorded in the results)")
     args = p.parse_args()
     import torch
 
+    extras = [(words.split(), shlex.split(more)) for words, _, more in (e.partition(":") for e in args.extra)]
+
+    def extra(argv: list[str]) -> list[str]:
+        return [a for words, more in extras if argv[:len(words)] == words for a in more]
+
     cwd = prepare_workdir(Path(args.work))
     began = time.perf_counter()
-    steps = run_walk(walk_commands(), cwd)
+    steps = run_walk(walk_commands(), cwd, extra=extra)
+    for step in steps:
+        argv = minigpt_argv(step["command"])
+        if argv and extra(argv):
+            step["appended"] = shlex.join(extra(argv))
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"{platform.python_implementation()} {platform.python_version()}",
-              "torch": torch.__version__, "note": args.note, "steps": steps,
+              "torch": torch.__version__, "note": args.note, "extra": args.extra, "steps": steps,
               "total_s": round(time.perf_counter() - began, 1), "accuracy": accuracies(steps, cwd)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 from minigpt.config import GPTConfig
 
@@ -84,6 +85,60 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None, training: boo
         weights += config.vocab_size * config.n_embd
     forward = 2.0 * weights + attention_flops_per_token(config, seq_len)
     return 3.0 * forward if training else forward
+
+
+def step_flops_per_token(config: GPTConfig, seq_len: int | None = None, *, lm_head: bool = True,
+                         trained: Sequence[int] | None = None, adapters: Sequence[int] | None = None,
+                         embeddings_trained: bool = True, head_trained: bool = True) -> float:
+    """Matmul FLOPs per token of one training step as it is computed, for MFU.
+
+    `flops_per_token(training=True)` assumes the whole language model trains: 3x forward.
+    A fine-tuning step often does less, and counting it as full training overstates MFU
+    (a LoRA classifier on a GPT-2-vocabulary model was reported at 110.9%). Here each part
+    is counted only where the step computes it:
+
+    - forward: 2 per block parameter, 2 per adapter parameter, attention as in
+      `flops_per_token`, and the LM head (2 * vocab * n_embd) only when `lm_head` (a
+      classifier reads the last hidden state instead; its n_embd x labels head, once per
+      sequence, is left out);
+    - backward, input gradients: 2 per weight plus twice the attention forward, through
+      every block from the first one that has something to train (gradients never reach
+      earlier blocks, nor, when only its adapters train, its q/k/v input), and through
+      the LM head when anything before it trains;
+    - backward, weight gradients: 2 per trained weight (`trained[i]` of block i, the
+      adapters, the LM head when `head_trained`), none for frozen ones.
+
+    trained: per block, the parameters that train (None: every one, `per_block`).
+    adapters: per block, LoRA adapter parameters added to it (None: none); they train.
+    With the defaults this equals `flops_per_token(config, seq_len, training=True)`.
+    Raises ValueError when a per-block list does not have n_layer entries.
+    """
+    T = _seq_len(config, seq_len)
+    L, P = config.n_layer, param_breakdown(config)["per_block"]
+    trained = [P] * L if trained is None else list(trained)
+    adapters = [0] * L if adapters is None else list(adapters)
+    for name, values in (("trained", trained), ("adapters", adapters)):
+        if len(values) != L:
+            raise ValueError(f"{name} has {len(values)} entries; give one per block (n_layer={L})")
+    parts = block_param_breakdown(config)
+    qkv = parts["attn.q"] + parts["attn.k"] + parts["attn.v"]
+    head = 2.0 * config.vocab_size * config.n_embd if lm_head else 0.0
+    total = head
+    grad_flows = embeddings_trained
+    for i in range(L):
+        attention = 4.0 * config.n_embd * attention_context(config, T, i)
+        total += 2.0 * P + 2.0 * adapters[i] + attention  # forward
+        if grad_flows or trained[i] > 0 or adapters[i] > 0:
+            total += 2.0 * P + 2.0 * adapters[i] + 2.0 * attention  # input gradients
+            if not grad_flows and trained[i] == 0:  # adapters only, first to train: ln_1 is frozen, so
+                total -= 2.0 * qkv                     # nothing needs dL/d(qkv's input)
+            total += 2.0 * trained[i] + 2.0 * adapters[i]  # weight gradients
+            grad_flows = True
+    total += 2.0 * param_breakdown(config)["ln_f"] * (3 if grad_flows else 1)  # Kaplan's 2N includes ln_f
+    if lm_head:
+        total += head if grad_flows else 0.0  # dL/d(hidden)
+        total += head if head_trained else 0.0  # dL/d(weight)
+    return total
 
 
 def training_state_bytes(config: GPTConfig, dtype: str = "fp32") -> dict[str, int]:

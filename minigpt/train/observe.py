@@ -1,7 +1,8 @@
 """What a training run reports: model FLOP utilisation and the metrics log.
 
 MFU (PaLM, Chowdhery et al. 2022, appendix B) is achieved FLOP/s over the device's peak,
-with FLOPs counted by `minigpt.counts.flops_per_token`. The peak is a property of the
+with FLOPs counted from what the step computes (`minigpt.counts.step_flops_per_token`: no LM
+head for a classifier, no weight gradients for frozen weights). The peak is a property of the
 hardware, so it lives here and never in the model; every run states the one it assumes.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from minigpt.config import GPTConfig
-from minigpt.counts import flops_per_token
+from minigpt.counts import flops_per_token, step_flops_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +89,28 @@ def find_gpt_config(model: nn.Module) -> GPTConfig | None:
 
 
 def model_flops_per_token(model: nn.Module, seq_len: int) -> float | None:
-    config = find_gpt_config(model)
-    return None if config is None else flops_per_token(config, seq_len=seq_len, training=True)
+    """FLOPs per token of one training step of `model` as it stands (`counts.step_flops_per_token`).
+
+    Read from the model itself: the LM head counts only when `model` is the GPT (a wrapper
+    such as a classifier reads hidden states), frozen weights get no weight gradients, LoRA
+    adapters (parameters named lora_*) add their own small matmuls, and gradients flow back
+    only to the first block with something to train. None when there is no GPT inside.
+    """
+    from minigpt.model import GPT
+
+    gpt = next((m for m in model.modules() if isinstance(m, GPT)), None)
+    if gpt is None:
+        config = find_gpt_config(model)
+        return None if config is None else flops_per_token(config, seq_len=seq_len, training=True)
+    trained, adapters = [], []
+    for block in gpt.blocks:
+        named = list(block.named_parameters())
+        trained.append(sum(p.numel() for n, p in named if p.requires_grad and "lora_" not in n))
+        adapters.append(sum(p.numel() for n, p in named if "lora_" in n))
+    return step_flops_per_token(
+        gpt.config, seq_len, lm_head=model is gpt, trained=trained, adapters=adapters,
+        embeddings_trained=gpt.tok_emb.weight.requires_grad or gpt.pos_emb.weight.requires_grad,
+        head_trained=gpt.lm_head.weight.requires_grad)
 
 
 class MetricsLog:
