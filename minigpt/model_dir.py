@@ -49,7 +49,7 @@ def resolve_model_dir(path: str | Path) -> Path:
               f"exported model), {root}/ (a training run's checkpoints)")
     if not folder.exists():
         raise FileNotFoundError(f"model {folder} does not exist; looked for {looked}")
-    raise FileNotFoundError(f"{folder} holds no model: looked for {looked}"
+    raise FileNotFoundError(f"{folder} holds no model (no config.json): looked for {looked}"
                             + ("; the run has no checkpoint yet" if root.is_dir() else ""))
 
 
