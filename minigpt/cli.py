@@ -191,7 +191,7 @@ def add_train_parser(sub) -> None:
                     "--section.key=value or --key=value (sections: model, train, data, sample).",
         epilog=_train_epilog(),
     )
-    p.add_argument("--preset", default=None, help="recipe or model preset to start from (None: tiny)")
+    p.add_argument("--preset", default=None, help="recipe or model preset to start from (default: tiny)")
     p.add_argument("--config", default=None, help="TOML or JSON file with sections model/train/data/sample")
     p.add_argument("--data", default=None, help="prepared folder, or text/JSONL to prepare (default: download "
                                                 "tiny Shakespeare)")
@@ -411,6 +411,12 @@ MODEL_HELP = ("a model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's), 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Help that shows every option's default, and keeps the epilog's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default" in help_text:  # the help already says what the default means
+            return help_text
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
