@@ -244,9 +244,20 @@ def add_finetune_parser(sub) -> None:
             _add_columns(t)
             t.add_argument("--max-length", type=int, default=None, help="tokens kept per text (default: block_size)")
             t.add_argument("--class-weights", choices=("none", "balanced"), default="none")
+            t.add_argument("--as-completion", action="store_true",
+                           help="no head: teach each label word as the completion of --template (prompt masked); "
+                                "scored by label log-likelihood and greedy exact match")
+            t.add_argument("--template", default="Review: {text}\\nSentiment:",
+                           help="with --as-completion: each row's prompt; must contain {text}")
+            t.add_argument("--label-prefix", default=" ", help="with --as-completion: between prompt and label")
         else:
             t.add_argument("--packing", action="store_true", help="pack several examples per row instead of padding")
             t.add_argument("--no-eos", action="store_true", help="do not append eos to completions")
+        t.add_argument("--bos", default="", help="special token before every prompt, e.g. '<|startoftext|>' "
+                                                 "(added to the tokenizer and the model when new)")
+        t.add_argument("--sep-token", default="", help="special token after every prompt, e.g. '<|sep|>' (added if new)")
+        t.add_argument("--pad-token", default="", help="special token to pad batches with, e.g. '<|pad|>' "
+                                                       "(added if new; default: eos)")
         t.add_argument("--train-last-blocks", type=int, default=None,
                        help="train only the last N blocks, final LayerNorm and head (0: the head alone)")
         t.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: no LoRA); only adapters train")
@@ -262,10 +273,12 @@ def _finetune_train(args: argparse.Namespace) -> None:
 
     fields = dict(task=args.task, init=args.init, train_file=args.train_file, val_file=args.val_file,
                   val_fraction=args.val_fraction, train_last_blocks=args.train_last_blocks,
-                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                  bos=args.bos, sep_token=args.sep_token, pad_token=args.pad_token)
     if args.task == "classify":
         fields.update(text_column=args.text_column, label_column=args.label_column, max_length=args.max_length,
-                      class_weights=args.class_weights)
+                      class_weights=args.class_weights, as_completion=args.as_completion,
+                      template=args.template.replace("\\n", "\n"), label_prefix=args.label_prefix)
     else:
         fields.update(packing=args.packing, add_eos=not args.no_eos)
     config = FinetuneConfig(**fields)

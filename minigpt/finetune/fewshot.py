@@ -98,15 +98,18 @@ def continuation_logprobs(model, prompt: Sequence[int], continuations: Sequence[
         idx[i, : len(row)] = torch.tensor(row)
     was_training = model.training
     model.eval()
+    P = len(prompt)
     try:
-        logp = F.log_softmax(model(idx).logits.float(), dim=-1)  # (B, T, V)
+        # Only the positions that predict continuation tokens are normalized: the softmax
+        # over V at every prompt position would cost more than the whole forward pass.
+        logits = model(idx).logits[:, P - 1 : T - 1]  # (B, T - P, V)
     finally:
         model.train(was_training)
-    P = len(prompt)
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T - P, V)
     out = []
     for i, c in enumerate(continuations):
-        # The logits at position P - 1 + j predict continuation token j.
-        positions = torch.arange(P - 1, P - 1 + len(c), device=device)
+        # The logits at position P - 1 + j (row j here) predict continuation token j.
+        positions = torch.arange(len(c), device=device)
         out.append(logp[i, positions, torch.tensor(list(c), device=device)].tolist())
     return out
 
