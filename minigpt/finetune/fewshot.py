@@ -100,9 +100,13 @@ def continuation_logprobs(model, prompt: Sequence[int], continuations: Sequence[
     model.eval()
     P = len(prompt)
     try:
-        # Only the positions that predict continuation tokens are normalized: the softmax
-        # over V at every prompt position would cost more than the whole forward pass.
-        logits = model(idx).logits[:, P - 1 : T - 1]  # (B, T - P, V)
+        # Only the positions that predict continuation tokens need logits: the (T, V) head
+        # and softmax at every prompt position cost more than the rest of a small model.
+        if hasattr(model, "hidden") and hasattr(model, "lm_head"):
+            x, _, _ = model.hidden(idx)  # (B, T, C)
+            logits = model.lm_head(x[:, P - 1 : T - 1])  # (B, T - P, V)
+        else:
+            logits = model(idx).logits[:, P - 1 : T - 1]  # (B, T - P, V)
     finally:
         model.train(was_training)
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, T - P, V)
