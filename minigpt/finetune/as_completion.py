@@ -17,12 +17,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.nn as nn
 
 from minigpt.finetune.data import LabeledText, LabelMap, PromptCompletion
 from minigpt.finetune.fewshot import FewShotClassifier, FewShotPrompt
-from minigpt.finetune.metrics import ClassificationReport, classification_report
+from minigpt.finetune.metrics import ClassificationReport, classification_report, write_report
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +109,31 @@ def evaluate_as_completion(model: nn.Module, tokenizer, rows: Sequence[LabeledTe
     finally:
         model.train(was_training)
     return AsCompletionReport(report, hits / len(rows), strays)
+
+
+def write_as_completion_report(report: AsCompletionReport, folder: str | Path, extra: dict | None = None) -> None:
+    """The classifier's files (metrics.json, report.txt, confusion_matrix.png) for the
+    likelihood scores, with the exact match added."""
+    write_report(report.likelihood, folder, {**(extra or {}), "exact_match": report.exact_match,
+                                             "not_a_label": report.not_a_label, "scored_by": "label log-likelihood"})
+    (Path(folder) / "report.txt").write_text(report.format() + "\n")
+
+
+def is_as_completion(details: dict) -> bool:
+    """Whether a fine-tuned folder's finetune.json details describe a classifier taught as completion."""
+    return bool(details.get("finetune", {}).get("as_completion")) and "template" in details
+
+
+def evaluate_saved(model: nn.Module, tokenizer, details: dict, rows: Sequence[LabeledText],
+                   batch_size: int = 32) -> AsCompletionReport:
+    """Evaluate a saved as-completion model on labeled rows with its recorded template,
+    label prefix, labels and text cut (max_length)."""
+    labels = LabelMap(tuple(details["labels"]))
+    prompt = FewShotPrompt(template=details["template"], label_prefix=details["label_prefix"])
+    max_length = details["finetune"].get("max_length")
+    unknown = sorted({r.label for r in rows} - set(labels.labels))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the model's {list(labels.labels)}")
+    pairs = labeled_to_pairs(rows, FewShotPrompt(template="{text}", label_prefix=""), tokenizer, max_length)
+    cut = [LabeledText(p.prompt, r.label, r.line) for p, r in zip(pairs, rows)]
+    return evaluate_as_completion(model, tokenizer, cut, labels, prompt, batch_size)

@@ -510,17 +510,14 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
 
 
 def _write_eval(report, folder: Path, extra: dict) -> None:
-    from minigpt.finetune.as_completion import AsCompletionReport
+    from minigpt.finetune.as_completion import AsCompletionReport, write_as_completion_report
     from minigpt.finetune.metrics import ClassificationReport, write_report
 
     if isinstance(report, ClassificationReport):
         write_report(report, folder, extra)
         return
     if isinstance(report, AsCompletionReport):
-        write_report(report.likelihood, folder, {**extra, "exact_match": report.exact_match,
-                                                 "not_a_label": report.not_a_label,
-                                                 "scored_by": "label log-likelihood"})
-        (folder / "report.txt").write_text(report.format() + "\n")
+        write_as_completion_report(report, folder, extra)
         return
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps({**report.to_dict(), **extra}, indent=2) + "\n")

@@ -111,3 +111,7 @@ def test_cli_classify_as_completion_with_a_bos_token(tmp_path, tokenizer, capsys
     _, _, meta, _ = load_finetuned(run / "model")
     assert meta.bos == "<|startoftext|>" and meta.details["template"] == "<|startoftext|>Text: {text}\nLabel:"
     assert GPT.from_pretrained(run / "model").config.vocab_size == 50258
+    main(["evaluate", str(run / "model"), str(tmp_path / "data.csv"), "--out", str(tmp_path / "eval")])
+    assert "labels scored by log-likelihood" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 40 and "exact_match" in metrics
