@@ -43,6 +43,7 @@ from minigpt.finetune.export import FinetuneMeta, save_finetuned
 from minigpt.finetune.lora import LORA_TARGETS, apply_lora, count_trainable, freeze_all_but_last
 from minigpt.finetune.metrics import classification_report
 from minigpt.model import GPT
+from minigpt.tokenizer import GPT2_EOS
 from minigpt.train.loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,6 @@ class FinetuneConfig:
             raise ValueError("as_completion=True applies to task='classify' (a labeled file taught as completion)")
         if self.as_completion and "{text}" not in self.template:
             raise ValueError(f"template={self.template!r} must contain {{text}}, where each row's text goes")
-        from minigpt.tokenizer import GPT2_EOS
-
         for name in ("bos", "sep_token"):
             if getattr(self, name) == GPT2_EOS:
                 raise ValueError(f"{name}={GPT2_EOS!r} is GPT-2's eos, which prompts read as plain text; "
