@@ -37,7 +37,7 @@ def test_read_labeled_csv_tsv_jsonl_with_named_columns(tmp_path):
 
 def test_read_labeled_errors_name_the_column_or_line(tmp_path):
     (tmp_path / "a.csv").write_text("sentence,y\ngood,pos\n")
-    with pytest.raises(ValueError, match=r"no column 'text'; the header has \['sentence', 'y'\]"):
+    with pytest.raises(ValueError, match=r"no column 'text' or 'label'; the file has \['sentence', 'y'\]"):
         read_labeled(tmp_path / "a.csv")
     (tmp_path / "b.csv").write_text("text,label\ngood,pos\nfine,\n")
     with pytest.raises(ValueError, match=r"b.csv:3: empty 'label'"):

@@ -1,6 +1,6 @@
 import json
 
-from minigpt.finetune.validate import check_prompt_completion
+from minigpt.finetune.check import check_prompt_completion
 from tests.helpers import use_tiktoken_cache
 
 
@@ -45,7 +45,7 @@ def test_each_row_defect_is_dropped_with_its_line_and_reason(tmp_path):
         assert f"line {line}:" in text
 
 
-def test_missing_separator_whitespace_and_stop_are_found_and_fixed(tmp_path):
+def test_missing_separator_whitespace_and_stop_are_found_and_fixed(tmp_path, monkeypatch):
     rows = [{"prompt": "Title one", "completion": "Body one."},
             {"prompt": "Another title", "completion": " Body two!", "id": 7}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -56,8 +56,11 @@ def test_missing_separator_whitespace_and_stop_are_found_and_fixed(tmp_path):
     assert "stop sequence" in warnings and "fields other than prompt/completion: ['id']" in warnings
     assert not report.dropped and report.written is None
 
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # without --out the copy goes to the current folder, not beside the input
     fixed = check_prompt_completion(path, fix=True)
-    assert fixed.written == tmp_path / "d.fixed.jsonl"
+    assert fixed.written == work / "d.fixed.jsonl" and not (tmp_path / "d.fixed.jsonl").exists()
     out = [json.loads(l) for l in fixed.written.read_text().splitlines()]
     assert out == [{"prompt": "Title one\n\n###\n\n", "completion": " Body one.\n"},
                    {"prompt": "Another title\n\n###\n\n", "completion": " Body two!\n"}]
