@@ -151,14 +151,20 @@ def common_suffix(texts: Sequence[str]) -> str:
     return suffix if any(not c.isalnum() for c in suffix) else ""
 
 
+SENTENCE_END = frozenset(".!?\u2026\"')]\u201d\u2019")
+"""Characters that end sentences: an ending made only of these is language, not a marker."""
+
+
 def shared_ending(texts: Sequence[str]) -> tuple[str, list[int]]:
     """(the ending most texts share, indices of the texts that lack it).
 
     The ending all texts share when there is one. Otherwise the common ending of the
     largest group of texts with the same last character, when that group is more than half
-    of them: a file whose rows all end in " ->" but one keeps " ->" as its separator, and
-    only that one row needs it (appending a new separator to every row would give the
-    others two). ("", []) when no ending is shared by a majority.
+    of them and the ending is more than sentence punctuation: a file whose rows all end in
+    " ->" but one keeps " ->" as its separator, and only that one row needs it (appending a
+    new separator to every row would give the others two), while completions that mostly
+    end in "." have no stop sequence (adding "." to the rest would change their text).
+    ("", []) when no ending qualifies.
     """
     full = common_suffix(texts)
     if full or len(texts) < 2:
@@ -169,7 +175,8 @@ def shared_ending(texts: Sequence[str]) -> tuple[str, list[int]]:
             groups.setdefault(t[-1], []).append(t)
     largest = max(groups.values(), key=len, default=[])
     ending = common_suffix(largest) if 2 * len(largest) > len(texts) else ""
-    if not ending:
+    ending = ending.lstrip("".join(SENTENCE_END))  # ".\n" -> "\n": the period is the text's own
+    if not ending or ending.strip() and set(ending.strip()) <= SENTENCE_END:
         return "", []
     return ending, [i for i, t in enumerate(texts) if not t.endswith(ending)]
 

@@ -133,3 +133,12 @@ def test_cli_check_exits_0_on_warnings_and_1_on_unusable_rows_and_fixes_into_the
     assert json.loads((work / "warned.fixed.jsonl").read_text().splitlines()[0]) == {
         "prompt": "Q1\n\n###\n\n", "completion": " A1\n"}
 
+
+
+def test_sentence_punctuation_most_completions_end_with_is_not_taken_for_a_stop_sequence(tmp_path):
+    rows = [{"prompt": f"Q{i} ->", "completion": f" Sentence {i}."} for i in range(4)]
+    rows.append({"prompt": "Q9 ->", "completion": " No period"})
+    report = check_prompt_completion(write_jsonl(tmp_path / "d.jsonl", rows), fix=True, out=tmp_path / "c.jsonl")
+    assert report.stop == "\n"  # a new stop for every row, not "." for the last one
+    out = [json.loads(l)["completion"] for l in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert out[-1] == " No period\n" and out[0] == " Sentence 0.\n"
