@@ -186,3 +186,22 @@ def test_validation_rows_that_also_occur_in_training_are_reported_with_counts(tm
     assert run.details["val_rows_in_train"] == 1
     assert "1 of 2 validation rows have a text that also occurs in the training file" in caplog.text
     assert "val.csv:2 = " in caplog.text and "train.csv:3" in caplog.text
+
+
+def test_completion_run_reads_a_tsv_with_named_columns_and_keeps_repeated_prompts_on_one_side(
+        tmp_path, monkeypatch, caplog):
+    use_tiktoken_cache(monkeypatch)
+    from minigpt import Tokenizer
+    from minigpt.train.finetune import FinetuneConfig, default_train_config, prepare
+
+    lines = ["q\ta"] + [f"Question {i % 5} ->\t answer {i % 5}" for i in range(20)]
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    config = FinetuneConfig(task="completion", train_file=str(tmp_path / "pairs.tsv"), prompt_column="q",
+                            completion_column="a", val_fraction=0.2)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    with caplog.at_level("WARNING"):
+        run, _ = prepare(config, default_train_config(config, str(tmp_path / "run"), {"device": "cpu"}),
+                         model=model, tokenizer=Tokenizer())
+    assert run.details["train_pairs"] + run.details["val_pairs"] == 20
+    assert run.details["val_pairs"] % 4 == 0  # whole groups of 4 repeats: none split across the sides
+    assert "15 rows repeat another row's prompt (5 groups" in caplog.text
