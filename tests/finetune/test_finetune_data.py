@@ -203,5 +203,6 @@ def test_completion_run_reads_a_tsv_with_named_columns_and_keeps_repeated_prompt
         run, _ = prepare(config, default_train_config(config, str(tmp_path / "run"), {"device": "cpu"}),
                          model=model, tokenizer=Tokenizer())
     assert run.details["train_pairs"] + run.details["val_pairs"] == 20
-    assert run.details["val_pairs"] % 4 == 0  # whole groups of 4 repeats: none split across the sides
+    # One whole group of 4 repeats is held out: training sees the other 4 prompts only.
+    assert run.details["val_pairs"] == 4 and len({e.tokens for e in run.train_batches.examples}) == 4
     assert "15 rows repeat another row's prompt (5 groups" in caplog.text
