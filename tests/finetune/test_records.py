@@ -3,6 +3,8 @@ import csv
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minigpt.finetune.check import check_prompt_completion
 from minigpt.finetune.data import LabeledText, read_labeled, read_prompt_completion
@@ -120,3 +122,22 @@ def test_real_sentiment_csv_reads_the_same_through_the_shared_reader():
     table = read_records(need_file(DATA / "sentiment" / "validation.csv"))
     assert table.header == ("text", "label") and len(table.records) == 960
     assert any("crème brûlée" in r.values["text"] for r in read_records(DATA / "sentiment" / "train.csv").records)
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30)
+
+
+@given(rows=st.lists(st.tuples(_text, _text.filter(lambda t: t.strip())), min_size=1, max_size=6))
+def test_any_rows_read_back_the_same_from_every_format(tmp_path_factory, rows):
+    folder = tmp_path_factory.mktemp("formats")
+    dicts = [{"prompt": p, "completion": c} for p, c in rows]
+    for fmt, path in write_all_formats(folder, dicts).items():
+        pairs = read_prompt_completion(path)
+        assert [(p.prompt, p.completion) for p in pairs] == rows, fmt
+
+
+def test_crlf_line_endings_read_like_lf(tmp_path):
+    (tmp_path / "a.csv").write_bytes(b"text,label\r\ngood,pos\r\n\"two\r\nlines\",neg\r\n")
+    assert read_labeled(tmp_path / "a.csv") == [LabeledText("good", "pos", 2), LabeledText("two\r\nlines", "neg", 3)]
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "good", "label": "pos"}\r\n\r\n{"text": "bad", "label": "neg"}\r\n')
+    assert [r.line for r in read_labeled(tmp_path / "a.jsonl")] == [1, 3]
