@@ -286,12 +286,13 @@ def check_prompt_completion(path: str | Path, tokenizer=None, block_size: int | 
         if extra:
             report.fixes.append(f"removed the fields {extra}")
         if needs_sep:
-            report.fixes.append(f"appended the separator {report.separator!r} to {_count(needs_sep, rows)} prompts")
+            report.fixes.append(f"appended the separator {report.separator!r} to {_which(needs_sep, rows, 'prompt')}")
         if no_space:
-            report.fixes.append(f"prepended ' ' to {len(no_space)} completions that did not start with whitespace")
+            report.fixes.append(f"prepended ' ' to {_which(set(no_space), rows, 'completion')} (those that did "
+                                f"not start with whitespace)")
         if needs_stop:
-            report.fixes.append(f"appended the stop sequence {report.stop!r} to {_count(needs_stop, rows)} "
-                                f"completions")
+            report.fixes.append(f"appended the stop sequence {report.stop!r} to "
+                                f"{_which(needs_stop, rows, 'completion')}")
         if (prompt_column, completion_column) != FIELDS:
             report.fixes.append(f"wrote the columns {prompt_column!r}/{completion_column!r} as 'prompt'/'completion'")
 
@@ -321,9 +322,13 @@ def check_prompt_completion(path: str | Path, tokenizer=None, block_size: int | 
     return report
 
 
-def _count(lines: set[int], rows: Sequence[Row]) -> str:
-    n = sum(r.line in lines for r in rows)
-    return "every one of the" if n == len(rows) else str(n)
+def _which(lines: set[int], rows: Sequence[Row], what: str) -> str:
+    """"every prompt", or "2 prompts (lines 3, 9)": a fix names each row it changes."""
+    changed = [r.line for r in rows if r.line in lines]
+    if len(changed) == len(rows):
+        return f"every {what}"
+    s = "s" if len(changed) > 1 else ""
+    return f"{len(changed)} {what}{s} (line{s} {', '.join(map(str, changed))})"
 
 
 def _lines(numbers: Sequence[int], n: int = 8) -> str:

@@ -101,7 +101,7 @@ def test_fix_appends_the_shared_separator_only_to_the_row_that_lacks_it(tmp_path
     out = [json.loads(l) for l in (tmp_path / "clean.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in out] == [f"Review {i} ->" for i in range(5)]
     assert [r["completion"] for r in out] == [f" label {i}\n" for i in range(5)]
-    assert "appended the separator ' ->' to 1 prompts" in report.format()
+    assert "appended the separator ' ->' to 1 prompt (line 3)" in report.format()
 
 
 def test_report_names_common_prefixes_and_the_separator_and_stop_it_suggests(tmp_path):
