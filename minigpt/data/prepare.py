@@ -182,6 +182,19 @@ def stale_reason(folder: str | Path, config: PrepareConfig) -> str | None:
     return None
 
 
+def _line_at(path: Path, offset: int, chunk_bytes: int = 1 << 20) -> int:
+    """The 1-based line holding byte `offset` of `path` (streamed; for error messages)."""
+    lines, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            block = f.read(min(chunk_bytes, offset - done))
+            if not block:
+                break
+            lines += block.count(b"\n")
+            done += len(block)
+    return lines
+
+
 def _decode(decoder, block: bytes, final: bool, path: Path, offset: int) -> str:
     """Decode `block`, read at byte `offset` of `path`; errors name the file and the offset.
 
@@ -195,7 +208,7 @@ def _decode(decoder, block: bytes, final: bool, path: Path, offset: int) -> str:
         bom = len(codecs.BOM_UTF8) if first and (buffered + block).startswith(codecs.BOM_UTF8) else 0
         at = offset - len(buffered) + bom + err.start
         raise ValueError(
-            f"{path}: byte offset {at}: cannot decode {err.object[err.start:err.end]!r} as UTF-8 "
+            f"{path}: line {_line_at(path, at)}, byte offset {at}: cannot decode {err.object[err.start:err.end]!r} as UTF-8 "
             f"({err.reason}); fix the file or pass --errors replace"
         ) from None
 

@@ -111,8 +111,8 @@ def test_empty_file_is_an_error(tmp_path):
 
 def test_undecodable_bytes_name_the_file_and_offset_unless_replaced(tmp_path):
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"fine text " * 10 + b"\xff\xfe oops")
-    with pytest.raises(ValueError, match=r"bad\.txt: byte offset 100: .*--errors replace"):
+    bad.write_bytes(b"fine text\n" * 10 + b"\xff\xfe oops")
+    with pytest.raises(ValueError, match=r"bad\.txt: line 11, byte offset 100: .*--errors replace"):
         _prepare(tmp_path, [bad], tokenizer="char", chunk_bytes=7)
     _, meta = _prepare(tmp_path, [bad], tokenizer="char", errors="replace", val_fraction=0.0)
     assert "\ufffd" in meta["tokenizer"]["chars"]
@@ -199,7 +199,7 @@ def test_a_bom_is_dropped_from_text_and_jsonl_inputs(tmp_path):
 
 def test_undecodable_byte_offset_counts_the_bom(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfab\xffcd\n")
-    with pytest.raises(ValueError, match=r"a.txt: byte offset 5: cannot decode b'\\xff'.*--errors replace"):
+    with pytest.raises(ValueError, match=r"a.txt: line 1, byte offset 5: cannot decode b'\\xff'.*--errors replace"):
         _prepare(tmp_path, [tmp_path / "a.txt"], tokenizer="char", val_fraction=0.0)
     (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "\xff"}\n')
     with pytest.raises(ValueError, match=r"b.jsonl: line 1, byte offset 13: cannot decode b'\\xff'"):
