@@ -100,7 +100,7 @@ def _free_form(model, tokenizer, examples, prompts, fmt, result: EvalResult, *, 
     # Room for the longest reference and a few tokens more: a longer answer is wrong anyway.
     budget = max(len(tokenizer.encode(e.completion)) for e in examples) + 8
     budget = min(budget, model.config.block_size // 2)
-    stop = fmt.separator
+    stop = fmt.stop
     starts = range(0, len(examples), batch_size)
     for s in tqdm(starts, desc=result.task, disable=not progress, unit="batch"):
         part = list(zip(prompts[s : s + batch_size], examples[s : s + batch_size]))
@@ -129,7 +129,7 @@ def evaluate_examples(model, tokenizer, task: Task, *, shots: int = 0, demos: Se
     fixed_demos: the same demonstrations for every example instead (the `fewshot` command).
     Multiple choice gives acc, acc_norm and acc_uncond (see `metrics`); cloze gives acc
     (greedy exact match of the last word), its mean log-likelihood and the perplexity;
-    free-form gives exact_match and token F1 of a greedy completion cut at the separator.
+    free-form gives exact_match and token F1 of a greedy completion cut at `fmt.stop`.
     """
     if not task.examples:
         raise ValueError(f"task {task.name!r} has no examples")
@@ -197,5 +197,5 @@ def run_eval(task_files: Sequence[str | Path], model_dir: str | Path, *, shots: 
         write_results(results, out_dir, {"model": str(model_dir), "shots": shots, "seed": seed,
                                          "demos": None if demos is None else str(demos), "limit": limit,
                                          "separator": fmt.separator, "target_delimiter": fmt.target_delimiter,
-                                         "unconditional_prompt": fmt.unconditional_prompt})
+                                         "unconditional_prompt": fmt.unconditional_prompt, "stop": fmt.stop})
     return results

@@ -28,6 +28,8 @@ class PromptFormat:
     (as in lm-evaluation-harness), so GPT-2's space-prefixed word tokens are what is scored."""
     unconditional_prompt: str | None = "Answer:"
     """The neutral context for the paper's unconditional normalization; None skips it."""
+    stop: str = "\n"
+    """Free-form: a greedy completion is cut at the first stop string (answers are one line)."""
 
     def demonstration(self, example: Example) -> str:
         """A solved example: the query followed by its answer."""
