@@ -88,6 +88,25 @@ class KVCache:
         self.length = 0
         self.left_pad = left_pad
 
+    def can_truncate(self) -> bool:
+        """Whether `truncate` is possible: no banded ring has wrapped onto an older token."""
+        return all(layer.window is None or self.length <= layer.k.shape[2] for layer in self.layers)
+
+    def truncate(self, length: int) -> None:
+        """Forget the tokens from position `length` on; the next update writes there again.
+
+        Scoring several continuations of one context encodes the context, then runs and
+        forgets each continuation in turn. Dense layers keep every token in its own slot; a
+        banded ring can be cut only while it has not wrapped (see `can_truncate`).
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"length={length} must be in 0..{self.length}, the tokens this cache holds")
+        if not self.can_truncate():
+            raise ValueError(f"a banded layer's ring of {min(l.k.shape[2] for l in self.layers)} slots has wrapped "
+                             f"after {self.length} tokens, so older tokens are gone; make the cache with "
+                             f"max_length <= the window, or copy it per continuation with select()")
+        self.length = length
+
     def select(self, rows: torch.Tensor) -> "KVCache":
         """A new cache whose row i is a copy of this cache's row rows[i] (rows may repeat).
 

@@ -3,9 +3,11 @@
 A request is a context and the continuations to score after it (a multiple-choice
 example's choices). The straightforward way, lm-evaluation-harness's, encodes context +
 continuation as one sequence per choice, so a 4-choice example encodes its context four
-times. Here the contexts of a batch are left-padded and run once, filling a KV cache; the
-cache's rows are then copied once per continuation (`KVCache.select`) and all
-continuations of the batch run together on top of it, right-padded. The context's last
+times. Here the contexts of a batch are left-padded and run once, filling a KV cache. Then
+continuation j of every context runs on that cache (right-padded, one batch) and the cache
+forgets it (`KVCache.truncate`), for j = 1, 2, ...; when a banded layer's ring would wrap
+(context + continuation longer than its window) the cache is instead copied once per
+continuation (`KVCache.select`) and all continuations run in one batch. The context's last
 position predicts each continuation's first token, so a continuation of n tokens costs
 n - 1 positions. The uncached path (`use_cache=False`) is kept as the slow twin that the
 tests and the benchmark compare with.
@@ -98,19 +100,43 @@ def _batch_cached(model, batch: list[Request]) -> list[list[Scored]]:
     cache = model.new_cache(len(batch), left_pad, max_length=L + longest - 1)
     last = model.hidden(idx, cache=cache)[0][:, -1]  # (B, C): predicts each first token
     rows = torch.repeat_interleave(torch.arange(len(batch), device=device), torch.tensor(counts, device=device))
-    first = torch.tensor([c[0] for c in conts], device=device)
-    first_lp, first_greedy = _score_rows(model, last.index_select(0, rows), first)  # (R,) x 2
-    per_row = [[(lp, g)] for lp, g in zip(first_lp.tolist(), first_greedy.tolist())]
-    if longest > 1:
-        inp = _pad_right([c[:-1] for c in conts], device)  # (R, longest - 1)
-        h = model.hidden(inp, cache=cache.select(rows))[0]  # (R, longest - 1, C)
-        lengths = torch.tensor([len(c) - 1 for c in conts], device=device)
-        valid = torch.arange(inp.shape[1], device=device)[None, :] < lengths[:, None]  # (R, longest - 1)
-        targets = _pad_right([c[1:] for c in conts], device)[valid]
-        lp, greedy = _score_rows(model, h[valid], targets)
-        for i, (a, g) in zip(valid.nonzero()[:, 0].tolist(), zip(lp.tolist(), greedy.tolist())):
-            per_row[i].append((a, g))
+    # Scored positions are gathered from every pass and go through the head together.
+    hidden, targets = [last.index_select(0, rows)], [torch.tensor([c[0] for c in conts], device=device)]
+    owners = list(range(len(conts)))
+    windows = [model.config.layer_window(i) for i in range(model.config.n_layer)]
+    if longest > 1 and all(w is None or w >= L + longest - 1 for w in windows):
+        # Continuation j of every context runs on the context's cache, which then forgets it
+        # (no banded ring wraps, so no context token is overwritten): the cache is never
+        # copied. A context with fewer continuations runs its last one again, unscored.
+        first_row = [sum(counts[:b]) for b in range(len(counts))]
+        for j in range(max(counts)):
+            picks = [first_row[b] + min(j, n - 1) for b, n in enumerate(counts)]
+            _continue(model, cache, [conts[r] for r in picks], [r if j < n else None for r, n in zip(picks, counts)],
+                      hidden, targets, owners)
+            cache.truncate(L)
+    elif longest > 1:
+        # A banded layer's ring would wrap: copy the cache once per continuation instead.
+        _continue(model, cache.select(rows), conts, list(range(len(conts))), hidden, targets, owners)
+    lp, greedy = _score_rows(model, torch.cat(hidden), torch.cat(targets))
+    per_row: list[list[tuple[float, bool]]] = [[] for _ in conts]
+    for r, a, g in zip(owners, lp.tolist(), greedy.tolist()):
+        per_row[r].append((a, g))
     return _collect(per_row, counts)
+
+
+def _continue(model, cache, conts: list[list[int]], row_owner: list[int | None], hidden: list, targets: list,
+              owners: list) -> None:
+    """Run continuations (one per cache row) after the cached context; append the hidden
+    state of every position that predicts a continuation token, that token, and its owner
+    (the continuation's index; None marks a filler row, which is not scored)."""
+    device = model.lm_head.weight.device
+    inp = _pad_right([c[:-1] for c in conts], device)  # (R, longest - 1): the last token predicts nothing
+    h = model.hidden(inp, cache=cache)[0]  # (R, longest - 1, C)
+    lengths = torch.tensor([len(c) - 1 if o is not None else 0 for c, o in zip(conts, row_owner)], device=device)
+    valid = torch.arange(inp.shape[1], device=device)[None, :] < lengths[:, None]  # (R, longest - 1)
+    hidden.append(h[valid])
+    targets.append(_pad_right([c[1:] for c in conts], device)[valid])
+    owners += [row_owner[i] for i in valid.nonzero()[:, 0].tolist()]
 
 
 def _batch_uncached(model, batch: list[Request]) -> list[list[Scored]]:
