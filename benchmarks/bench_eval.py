@@ -43,67 +43,71 @@ def make_requests(n: int, seed: int = 0) -> list:
              [[rng.randrange(50257) for _ in range(rng.randint(15, 25))] for _ in range(4)]) for _ in range(n)]
 
 
+def measure(model, requests, batch_size: int, rounds: int, device: str) -> dict:
+    """Alternate the two methods over rounds; items/s from the median round of each."""
+    score_continuations(model, requests[:batch_size], batch_size=batch_size)  # warm-up
+    times: dict[str, list[float]] = {"cached": [], "uncached": []}
+    outputs = {}
+    load_before = os.getloadavg()
+    for r in range(rounds):
+        for name in (("cached", "uncached") if r % 2 == 0 else ("uncached", "cached")):
+            start = time.perf_counter()
+            outputs[name] = score_continuations(model, requests, batch_size=batch_size, use_cache=name == "cached")
+            if device != "cpu":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    diff = max(abs(a - b) for ra, rb in zip(outputs["cached"], outputs["uncached"]) for sa, sb in zip(ra, rb)
+               for a, b in zip(sa.logprobs, sb.logprobs))
+    same = sum(max(range(4), key=lambda i: ra[i].total) == max(range(4), key=lambda i: rb[i].total)
+               for ra, rb in zip(outputs["cached"], outputs["uncached"]))
+    items_s = {k: len(requests) / statistics.median(v) for k, v in times.items()}
+    return {"threads": torch.get_num_threads(), "seconds_per_round": times, "items_per_s_median": items_s,
+            "speedup": items_s["cached"] / items_s["uncached"], "max_abs_logprob_difference": diff,
+            "same_prediction": f"{same}/{len(requests)}", "load_average_before": load_before,
+            "load_average_after": os.getloadavg()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--items", type=int, default=32)
+    parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", default="2,1", help="torch intra-op thread counts to measure, e.g. 2,1")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=50257, block_size=1024, n_layer=6, n_head=12, n_embd=768)
     model = GPT(config).to(args.device).eval()
     requests = make_requests(args.items)
-    score_continuations(model, requests[: args.batch_size], batch_size=args.batch_size)  # warm-up
-    times: dict[str, list[float]] = {"cached": [], "uncached": []}
-    outputs = {}
-    load_before = os.getloadavg()
-    for r in range(args.rounds):
-        for name in (("cached", "uncached") if r % 2 == 0 else ("uncached", "cached")):
-            start = time.perf_counter()
-            outputs[name] = score_continuations(model, requests, batch_size=args.batch_size,
-                                                use_cache=name == "cached")
-            if args.device != "cpu":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    load_after = os.getloadavg()
-    diff = max(abs(a - b) for ra, rb in zip(outputs["cached"], outputs["uncached"]) for sa, sb in zip(ra, rb)
-               for a, b in zip(sa.logprobs, sb.logprobs))
-    same_pred = sum(max(range(4), key=lambda i: ra[i].total) == max(range(4), key=lambda i: rb[i].total)
-                    for ra, rb in zip(outputs["cached"], outputs["uncached"]))
-    items_s = {k: args.items / statistics.median(v) for k, v in times.items()}
+    runs = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        runs.append(measure(model, requests, args.batch_size, args.rounds, args.device))
     result = {
         "job": {"items": args.items, "choices": 4, "context_tokens": "140-160", "choice_tokens": "15-25",
                 "batch_size": args.batch_size, "rounds": args.rounds, "model": "6 layers, n_embd 768, 12 heads, "
                 "vocab 50257, random weights, float32"},
-        "seconds_per_round": times,
-        "items_per_s_median": items_s,
-        "speedup": items_s["cached"] / items_s["uncached"],
-        "max_abs_logprob_difference": diff,
-        "same_prediction": f"{same_pred}/{args.items}",
-        "environment": {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                        "load_average_before": load_before, "load_average_after": load_after,
-                        "note": "shared 2-core VM; other engineers' jobs may have been running"},
+        "runs": runs,
+        "environment": {"device": args.device, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                        "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+                        "note": "shared 2-core VM; other engineers' jobs were running (see the load averages)"},
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"bench_eval_{args.device}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# bench_eval ({args.device})", "",
-          "4-choice items, 1-shot contexts of 140-160 tokens, choices of 15-25 tokens, GPT-2-shaped 6-layer "
-          f"model (random weights, float32), batch {args.batch_size} items, median of {args.rounds} rounds "
-          "alternating the methods.", "",
-          "| method | items/s | seconds per round |", "|---|---|---|"]
-    for name in ("uncached", "cached"):
-        md.append(f"| {name} | {items_s[name]:.2f} | {', '.join(f'{t:.2f}' for t in times[name])} |")
-    md += ["", f"speedup: **{result['speedup']:.2f}x**; largest per-token log-prob difference "
-               f"{diff:.2e}; same prediction on {same_pred}/{args.items} items.", "",
-           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; load average "
-           f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (a shared machine: other engineers' jobs may "
-           "have been running)."]
+          f"{args.items} items of 4 choices, 1-shot contexts of 140-160 tokens, choices of 15-25 tokens, "
+          f"GPT-2-shaped 6-layer model (random weights, float32), batch {args.batch_size} items; items/s from the "
+          f"median of {args.rounds} rounds alternating the two methods. torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, a shared machine: other engineers' jobs were running (load averages below).", "",
+          "| threads | uncached items/s | cached items/s | speedup | seconds per round (uncached; cached) | "
+          "max logprob diff | same prediction | load avg before / after |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        rounds = "; ".join(", ".join(f"{t:.1f}" for t in r["seconds_per_round"][k]) for k in ("uncached", "cached"))
+        md.append(f"| {r['threads']} | {r['items_per_s_median']['uncached']:.2f} | "
+                  f"{r['items_per_s_median']['cached']:.2f} | **{r['speedup']:.2f}x** | {rounds} | "
+                  f"{r['max_abs_logprob_difference']:.1e} | {r['same_prediction']} | "
+                  f"{r['load_average_before'][0]:.1f} / {r['load_average_after'][0]:.1f} |")
     (RESULTS / f"bench_eval_{args.device}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
