@@ -41,11 +41,12 @@ def hf_model(family):
     return randomize_(model, 0, std=0.2).eval()
 
 
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neo"])
-def test_choice_loglikelihoods_match_transformers(family, tmp_path):
+def test_choice_loglikelihoods_match_transformers(family, backend, tmp_path):
     hf = hf_model(family)
     hf.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(tmp_path)
+    model = GPT.from_pretrained(tmp_path, backend=backend)
     tokenizer = CharTokenizer(ALPHABET)
     examples = [MultipleChoice("the cat sat on the", ("mat", "hat", "big red rug"), 0),
                 MultipleChoice("where is it?", ("here", "there"), 1),
