@@ -148,9 +148,12 @@ def table_rows(results: Sequence[EvalResult]) -> list[tuple[str, str, float, flo
 
 def format_table(results: Sequence[EvalResult], markdown: bool = False) -> str:
     """The results as a table: task, metric, value, stderr, n."""
+    def number(v: float | None) -> str:
+        return "" if v is None else f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+
     head = ("task", "shots", "metric", "value", "stderr", "n")
-    body = [(r.task, str(r.shots), m, f"{v:.4f}", "" if r.stderr.get(m) is None else f"{r.stderr[m]:.4f}",
-             str(r.n)) for r in results for m, v in r.metrics.items()]
+    body = [(r.task, str(r.shots), m, number(v), number(r.stderr.get(m)), str(r.n))
+            for r in results for m, v in r.metrics.items()]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
