@@ -222,3 +222,15 @@ def test_hellaswag_rows_are_read_as_is(tmp_path):
     row = {"ind": 4, "activity_label": "x", "ctx": "A man is", "endings": ["a", "b", "c", "d"], "label": "2"}
     (example,) = read_task(write_jsonl(tmp_path / "hs.jsonl", [row])).examples
     assert example == MultipleChoice("A man is", ("a", "b", "c", "d"), 2, 1)
+
+
+def test_cache_truncate_refuses_a_wrapped_banded_ring():
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8,
+                          attention_pattern=("dense", "banded"), attention_window=3))
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model.hidden(torch.tensor([[1, 2]]), cache=cache)
+        cache.truncate(1)  # two tokens fit in the ring of three: nothing was overwritten
+        model.hidden(torch.tensor([[3, 4, 5]]), cache=cache)
+    with pytest.raises(ValueError, match="has wrapped"):
+        cache.truncate(2)
