@@ -399,6 +399,47 @@ def add_predict_parser(sub) -> None:
     p.set_defaults(func=_predict)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from minigpt.evaluation.harness import format_table, run_eval
+    from minigpt.evaluation.prompts import PromptFormat
+
+    fmt = PromptFormat(separator=args.separator.replace("\\n", "\n"), target_delimiter=args.target_delimiter,
+                       unconditional_prompt=args.unconditional_prompt or None,
+                       stop=args.stop.replace("\\n", "\n"))
+    results = run_eval(args.tasks, args.model, shots=args.shots, demos=args.demos, limit=args.limit,
+                       out_dir=args.out, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                       backend=args.backend, fmt=fmt)
+    print(format_table(results))
+    if args.out is not None:
+        print(f"wrote {args.out}/results.json, examples.jsonl, results.md")
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="zero-/few-shot evaluation on JSONL task files (multiple choice, cloze, free-form)",
+        description="Evaluate a language model the way the GPT-3 paper does (section 2.4): K demonstrations "
+        "per example, then the context; multiple-choice answers scored by log-likelihood (acc, acc_norm, "
+        "acc_uncond), cloze by greedy exact match and log-likelihood of the last word, free-form by exact "
+        "match and token F1 of a greedy completion. File formats: see the README's Evaluation section.",
+    )
+    p.add_argument("tasks", nargs="+", metavar="TASK.jsonl", help="task files (one type per file)")
+    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--shots", type=int, default=0, help="demonstrations per example (K)")
+    p.add_argument("--demos", default=None, help="JSONL of demonstrations (default: the task's other examples)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    p.add_argument("--out", default=None, help="folder for results.json, examples.jsonl, results.md")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the demonstration draw")
+    p.add_argument("--separator", default="\\n\\n", help="between demonstrations (\\n for a newline)")
+    p.add_argument("--target-delimiter", default=" ", help="between a context and its choice")
+    p.add_argument("--unconditional-prompt", default="Answer:",
+                   help="neutral context for acc_uncond ('' to skip it)")
+    p.add_argument("--stop", default="\\n", help="free-form: cut a greedy completion at this string")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    p.add_argument("--backend", choices=BACKENDS, default="sdpa")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_eval)
+
+
 def _pair_overrides(extra: list[str]) -> list[str]:
     """['--a=1', '--b', '2', '--flag'] -> ['a=1', 'b=2', 'flag']."""
     out, i = [], 0
@@ -428,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fewshot_parser(sub)
     add_evaluate_parser(sub)
     add_predict_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

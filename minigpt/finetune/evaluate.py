@@ -24,7 +24,9 @@ from minigpt.finetune.data import (
     read_prompt_completion,
 )
 from minigpt.finetune.export import load_finetuned
-from minigpt.finetune.fewshot import FewShotClassifier, FewShotPrompt, select_shots
+from minigpt.evaluation.harness import evaluate_examples
+from minigpt.evaluation.tasks import Task
+from minigpt.finetune.fewshot import FewShotPrompt, as_multiple_choice, choose, prompt_format, select_shots
 from minigpt.finetune.metrics import ClassificationReport, classification_report, write_report
 
 log = logging.getLogger(__name__)
@@ -182,11 +184,16 @@ def evaluate_fewshot(model_dir: str | Path, shots_file: str | Path, data_file: s
     unknown = sorted({r.label for r in rows} - set(labels.labels))
     if unknown:
         raise ValueError(f"{data_file} has labels {unknown} that no example in {shots_file} has")
-    clf = FewShotClassifier(model, tokenizer, labels.labels, tuple(select_shots(pool, k, seed)), prompt)
-    predicted = [clf.predict(r.text) for r in rows]
+    shots = select_shots(pool, k, seed)
+    task = Task(Path(data_file).stem, "multiple_choice",
+                tuple(as_multiple_choice(r.text, r.label, labels.labels, prompt, r.line) for r in rows))
+    demos = [as_multiple_choice(s.text, s.label, labels.labels, prompt, s.line) for s in shots]
+    result = evaluate_examples(model, tokenizer, task, fixed_demos=demos, fmt=prompt_format(prompt),
+                               progress=len(rows) > 50)
+    predicted = [choose(r["loglikelihoods"], r["tokens"], prompt.normalize) for r in result.examples]
     report = classification_report([labels.id(r.label) for r in rows], predicted, labels.labels)
     if out_dir is not None:
-        example = prompt.render(clf.shots, "<text>")
+        example = prompt.render(shots, "<text>")
         write_report(report, out_dir, {"model": str(model_dir), "data": str(data_file), "k": k, "prompt": example})
     return report
 
