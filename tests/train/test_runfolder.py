@@ -5,9 +5,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from minigpt.cli import build_parser, main
 from minigpt.data import FixedWindows, RandomWindows, TokenSplit
 from minigpt.train import checkpoint as ckpt
 from minigpt.train import train
+from minigpt.train.observe import read_metrics
 from minigpt.train.runfolder import LOCK_FILE, RunFolderError
 from tests.train.common import quick_train_config, tiny_gpt_config
 
@@ -143,3 +146,41 @@ def test_prune_never_leaves_half_checkpoint(tmp_path, shakespeare_chars, monkeyp
     result = _run(tmp_path, shakespeare_chars, resume=True, max_steps=6, checkpoint_interval=1, keep_last=1,
                   eval_interval=100)
     assert result.step == 6 and not any(p.name.startswith(".") for p in root.iterdir())
+
+
+def test_kill_9_leaves_a_stale_lock_that_resume_takes_over_and_continues_exactly(tmp_path, shakespeare_chars,
+                                                                                   caplog):
+    def config(name):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({
+            "model": {"vocab_size": 65, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.1},
+            "train": {"out_dir": str(tmp_path / name), "max_steps": 120, "batch_size": 4, "eval_interval": 50,
+                      "eval_steps": 1, "log_interval": 1, "checkpoint_interval": 7, "device": "cpu",
+                      "progress": False, "cpu_threads": 1},
+            "data": {"path": str(shakespeare_chars)}, "sample": {"tokens": 0}}))
+        return str(path)
+
+    main(["train", "--config", config("whole")])
+    killed = subprocess.Popen([sys.executable, "-m", "minigpt", "train", "--config", config("killed")],
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    while killed.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 20):
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert json.loads((tmp_path / "killed" / LOCK_FILE).read_text())["pid"] == killed.pid  # left behind
+
+    with caplog.at_level(logging.WARNING):
+        main(["train", "--config", config("killed"), "--resume"])
+    assert f"(pid {killed.pid} on {socket.gethostname()}); taking it over" in caplog.text
+    assert not (tmp_path / "killed" / LOCK_FILE).exists()
+    assert _train_losses(tmp_path / "killed") == _train_losses(tmp_path / "whole")  # bit for bit
+    latest = [ckpt.load_state_dict_file(tmp_path / run / "checkpoints" / "latest" / ckpt.MODEL_FILE)
+              for run in ("whole", "killed")]
+    for name in latest[0]:
+        assert torch.equal(latest[0][name], latest[1][name]), name
+
+
+def _train_losses(run):
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if r["kind"] == "train"]
