@@ -184,3 +184,29 @@ def test_kill_9_leaves_a_stale_lock_that_resume_takes_over_and_continues_exactly
 
 def _train_losses(run):
     return [(r["step"], r["loss"]) for r in read_metrics(run) if r["kind"] == "train"]
+
+
+def test_finetune_rerun_is_refused_and_overwrite_moves_it_aside(tmp_path, monkeypatch):
+    from minigpt import GPTConfig, Tokenizer
+    from minigpt.train.finetune import FinetuneConfig, default_train_config, finetune
+    from tests.helpers import use_tiktoken_cache
+
+    use_tiktoken_cache(monkeypatch)
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\n" + "".join(f"row {i} is {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'}\n"
+                                             for i in range(20)))
+    config = FinetuneConfig(task="classify", train_file=str(data), max_length=8)
+    train_config = default_train_config(config, str(tmp_path / "run"), dict(
+        max_steps=2, batch_size=4, eval_interval=2, eval_steps=1, device="cpu", progress=False))
+
+    def run(**kwargs):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=50257, block_size=8, n_layer=1, n_head=2, n_embd=16))
+        return finetune(config, train_config, model=model, tokenizer=Tokenizer(), **kwargs)
+
+    run()
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        run()
+    run(overwrite=True)
+    (aside,) = tmp_path.glob("run.old-*")
+    assert (aside / "model" / "config.json").is_file() and (tmp_path / "run" / "model" / "config.json").is_file()
