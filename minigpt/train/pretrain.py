@@ -358,7 +358,8 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
     return PretrainResult(train=result, run_dir=run_dir, data_dir=data_dir, sample=text)
 
 
-def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool):
+def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tuple[TrainResult, torch.nn.Module, object, Path]:
+    """(train result, trained model, tokenizer, data folder): everything but the sample."""
     run_dir = Path(config.train.out_dir)
     data_dir = _data_folder(config, info)
     train_split = TokenSplit(data_dir, "train", verify=config.data.verify)

@@ -69,8 +69,8 @@ def claim(out_dir: str | Path, *, resume: bool, overwrite: bool = False, is_main
     if is_main:
         try:
             _acquire(key, resume, overwrite)
-        except RunFolderError as err:
-            error = str(err)
+        except (RunFolderError, OSError) as err:  # shared, so no rank waits for a peer that left
+            error = str(err) if isinstance(err, RunFolderError) else f"cannot claim run folder {key}: {err}"
     errors = [e for e in dist_.all_gather_objects(error) if e is not None]
     if errors:
         if is_main and error is None:
