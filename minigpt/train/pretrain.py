@@ -342,8 +342,10 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
     try:
         with runfolder.claim(run_dir, resume=resume, overwrite=overwrite, is_main=info.is_main):
             result, model, tokenizer, data_dir = _pretrain(config, info, resume)
-    finally:
-        dist_.teardown()
+    except BaseException:
+        dist_.teardown(sync=False)
+        raise
+    dist_.teardown()
     text = None
     if info.is_main and config.sample.tokens > 0:
         from minigpt.generate import generate_text
