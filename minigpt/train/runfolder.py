@@ -109,11 +109,11 @@ def _acquire(folder: Path, resume: bool, overwrite: bool) -> None:
             n += 1
             aside = aside.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
         os.replace(folder, aside)
+        (aside / LOCK_FILE).unlink(missing_ok=True)
     except BaseException:
         _release(folder)
         raise
     _lock(folder)  # the new, empty folder; fails if another run took the name meanwhile
-    (aside / LOCK_FILE).unlink(missing_ok=True)
     logger.warning("overwrite: moved the previous run in %s to %s", folder, aside)
 
 
