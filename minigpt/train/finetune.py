@@ -345,7 +345,6 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
     Raises ValueError for bad data (naming file and line), inconsistent options, or a run
     folder that is in use or holds another run.
     """
-    from minigpt.train import checkpoint as ckpt
     from minigpt.train import distributed as dist_
     from minigpt.train import runfolder
 
