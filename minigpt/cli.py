@@ -168,7 +168,7 @@ def _train(args: argparse.Namespace) -> None:
         overrides.append(f"data.path={args.data}")
     if args.out_dir is not None:
         overrides.append(f"train.out_dir={args.out_dir}")
-    result = pretrain(load_config(args.preset, args.config, overrides), resume=args.resume)
+    result = pretrain(load_config(args.preset, args.config, overrides), resume=args.resume, overwrite=args.overwrite)
     if result.sample is not None:
         print(f"--- sample from {result.train.last_checkpoint} ---")
         print(result.sample)
@@ -186,6 +186,8 @@ def add_train_parser(sub) -> None:
                                                 "tiny Shakespeare)")
     p.add_argument("--out-dir", default=None, help="run folder (train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a run, moving that run aside to OUT.old-<time>")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an override such as train.lr=1e-3 (repeatable); --train.lr=1e-3 works too")
     p.set_defaults(func=_train, accepts_overrides=True)
@@ -248,6 +250,8 @@ def add_finetune_parser(sub) -> None:
         t.add_argument("--val-fraction", type=float, default=0.1)
         t.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, model/, eval/)")
         t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        t.add_argument("--overwrite", action="store_true",
+                       help="start afresh when --out holds a run, moving that run aside to OUT.old-<time>")
         _add_encoding(t)
         if task == "classify":
             _add_columns(t)
@@ -282,7 +286,7 @@ def _finetune_train(args: argparse.Namespace) -> None:
                       completion_column=args.completion_column)
     config = FinetuneConfig(**fields)
     result = finetune(config, default_train_config(config, args.out, train_overrides(args.overrides)),
-                      resume=args.resume)
+                      resume=args.resume, overwrite=args.overwrite)
     if result.report is not None:
         print(result.report.format())
         print(f"model: {result.model_dir}")

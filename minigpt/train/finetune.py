@@ -362,16 +362,18 @@ def _resolve_init(path: str | Path) -> Path:
 
 
 def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None, tokenizer=None,
-             resume: bool = False) -> FinetuneResult:
+             resume: bool = False, overwrite: bool = False) -> FinetuneResult:
     """Fine-tune, export the best model to OUT/model and evaluate it into OUT/eval.
 
     model/tokenizer: start from this GPT instead of `config.init` (e.g. a fresh one).
     Every checkpoint the loop writes is itself a fine-tuned folder (LoRA merged) that
-    `minigpt evaluate`/`predict` read; `resume` continues from the newest one.
-    Raises ValueError for bad data (naming file and line) or inconsistent options.
+    `minigpt evaluate`/`predict` read; `resume` continues from the newest one that loads.
+    OUT must not hold another run unless `resume`, or `overwrite` (which moves it aside).
+    Raises ValueError for bad data (naming file and line), inconsistent options, or a run
+    folder that is in use or holds another run.
     """
-    from minigpt.train import checkpoint as ckpt
     from minigpt.train import distributed as dist_
+    from minigpt.train import runfolder
 
     run, tokenizer = prepare(config, train_config, model=model, tokenizer=tokenizer)
     out = Path(train_config.out_dir)
@@ -381,10 +383,19 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
 
     metadata = {"finetune": dataclasses.asdict(config), "model": run.model.config.to_dict(),
                 "labels": list(run.labels.labels) if run.labels else None}
-    result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
-                   loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, resume=resume,
-                   run_metadata=metadata)
-    if not dist_.setup(train_config.device).is_main:
+    info = dist_.setup(train_config.device)
+    with runfolder.claim(out, resume=resume, overwrite=overwrite, is_main=info.is_main):
+        result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
+                       loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, resume=resume,
+                       run_metadata=metadata)
+        return _export(config, run, result, save_model, out, info)
+
+
+def _export(config: FinetuneConfig, run: _Run, result, save_model, out: Path, info) -> FinetuneResult:
+    """Rank 0: the best checkpoint to OUT/model, evaluated into OUT/eval."""
+    from minigpt.train import checkpoint as ckpt
+
+    if not info.is_main:
         return FinetuneResult(out / "model", None, result, run.details["trainable_params"], run.details["total_params"])
     best = result.best_checkpoint or result.last_checkpoint
     weights = best / ckpt.RESUME_MODEL_FILE
