@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from minigpt.config import reject_unknown_keys
 from minigpt.finetune.classifier import ClassificationLoss, GPTClassifier, balanced_class_weights
 from minigpt.finetune.data import (
-    IGNORE_INDEX,
-    LabeledText, LabelMap, PromptCompletion, ShuffledBatches, collate_classification, collate_completion, encode_classification,
-    encode_completions, fixed_batches, pack_completions, read_labeled, read_prompt_completion, stratified_split,
+    IGNORE_INDEX, LabeledText, LabelMap, PromptCompletion, ShuffledBatches, collate_classification,
+    collate_completion, encode_classification, encode_completions, fixed_batches, pack_completions, read_labeled,
+    read_prompt_completion, report_leakage, split_without_leakage,
 )
 from minigpt.finetune.export import FinetuneMeta, save_finetuned
 from minigpt.finetune.lora import LORA_TARGETS, apply_lora, count_trainable, freeze_all_but_last
@@ -59,12 +59,14 @@ class FinetuneConfig:
     task: str
     """"classify" (a head on the last token) or "completion" (prompt -> completion)."""
     train_file: str
-    """classify: CSV/TSV/JSONL with a text and a label column; completion: prompt/completion JSONL."""
+    """CSV, TSV, JSON array or JSONL: classify: a text and a label column; completion: a prompt
+    and a completion column."""
     init: str | None = None
     """Model folder to start from (Hugging Face GPT-2/GPT-Neo layout or minigpt's); None
     when the model is passed to `finetune` directly."""
     val_file: str | None = None
-    """Validation data; None splits val_fraction off the training file (stratified by label)."""
+    """Validation data; None splits val_fraction off the training file (stratified by label,
+    duplicates kept on one side). Rows that also occur in the training file are reported."""
     val_fraction: float = 0.1
     """Share of the training file held out when no val_file is given."""
     split_seed: int = 1337
@@ -73,6 +75,15 @@ class FinetuneConfig:
     """classify: column (or JSON field) holding the text."""
     label_column: str = "label"
     """classify: column (or JSON field) holding the label."""
+    merge_label_case: bool = False
+    """classify: treat labels that differ only by case or surrounding whitespace as one class
+    (the most frequent spelling); False makes them an error that lists the spellings."""
+    prompt_column: str = "prompt"
+    """completion: column (or JSON field) holding the prompt."""
+    completion_column: str = "completion"
+    """completion: column (or JSON field) holding the completion."""
+    encoding: str = "utf-8"
+    """Text encoding of the data files (a UTF-8 byte-order mark is always dropped)."""
     max_length: int | None = None
     """classify: tokens kept per text (its first ones); None means the model's block_size."""
     class_weights: str = "none"
@@ -199,20 +210,35 @@ def _batches(examples, batch_size: int, collate, seed: int, device: str) -> Shuf
     return ShuffledBatches(examples, batch_size, collate, seed, info.rank, info.world_size)
 
 
-def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
-    from minigpt.finetune.evaluate import classify, evaluate_classifier
+def _labeled_split(config: FinetuneConfig) -> tuple[list[LabeledText], list[LabeledText], LabelMap, int]:
+    """(training rows, validation rows, labels, validation rows also in training) of a
+    labeled task: the validation file, else a stratified split that keeps repeats together."""
 
-    rows = read_labeled(config.train_file, config.text_column, config.label_column)
+    def read(path: str, known: tuple[str, ...] = ()) -> list:
+        return read_labeled(path, config.text_column, config.label_column, encoding=config.encoding,
+                            merge_label_case=config.merge_label_case, known_labels=known)
+
+    rows = read(config.train_file)
+    leaks = 0
     if config.val_file is not None:
-        val_rows = read_labeled(config.val_file, config.text_column, config.label_column)
+        val_rows = read(config.val_file, tuple(sorted({r.label for r in rows})))
+        leaks = report_leakage(rows, val_rows, lambda r: r.text, config.train_file, config.val_file, "text")
     else:
-        rows, val_rows = stratified_split(rows, config.val_fraction, config.split_seed)
+        rows, val_rows = split_without_leakage(rows, config.val_fraction, config.split_seed, config.train_file)
         log.info("no validation file: held out %d of %d rows (stratified, seed %d)",
                  len(val_rows), len(rows) + len(val_rows), config.split_seed)
     labels = LabelMap.from_examples(rows)
     unseen = sorted({r.label for r in val_rows} - set(labels.labels))
     if unseen:
-        raise ValueError(f"validation labels {unseen} never occur in the training data {config.train_file}")
+        raise ValueError(f"validation labels {unseen} never occur in the training data {config.train_file} "
+                         f"(its labels: {list(labels.labels)})")
+    return rows, val_rows, labels, leaks
+
+
+def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
+    from minigpt.finetune.evaluate import classify, evaluate_classifier
+
+    rows, val_rows, labels, leaks = _labeled_split(config)
     max_length = min(config.max_length or backbone.config.block_size, backbone.config.block_size)
     pad = tokenizer.eos_id or 0
     train_examples = encode_classification(tokenizer, rows, labels, max_length)
@@ -242,7 +268,8 @@ def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config
         labels=labels,
         evaluate=lambda model: evaluate_classifier(model, tokenizer, val_rows, labels, max_length,
                                                    config.eval_batch_size),
-        details={"train_rows": len(rows), "val_rows": len(val_rows), "train_label_counts": counts,
+        details={"train_rows": len(rows), "val_rows": len(val_rows), "val_rows_in_train": leaks,
+                 "train_label_counts": counts,
                  "class_weights": weights},
     )
 
@@ -299,14 +326,22 @@ def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_conf
                     val_pairs: list[PromptCompletion] | None = None) -> _Run:
     """A completion run on config's files, or on `pairs`/`val_pairs` when given (already framed)."""
     from minigpt.finetune.evaluate import evaluate_completion
-    from minigpt.finetune.validate import common_suffix
+    from minigpt.finetune.check import common_suffix
 
+    def read(path: str) -> list:
+        return read_prompt_completion(path, config.prompt_column, config.completion_column, config.encoding)
+
+    leaks = 0
     if pairs is None:
-        pairs = read_prompt_completion(config.train_file)
+        pairs = read(config.train_file)
         if config.val_file is not None:
-            val_pairs = read_prompt_completion(config.val_file)
+            val_pairs = read(config.val_file)
+            leaks = report_leakage(pairs, val_pairs, lambda p: p.prompt, config.train_file, config.val_file,
+                                   "prompt")
         else:
-            pairs, val_pairs = stratified_split(pairs, config.val_fraction, config.split_seed, key=lambda p: 0)
+            pairs, val_pairs = split_without_leakage(pairs, config.val_fraction, config.split_seed,
+                                                     config.train_file, key=lambda p: 0, group=lambda p: p.prompt,
+                                                     what="prompt")
             log.info("no validation file: held out %d of %d pairs", len(val_pairs), len(pairs) + len(val_pairs))
         pairs, val_pairs = _framed(pairs, config), _framed(val_pairs, config)
     block_size = backbone.config.block_size
@@ -335,7 +370,8 @@ def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_conf
         evaluate=lambda model: evaluate_completion(model, tokenizer, val_pairs, stop=stop,
                                                    max_generate=config.max_generate,
                                                    batch_size=config.eval_batch_size, add_eos=config.add_eos),
-        details={"train_pairs": len(pairs), "val_pairs": len(val_pairs), "packed_rows": len(train_examples)
+        details={"train_pairs": len(pairs), "val_pairs": len(val_pairs), "val_pairs_in_train": leaks,
+                 "packed_rows": len(train_examples)
                  if config.packing else None},
     )
 
@@ -346,17 +382,7 @@ def _as_completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_c
     from minigpt.finetune.as_completion import evaluate_as_completion, labeled_to_pairs, likelihood_predictions
     from minigpt.finetune.fewshot import FewShotPrompt
 
-    rows = read_labeled(config.train_file, config.text_column, config.label_column)
-    if config.val_file is not None:
-        val_rows = read_labeled(config.val_file, config.text_column, config.label_column)
-    else:
-        rows, val_rows = stratified_split(rows, config.val_fraction, config.split_seed)
-        log.info("no validation file: held out %d of %d rows (stratified, seed %d)",
-                 len(val_rows), len(rows) + len(val_rows), config.split_seed)
-    labels = LabelMap.from_examples(rows)
-    unseen = sorted({r.label for r in val_rows} - set(labels.labels))
-    if unseen:
-        raise ValueError(f"validation labels {unseen} never occur in the training data {config.train_file}")
+    rows, val_rows, labels, leaks = _labeled_split(config)
     prompt = FewShotPrompt(template=config.bos + config.template + config.sep_token, label_prefix=config.label_prefix)
     pairs = labeled_to_pairs(rows, prompt, tokenizer, config.max_length)
     val_pairs = labeled_to_pairs(val_rows, prompt, tokenizer, config.max_length)
@@ -372,7 +398,8 @@ def _as_completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_c
     run.extra_eval = extra_eval
     run.evaluate = lambda model: evaluate_as_completion(model, tokenizer, val_texts, labels, prompt,
                                                         config.eval_batch_size)
-    run.details.update(labels=list(labels.labels), template=prompt.template, label_prefix=prompt.label_prefix)
+    run.details.update(labels=list(labels.labels), template=prompt.template, label_prefix=prompt.label_prefix,
+                       val_rows_in_train=leaks)
     return run
 
 
@@ -470,16 +497,18 @@ def _resolve_init(path: str | Path) -> Path:
 
 
 def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None, tokenizer=None,
-             resume: bool = False) -> FinetuneResult:
+             resume: bool = False, overwrite: bool = False) -> FinetuneResult:
     """Fine-tune, export the best model to OUT/model and evaluate it into OUT/eval.
 
     model/tokenizer: start from this GPT instead of `config.init` (e.g. a fresh one).
     Every checkpoint the loop writes is itself a fine-tuned folder (LoRA merged) that
-    `minigpt evaluate`/`predict` read; `resume` continues from the newest one.
-    Raises ValueError for bad data (naming file and line) or inconsistent options.
+    `minigpt evaluate`/`predict` read; `resume` continues from the newest one that loads.
+    OUT must not hold another run unless `resume`, or `overwrite` (which moves it aside).
+    Raises ValueError for bad data (naming file and line), inconsistent options, or a run
+    folder that is in use or holds another run.
     """
-    from minigpt.train import checkpoint as ckpt
     from minigpt.train import distributed as dist_
+    from minigpt.train import runfolder
 
     run, tokenizer = prepare(config, train_config, model=model, tokenizer=tokenizer)
     out = Path(train_config.out_dir)
@@ -489,10 +518,19 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
 
     metadata = {"finetune": dataclasses.asdict(config), "model": run.model.config.to_dict(),
                 "labels": list(run.labels.labels) if run.labels else None}
-    result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
-                   loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, resume=resume,
-                   run_metadata=metadata)
-    if not dist_.setup(train_config.device).is_main:
+    info = dist_.setup(train_config.device)
+    with runfolder.claim(out, resume=resume, overwrite=overwrite, is_main=info.is_main):
+        result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
+                       loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, resume=resume,
+                       run_metadata=metadata)
+        return _export(config, run, result, save_model, out, info)
+
+
+def _export(config: FinetuneConfig, run: _Run, result, save_model, out: Path, info) -> FinetuneResult:
+    """Rank 0: the best checkpoint to OUT/model, evaluated into OUT/eval."""
+    from minigpt.train import checkpoint as ckpt
+
+    if not info.is_main:
         return FinetuneResult(out / "model", None, result, run.details["trainable_params"], run.details["total_params"])
     best = result.best_checkpoint or result.last_checkpoint
     weights = best / ckpt.RESUME_MODEL_FILE
