@@ -260,9 +260,11 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return GPTOutput(logits=logits, loss=loss, hidden_states=states, attentions=attentions)
 
-    def new_cache(self, batch_size: int, left_pad: torch.Tensor | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, left_pad: torch.Tensor | None = None,
+                  max_length: int | None = None) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, left_pad=left_pad)
+        return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, left_pad=left_pad,
+                       max_length=max_length)
 
     def num_params(self) -> int:
         """Trainable parameters of this instance, counting a tied matrix once."""
@@ -274,6 +276,12 @@ class GPT(nn.Module):
         from minigpt.generate import generate
 
         return generate(self, prompts, max_new_tokens, **kwargs)
+
+    def resize_token_embeddings(self, new_vocab_size: int, mean_of: int | None = None) -> "GPT":
+        """Grow the token embedding (and head) to `new_vocab_size` rows; see `minigpt.vocab`."""
+        from minigpt.vocab import resize_token_embeddings
+
+        return resize_token_embeddings(self, new_vocab_size, mean_of)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "sdpa") -> "GPT":

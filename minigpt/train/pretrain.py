@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from minigpt.config import PRESETS, GPTConfig, reject_unknown_keys
-from minigpt.data.dataset import FixedWindows, RandomWindows, TokenSplit, read_metadata
-from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, find_sources, prepare
+from minigpt.data.dataset import FixedWindows, RandomWindows, TokenSplit
+from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, prepare, stale_reason
 from minigpt.train import distributed as dist_
+from minigpt.train import runfolder
 from minigpt.train.loop import TrainConfig, TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -331,22 +332,50 @@ def _data_folder(config: PretrainConfig, info: dist_.DistInfo) -> Path:
 
 
 def _already_prepared(folder: Path, prep: PrepareConfig) -> bool:
-    try:
-        meta = read_metadata(folder)
-    except (FileNotFoundError, ValueError):
-        return False
-    sources = [{"path": str(s.path), "kind": s.kind, "bytes": s.size} for s in find_sources(prep.inputs)]
-    return (meta["sources"] == sources and meta["tokenizer"]["type"] == prep.tokenizer
-            and meta["val_fraction"] == prep.val_fraction)
+    """Whether `folder` holds a preparation of exactly these inputs (same bytes, by content
+    hash); when it holds another, say why it is prepared again."""
+    reason = stale_reason(folder, prep)
+    if reason is not None and (folder / "meta.json").is_file():
+        logger.info("preparing %s again: %s", folder, reason)
+    return reason is None
 
 
-def pretrain(config: PretrainConfig, resume: bool = False) -> PretrainResult:
+def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = False) -> PretrainResult:
     """Prepare or open the data, build the model, train it, and sample from it (rank 0).
+
+    The run folder is claimed first (minigpt.train.runfolder): a folder that holds another
+    run is refused unless `resume` or `overwrite` (which moves the old run aside). Every
+    rank leaves the process group when training ends, also on an error; the sample is
+    drawn afterwards on rank 0 alone, from the final checkpoint when the model is sharded.
 
     Raises ValueError when the data's vocabulary does not fit the model, and whatever
     `prepare` and `train` raise.
     """
     info = dist_.setup(config.train.device)
+    run_dir = Path(config.train.out_dir)
+    try:
+        with runfolder.claim(run_dir, resume=resume, overwrite=overwrite, is_main=info.is_main):
+            result, model, tokenizer, data_dir = _pretrain(config, info, resume)
+    except BaseException:
+        dist_.teardown(sync=False)
+        raise
+    dist_.teardown()
+    text = None
+    if info.is_main and config.sample.tokens > 0:
+        from minigpt.generate import generate_text
+        from minigpt.model import GPT
+
+        if dist_.resolve_parallel(config.train.parallel, info) == "fsdp":  # sharded: read the gathered copy
+            model = GPT.from_pretrained(result.last_checkpoint)
+        model.eval()
+        s = config.sample
+        text = s.prompt + generate_text(model, tokenizer, s.prompt, s.tokens, temperature=s.temperature,
+                                        top_k=s.top_k, seed=s.seed)[0]
+    return PretrainResult(train=result, run_dir=run_dir, data_dir=data_dir, sample=text)
+
+
+def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tuple[TrainResult, torch.nn.Module, object, Path]:
+    """(train result, trained model, tokenizer, data folder): everything but the sample."""
     run_dir = Path(config.train.out_dir)
     data_dir = _data_folder(config, info)
     train_split = TokenSplit(data_dir, "train", verify=config.data.verify)
@@ -380,13 +409,4 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> PretrainResult:
                              "val_tokens": meta["splits"]["val"]["tokens"]}}
     result = train(model, tc, batches, eval_batches=evals, resume=resume, run_metadata=run_metadata,
                    checkpoint_files={"tokenizer.json": json.dumps(tokenizer.to_dict())})
-    text = None
-    if info.is_main and config.sample.tokens > 0:
-        from minigpt.generate import generate_text
-
-        model.eval()
-        s = config.sample
-        text = s.prompt + generate_text(model, tokenizer, s.prompt, s.tokens, temperature=s.temperature,
-                                        top_k=s.top_k, seed=s.seed)[0]
-    dist_.teardown()
-    return PretrainResult(train=result, run_dir=run_dir, data_dir=data_dir, sample=text)
+    return result, model, tokenizer, data_dir
