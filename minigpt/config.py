@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minigpt.typed import check_fields
+
 LAYER_KINDS = ("dense", "banded")
 
 
@@ -69,6 +71,7 @@ class GPTConfig:
     """MLP non-linearity: 'gelu_tanh' (GPT-2's approximation) or 'gelu' (exact, erf)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "attention_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -148,9 +151,6 @@ class GPTConfig:
     def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
         """Build from a plain dict; unknown keys are an error that lists the valid ones."""
         reject_unknown_keys(cls, values)
-        values = dict(values)
-        if "attention_pattern" in values and isinstance(values["attention_pattern"], list):
-            values["attention_pattern"] = tuple(values["attention_pattern"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

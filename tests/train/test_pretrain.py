@@ -37,7 +37,7 @@ def test_file_then_overrides(tmp_path):
     ("optim.lr=1", r"unknown section 'optim'; sections are model, train, data, sample"),
     ("lrr=1", r"no section has a key 'lrr'. Valid keys are model: .*; train: "),
     ("seed=1", r"'seed' is in several sections; write --train.seed=... or --sample.seed=..."),
-    ("train.lr=-1", r"lr=-1 must be > 0"),
+    ("train.lr=-1", r"lr=-1.0 must be > 0 \(from --train.lr\)"),
     ("model.n_embd=130", r"n_embd=130 is not divisible by n_head=4"),
     ("data.tokenizer=bpe", r"tokenizer='bpe' must be one of"),
 ])
