@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from minigpt.device import check_device
 from minigpt.ops import BACKENDS
 
 
@@ -411,8 +412,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(err))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         args.func(args)
     except (ValueError, OSError, ArithmeticError) as err:  # OSError: files, downloads; ArithmeticError: NaN loss
+        # A user error is one paragraph and exit status 1; -v keeps the traceback for debugging.
+        if args.verbose:
+            logging.getLogger(__name__).exception("traceback (-v)")
         raise SystemExit(f"minigpt {args.command}: error: {err}") from None
 
 

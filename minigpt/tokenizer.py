@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from minigpt.files import BadFileError, read_json
+
 GPT2_EOS = "<|endoftext|>"
 
 # tiktoken names each cached file by the sha1 of the URL it came from.
@@ -104,10 +106,12 @@ class CharTokenizer:
 
 def tokenizer_from_dict(data: dict):
     """Rebuild a tokenizer saved with ``to_dict`` (stored beside checkpoints and datasets)."""
-    kind = data.get("type")
+    kind = data.get("type") if isinstance(data, dict) else None
     if kind == "gpt2":
         return Tokenizer()
     if kind == "char":
+        if not isinstance(data.get("chars"), str) or not data["chars"]:
+            raise ValueError("a char tokenizer needs its alphabet: a non-empty string under \"chars\"")
         return CharTokenizer(data["chars"])
     raise ValueError(f"unknown tokenizer type {kind!r}; expected 'gpt2' or 'char'")
 
@@ -118,8 +122,27 @@ def save_tokenizer(tokenizer, folder: str | Path) -> None:
 
 def load_tokenizer(folder: str | Path):
     """The tokenizer saved beside a model (``tokenizer.json``), else GPT-2's."""
-    path = Path(folder) / "tokenizer.json"
-    return tokenizer_from_dict(json.loads(path.read_text())) if path.is_file() else Tokenizer()
+    path = Path(folder).expanduser() / "tokenizer.json"
+    if not path.exists():
+        return Tokenizer()
+    try:
+        return tokenizer_from_dict(read_json(path, "tokenizer file"))
+    except BadFileError:
+        raise
+    except ValueError as err:
+        raise BadFileError(f"tokenizer file {path}: {err}; re-save the model or restore the file") from None
+
+
+class TokenizerFilesMissing(FileNotFoundError):
+    """GPT-2's BPE files are neither in tiktoken's cache nor downloadable (offline)."""
+
+
+def tiktoken_cache_dir() -> str:
+    """The folder tiktoken reads its cached BPE files from (tiktoken.load.read_file_cached)."""
+    import tempfile
+
+    return (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+            or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
 
 
 def _load_gpt2_encoding():
@@ -131,12 +154,13 @@ def _load_gpt2_encoding():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as err:  # tiktoken raises requests/OS errors when offline
-        cache = os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>")
         files = "\n".join(f"  {sha}  (GPT-2's {name})" for sha, name in _GPT2_CACHE_FILES.items())
-        raise RuntimeError(
-            "could not load tiktoken's 'gpt2' encoding (no network and no local cache).\n"
-            f"Either set TIKTOKEN_CACHE_DIR (now {cache}) to a folder holding these files, "
-            f"named by the sha1 of their URL:\n{files}\n"
-            "or set MINIGPT_GPT2_BPE_DIR to a folder with GPT-2's original encoder.json and vocab.bpe.\n"
-            f"Underlying error: {type(err).__name__}: {err}"
-        ) from err
+        # `from None`: the chained network traceback (over a hundred lines) says nothing more.
+        raise TokenizerFilesMissing(
+            f"could not load GPT-2's BPE tokenizer: tiktoken looked for its cached files in {tiktoken_cache_dir()} "
+            f"and could not download them ({type(err).__name__}; offline?).\n"
+            "Either set TIKTOKEN_CACHE_DIR to a folder holding these files, named by the sha1 of their URL:\n"
+            f"{files}\n"
+            "or set MINIGPT_GPT2_BPE_DIR to a folder with GPT-2's original encoder.json and vocab.bpe, "
+            "or use the char tokenizer (--tokenizer=char)."
+        ) from None

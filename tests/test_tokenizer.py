@@ -35,7 +35,7 @@ def test_offline_without_cache_names_the_files_to_place(monkeypatch, tmp_path):
     import tiktoken.registry
 
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(FileNotFoundError) as info:
         Tokenizer()
     message = str(info.value)
     assert "6d1cbeee0f20b3d9449abfede4726ed8212e3aee" in message and "TIKTOKEN_CACHE_DIR" in message

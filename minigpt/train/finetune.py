@@ -265,6 +265,9 @@ def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_conf
 def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None,
             tokenizer=None) -> tuple[_Run, object]:
     """Build the model, data and hooks of a run without training (for inspection and tests)."""
+    from minigpt.device import check_device
+
+    check_device(train_config.device)
     backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend)
     torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
     build = _classify_run if config.task == "classify" else _completion_run
@@ -326,9 +329,7 @@ def train_overrides(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.lstrip("-").partition("=")
         key = key.replace("-", "_").removeprefix("train.")
-        if key not in types:
-            raise ValueError(f"override {item!r}: TrainConfig has no key {key!r}; valid keys are: "
-                             f"{', '.join(sorted(types))}")
+        reject_unknown_keys(TrainConfig, {key: value})
         if sep:
             out[key] = parse_cli(value, types[key], f"--{key}")
         elif types[key] is bool:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from minigpt.config import PRESETS, GPTConfig, reject_unknown_keys
+from minigpt.device import check_device
 from minigpt.files import existing_file, read_json, read_toml
 from minigpt.data.dataset import FixedWindows, RandomWindows, TokenSplit, read_metadata
 from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, find_sources, prepare
@@ -384,6 +385,7 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> PretrainResult:
     Raises ValueError when the data's vocabulary does not fit the model, and whatever
     `prepare` and `train` raise.
     """
+    check_device(config.train.device)
     info = dist_.setup(config.train.device)
     run_dir = Path(config.train.out_dir)
     data_dir = _data_folder(config, info)
