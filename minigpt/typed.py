@@ -232,7 +232,13 @@ def parse_cli(text: str, tp: Any, flag: str) -> Any:
         try:
             return tp(text.strip())
         except ValueError:
-            raise ValueError(f"{flag}={text!r} must be {describe(tp)}, e.g. {flag}={'3' if tp is int else '1e-3'}") from None
+            example = "3" if tp is int else "1e-3"
+            try:
+                if tp is int and float(text).is_integer():
+                    example = str(int(float(text)))  # '1e3' -> '1000'
+            except (ValueError, OverflowError):
+                pass
+            raise ValueError(f"{flag}={text!r} must be {describe(tp)}; write e.g. {flag}={example}") from None
     if origin in (tuple, list):
         stripped = text.strip()
         if stripped.startswith("["):

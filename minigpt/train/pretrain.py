@@ -328,6 +328,10 @@ def load_config(preset: str | None = None, file: str | Path | None = None,
         if not isinstance(values, dict):
             raise ValueError(f"config file {file}: section {section!r} must be a table of key = value pairs "
                              f"(in TOML: [{section}] followed by key = value lines), not {values!r}")
+        try:
+            reject_unknown_keys(SECTIONS[section], {k: v for k, v in values.items() if (section, k) != ("model", "preset")})
+        except ValueError as err:
+            raise ValueError(f"config file {file}: [{section}] {err}") from None
         if section == "model" and "preset" in values:
             sections["model"] = {}  # a new model preset replaces the recipe's model
         sections.setdefault(section, {}).update(values)
