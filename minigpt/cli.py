@@ -15,6 +15,8 @@ def _sample(args: argparse.Namespace) -> None:
     from minigpt.model import GPT
     from minigpt.tokenizer import load_tokenizer
 
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples={args.num_samples} must be at least 1")
     model = GPT.from_pretrained(args.model, backend=args.backend).to(args.device)
     tokenizer = load_tokenizer(args.model)
     stop = args.stop or saved_stop(args.model)

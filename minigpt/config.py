@@ -7,7 +7,6 @@ branches on a model's name.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +159,14 @@ class GPTConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "GPTConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Build from a JSON file of GPTConfig fields; errors name the file."""
+        from minigpt.files import read_json
+
+        values = read_json(path, "model config")
+        try:
+            return cls.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"model config {path}: {err}") from None
 
     def replace(self, **changes: Any) -> "GPTConfig":
         """A copy with some fields changed (validated again)."""
