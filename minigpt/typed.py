@@ -76,6 +76,8 @@ def _check(value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin is Annotated:
+        if EXPAND_USER in args[1:] and isinstance(value, os.PathLike):
+            value = os.fspath(value)  # a pathlib.Path is as good as its text
         checked = _check(value, args[0])
         if EXPAND_USER in args[1:] and isinstance(checked, str):
             return os.path.expanduser(checked)

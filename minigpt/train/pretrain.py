@@ -392,6 +392,9 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> PretrainResult:
     check_device(config.train.device)
     info = dist_.setup(config.train.device)
     run_dir = Path(config.train.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"train.out_dir={str(run_dir)!r} is a file; the run folder must be a folder (choose another "
+                         f"--out-dir)")
     data_dir = _data_folder(config, info)
     train_split = TokenSplit(data_dir, "train", verify=config.data.verify)
     val_split = TokenSplit(data_dir, "val", verify=config.data.verify)
@@ -415,6 +418,12 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> PretrainResult:
     torch.manual_seed(tc.seed)  # the initial weights
     model = GPT(config.model)
     tokenizer = tokenizer_from_dict(train_split.tokenizer)
+    if config.sample.tokens > 0:  # find out now, not after the whole run
+        try:
+            tokenizer.encode(config.sample.prompt)
+        except ValueError as err:
+            raise ValueError(f"sample.prompt={config.sample.prompt!r} cannot be encoded by the data's tokenizer ({err}); "
+                             f"change --sample.prompt or set --sample.tokens=0") from None
     meta = train_split.meta
     run_metadata = {"model": config.model.to_dict(),
                     "data": {"tokenizer": meta["tokenizer"], "dtype": meta["dtype"],

@@ -35,7 +35,9 @@ def read_config(path: str | Path) -> tuple[str, GPTConfig]:
         raise BadFileError(f"{folder} is a file; give the model folder that holds config.json and the weights")
     config_file = folder / "config.json"
     if not config_file.exists():
-        raise FileNotFoundError(f"{folder} has no config.json; is it a model folder?")
+        hint = (f"; for a training run folder give one of its checkpoints, e.g. {folder / 'checkpoints' / 'best'}"
+                if (folder / "checkpoints").is_dir() else "")
+        raise FileNotFoundError(f"{folder} has no config.json; is it a model folder?{hint}")
     hf = read_json(config_file, "model config")
     model_type = hf.get("model_type")
     if model_type != NATIVE and model_type not in FAMILIES:
