@@ -8,9 +8,11 @@ A run is configured by four sections, each a frozen dataclass validated on const
     sample  SampleConfig fields: the text generated after training
 
 They come, each overriding the last, from a recipe (`--preset`: `RECIPES`, or any model
-preset with `DEFAULT_TRAIN`), a TOML or JSON file with the same sections, and
-`--section.key=value` overrides (`--key=value` when the key names one field in one
-section). Unknown sections and keys are errors that list the valid ones. The effective
+preset with `DEFAULT_TRAIN`; else the file's `preset`; else `DEFAULT_RECIPE`, tiny), a TOML
+or JSON file with the same sections, and `--section.key=value` overrides (`--key=value`
+when the key names one field in one section). Unknown sections and keys are errors that
+list the valid ones. File values must have their field's type; command-line text is
+converted by it (`minigpt.typed`), and errors name where the value came from. The effective
 config is saved as run_config.json in the run folder, and that file is itself a valid
 `--config`.
 """
