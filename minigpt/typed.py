@@ -80,12 +80,20 @@ def _check(value: Any, tp: Any) -> Any:
             value = os.fspath(value)  # a pathlib.Path is as good as its text
         checked = _check(value, args[0])
         if EXPAND_USER in args[1:] and isinstance(checked, str):
+            if not checked.strip():
+                raise _Mismatch("must be a path, not empty text")
             return os.path.expanduser(checked)
         return checked
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: keep X's own rule (e.g. "must be a finite number")
+            try:
+                return _check(value, options[0])
+            except _Mismatch as err:
+                raise _Mismatch(f"{err.rule}, or None" if err.rule else "") from None
+        for option in options:
             try:
                 return _check(value, option)
             except _Mismatch:
@@ -105,9 +113,13 @@ def _check(value: Any, tp: Any) -> Any:
         raise _Mismatch()
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
+            try:
+                number = float(value)
+            except OverflowError:
+                raise _Mismatch("is too large for a float") from None
+            if not math.isfinite(number):
                 raise _Mismatch("must be a finite number")
-            return float(value)
+            return number
         raise _Mismatch()
     if tp is str:
         if isinstance(value, str):
@@ -218,12 +230,13 @@ def parse_cli(text: str, tp: Any, flag: str) -> Any:
         if type(None) in args and text.strip().lower() in NONE_WORDS:
             return None
         options = [a for a in args if a is not type(None)]
-        errors = []
+        if len(options) == 1:  # X | None: X's own message says what X takes
+            return parse_cli(text, options[0], flag)
         for option in options:
             try:
                 return parse_cli(text, option, flag)
-            except ValueError as err:
-                errors.append(err)
+            except ValueError:
+                continue
         raise ValueError(f"{flag}={text!r} must be {describe(tp)}")
     if tp is bool:
         word = text.strip().lower()

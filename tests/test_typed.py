@@ -126,3 +126,20 @@ def test_every_config_field_refuses_a_value_of_the_wrong_type(cls, name):
     values = {**REQUIRED.get(cls, {}), name: _wrong_value(field_types(cls)[name])}
     with pytest.raises(ValueError, match=rf"{cls.__name__}\.{name}=.* must be "):
         cls(**values)
+
+
+def test_path_fields_take_pathlib_paths_and_refuse_empty_text(tmp_path):
+    config = TrainConfig(out_dir=tmp_path / "run", max_steps=1, batch_size=1)
+    assert config.out_dir == str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"TrainConfig.out_dir='' \(str\) must be a path, not empty text"):
+        TrainConfig(out_dir="", max_steps=1, batch_size=1)
+    with pytest.raises(ValueError, match=r"data.path='' \(str\) must be a path, not empty text, or None"):
+        load_config(overrides=["--data.path="])
+
+
+def test_optional_fields_keep_the_rule_of_their_type():
+    assert load_config(overrides=["--top_k=5"]).sample.top_k == 5
+    with pytest.raises(ValueError, match=r"--sample.top_k='x' must be an integer"):
+        load_config(overrides=["--top_k=x"])
+    with pytest.raises(ValueError, match=r"train.peak_flops=nan \(float\) must be a finite number, or None"):
+        load_config(overrides=["--peak_flops=nan"])
