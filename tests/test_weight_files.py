@@ -82,3 +82,12 @@ def test_model_folder_that_is_missing_or_a_file(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="has no weights"):
         GPT.from_pretrained(folder)
+
+
+def test_weights_of_another_model_name_the_folder(tmp_path):
+    folder = tiny_saved_model(tmp_path / "m")
+    other = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_embd=8))
+    other.save_pretrained(tmp_path / "other")
+    (folder / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"m: gpt2 checkpoint is missing tensor 'h\.1\..*same model"):
+        GPT.from_pretrained(folder)

@@ -93,7 +93,12 @@ def load_pretrained(path: str | Path, backend: str = "sdpa", dtype: torch.dtype 
     """
     folder = Path(path).expanduser()
     model_type, config = read_config(folder)
-    state = _map_to_minigpt(model_type, read_state_dict(folder), config)
+    try:
+        state = _map_to_minigpt(model_type, read_state_dict(folder), config)
+    except DamagedWeightsError:
+        raise
+    except ValueError as err:
+        raise BadFileError(f"{folder}: {err}; do config.json and the weights come from the same model?") from None
     model = GPT(config, backend=backend)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_embeddings:
@@ -105,7 +110,8 @@ def load_pretrained(path: str | Path, backend: str = "sdpa", dtype: torch.dtype 
     if missing or unexpected or wrong:
         raise ValueError(
             f"checkpoint {folder} does not fit its config: missing={missing} unexpected={unexpected} "
-            f"shape mismatches={wrong}"
+            f"shape mismatches={wrong}; do config.json and the weights come from the same model? Re-save or "
+            f"re-download it"
         )
     model.load_state_dict(state, strict=False)
     if dtype is not None:
