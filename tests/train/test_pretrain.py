@@ -125,6 +125,7 @@ def test_toml_syntax_error_names_file_and_line(tmp_path):
     ('{"train": 5}', r"section 'train' must be a table of key = value pairs"),
     ('{"train": {"lrr": 1}}', r"\[train\] unknown TrainConfig keys \['lrr'\]; valid keys are: .*\blr\b"),
     ('{"preset": 3}', r"preset=3 must be a recipe or preset name in quotes"),
+    ('{"lr": 0.1}', r"'lr' is at the top level, outside any section; put it under \[train\]"),
 ])
 def test_bad_json_config_names_file_and_fix(tmp_path, text, message):
     path = tmp_path / "my.json"
