@@ -16,9 +16,13 @@ from minigpt.config import GPTConfig
 class LayerCache:
     """Keys and values of one layer: (B, H, capacity, D) buffers."""
 
-    def __init__(self, config: GPTConfig, layer: int, batch_size: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, config: GPTConfig, layer: int, batch_size: int, dtype: torch.dtype, device,
+                 max_length: int | None = None) -> None:
         self.window = config.layer_window(layer)
-        capacity = config.block_size if self.window is None else min(self.window, config.block_size)
+        # No token index reaches max_length, so a ring of min(w, max_length) slots never wraps
+        # onto a slot still in use: slot p % w is p itself.
+        longest = config.block_size if max_length is None else min(max_length, config.block_size)
+        capacity = longest if self.window is None else min(self.window, longest)
         shape = (batch_size, config.n_head, capacity, config.head_dim)
         # Uninitialised: a slot is always written before any query reads it.
         self.k = torch.empty(shape, dtype=dtype, device=device)
@@ -76,7 +80,47 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         left_pad: torch.Tensor | None = None,
+        max_length: int | None = None,
     ) -> None:
-        self.layers = [LayerCache(config, i, batch_size, dtype, device) for i in range(config.n_layer)]
+        """max_length: the most tokens a row will hold (default block_size); a smaller value
+        allocates smaller buffers."""
+        self.layers = [LayerCache(config, i, batch_size, dtype, device, max_length) for i in range(config.n_layer)]
         self.length = 0
         self.left_pad = left_pad
+
+    def can_truncate(self) -> bool:
+        """Whether `truncate` is possible: no banded ring has wrapped onto an older token."""
+        return all(layer.window is None or self.length <= layer.k.shape[2] for layer in self.layers)
+
+    def truncate(self, length: int) -> None:
+        """Forget the tokens from position `length` on; the next update writes there again.
+
+        Scoring several continuations of one context encodes the context, then runs and
+        forgets each continuation in turn. Dense layers keep every token in its own slot; a
+        banded ring can be cut only while it has not wrapped (see `can_truncate`).
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"length={length} must be in 0..{self.length}, the tokens this cache holds")
+        if not self.can_truncate():
+            raise ValueError(f"a banded layer's ring of {min(l.k.shape[2] for l in self.layers)} slots has wrapped "
+                             f"after {self.length} tokens, so older tokens are gone; make the cache with "
+                             f"max_length <= the window, or copy it per continuation with select()")
+        self.length = length
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache whose row i is a copy of this cache's row rows[i] (rows may repeat).
+
+        Scoring several continuations of one context encodes the context once and
+        continues each copy of its cache with one continuation.
+        """
+        new = object.__new__(KVCache)
+        new.layers = []
+        for layer in self.layers:
+            copy = object.__new__(LayerCache)
+            copy.window = layer.window
+            copy.k = layer.k.index_select(0, rows)  # (R, H, capacity, D)
+            copy.v = layer.v.index_select(0, rows)
+            new.layers.append(copy)
+        new.length = self.length
+        new.left_pad = None if self.left_pad is None else self.left_pad.index_select(0, rows)
+        return new

@@ -210,23 +210,31 @@ def add_plot_parser(sub) -> None:
 
 
 def _finetune_check(args: argparse.Namespace) -> None:
-    from minigpt.finetune.validate import check_file
+    from minigpt.finetune.check import check_file
 
-    report = check_file(args.file, model=args.model, block_size=args.block_size, fix=args.fix, out=args.out)
+    report = check_file(args.file, model=args.model, block_size=args.block_size, fix=args.fix, out=args.out,
+                        prompt_column=args.prompt_column, completion_column=args.completion_column,
+                        encoding=args.encoding)
     print(report.format())
-    if not report.ok and not args.fix:
+    if report.errors and report.written is None:  # warnings alone exit 0
         raise SystemExit(1)
 
 
 def add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model: check data, train a classifier or a completion model")
     actions = p.add_subparsers(dest="action", required=True)
-    c = actions.add_parser("check", help="check a prompt/completion JSONL file; --fix writes a cleaned copy")
-    c.add_argument("file", help="JSONL with one {\"prompt\": ..., \"completion\": ...} per line")
+    c = actions.add_parser(
+        "check", help="check a prompt/completion CSV/TSV/JSON/JSONL file; --fix writes a cleaned JSONL copy",
+        description="Report rows, duplicates, empty fields, over-long rows, shared prefixes, the separator and "
+                    "stop sequence, and leading spaces, as OpenAI's prepare_data does. Exits 1 when rows are "
+                    "unusable (unless --fix wrote a cleaned copy), 0 with warnings only.")
+    c.add_argument("file", help="CSV/TSV (with a header), JSON array of objects, or JSONL (one object per line)")
     c.add_argument("--model", default=None, help="model folder whose tokenizer and context length to check against")
     c.add_argument("--block-size", type=int, default=None, help="context length (default: the model's, else 1024)")
-    c.add_argument("--fix", action="store_true", help="write a cleaned copy; every dropped row is listed")
-    c.add_argument("--out", default=None, help="where --fix writes (default: FILE.fixed.jsonl)")
+    c.add_argument("--fix", action="store_true", help="write a cleaned JSONL copy; every dropped or changed row is listed")
+    c.add_argument("--out", default=None, help="where --fix writes (default: ./FILE.fixed.jsonl in the current folder)")
+    _add_pair_columns(c)
+    _add_encoding(c)
     c.set_defaults(func=_finetune_check)
     for task, help_text in (("classify", "train a classification head (and the model) on a labeled CSV/TSV/JSONL"),
                             ("completion", "train on prompt/completion JSONL; the loss covers completions only")):
@@ -243,11 +251,13 @@ def add_finetune_parser(sub) -> None:
         t.add_argument("--val-fraction", type=float, default=0.1)
         t.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, model/, eval/)")
         t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        _add_encoding(t)
         if task == "classify":
             _add_columns(t)
             t.add_argument("--max-length", type=int, default=None, help="tokens kept per text (default: block_size)")
             t.add_argument("--class-weights", choices=("none", "balanced"), default="none")
         else:
+            _add_pair_columns(t)
             t.add_argument("--packing", action="store_true", help="pack several examples per row instead of padding")
             t.add_argument("--no-eos", action="store_true", help="do not append eos to completions")
         t.add_argument("--train-last-blocks", type=int, default=None,
@@ -265,12 +275,14 @@ def _finetune_train(args: argparse.Namespace) -> None:
 
     fields = dict(task=args.task, init=args.init, train_file=args.train_file, val_file=args.val_file,
                   val_fraction=args.val_fraction, train_last_blocks=args.train_last_blocks,
-                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                  encoding=args.encoding)
     if args.task == "classify":
         fields.update(text_column=args.text_column, label_column=args.label_column, max_length=args.max_length,
-                      class_weights=args.class_weights)
+                      class_weights=args.class_weights, merge_label_case=args.merge_label_case)
     else:
-        fields.update(packing=args.packing, add_eos=not args.no_eos)
+        fields.update(packing=args.packing, add_eos=not args.no_eos, prompt_column=args.prompt_column,
+                      completion_column=args.completion_column)
     config = FinetuneConfig(**fields)
     result = finetune(config, default_train_config(config, args.out, train_overrides(args.overrides)),
                       resume=args.resume)
@@ -288,7 +300,8 @@ def _fewshot(args: argparse.Namespace) -> None:
                            normalize=args.normalize)
     report = evaluate_fewshot(args.model, args.shots, args.data, k=args.k, prompt=prompt, seed=args.seed,
                               limit=args.limit, out_dir=args.out, text_column=args.text_column,
-                              label_column=args.label_column, device=args.device)
+                              label_column=args.label_column, encoding=args.encoding,
+                              merge_label_case=args.merge_label_case, device=args.device)
     print(report.format())
 
 
@@ -302,6 +315,19 @@ def _key_value(text: str) -> tuple[str, str]:
 def _add_columns(p) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--merge-label-case", action="store_true",
+                   help="treat labels that differ only by case or surrounding whitespace as one class "
+                        "(default: an error listing the spellings)")
+
+
+def _add_pair_columns(p) -> None:
+    p.add_argument("--prompt-column", default="prompt", help="column (or JSON field) holding the prompt")
+    p.add_argument("--completion-column", default="completion", help="column (or JSON field) holding the completion")
+
+
+def _add_encoding(p) -> None:
+    p.add_argument("--encoding", default="utf-8",
+                   help="text encoding of the data files, e.g. latin-1 or cp1252 (a UTF-8 BOM is always dropped)")
 
 
 def add_fewshot_parser(sub) -> None:
@@ -321,6 +347,7 @@ def add_fewshot_parser(sub) -> None:
     p.add_argument("--out", default=None, help="folder for metrics.json, report.txt, confusion_matrix.png")
     p.add_argument("--device", default="cpu")
     _add_columns(p)
+    _add_encoding(p)
     p.set_defaults(func=_fewshot)
 
 
@@ -328,7 +355,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     from minigpt.finetune.evaluate import evaluate
 
     report = evaluate(args.model, args.data, out_dir=args.out, text_column=args.text_column,
-                      label_column=args.label_column, batch_size=args.batch_size,
+                      label_column=args.label_column, prompt_column=args.prompt_column,
+                      completion_column=args.completion_column, encoding=args.encoding,
+                      merge_label_case=args.merge_label_case, batch_size=args.batch_size,
                       max_generate=args.max_generate, device=args.device)
     print(report.format())
 
@@ -336,12 +365,14 @@ def _evaluate(args: argparse.Namespace) -> None:
 def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics of a fine-tuned model on a labeled or prompt/completion file")
     p.add_argument("model", help="fine-tuned model folder")
-    p.add_argument("data", help="labeled CSV/TSV/JSONL (classifier) or prompt/completion JSONL")
+    p.add_argument("data", help="labeled (classifier) or prompt/completion file: CSV, TSV, JSON array or JSONL")
     p.add_argument("--out", default=None, help="folder for metrics.json, report.txt (and confusion_matrix.png)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-generate", type=int, default=100, help="completion models: prompts to complete for exact match")
     p.add_argument("--device", default="cpu")
     _add_columns(p)
+    _add_pair_columns(p)
+    _add_encoding(p)
     p.set_defaults(func=_evaluate)
 
 
@@ -350,7 +381,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     from minigpt.finetune.evaluate import predict
 
-    for p in predict(args.model, args.texts, file=args.file, text_column=args.text_column,
+    for p in predict(args.model, args.texts, file=args.file, text_column=args.text_column, encoding=args.encoding,
                      batch_size=args.batch_size, device=args.device):
         if args.json:
             print(json.dumps({"text": p.text, "label": p.label, "probabilities": p.probabilities}, ensure_ascii=False))
@@ -362,12 +393,54 @@ def add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="labels from a fine-tuned classifier (label, probability, text per line)")
     p.add_argument("model", help="fine-tuned classifier folder")
     p.add_argument("texts", nargs="*", help="texts to classify")
-    p.add_argument("--file", default=None, help=".txt (one text per line) or CSV/TSV/JSONL with --text-column")
+    p.add_argument("--file", default=None, help=".txt (one text per line) or CSV/TSV/JSON/JSONL with --text-column")
     p.add_argument("--text-column", default="text")
+    _add_encoding(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line, with every class's probability")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_predict)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from minigpt.evaluation.harness import format_table, run_eval
+    from minigpt.evaluation.prompts import PromptFormat
+
+    fmt = PromptFormat(separator=args.separator.replace("\\n", "\n"), target_delimiter=args.target_delimiter,
+                       unconditional_prompt=args.unconditional_prompt or None,
+                       stop=args.stop.replace("\\n", "\n"))
+    results = run_eval(args.tasks, args.model, shots=args.shots, demos=args.demos, limit=args.limit,
+                       out_dir=args.out, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                       backend=args.backend, fmt=fmt)
+    print(format_table(results))
+    if args.out is not None:
+        print(f"wrote {args.out}/results.json, examples.jsonl, results.md")
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="zero-/few-shot evaluation on JSONL task files (multiple choice, cloze, free-form)",
+        description="Evaluate a language model the way the GPT-3 paper does (section 2.4): K demonstrations "
+        "per example, then the context; multiple-choice answers scored by log-likelihood (acc, acc_norm, "
+        "acc_uncond), cloze by greedy exact match and log-likelihood of the last word, free-form by exact "
+        "match and token F1 of a greedy completion. File formats: see the README's Evaluation section.",
+    )
+    p.add_argument("tasks", nargs="+", metavar="TASK.jsonl", help="task files (one type per file)")
+    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--shots", type=int, default=0, help="demonstrations per example (K)")
+    p.add_argument("--demos", default=None, help="JSONL of demonstrations (default: the task's other examples)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    p.add_argument("--out", default=None, help="folder for results.json, examples.jsonl, results.md")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the demonstration draw")
+    p.add_argument("--separator", default="\\n\\n", help="between demonstrations (\\n for a newline)")
+    p.add_argument("--target-delimiter", default=" ", help="between a context and its choice")
+    p.add_argument("--unconditional-prompt", default="Answer:",
+                   help="neutral context for acc_uncond ('' to skip it)")
+    p.add_argument("--stop", default="\\n", help="free-form: cut a greedy completion at this string")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    p.add_argument("--backend", choices=BACKENDS, default="sdpa")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_eval)
 
 
 def _pair_overrides(extra: list[str]) -> list[str]:
@@ -399,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fewshot_parser(sub)
     add_evaluate_parser(sub)
     add_predict_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

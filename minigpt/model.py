@@ -260,9 +260,11 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return GPTOutput(logits=logits, loss=loss, hidden_states=states, attentions=attentions)
 
-    def new_cache(self, batch_size: int, left_pad: torch.Tensor | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, left_pad: torch.Tensor | None = None,
+                  max_length: int | None = None) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, left_pad=left_pad)
+        return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, left_pad=left_pad,
+                       max_length=max_length)
 
     def num_params(self) -> int:
         """Trainable parameters of this instance, counting a tied matrix once."""

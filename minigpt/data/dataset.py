@@ -47,7 +47,10 @@ def _sha256(path: Path) -> str:
 class TokenSplit:
     """One split ('train' or 'val') of a prepared folder, its shards memory-mapped.
 
-    Each shard's size must match meta.json; with `verify` its sha256 must match too.
+    Each shard's size must match meta.json; with `verify` its sha256 must match too, and
+    every id must be below vocab_size. Without `verify`, each window is checked for ids
+    out of range as it is read (a max over block_size + 1 ids, negligible beside a step),
+    so a corrupted shard stops the run with its name instead of an embedding IndexError.
     Raises FileNotFoundError / ValueError naming the shard and what disagrees.
     """
 
@@ -61,6 +64,8 @@ class TokenSplit:
             raise ValueError(f"{folder} has no '{split}' tokens; prepare it with a val_fraction > 0")
         dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.arrays: list[np.ndarray] = []
+        self.paths: list[Path] = []
+        self.vocab_size: int = self.meta["vocab_size"]
         for shard in info["shards"]:
             path = folder / shard["file"]
             if not path.is_file():
@@ -75,8 +80,10 @@ class TokenSplit:
             if verify and _sha256(path) != shard["sha256"]:
                 raise ValueError(f"shard {path} does not match the sha256 in meta.json; re-run `minigpt prepare`")
             self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+            self.paths.append(path)
+            if verify:
+                self._check_ids(len(self.arrays) - 1, self.arrays[-1], 0)
         self.split = split
-        self.vocab_size: int = self.meta["vocab_size"]
         self.tokenizer: dict = self.meta["tokenizer"]
 
     def __len__(self) -> int:
@@ -95,7 +102,19 @@ class TokenSplit:
     def window(self, cumulative: np.ndarray, index: int, block_size: int) -> np.ndarray:
         shard = int(np.searchsorted(cumulative, index, side="right"))
         offset = index - (int(cumulative[shard - 1]) if shard else 0)
-        return self.arrays[shard][offset: offset + block_size + 1]
+        ids = self.arrays[shard][offset: offset + block_size + 1]
+        self._check_ids(shard, ids, offset)
+        return ids
+
+    def _check_ids(self, shard: int, ids: np.ndarray, offset: int) -> None:
+        """ValueError naming the shard, the position, the id and the vocabulary size when an
+        id in `ids` (read at token `offset` of the shard) is out of range."""
+        if len(ids) and int(ids.max()) >= self.vocab_size:
+            at = int(np.argmax(ids >= self.vocab_size))
+            raise ValueError(
+                f"shard {self.paths[shard]}: token id {int(ids[at])} at token {offset + at} is out of range for "
+                f"the vocabulary of {self.vocab_size} ids in meta.json; the shard is corrupted (check it with "
+                f"--data.verify=true) or was written by another preparation: re-run `minigpt prepare`")
 
 
 class RandomWindows:

@@ -2,7 +2,8 @@
 
 A prepared folder holds:
 
-    meta.json              tokenizer, dtype, token counts, sources, and each shard's sha256
+    meta.json              tokenizer, dtype, token counts, sources (path, bytes, blake2b of the
+                           content), and each shard's sha256
     train_000000.bin ...   raw little-endian token ids, uint16 (uint32 when the vocabulary needs it)
     val_000000.bin ...
 
@@ -11,7 +12,8 @@ text file is one document and so is each JSONL record; with GPT-2's tokenizer do
 are separated by ``<|endoftext|>``. The validation split is the last `val_fraction` of the
 input bytes, taken in the order the inputs are given: a text file is cut at that byte
 (moved forward to a character boundary), JSONL at the next record. On one text file this is
-nanoGPT's split (tiny Shakespeare: train is its first 1,003,854 characters).
+nanoGPT's split (tiny Shakespeare: train is its first 1,003,854 characters). A UTF-8
+byte-order mark at the start of a file is dropped ('utf-8-sig').
 
 meta.json is written last, so an interrupted run leaves a folder that the loader refuses.
 """
@@ -132,15 +134,81 @@ def find_sources(inputs: tuple[str, ...]) -> list[_Source]:
     return sources
 
 
+def source_digest(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """blake2b of a file's bytes, read in 1 MiB chunks (memory stays flat for any size;
+    blake2b runs at about 1 GB/s, small beside tokenizing). meta.json records it per
+    source, so a prepared folder is reused only for the very bytes it was made from."""
+    digest = hashlib.blake2b()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source_entries(sources: list[_Source]) -> list[dict]:
+    return [{"path": str(s.path), "kind": s.kind, "bytes": s.size, "blake2b": source_digest(s.path)}
+            for s in sources]
+
+
+def stale_reason(folder: str | Path, config: PrepareConfig) -> str | None:
+    """Why the prepared folder cannot stand for `config`'s inputs, or None if it can.
+
+    It must hold a complete preparation (meta.json) of the same files with the same bytes
+    (path, size and content hash), the same tokenizer and val_fraction. The content hash,
+    not size or modification time, decides: an in-place edit that keeps the size, or a
+    different file copied over the old one, is re-prepared.
+    """
+    from minigpt.data.dataset import read_metadata
+
+    try:
+        meta = read_metadata(folder)
+    except (FileNotFoundError, ValueError) as err:
+        return f"no complete preparation there ({err})"
+    if meta["tokenizer"]["type"] != config.tokenizer:
+        return f"it was prepared with tokenizer {meta['tokenizer']['type']!r}, not {config.tokenizer!r}"
+    if meta.get("val_fraction") != config.val_fraction:
+        return f"it was prepared with val_fraction={meta.get('val_fraction')}, not {config.val_fraction}"
+    old = {s["path"]: s for s in meta.get("sources", [])}
+    sources = find_sources(config.inputs)
+    if list(old) != [str(s.path) for s in sources]:  # the order decides the split, too
+        return f"its sources were {list(old)}, not {[str(s.path) for s in sources]}"
+    for source, entry in zip(sources, _source_entries(sources)):
+        before = old[entry["path"]]
+        if "blake2b" not in before:
+            return f"it predates content hashes in meta.json, so {source.path} cannot be checked"
+        if before["bytes"] != entry["bytes"] or before["blake2b"] != entry["blake2b"]:
+            return (f"{source.path} changed since it was prepared ({before['bytes']} -> {entry['bytes']} bytes, "
+                    f"content hash {before['blake2b'][:12]} -> {entry['blake2b'][:12]})")
+    return None
+
+
+def _line_at(path: Path, offset: int, chunk_bytes: int = 1 << 20) -> int:
+    """The 1-based line holding byte `offset` of `path` (streamed; for error messages)."""
+    lines, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            block = f.read(min(chunk_bytes, offset - done))
+            if not block:
+                break
+            lines += block.count(b"\n")
+            done += len(block)
+    return lines
+
+
 def _decode(decoder, block: bytes, final: bool, path: Path, offset: int) -> str:
-    """Decode `block`, read at byte `offset` of `path`; errors name the file and the offset."""
-    buffered = len(decoder.getstate()[0])
+    """Decode `block`, read at byte `offset` of `path`; errors name the file and the offset.
+
+    `decoder` is a 'utf-8-sig' incremental decoder: it drops a byte-order mark at the start
+    of the file (and only there), and its error positions then count from after the mark.
+    """
+    buffered, first = decoder.getstate()
     try:
         return decoder.decode(block, final)
     except UnicodeDecodeError as err:
-        at = offset - buffered + err.start
+        bom = len(codecs.BOM_UTF8) if first and (buffered + block).startswith(codecs.BOM_UTF8) else 0
+        at = offset - len(buffered) + bom + err.start
         raise ValueError(
-            f"{path}: byte offset {at}: cannot decode {err.object[err.start:err.end]!r} as UTF-8 "
+            f"{path}: line {_line_at(path, at)}, byte offset {at}: cannot decode {err.object[err.start:err.end]!r} as UTF-8 "
             f"({err.reason}); fix the file or pass --errors replace"
         ) from None
 
@@ -157,7 +225,7 @@ def _safe_cut(text: str) -> int:
 
 
 def _read_text(source: _Source, split_at: int, config: PrepareConfig) -> Iterator[_Piece]:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors=config.errors)
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=config.errors)
     local_split = split_at - source.start  # val starts at this byte of the file
     split = "train" if local_split > 0 else "val"
     pending, pending_bytes, offset = "", 0, 0
@@ -197,12 +265,14 @@ def _read_jsonl(source: _Source, split_at: int, config: PrepareConfig) -> Iterat
             start, offset = offset, offset + len(raw)
             if not raw.strip():
                 continue
-            try:
-                line = raw.decode("utf-8", errors=config.errors)
+            try:  # 'utf-8-sig' on the first line drops a byte-order mark there
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8", errors=config.errors)
             except UnicodeDecodeError as err:
+                bom = len(codecs.BOM_UTF8) if lineno == 1 and raw.startswith(codecs.BOM_UTF8) else 0
                 raise ValueError(
-                    f"{source.path}: line {lineno}, byte offset {start + err.start}: cannot decode "
-                    f"{raw[err.start:err.end]!r} as UTF-8 ({err.reason}); fix the file or pass --errors replace"
+                    f"{source.path}: line {lineno}, byte offset {start + bom + err.start}: cannot decode "
+                    f"{raw[bom + err.start:bom + err.end]!r} as UTF-8 ({err.reason}); fix the file or pass "
+                    f"--errors replace"
                 ) from None
             try:
                 record = json.loads(line)
@@ -326,6 +396,7 @@ def prepare(config: PrepareConfig) -> dict:
     text field (line number), or a split that ends up with no tokens.
     """
     sources = find_sources(config.inputs)
+    source_entries = _source_entries(sources)  # hashed before reading, so they describe what was read
     total_bytes = sum(s.size for s in sources)
     split_at = int(total_bytes * (1.0 - config.val_fraction))
     if config.tokenizer == "char":
@@ -387,7 +458,7 @@ def prepare(config: PrepareConfig) -> dict:
         "eos_between_documents": eos,
         "val_fraction": config.val_fraction,
         "documents": documents,
-        "sources": [{"path": str(s.path), "kind": s.kind, "bytes": s.size} for s in sources],
+        "sources": source_entries,
         "splits": splits,
     }
     tmp = out / "meta.json.tmp"

@@ -13,7 +13,6 @@ batches it would have seen.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import random
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from minigpt.finetune.records import read_records
 
 log = logging.getLogger(__name__)
 
@@ -38,48 +39,29 @@ class LabeledText:
     """Line (CSV/TSV: row, counting the header as line 1) in the source file, for messages."""
 
 
-def _format_of(path: Path, fmt: str | None) -> str:
-    fmt = fmt or {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix.lower())
-    if fmt not in ("csv", "tsv", "jsonl"):
-        raise ValueError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
-                         f"name it .csv, .tsv or .jsonl, or pass the format (csv, tsv, jsonl)")
-    return fmt
-
-
 def read_labeled(path: str | Path, text_column: str = "text", label_column: str = "label",
-                 fmt: str | None = None) -> list[LabeledText]:
-    """Rows of a CSV/TSV file (with a header) or a JSONL file, as (text, label) pairs.
+                 fmt: str | None = None, *, encoding: str = "utf-8", merge_label_case: bool = False,
+                 known_labels: Sequence[str] = ()) -> list[LabeledText]:
+    """Rows of a CSV/TSV file (with a header), a JSON array or a JSONL file, as (text, label)
+    pairs (read by `minigpt.finetune.records.read_records`, so a row with the wrong number
+    of fields or undecodable bytes is an error naming its line).
 
-    Raises ValueError naming the file and line for a missing column, an empty text or
-    label, or a line that is not a JSON object; FileNotFoundError for a missing file.
+    Labels that differ only by case or surrounding whitespace ("Positive", "positive ") are
+    an error listing the spellings and their counts, unless `merge_label_case`, which maps
+    them to one spelling (see `merge_label_spellings`; `known_labels`, e.g. a model's,
+    win). Raises ValueError naming the file and line for a missing column, an empty text
+    or label, or a line that is not a JSON object; FileNotFoundError for a missing file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    fmt = _format_of(path, fmt)
-    rows: list[tuple[int, dict]] = []
-    with path.open(encoding="utf-8", newline="") as f:
-        if fmt == "jsonl":
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-                rows.append((line_no, obj))
-        else:
-            reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-            header = reader.fieldnames or []
-            for column in (text_column, label_column):
-                if column not in header:
-                    raise ValueError(f"{path}: no column {column!r}; the header has {header}. "
-                                     f"Choose the columns with text_column=/label_column= (--text-column/--label-column)")
-            rows = [(reader.line_num, row) for row in reader]
+    table = read_records(path, fmt, encoding)
+    table.require_columns((text_column, label_column), "text_column=/label_column= (--text-column/--label-column)")
+    if table.bad:
+        bad = table.bad[0]
+        raise ValueError(f"{path}:{bad.line}: {bad.reason}" + (f" (and {len(table.bad) - 1} more such lines)"
+                                                                if len(table.bad) > 1 else ""))
     out = []
-    for line_no, row in rows:
+    for record in table.records:
+        row, line_no = record.values, record.line
         for column in (text_column, label_column):
             if column not in row:
                 raise ValueError(f"{path}:{line_no}: no field {column!r}; it has {sorted(row)}")
@@ -88,10 +70,49 @@ def read_labeled(path: str | Path, text_column: str = "text", label_column: str 
             raise ValueError(f"{path}:{line_no}: empty {text_column!r}")
         if label is None or not str(label).strip():
             raise ValueError(f"{path}:{line_no}: empty {label_column!r}")
-        out.append(LabeledText(text, str(label).strip(), line_no))
+        out.append(LabeledText(text, str(label), line_no))
     if not out:
         raise ValueError(f"{path} holds no rows")
-    return out
+    return merge_label_spellings(out, merge_label_case, known_labels, source=str(path))
+
+
+def _label_key(label: str) -> str:
+    return label.strip().casefold()
+
+
+def merge_label_spellings(rows: Sequence[LabeledText], merge: bool = False, known: Sequence[str] = (),
+                          source: str = "the data") -> list[LabeledText]:
+    """Labels as classes: surrounding whitespace is never part of a label, and spellings
+    that differ only by case or surrounding whitespace are one class only when asked.
+
+    Why an error by default: "Positive" and "positive" silently becoming two classes
+    trains a wrong model, and silently merging could hide a real distinction (or a data
+    bug worth seeing). With `merge`, each group takes the spelling in `known` (e.g. the
+    training labels, or a model's) when there is one, else its most frequent spelling
+    (ties: the first in sorted order), and a warning lists what was merged.
+    Raises ValueError naming the spellings and their counts when not merging.
+    """
+    spellings: dict[str, dict[str, int]] = {}
+    for r in rows:
+        counts = spellings.setdefault(_label_key(r.label), {})
+        counts[r.label] = counts.get(r.label, 0) + 1
+    clashes = {key: counts for key, counts in spellings.items() if len(counts) > 1}
+    if clashes and not merge:
+        shown = "; ".join(" vs ".join(f"{s!r} ({n} rows)" for s, n in sorted(c.items())) for c in clashes.values())
+        raise ValueError(f"{source}: labels differ only by case or surrounding whitespace: {shown}. They would be "
+                         f"separate classes; fix the file, or merge them with merge_label_case=True "
+                         f"(--merge-label-case)")
+    known_by_key = {_label_key(k): k for k in known}
+    canonical = {}
+    for key, counts in spellings.items():
+        top = min(counts, key=lambda s: (-counts[s], s))
+        canonical[key] = known_by_key.get(key, top.strip()) if merge else top.strip()
+        changed = {s: n for s, n in counts.items() if s.strip() != canonical[key]}
+        if changed:
+            log.warning("%s: merged the labels %s into %r", source,
+                        ", ".join(f"{s!r} ({n} rows)" for s, n in sorted(counts.items())), canonical[key])
+    return [r if r.label == canonical[_label_key(r.label)] else
+            LabeledText(r.text, canonical[_label_key(r.label)], r.line) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -139,29 +160,82 @@ class LabelMap:
 
 
 def stratified_split(examples: Sequence, val_fraction: float, seed: int = 1337,
-                     key: Callable = lambda e: e.label) -> tuple[list, list]:
+                     key: Callable = lambda e: e.label, group: Callable | None = None) -> tuple[list, list]:
     """Split into (train, validation) keeping each label's share, reproducibly for a seed.
 
     Each label contributes round(n_label * val_fraction) rows to validation (at least one
     when it has two or more rows), chosen by a seeded shuffle; both parts keep file order.
+    With `group` (e.g. the text), rows with the same group key are one unit that goes to
+    one side whole: duplicates never land in both train and validation, where the held-out
+    score would measure memory. A group counts under its first row's label.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
-    by_label: dict = {}
+    members: dict = {}  # group key -> indices; a row is its own group without `group`
     for i, e in enumerate(examples):
-        by_label.setdefault(key(e), []).append(i)
+        members.setdefault(group(e) if group is not None else i, []).append(i)
+    by_label: dict = {}
+    for indices in members.values():
+        by_label.setdefault(key(examples[indices[0]]), []).append(indices)
     rng = random.Random(seed)
     val: set[int] = set()
     for label in sorted(by_label):
-        indices = by_label[label]
-        n_val = round(len(indices) * val_fraction)
-        if len(indices) >= 2:
-            n_val = min(max(n_val, 1), len(indices) - 1)
-        chosen = list(indices)
+        units = by_label[label]
+        n_val = round(len(units) * val_fraction)
+        if len(units) >= 2:
+            n_val = min(max(n_val, 1), len(units) - 1)
+        chosen = list(units)
         rng.shuffle(chosen)
-        val.update(chosen[:n_val])
+        for indices in chosen[:n_val]:
+            val.update(indices)
     return ([e for i, e in enumerate(examples) if i not in val],
             [e for i, e in enumerate(examples) if i in val])
+
+
+def duplicate_groups(examples: Sequence, group: Callable) -> list[list]:
+    """Groups (in file order) of two or more examples with the same `group` key."""
+    groups: dict = {}
+    for e in examples:
+        groups.setdefault(group(e), []).append(e)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def split_without_leakage(examples: Sequence, val_fraction: float, seed: int, source: str,
+                          key: Callable = lambda e: e.label, group: Callable = lambda e: e.text,
+                          what: str = "text") -> tuple[list, list]:
+    """`stratified_split` with duplicates (same `group` key) kept on one side, and a
+    warning that counts them, so a repeated row never scores the model on its own training
+    data."""
+    groups = duplicate_groups(examples, group)
+    if groups:
+        extra = sum(len(g) - 1 for g in groups)
+        log.warning("%s: %d rows repeat another row's %s (%d groups, e.g. lines %s); each group is kept "
+                    "whole on one side of the train/validation split, so none is both trained and held out",
+                    source, extra, what,
+                    len(groups), ", ".join(str(e.line) for e in groups[0]))
+    return stratified_split(examples, val_fraction, seed, key=key, group=group)
+
+
+def leaked(train: Sequence, val: Sequence, group: Callable) -> list[tuple[int, int]]:
+    """(validation line, training line) of each validation row whose `group` key (its text,
+    its prompt) also occurs in the training rows."""
+    first: dict = {}
+    for e in train:
+        first.setdefault(group(e), e.line)
+    return [(e.line, first[group(e)]) for e in val if group(e) in first]
+
+
+def report_leakage(train: Sequence, val: Sequence, group: Callable, train_file: str, val_file: str,
+                   what: str) -> int:
+    """Warn (with counts and example lines) when validation rows also occur in training;
+    return how many do. Their scores measure memory, not generalization."""
+    pairs = leaked(train, val, group)
+    if pairs:
+        shown = ", ".join(f"{val_file}:{v} = {train_file}:{t}" for v, t in pairs[:3])
+        log.warning("%d of %d validation rows have a %s that also occurs in the training file (%s%s); their "
+                    "scores are optimistic: remove them from one of the files", len(pairs), len(val), what, shown,
+                    ", ..." if len(pairs) > 3 else "")
+    return len(pairs)
 
 
 # ---------------------------------------------------------------------- prompt/completion
@@ -172,19 +246,22 @@ class PromptCompletion:
     line: int
 
 
-def read_prompt_completion(path: str | Path) -> list[PromptCompletion]:
-    """Pairs of a prompt/completion JSONL file. Any defect `minigpt finetune check` would
-    drop a row for (bad JSON, a missing, non-string or empty field) is a ValueError that
-    names the lines and points at the checker."""
-    from minigpt.finetune.validate import parse_rows
+def read_prompt_completion(path: str | Path, prompt_column: str = "prompt", completion_column: str = "completion",
+                           encoding: str = "utf-8") -> list[PromptCompletion]:
+    """Pairs of a prompt/completion file: CSV, TSV, a JSON array or JSONL, with the pair in
+    the named columns. Any defect `minigpt finetune check` would drop a row for (bad JSON,
+    a missing, non-string or empty field) is a ValueError that names the lines and points
+    at the checker; so is anything `minigpt.finetune.records.read_records` refuses."""
+    from minigpt.finetune.check import parse_rows
 
     path = Path(path)
-    rows, dropped, _ = parse_rows(path)
+    rows, dropped, _ = parse_rows(path, prompt_column=prompt_column, completion_column=completion_column,
+                                  encoding=encoding)
     if dropped:
         shown = "; ".join(f"line {d.line}: {d.reason}" for d in dropped[:5])
         more = f" (and {len(dropped) - 5} more)" if len(dropped) > 5 else ""
         raise ValueError(f"{path}: {len(dropped)} unusable rows: {shown}{more}. "
-                         f"Run `minigpt finetune check {path} --fix` to write a cleaned copy")
+                         f"Run `minigpt finetune check {path} --fix --out FILE.jsonl` to write a cleaned copy")
     if not rows:
         raise ValueError(f"{path} holds no rows")
     return [PromptCompletion(r.prompt, r.completion, r.line) for r in rows]

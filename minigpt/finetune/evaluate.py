@@ -24,7 +24,9 @@ from minigpt.finetune.data import (
     read_prompt_completion,
 )
 from minigpt.finetune.export import load_finetuned
-from minigpt.finetune.fewshot import FewShotClassifier, FewShotPrompt, select_shots
+from minigpt.evaluation.harness import evaluate_examples
+from minigpt.evaluation.tasks import Task
+from minigpt.finetune.fewshot import FewShotPrompt, as_multiple_choice, choose, prompt_format, select_shots
 from minigpt.finetune.metrics import ClassificationReport, classification_report, write_report
 
 log = logging.getLogger(__name__)
@@ -130,22 +132,28 @@ def evaluate_completion(model, tokenizer, pairs: Sequence[PromptCompletion], *, 
 
 # --------------------------------------------------------------------------- file level
 def evaluate(model_dir: str | Path, data_file: str | Path, *, out_dir: str | Path | None = None,
-             text_column: str = "text", label_column: str = "label", batch_size: int = 32,
-             max_generate: int = 100, device: str = "cpu") -> ClassificationReport | CompletionReport:
+             text_column: str = "text", label_column: str = "label", prompt_column: str = "prompt",
+             completion_column: str = "completion", encoding: str = "utf-8", merge_label_case: bool = False,
+             batch_size: int = 32, max_generate: int = 100, device: str = "cpu"
+             ) -> ClassificationReport | CompletionReport:
     """Evaluate a fine-tuned folder on a labeled file (classifier) or a prompt/completion
-    JSONL (completion model). With out_dir, write metrics.json and report.txt there (and
-    confusion_matrix.png for a classifier). Returns the report; `.format()` reads well."""
+    file (completion model); either may be CSV, TSV, a JSON array or JSONL. With
+    merge_label_case, labels that differ from the model's only by case or surrounding
+    whitespace count as the model's. With out_dir, write metrics.json and report.txt there
+    (and confusion_matrix.png for a classifier). Returns the report; `.format()` reads well."""
     model, tokenizer, meta, labels = load_finetuned(model_dir)
     model.to(device)
     extra = {"model": str(model_dir), "data": str(data_file)}
     if meta.task == "classify":
-        rows = read_labeled(data_file, text_column, label_column)
+        rows = read_labeled(data_file, text_column, label_column, encoding=encoding,
+                            merge_label_case=merge_label_case, known_labels=labels.labels)
         report = evaluate_classifier(model, tokenizer, rows, labels, meta.max_length or model.config.block_size,
                                      batch_size)
         if out_dir is not None:
             write_report(report, out_dir, extra)
         return report
-    report = evaluate_completion(model, tokenizer, read_prompt_completion(data_file), stop=meta.stop,
+    pairs = read_prompt_completion(data_file, prompt_column, completion_column, encoding)
+    report = evaluate_completion(model, tokenizer, pairs, stop=meta.stop,
                                  max_generate=max_generate, batch_size=batch_size)
     if out_dir is not None:
         out = Path(out_dir)
@@ -158,7 +166,8 @@ def evaluate(model_dir: str | Path, data_file: str | Path, *, out_dir: str | Pat
 def evaluate_fewshot(model_dir: str | Path, shots_file: str | Path, data_file: str | Path, *, k: int = 4,
                      prompt: FewShotPrompt = FewShotPrompt(), seed: int = 1337, limit: int | None = None,
                      out_dir: str | Path | None = None, text_column: str = "text", label_column: str = "label",
-                     device: str = "cpu") -> ClassificationReport:
+                     encoding: str = "utf-8", merge_label_case: bool = False, device: str = "cpu"
+                     ) -> ClassificationReport:
     """Few-shot classification by prompting a plain language model (any model folder):
     k balanced shots from `shots_file`, every label scored on each row of `data_file` (its
     first `limit` rows when given). Returns the report; writes it to out_dir when given."""
@@ -167,17 +176,24 @@ def evaluate_fewshot(model_dir: str | Path, shots_file: str | Path, data_file: s
 
     model = GPT.from_pretrained(model_dir).to(device)
     tokenizer = load_tokenizer(model_dir)
-    pool = read_labeled(shots_file, text_column, label_column)
-    rows = read_labeled(data_file, text_column, label_column)[:limit]
+    pool = read_labeled(shots_file, text_column, label_column, encoding=encoding, merge_label_case=merge_label_case)
+    known = tuple(sorted({r.label for r in pool}))
+    rows = read_labeled(data_file, text_column, label_column, encoding=encoding, merge_label_case=merge_label_case,
+                        known_labels=known)[:limit]
     labels = LabelMap.from_examples(pool)
     unknown = sorted({r.label for r in rows} - set(labels.labels))
     if unknown:
         raise ValueError(f"{data_file} has labels {unknown} that no example in {shots_file} has")
-    clf = FewShotClassifier(model, tokenizer, labels.labels, tuple(select_shots(pool, k, seed)), prompt)
-    predicted = [clf.predict(r.text) for r in rows]
+    shots = select_shots(pool, k, seed)
+    task = Task(Path(data_file).stem, "multiple_choice",
+                tuple(as_multiple_choice(r.text, r.label, labels.labels, prompt, r.line) for r in rows))
+    demos = [as_multiple_choice(s.text, s.label, labels.labels, prompt, s.line) for s in shots]
+    result = evaluate_examples(model, tokenizer, task, fixed_demos=demos, fmt=prompt_format(prompt),
+                               progress=len(rows) > 50)
+    predicted = [choose(r["loglikelihoods"], r["tokens"], prompt.normalize) for r in result.examples]
     report = classification_report([labels.id(r.label) for r in rows], predicted, labels.labels)
     if out_dir is not None:
-        example = prompt.render(clf.shots, "<text>")
+        example = prompt.render(shots, "<text>")
         write_report(report, out_dir, {"model": str(model_dir), "data": str(data_file), "k": k, "prompt": example})
     return report
 
@@ -190,33 +206,37 @@ class Prediction:
     probabilities: dict[str, float]
 
 
-def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
-    """Texts to classify: a .txt file (one per non-blank line) or a CSV/TSV/JSONL column."""
+def read_texts(path: str | Path, text_column: str = "text", encoding: str = "utf-8") -> list[str]:
+    """Texts to classify: a .txt file (one per non-blank line) or a CSV/TSV/JSON/JSONL column
+    (read by `minigpt.finetune.records.read_records`)."""
+    from minigpt.finetune.records import decode, read_records
+
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    import csv
-
-    if path.suffix.lower() in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="," if path.suffix.lower() == ".csv" else "\t")
-            if text_column not in (reader.fieldnames or []):
-                raise ValueError(f"{path}: no column {text_column!r}; the header has {reader.fieldnames}")
-            return [row[text_column] for row in reader]
-    if path.suffix.lower() in (".jsonl", ".json"):
-        return [json.loads(line)[text_column] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    raise ValueError(f"{path}: expected .txt (one text per line), .csv, .tsv or .jsonl")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        text = decode(path, path.read_bytes(), encoding)
+        return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    table = read_records(path, encoding=encoding)
+    table.require_columns((text_column,), "--text-column")
+    if table.bad:
+        raise ValueError(f"{path}:{table.bad[0].line}: {table.bad[0].reason}")
+    missing = [r.line for r in table.records if not isinstance(r.values.get(text_column), str)]
+    if missing:
+        raise ValueError(f"{path}:{missing[0]}: no text in {text_column!r} ({len(missing)} such rows)")
+    return [r.values[text_column] for r in table.records]
 
 
 def predict(model_dir: str | Path, texts: Sequence[str] = (), *, file: str | Path | None = None,
-            text_column: str = "text", batch_size: int = 32, device: str = "cpu") -> list[Prediction]:
+            text_column: str = "text", encoding: str = "utf-8", batch_size: int = 32, device: str = "cpu"
+            ) -> list[Prediction]:
     """Labels and class probabilities from a fine-tuned classifier folder, for `texts` and
     the texts of `file`. A completion model is an error that points at `minigpt sample`."""
     model, tokenizer, meta, labels = load_finetuned(model_dir)
     if meta.task != "classify":
         raise ValueError(f"{model_dir} is a completion model; generate with "
                          f"`minigpt sample --model {model_dir} --prompt ...`")
-    texts = list(texts) + (read_texts(file, text_column) if file is not None else [])
+    texts = list(texts) + (read_texts(file, text_column, encoding) if file is not None else [])
     if not texts:
         raise ValueError("no texts given: pass texts or a file")
     model.to(device)

@@ -14,20 +14,22 @@ The prompt holds k labeled examples rendered with a template, then the query:
 Each label's continuation (" positive", " negative") is scored by its log-likelihood
 under the model, sum_j log p(label token j | prompt, label tokens < j), and the best
 label is the prediction. This is the baseline a fine-tune has to beat.
+
+It is a multiple-choice task of the evaluation harness (`minigpt.evaluation`): the rendered
+template is the context, the label words are the choices, `label_prefix` is the delimiter,
+and the same k shots serve every query; scoring is the harness's.
 """
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-
+from minigpt.evaluation.metrics import argmax
+from minigpt.evaluation.prompts import PromptFormat
+from minigpt.evaluation.scoring import score_continuations
+from minigpt.evaluation.tasks import MultipleChoice
 from minigpt.finetune.data import LabeledText
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,10 @@ class FewShotPrompt:
         return self.verbalizers.get(label, label)
 
     def render(self, shots: Sequence[LabeledText], text: str) -> str:
-        parts = [self.template.format(text=s.text) + self.label_prefix + self.word(s.label) for s in shots]
-        return self.separator.join([*parts, self.template.format(text=text)])
+        """The k-shot prompt for `text`, as the evaluation harness renders it."""
+        labels = sorted({s.label for s in shots})
+        demos = [as_multiple_choice(s.text, s.label, labels, self) for s in shots]
+        return prompt_format(self).render(demos, as_multiple_choice(text, None, labels or [""], self))
 
 
 def select_shots(examples: Sequence[LabeledText], k: int, seed: int = 1337) -> list[LabeledText]:
@@ -78,37 +82,34 @@ def select_shots(examples: Sequence[LabeledText], k: int, seed: int = 1337) -> l
     return shots
 
 
-@torch.no_grad()
 def continuation_logprobs(model, prompt: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[list[float]]:
     """Per-token log p(continuation token | prompt, earlier continuation tokens), for each
-    continuation, in one right-padded forward pass.
+    continuation: the evaluation harness's scorer (`minigpt.evaluation.scoring`), which
+    encodes the prompt once and reuses its KV cache for every continuation.
 
-    model: a GPT (anything whose forward(idx).logits is (B, T, V)); prompt and each
-    continuation must be non-empty, and prompt + continuation must fit in block_size.
+    model: a GPT; prompt and each continuation must be non-empty, and the longest
+    continuation must leave room for the prompt in block_size (a longer prompt is cut from
+    the left).
     """
-    if not prompt or any(len(c) == 0 for c in continuations):
-        raise ValueError("the prompt and every continuation need at least one token")
-    rows = [list(prompt) + list(c) for c in continuations]
-    T = max(map(len, rows))
-    if T > model.config.block_size:
-        raise ValueError(f"prompt + continuation is {T} tokens, more than block_size={model.config.block_size}")
-    device = next(model.parameters()).device
-    idx = torch.zeros(len(rows), T, dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        idx[i, : len(row)] = torch.tensor(row)
-    was_training = model.training
-    model.eval()
-    try:
-        logp = F.log_softmax(model(idx).logits.float(), dim=-1)  # (B, T, V)
-    finally:
-        model.train(was_training)
-    P = len(prompt)
-    out = []
-    for i, c in enumerate(continuations):
-        # The logits at position P - 1 + j predict continuation token j.
-        positions = torch.arange(P - 1, P - 1 + len(c), device=device)
-        out.append(logp[i, positions, torch.tensor(list(c), device=device)].tolist())
-    return out
+    (scored,) = score_continuations(model, [(prompt, continuations)])
+    return [list(s.logprobs) for s in scored]
+
+
+def as_multiple_choice(text: str, label: str | None, labels: Sequence[str], prompt: FewShotPrompt,
+                       line: int = 0) -> MultipleChoice:
+    """A labeled text as a multiple-choice example: the rendered template is the context, the
+    label words the choices, `label_prefix` the delimiter between them (see `PromptFormat`)."""
+    index = labels.index(label) if label is not None else 0
+    return MultipleChoice(prompt.template.format(text=text), tuple(prompt.word(l) for l in labels), index, line)
+
+
+def prompt_format(prompt: FewShotPrompt) -> PromptFormat:
+    return PromptFormat(separator=prompt.separator, target_delimiter=prompt.label_prefix, unconditional_prompt=None)
+
+
+def choose(loglikelihoods: Sequence[float], tokens: Sequence[int], normalize: bool) -> int:
+    """The predicted label: summed, or with normalize mean per token, log-likelihood."""
+    return argmax([ll / (n if normalize else 1) for ll, n in zip(loglikelihoods, tokens)])
 
 
 @dataclass(frozen=True)
@@ -121,30 +122,16 @@ class FewShotClassifier:
     shots: tuple[LabeledText, ...] = ()
     prompt: FewShotPrompt = FewShotPrompt()
 
-    def _label_ids(self) -> list[list[int]]:
-        return [self.tokenizer.encode(self.prompt.label_prefix + self.prompt.word(label)) for label in self.labels]
-
-    def _prompt_ids(self, text: str, longest_label: int) -> list[int]:
-        """The prompt with as many shots as fit in the context (dropping the first ones)."""
-        budget = self.model.config.block_size - longest_label
-        shots = list(self.shots)
-        while True:
-            ids = self.tokenizer.encode(self.prompt.render(shots, text))
-            if len(ids) <= budget:
-                return ids
-            if not shots:
-                # Keep the end of the query, which is where the label is read.
-                log.warning("a query alone is %d tokens; keeping its last %d", len(ids), budget)
-                return ids[-budget:]
-            shots.pop(0)
-
     def scores(self, text: str) -> list[float]:
-        """One score per label: summed (or, with normalize, mean) label-token log-likelihood."""
-        label_ids = self._label_ids()
-        prompt = self._prompt_ids(text, max(map(len, label_ids)))
-        per_token = continuation_logprobs(self.model, prompt, label_ids)
-        return [sum(lp) / (len(lp) if self.prompt.normalize else 1) for lp in per_token]
+        """One score per label: summed (or, with normalize, mean) label-token log-likelihood,
+        computed by the evaluation harness's multiple-choice scorer on the k-shot prompt
+        (a prompt too long for the block is cut from the left)."""
+        fmt = prompt_format(self.prompt)
+        shots = [as_multiple_choice(s.text, s.label, self.labels, self.prompt) for s in self.shots]
+        query = as_multiple_choice(text, None, self.labels, self.prompt)
+        ids = self.tokenizer.encode(fmt.render(shots, query))
+        (scored,) = score_continuations(self.model, [(ids, [self.tokenizer.encode(c) for c in fmt.continuations(query)])])
+        return [s.total / (len(s.logprobs) if self.prompt.normalize else 1) for s in scored]
 
     def predict(self, text: str) -> int:
-        s = self.scores(text)
-        return max(range(len(s)), key=s.__getitem__)
+        return argmax(self.scores(text))

@@ -31,7 +31,8 @@ from minigpt.config import reject_unknown_keys
 from minigpt.finetune.classifier import ClassificationLoss, GPTClassifier, balanced_class_weights
 from minigpt.finetune.data import (
     LabelMap, ShuffledBatches, collate_classification, collate_completion, encode_classification,
-    encode_completions, fixed_batches, pack_completions, read_labeled, read_prompt_completion, stratified_split,
+    encode_completions, fixed_batches, pack_completions, read_labeled, read_prompt_completion, report_leakage,
+    split_without_leakage,
 )
 from minigpt.finetune.export import FinetuneMeta, save_finetuned
 from minigpt.finetune.lora import LORA_TARGETS, apply_lora, count_trainable, freeze_all_but_last
@@ -53,12 +54,14 @@ class FinetuneConfig:
     task: str
     """"classify" (a head on the last token) or "completion" (prompt -> completion)."""
     train_file: PathStr
-    """classify: CSV/TSV/JSONL with a text and a label column; completion: prompt/completion JSONL."""
+    """CSV, TSV, JSON array or JSONL: classify: a text and a label column; completion: a prompt
+    and a completion column."""
     init: PathStr | None = None
     """Model folder to start from (Hugging Face GPT-2/GPT-Neo layout or minigpt's); None
     when the model is passed to `finetune` directly."""
     val_file: PathStr | None = None
-    """Validation data; None splits val_fraction off the training file (stratified by label)."""
+    """Validation data; None splits val_fraction off the training file (stratified by label,
+    duplicates kept on one side). Rows that also occur in the training file are reported."""
     val_fraction: float = 0.1
     """Share of the training file held out when no val_file is given."""
     split_seed: int = 1337
@@ -67,6 +70,15 @@ class FinetuneConfig:
     """classify: column (or JSON field) holding the text."""
     label_column: str = "label"
     """classify: column (or JSON field) holding the label."""
+    merge_label_case: bool = False
+    """classify: treat labels that differ only by case or surrounding whitespace as one class
+    (the most frequent spelling); False makes them an error that lists the spellings."""
+    prompt_column: str = "prompt"
+    """completion: column (or JSON field) holding the prompt."""
+    completion_column: str = "completion"
+    """completion: column (or JSON field) holding the completion."""
+    encoding: str = "utf-8"
+    """Text encoding of the data files (a UTF-8 byte-order mark is always dropped)."""
     max_length: int | None = None
     """classify: tokens kept per text (its first ones); None means the model's block_size."""
     class_weights: str = "none"
@@ -176,17 +188,24 @@ def _batches(examples, batch_size: int, collate, seed: int, device: str) -> Shuf
 def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
     from minigpt.finetune.evaluate import classify, evaluate_classifier
 
-    rows = read_labeled(config.train_file, config.text_column, config.label_column)
+    def read(path: str, known: tuple[str, ...] = ()) -> list:
+        return read_labeled(path, config.text_column, config.label_column, encoding=config.encoding,
+                            merge_label_case=config.merge_label_case, known_labels=known)
+
+    rows = read(config.train_file)
+    leaks = 0
     if config.val_file is not None:
-        val_rows = read_labeled(config.val_file, config.text_column, config.label_column)
+        val_rows = read(config.val_file, tuple(sorted({r.label for r in rows})))
+        leaks = report_leakage(rows, val_rows, lambda r: r.text, config.train_file, config.val_file, "text")
     else:
-        rows, val_rows = stratified_split(rows, config.val_fraction, config.split_seed)
+        rows, val_rows = split_without_leakage(rows, config.val_fraction, config.split_seed, config.train_file)
         log.info("no validation file: held out %d of %d rows (stratified, seed %d)",
                  len(val_rows), len(rows) + len(val_rows), config.split_seed)
     labels = LabelMap.from_examples(rows)
     unseen = sorted({r.label for r in val_rows} - set(labels.labels))
     if unseen:
-        raise ValueError(f"validation labels {unseen} never occur in the training data {config.train_file}")
+        raise ValueError(f"validation labels {unseen} never occur in the training data {config.train_file} "
+                         f"(its labels: {list(labels.labels)})")
     max_length = min(config.max_length or backbone.config.block_size, backbone.config.block_size)
     pad = tokenizer.eos_id or 0
     train_examples = encode_classification(tokenizer, rows, labels, max_length)
@@ -216,21 +235,28 @@ def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config
         labels=labels,
         evaluate=lambda model: evaluate_classifier(model, tokenizer, val_rows, labels, max_length,
                                                    config.eval_batch_size),
-        details={"train_rows": len(rows), "val_rows": len(val_rows), "train_label_counts": counts,
+        details={"train_rows": len(rows), "val_rows": len(val_rows), "val_rows_in_train": leaks,
+                 "train_label_counts": counts,
                  "class_weights": weights},
     )
 
 
 def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
     from minigpt.finetune.evaluate import evaluate_completion
-    from minigpt.finetune.validate import common_suffix
+    from minigpt.finetune.check import common_suffix
     from minigpt.train.loop import language_model_loss
 
-    pairs = read_prompt_completion(config.train_file)
+    def read(path: str) -> list:
+        return read_prompt_completion(path, config.prompt_column, config.completion_column, config.encoding)
+
+    pairs = read(config.train_file)
+    leaks = 0
     if config.val_file is not None:
-        val_pairs = read_prompt_completion(config.val_file)
+        val_pairs = read(config.val_file)
+        leaks = report_leakage(pairs, val_pairs, lambda p: p.prompt, config.train_file, config.val_file, "prompt")
     else:
-        pairs, val_pairs = stratified_split(pairs, config.val_fraction, config.split_seed, key=lambda p: 0)
+        pairs, val_pairs = split_without_leakage(pairs, config.val_fraction, config.split_seed, config.train_file,
+                                                 key=lambda p: 0, group=lambda p: p.prompt, what="prompt")
         log.info("no validation file: held out %d of %d pairs", len(val_pairs), len(pairs) + len(val_pairs))
     block_size = backbone.config.block_size
     train_examples = encode_completions(tokenizer, pairs, block_size, config.add_eos)
@@ -257,7 +283,8 @@ def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_conf
         evaluate=lambda model: evaluate_completion(model, tokenizer, val_pairs, stop=stop,
                                                    max_generate=config.max_generate,
                                                    batch_size=config.eval_batch_size, add_eos=config.add_eos),
-        details={"train_pairs": len(pairs), "val_pairs": len(val_pairs), "packed_rows": len(train_examples)
+        details={"train_pairs": len(pairs), "val_pairs": len(val_pairs), "val_pairs_in_train": leaks,
+                 "packed_rows": len(train_examples)
                  if config.packing else None},
     )
 

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from minigpt.config import PRESETS, GPTConfig, reject_unknown_keys
+from minigpt.data.dataset import FixedWindows, RandomWindows, TokenSplit
+from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, prepare, stale_reason
 from minigpt.device import check_device
 from minigpt.files import existing_file, read_json, read_toml
-from minigpt.data.dataset import FixedWindows, RandomWindows, TokenSplit, read_metadata
-from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, find_sources, prepare
 from minigpt.train import distributed as dist_
 from minigpt.train.loop import TrainConfig, TrainResult, train
 from minigpt.typed import PathStr, check_fields, check_value, field_types, parse_cli
@@ -380,13 +380,12 @@ def _data_folder(config: PretrainConfig, info: dist_.DistInfo) -> Path:
 
 
 def _already_prepared(folder: Path, prep: PrepareConfig) -> bool:
-    try:
-        meta = read_metadata(folder)
-    except (FileNotFoundError, ValueError):
-        return False
-    sources = [{"path": str(s.path), "kind": s.kind, "bytes": s.size} for s in find_sources(prep.inputs)]
-    return (meta["sources"] == sources and meta["tokenizer"]["type"] == prep.tokenizer
-            and meta["val_fraction"] == prep.val_fraction)
+    """Whether `folder` holds a preparation of exactly these inputs (same bytes, by content
+    hash); when it holds another, say why it is prepared again."""
+    reason = stale_reason(folder, prep)
+    if reason is not None and (folder / "meta.json").is_file():
+        logger.info("preparing %s again: %s", folder, reason)
+    return reason is None
 
 
 def pretrain(config: PretrainConfig, resume: bool = False) -> PretrainResult:

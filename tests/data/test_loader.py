@@ -61,3 +61,21 @@ def test_fixed_windows_repeat_every_evaluation(sharded):
 def test_split_shorter_than_a_window_is_an_error(sharded):
     with pytest.raises(ValueError, match="too few for one window"):
         RandomWindows(sharded, block_size=60, batch_size=1, seed=0)
+
+
+def test_an_out_of_range_token_id_names_the_shard_the_id_and_the_vocab_size(tmp_path):
+    (tmp_path / "t.txt").write_text("abcd" * 100)
+    prepare(PrepareConfig(inputs=(str(tmp_path / "t.txt"),), out_dir=str(tmp_path / "out"), tokenizer="char",
+                          shard_tokens=50, progress=False))
+    shard = tmp_path / "out" / "train_000002.bin"
+    ids = np.fromfile(shard, dtype="<u2")
+    ids[7] = 999  # corrupt one id, keeping the size (and so passing the size check)
+    ids.tofile(shard)
+    with pytest.raises(ValueError, match=r"train_000002.bin does not match the sha256"):
+        TokenSplit(tmp_path / "out", "train", verify=True)  # found by the full check ...
+    split = TokenSplit(tmp_path / "out", "train")
+    loader = RandomWindows(split, block_size=8, batch_size=64, seed=0)
+    with pytest.raises(ValueError, match=r"train_000002.bin: token id 999 at token 7 is out of range for the "
+                                         r"vocabulary of 4 ids in meta.json.*re-run `minigpt prepare`"):
+        for _ in range(50):  # ... and, without it, by the loader when a window covers it
+            loader.next_batch()

@@ -111,8 +111,8 @@ def test_empty_file_is_an_error(tmp_path):
 
 def test_undecodable_bytes_name_the_file_and_offset_unless_replaced(tmp_path):
     bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"fine text " * 10 + b"\xff\xfe oops")
-    with pytest.raises(ValueError, match=r"bad\.txt: byte offset 100: .*--errors replace"):
+    bad.write_bytes(b"fine text\n" * 10 + b"\xff\xfe oops")
+    with pytest.raises(ValueError, match=r"bad\.txt: line 11, byte offset 100: .*--errors replace"):
         _prepare(tmp_path, [bad], tokenizer="char", chunk_bytes=7)
     _, meta = _prepare(tmp_path, [bad], tokenizer="char", errors="replace", val_fraction=0.0)
     assert "\ufffd" in meta["tokenizer"]["chars"]
@@ -164,3 +164,43 @@ def test_config_is_validated():
         PrepareConfig(inputs=("x",), out_dir="o", val_fraction=1.0)
     with pytest.raises(ValueError, match="eos=True"):
         PrepareConfig(inputs=("x",), out_dir="o", tokenizer="char", eos=True)
+
+
+def test_cache_prepares_again_after_a_same_size_in_place_edit(tmp_path, caplog):
+    from minigpt.data.prepare import stale_reason
+    from minigpt.train.pretrain import _already_prepared
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abcdefghij" * 50)
+    config = PrepareConfig(inputs=(str(corpus),), out_dir=str(tmp_path / "out"), tokenizer="char", progress=False)
+    assert not _already_prepared(tmp_path / "out", config)
+    meta = prepare(config)
+    assert meta["sources"][0]["blake2b"] and _already_prepared(tmp_path / "out", config)
+    size = corpus.stat().st_size
+    corpus.write_text("jihgfedcba" * 50)  # same size, same alphabet, other tokens
+    assert corpus.stat().st_size == size
+    with caplog.at_level("INFO"):
+        assert not _already_prepared(tmp_path / "out", config)
+    assert "preparing" in caplog.text and "corpus.txt changed since it was prepared" in caplog.text
+    assert "content hash" in stale_reason(tmp_path / "out", config)
+    prepare(config)
+    assert _already_prepared(tmp_path / "out", config)
+    assert TokenSplit(tmp_path / "out", "train").arrays[0][0] == meta["tokenizer"]["chars"].index("j")
+
+
+def test_a_bom_is_dropped_from_text_and_jsonl_inputs(tmp_path):
+    (tmp_path / "a.txt").write_text("\ufeffabcabc\nabc\n", encoding="utf-8")
+    out, meta = _prepare(tmp_path, [tmp_path / "a.txt"], tokenizer="char", val_fraction=0.0)
+    assert meta["tokenizer"]["chars"] == "\nabc"  # no U+FEFF in the alphabet
+    (tmp_path / "b.jsonl").write_text('\ufeff{"text": "abc"}\n{"text": "cab"}\n', encoding="utf-8")
+    out, meta = _prepare(tmp_path, [tmp_path / "b.jsonl"], tokenizer="char", val_fraction=0.0)
+    assert meta["documents"] == 2 and meta["tokenizer"]["chars"] == "abc"
+
+
+def test_undecodable_byte_offset_counts_the_bom(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfab\xffcd\n")
+    with pytest.raises(ValueError, match=r"a.txt: line 1, byte offset 5: cannot decode b'\\xff'.*--errors replace"):
+        _prepare(tmp_path, [tmp_path / "a.txt"], tokenizer="char", val_fraction=0.0)
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"b.jsonl: line 1, byte offset 13: cannot decode b'\\xff'"):
+        _prepare(tmp_path, [tmp_path / "b.jsonl"], tokenizer="char", val_fraction=0.0)

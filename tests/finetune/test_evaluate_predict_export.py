@@ -98,6 +98,11 @@ def test_completion_model_evaluation(tmp_path, tokenizer, capsys):
     assert report.generated == 2 and report.exact_match in (0.0, 0.5, 1.0)
     loss, _ = completion_loss(model, tokenizer, [PromptCompletion(p["prompt"], p["completion"], 1) for p in pairs])
     assert loss == pytest.approx(report.loss)
+    # The same pairs as a CSV with other column names, through the CLI, score the same.
+    (tmp_path / "val.csv").write_text('q,a\nSky ->," blue\n"\nGrass ->," green\n"\n')
+    main(["evaluate", str(folder), str(tmp_path / "val.csv"), "--prompt-column", "q", "--completion-column", "a",
+          "--max-generate", "0", "--out", str(tmp_path / "eval_csv")])
+    assert json.loads((tmp_path / "eval_csv" / "metrics.json").read_text())["loss"] == pytest.approx(report.loss)
     with pytest.raises(ValueError, match="completion model"):
         predict(folder, ["x"])
 

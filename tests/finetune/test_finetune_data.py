@@ -8,9 +8,9 @@ from minigpt import GPT, GPTConfig
 from minigpt.finetune.data import (
     IGNORE_INDEX, CompletionExample, LabeledText, LabelMap, PromptCompletion, ShuffledBatches,
     collate_classification, collate_completion, encode_completion, pack_completions, read_labeled,
-    stratified_split,
+    split_without_leakage, stratified_split,
 )
-from tests.helpers import DATA, need_file
+from tests.helpers import DATA, need_file, use_tiktoken_cache
 
 
 class SpaceTokenizer:
@@ -37,7 +37,7 @@ def test_read_labeled_csv_tsv_jsonl_with_named_columns(tmp_path):
 
 def test_read_labeled_errors_name_the_column_or_line(tmp_path):
     (tmp_path / "a.csv").write_text("sentence,y\ngood,pos\n")
-    with pytest.raises(ValueError, match=r"no column 'text'; the header has \['sentence', 'y'\]"):
+    with pytest.raises(ValueError, match=r"no column 'text' or 'label'; the file has \['sentence', 'y'\]"):
         read_labeled(tmp_path / "a.csv")
     (tmp_path / "b.csv").write_text("text,label\ngood,pos\nfine,\n")
     with pytest.raises(ValueError, match=r"b.csv:3: empty 'label'"):
@@ -142,3 +142,67 @@ def test_ranks_read_disjoint_slices_of_each_epoch():
     ranks = [ShuffledBatches(list(range(12)), 3, collate, seed=5, rank=r, world_size=2) for r in range(2)]
     seen = [torch.cat([b.next_batch()["x"] for _ in range(2)]).tolist() for b in ranks]
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(12))
+
+
+def test_labels_that_differ_only_by_case_or_spaces_are_an_error_naming_spellings_and_counts(tmp_path, caplog):
+    path = tmp_path / "a.csv"
+    path.write_text("text,label\ngreat,positive\nfine,Positive\nnice,positive\ndull,negative\nmeh,negative \n")
+    with pytest.raises(ValueError, match=r"'Positive' \(1 rows\) vs 'positive' \(2 rows\); 'negative' \(1 rows\) "
+                                         r"vs 'negative ' \(1 rows\).*--merge-label-case"):
+        read_labeled(path)
+    with caplog.at_level("WARNING"):
+        rows = read_labeled(path, merge_label_case=True)
+    assert [r.label for r in rows] == ["positive", "positive", "positive", "negative", "negative"]
+    assert "merged the labels 'Positive' (1 rows), 'positive' (2 rows) into 'positive'" in caplog.text
+    # Merging against known labels (a model's, the training file's) takes their spelling.
+    assert {r.label for r in read_labeled(path, merge_label_case=True, known_labels=("POSITIVE", "negative"))} == {
+        "POSITIVE", "negative"}
+
+
+def test_duplicates_are_kept_on_one_side_of_the_held_out_split(caplog):
+    rows = [LabeledText(f"text {i % 12}", "ab"[i % 2], i + 1) for i in range(60)]  # each text 5 times
+    leaky_train, leaky_val = stratified_split(rows, 0.2, seed=0)
+    assert {r.text for r in leaky_train} & {r.text for r in leaky_val}  # what happened before
+    with caplog.at_level("WARNING"):
+        train, val = split_without_leakage(rows, 0.2, seed=0, source="a.csv")
+    assert not {r.text for r in train} & {r.text for r in val}
+    assert sorted(train + val, key=lambda r: r.line) == rows and 0 < len(val) < 30
+    assert "a.csv: 48 rows repeat another row's text (12 groups, e.g. lines 1, 13, 25, 37, 49)" in caplog.text
+
+
+def test_validation_rows_that_also_occur_in_training_are_reported_with_counts(tmp_path, monkeypatch, caplog):
+    use_tiktoken_cache(monkeypatch)
+    from minigpt import Tokenizer
+    from minigpt.train.finetune import FinetuneConfig, default_train_config, prepare
+
+    (tmp_path / "train.csv").write_text("text,label\ngood film,pos\nbad film,neg\nfine,pos\nawful,neg\n")
+    (tmp_path / "val.csv").write_text("text,label\nbad film,neg\nnew one,pos\n")
+    config = FinetuneConfig(task="classify", train_file=str(tmp_path / "train.csv"),
+                            val_file=str(tmp_path / "val.csv"))
+    model = GPT(GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    with caplog.at_level("WARNING"):
+        run, _ = prepare(config, default_train_config(config, str(tmp_path / "run"), {"device": "cpu"}),
+                         model=model, tokenizer=Tokenizer())
+    assert run.details["val_rows_in_train"] == 1
+    assert "1 of 2 validation rows have a text that also occurs in the training file" in caplog.text
+    assert "val.csv:2 = " in caplog.text and "train.csv:3" in caplog.text
+
+
+def test_completion_run_reads_a_tsv_with_named_columns_and_keeps_repeated_prompts_on_one_side(
+        tmp_path, monkeypatch, caplog):
+    use_tiktoken_cache(monkeypatch)
+    from minigpt import Tokenizer
+    from minigpt.train.finetune import FinetuneConfig, default_train_config, prepare
+
+    lines = ["q\ta"] + [f"Question {i % 5} ->\t answer {i % 5}" for i in range(20)]
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    config = FinetuneConfig(task="completion", train_file=str(tmp_path / "pairs.tsv"), prompt_column="q",
+                            completion_column="a", val_fraction=0.2)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    with caplog.at_level("WARNING"):
+        run, _ = prepare(config, default_train_config(config, str(tmp_path / "run"), {"device": "cpu"}),
+                         model=model, tokenizer=Tokenizer())
+    assert run.details["train_pairs"] + run.details["val_pairs"] == 20
+    # One whole group of 4 repeats is held out: training sees the other 4 prompts only.
+    assert run.details["val_pairs"] == 4 and len({e.tokens for e in run.train_batches.examples}) == 4
+    assert "15 rows repeat another row's prompt (5 groups" in caplog.text

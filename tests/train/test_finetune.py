@@ -9,7 +9,7 @@ from minigpt.finetune.data import read_labeled, read_prompt_completion
 from minigpt.finetune.evaluate import completion_loss, predict
 from minigpt.finetune.export import load_finetuned
 from minigpt.finetune.lora import LoRALinear
-from minigpt.finetune.validate import check_prompt_completion
+from minigpt.finetune.check import check_prompt_completion
 from minigpt.train.finetune import FinetuneConfig, default_train_config, finetune
 from tests.helpers import DATA, need_file, use_tiktoken_cache
 
@@ -59,7 +59,8 @@ def headlines(tmp_path, tokenizer, block_size, n_train, n_val):
         source = need_file(DATA / "headlines" / f"{split}.jsonl")
         subset = tmp_path / f"{split}.jsonl"
         subset.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
-        report = check_prompt_completion(subset, tokenizer, block_size, fix=True)
+        report = check_prompt_completion(subset, tokenizer, block_size, fix=True,
+                                         out=tmp_path / f"{split}.fixed.jsonl")
         assert report.written and len(report.kept) > 0.8 * n
         out[split] = report.written
     return out["train"], out["validation"]

@@ -1,0 +1,204 @@
+"""Run tasks on a model: one function per task type, then the table and the output files.
+
+`evaluate_examples` scores one task in memory; `run_eval` is what `minigpt eval` calls: it
+loads a model folder, evaluates each task file and writes results.json, examples.jsonl
+(one line per example, with each choice's log-likelihood, so any number can be audited)
+and results.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minigpt.evaluation.metrics import argmax, mean_stderr, token_f1
+from minigpt.evaluation.prompts import PromptFormat, build_prompts
+from minigpt.evaluation.scoring import score_continuations
+from minigpt.evaluation.tasks import Example, Task, read_examples, read_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    task: str
+    kind: str
+    shots: int
+    n: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    stderr: dict[str, float | None] = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)
+    """One record per example (see `examples.jsonl`)."""
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "examples"}
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt; an empty prompt is the end-of-text token, as in the harness."""
+    ids = tokenizer.encode(text)
+    if ids:
+        return ids
+    if getattr(tokenizer, "eos_id", None) is None:
+        raise ValueError("an empty prompt (zero-shot with an empty context) needs a tokenizer with an eos token")
+    return [tokenizer.eos_id]
+
+
+def _mean_into(result: EvalResult, name: str, values: Sequence[float]) -> None:
+    result.metrics[name], result.stderr[name] = mean_stderr(values)
+
+
+def _multiple_choice(model, tokenizer, examples, prompts, fmt, result: EvalResult, **kw) -> None:
+    requests = [(_encode(tokenizer, p), [tokenizer.encode(c) for c in fmt.continuations(e)])
+                for p, e in zip(prompts, examples)]
+    scored = score_continuations(model, requests, desc=result.task, **kw)
+    uncond: dict[str, float] = {}
+    if fmt.unconditional_prompt is not None:
+        # One score per distinct continuation: a label set (SST-2's two words) costs two.
+        distinct = sorted({c for e in examples for c in fmt.continuations(e)})
+        answer = _encode(tokenizer, fmt.unconditional_prompt)
+        totals = score_continuations(model, [(answer, [tokenizer.encode(c) for c in distinct])], **kw)[0]
+        uncond = {c: s.total for c, s in zip(distinct, totals)}
+    for prompt, e, (ctx, conts), scores in zip(prompts, examples, requests, scored):
+        ll = [s.total for s in scores]
+        record = {"line": e.line, "prompt": prompt, "choices": list(e.choices), "label": e.label,
+                  "loglikelihoods": ll, "tokens": [len(c) for c in conts], "context_tokens": len(ctx)}
+        preds = {"acc": argmax(ll), "acc_norm": argmax([v / len(c) for v, c in zip(ll, e.choices)])}
+        if uncond:
+            record["unconditional_loglikelihoods"] = [uncond[c] for c in fmt.continuations(e)]
+            preds["acc_uncond"] = argmax([v - u for v, u in zip(ll, record["unconditional_loglikelihoods"])])
+        record["predictions"] = preds
+        record.update({name: float(p == e.label) for name, p in preds.items()})
+        result.examples.append(record)
+    for name in result.examples[0]["predictions"]:
+        _mean_into(result, name, [r[name] for r in result.examples])
+
+
+def _cloze(model, tokenizer, examples, prompts, fmt, result: EvalResult, **kw) -> None:
+    requests = [(_encode(tokenizer, p), [tokenizer.encode(e.target)]) for p, e in zip(prompts, examples)]
+    scored = score_continuations(model, requests, desc=result.task, **kw)
+    for prompt, e, (_, (target,)), (s,) in zip(prompts, examples, requests, scored):
+        result.examples.append({"line": e.line, "prompt": prompt, "target": e.target, "tokens": len(target),
+                                "loglikelihood": s.total, "token_logprobs": list(s.logprobs),
+                                "acc": float(s.greedy)})
+    _mean_into(result, "acc", [r["acc"] for r in result.examples])
+    _mean_into(result, "loglikelihood", [r["loglikelihood"] for r in result.examples])
+    result.metrics["perplexity"] = float(torch.tensor(-result.metrics["loglikelihood"]).exp())
+    result.stderr["perplexity"] = None
+
+
+@torch.no_grad()
+def _free_form(model, tokenizer, examples, prompts, fmt, result: EvalResult, *, batch_size: int = 16,
+               progress: bool = False, use_cache: bool = True) -> None:
+    from minigpt.generate import generate
+
+    # Room for the longest reference and a few tokens more: a longer answer is wrong anyway.
+    budget = max(len(tokenizer.encode(e.completion)) for e in examples) + 8
+    budget = min(budget, model.config.block_size // 2)
+    stop = fmt.stop
+    starts = range(0, len(examples), batch_size)
+    for s in tqdm(starts, desc=result.task, disable=not progress, unit="batch"):
+        part = list(zip(prompts[s : s + batch_size], examples[s : s + batch_size]))
+        rows = [_encode(tokenizer, p)[-(model.config.block_size - budget):] for p, _ in part]
+        outputs = generate(model, rows, budget, temperature=0, eos_id=getattr(tokenizer, "eos_id", None),
+                           use_cache=use_cache)
+        for (prompt, e), out in zip(part, outputs):
+            text = tokenizer.decode(out).split(stop)[0] if stop else tokenizer.decode(out)
+            result.examples.append({"line": e.line, "prompt": prompt, "reference": e.completion, "generated": text,
+                                    "exact_match": float(text.strip() == e.completion.strip()),
+                                    "f1": token_f1(text, e.completion)})
+    _mean_into(result, "exact_match", [r["exact_match"] for r in result.examples])
+    _mean_into(result, "f1", [r["f1"] for r in result.examples])
+
+
+_RUNNERS = {"multiple_choice": _multiple_choice, "cloze": _cloze, "free_form": _free_form}
+
+
+def evaluate_examples(model, tokenizer, task: Task, *, shots: int = 0, demos: Sequence[Example] | None = None,
+                      fixed_demos: Sequence[Example] | None = None, seed: int = 1337,
+                      fmt: PromptFormat = PromptFormat(), batch_size: int = 16, use_cache: bool = True,
+                      progress: bool = False) -> EvalResult:
+    """Evaluate one task with `shots` demonstrations per example.
+
+    demos: the pool to draw demonstrations from (default: the task's other examples);
+    fixed_demos: the same demonstrations for every example instead (the `fewshot` command).
+    Multiple choice gives acc, acc_norm and acc_uncond (see `metrics`); cloze gives acc
+    (greedy exact match of the last word), its mean log-likelihood and the perplexity;
+    free-form gives exact_match and token F1 of a greedy completion cut at `fmt.stop`.
+    """
+    if not task.examples:
+        raise ValueError(f"task {task.name!r} has no examples")
+    prompts = build_prompts(task.examples, shots, seed, fmt, demos=demos, fixed=fixed_demos)
+    result = EvalResult(task.name, task.kind, len(fixed_demos) if fixed_demos is not None else shots,
+                        len(task.examples))
+    _RUNNERS[task.kind](model, tokenizer, list(task.examples), prompts, fmt, result, batch_size=batch_size,
+                        progress=progress, use_cache=use_cache)
+    return result
+
+
+# -------------------------------------------------------------------------------- output
+def table_rows(results: Sequence[EvalResult]) -> list[tuple[str, str, float, float | None, int]]:
+    return [(r.task, m, v, r.stderr.get(m), r.n) for r in results for m, v in r.metrics.items()]
+
+
+def format_table(results: Sequence[EvalResult], markdown: bool = False) -> str:
+    """The results as a table: task, metric, value, stderr, n."""
+    def number(v: float | None) -> str:
+        return "" if v is None else f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+
+    head = ("task", "shots", "metric", "value", "stderr", "n")
+    body = [(r.task, str(r.shots), m, number(v), number(r.stderr.get(m)), str(r.n))
+            for r in results for m, v in r.metrics.items()]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in (head, *body))
+
+
+def write_results(results: Sequence[EvalResult], out_dir: str | Path, extra: dict | None = None) -> Path:
+    """results.json (metrics and stderr per task), examples.jsonl and results.md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {**(extra or {}), "results": [r.summary() for r in results]}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with (out / "examples.jsonl").open("w", encoding="utf-8") as f:
+        for r in results:
+            for record in r.examples:
+                f.write(json.dumps({"task": r.task, **record}, ensure_ascii=False) + "\n")
+    (out / "results.md").write_text(format_table(results, markdown=True) + "\n")
+    return out
+
+
+def run_eval(task_files: Sequence[str | Path], model_dir: str | Path, *, shots: int = 0,
+             demos: str | Path | None = None, limit: int | None = None, out_dir: str | Path | None = None,
+             seed: int = 1337, device: str = "cpu", batch_size: int = 16, backend: str = "sdpa",
+             fmt: PromptFormat = PromptFormat(), progress: bool = True) -> list[EvalResult]:
+    """Load a model folder and evaluate each task file (its first `limit` examples) with
+    `shots` demonstrations drawn from `demos` (default: the file's other examples)."""
+    from minigpt.model import GPT
+    from minigpt.tokenizer import load_tokenizer
+
+    model = GPT.from_pretrained(model_dir, backend=backend).to(device)
+    tokenizer = load_tokenizer(model_dir)
+    pool = read_examples(demos) if demos is not None else None
+    results = []
+    for path in task_files:
+        task = read_task(path, limit)
+        if pool is not None and type(pool[0]) is not type(task.examples[0]):
+            raise ValueError(f"--demos {demos} holds {type(pool[0]).__name__} rows but {path} holds "
+                             f"{type(task.examples[0]).__name__} rows; give demonstrations of the same type")
+        results.append(evaluate_examples(model, tokenizer, task, shots=shots, demos=pool, seed=seed, fmt=fmt,
+                                         batch_size=batch_size, progress=progress))
+        log.info("%s: %s", task.name, ", ".join(f"{k}={v:.4f}" for k, v in results[-1].metrics.items()))
+    if out_dir is not None:
+        write_results(results, out_dir, {"model": str(model_dir), "shots": shots, "seed": seed,
+                                         "demos": None if demos is None else str(demos), "limit": limit,
+                                         "separator": fmt.separator, "target_delimiter": fmt.target_delimiter,
+                                         "unconditional_prompt": fmt.unconditional_prompt, "stop": fmt.stop})
+    return results
