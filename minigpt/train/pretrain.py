@@ -326,7 +326,7 @@ def load_config(preset: str | None = None, file: str | Path | None = None,
     for section, values in file_values.items():
         if section not in SECTIONS:
             owners = [s for s in SECTIONS if section in _section_fields(s)]
-            if owners:  # `lr = 1e-3` written above every [section]
+            if owners and not isinstance(values, dict):  # `lr = 1e-3` written above every [section]
                 raise ValueError(f"config file {file}: {section!r} is at the top level, outside any section; put it "
                                  f"under [{owners[0]}]" + (f" (or [{'] or ['.join(owners[1:])}])" if owners[1:] else ""))
             raise ValueError(f"config file {file}: unknown section {section!r}; valid sections are: "
