@@ -91,3 +91,19 @@ def test_weights_of_another_model_name_the_folder(tmp_path):
     (folder / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=r"m: gpt2 checkpoint is missing tensor 'h\.1\..*same model"):
         GPT.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("keep", [0, 10, 0.5])
+def test_truncated_pytorch_bin_names_file(tmp_path, keep):
+    import torch
+    from safetensors.torch import load_file
+
+    from minigpt.weights import DamagedWeightsError
+
+    folder = tiny_saved_model(tmp_path / "m")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[:int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(DamagedWeightsError, match=r"pytorch_model\.bin is damaged or incomplete .*Re-save or re-download"):
+        GPT.from_pretrained(folder)

@@ -70,18 +70,24 @@ class DamagedWeightsError(BadFileError):
     Loaders that can fall back to another checkpoint (resume) catch this one type."""
 
 
+def damaged(path: Path, err: BaseException) -> DamagedWeightsError:
+    """The error for a weights file that could not be read: names it, says how big it is
+    (an empty file is the usual remains of a crash) and what to do."""
+    size = path.stat().st_size if path.is_file() else None
+    detail = "it is empty: 0 bytes" if size == 0 else f"{size} bytes; {str(err).split('. ')[0] or type(err).__name__}"
+    return DamagedWeightsError(
+        f"weights file {path} is damaged or incomplete ({detail}); it was probably cut off while being "
+        f"written or downloaded. Re-save or re-download the model, or load another checkpoint"
+    )
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of one .safetensors file; a damaged file is a `DamagedWeightsError`
     naming it, never a bare SafetensorError."""
     try:
-        size = path.stat().st_size
         return load_file(path)
     except (SafetensorError, OSError) as err:
-        detail = "it is empty: 0 bytes" if path.is_file() and size == 0 else f"{err}"
-        raise DamagedWeightsError(
-            f"weights file {path} is damaged or incomplete ({detail}); it was probably cut off while being "
-            f"written or downloaded. Re-save or re-download the model, or load another checkpoint"
-        ) from None
+        raise damaged(path, err) from None
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -117,10 +123,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                 f"convert it to safetensors or re-download it"
             ) from None
         except (RuntimeError, EOFError, OSError) as err:
-            raise DamagedWeightsError(
-                f"weights file {legacy} is damaged or incomplete ({err}); re-save or re-download the model, "
-                f"or load another checkpoint"
-            ) from None
+            raise damaged(legacy, err) from None
     raise FileNotFoundError(
         f"{folder} has no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
     )
