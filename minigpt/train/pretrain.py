@@ -214,18 +214,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     raise ValueError(f"config file {path} must end in .toml or .json")
 
 
-def parse_value(text: str) -> Any:
-    """A value from the command line for a key whose type is unknown: JSON (numbers,
-    true/false/null, lists, quoted strings), Python's True/False/None, or else the text."""
-    aliases = {"True": True, "False": False, "None": None}
-    if text in aliases:
-        return aliases[text]
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def apply_override(sections: dict[str, dict[str, Any]], item: str,
                    origins: dict[tuple[str, str], str] | None = None) -> None:
     """Apply one 'section.key=value' or 'key=value' (leading dashes and '-' in keys allowed).

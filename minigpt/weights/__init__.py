@@ -81,9 +81,6 @@ def _map_to_minigpt(model_type: str, source: dict[str, torch.Tensor], config: GP
     return state
 
 
-__all__ = ["DamagedWeightsError", "load_pretrained", "read_config", "save_pretrained"]
-
-
 def load_pretrained(path: str | Path, backend: str = "sdpa", dtype: torch.dtype | None = None) -> GPT:
     """A GPT built from a checkpoint folder (config.json + weights).
 

@@ -1,7 +1,6 @@
 """Reading tensors safely and strictly, shared by every weight family."""
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
