@@ -171,7 +171,7 @@ def _train(args: argparse.Namespace) -> None:
         overrides.append(f"data.path={args.data}")
     if args.out_dir is not None:
         overrides.append(f"train.out_dir={args.out_dir}")
-    result = pretrain(load_config(args.preset, args.config, overrides), resume=args.resume)
+    result = pretrain(load_config(args.preset, args.config, overrides), resume=args.resume, overwrite=args.overwrite)
     if result.sample is not None:
         print(f"--- sample from {result.train.last_checkpoint} ---")
         print(result.sample)
@@ -189,6 +189,8 @@ def add_train_parser(sub) -> None:
                                                 "tiny Shakespeare)")
     p.add_argument("--out-dir", default=None, help="run folder (train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a run, moving that run aside to OUT.old-<time>")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an override such as train.lr=1e-3 (repeatable); --train.lr=1e-3 works too")
     p.set_defaults(func=_train, accepts_overrides=True)
@@ -251,15 +253,28 @@ def add_finetune_parser(sub) -> None:
         t.add_argument("--val-fraction", type=float, default=0.1)
         t.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, model/, eval/)")
         t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        t.add_argument("--overwrite", action="store_true",
+                       help="start afresh when --out holds a run, moving that run aside to OUT.old-<time>")
         _add_encoding(t)
         if task == "classify":
             _add_columns(t)
             t.add_argument("--max-length", type=int, default=None, help="tokens kept per text (default: block_size)")
             t.add_argument("--class-weights", choices=("none", "balanced"), default="none")
+            t.add_argument("--as-completion", action="store_true",
+                           help="no head: teach each label word as the completion of --template (prompt masked); "
+                                "scored by label log-likelihood and greedy exact match")
+            t.add_argument("--template", default="Review: {text}\\nSentiment:",
+                           help="with --as-completion: each row's prompt; must contain {text}")
+            t.add_argument("--label-prefix", default=" ", help="with --as-completion: between prompt and label")
         else:
             _add_pair_columns(t)
             t.add_argument("--packing", action="store_true", help="pack several examples per row instead of padding")
             t.add_argument("--no-eos", action="store_true", help="do not append eos to completions")
+        t.add_argument("--bos", default="", help="special token before every prompt, e.g. '<|startoftext|>' "
+                                                 "(added to the tokenizer and the model when new)")
+        t.add_argument("--sep-token", default="", help="special token after every prompt, e.g. '<|sep|>' (added if new)")
+        t.add_argument("--pad-token", default="", help="special token to pad batches with, e.g. '<|pad|>' "
+                                                       "(added if new; default: eos)")
         t.add_argument("--train-last-blocks", type=int, default=None,
                        help="train only the last N blocks, final LayerNorm and head (0: the head alone)")
         t.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: no LoRA); only adapters train")
@@ -276,16 +291,18 @@ def _finetune_train(args: argparse.Namespace) -> None:
     fields = dict(task=args.task, init=args.init, train_file=args.train_file, val_file=args.val_file,
                   val_fraction=args.val_fraction, train_last_blocks=args.train_last_blocks,
                   lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                  encoding=args.encoding)
+                  encoding=args.encoding, bos=args.bos, sep_token=args.sep_token, pad_token=args.pad_token)
     if args.task == "classify":
         fields.update(text_column=args.text_column, label_column=args.label_column, max_length=args.max_length,
-                      class_weights=args.class_weights, merge_label_case=args.merge_label_case)
+                      class_weights=args.class_weights, merge_label_case=args.merge_label_case,
+                      as_completion=args.as_completion, template=args.template.replace("\\n", "\n"),
+                      label_prefix=args.label_prefix)
     else:
         fields.update(packing=args.packing, add_eos=not args.no_eos, prompt_column=args.prompt_column,
                       completion_column=args.completion_column)
     config = FinetuneConfig(**fields)
     result = finetune(config, default_train_config(config, args.out, train_overrides(args.overrides)),
-                      resume=args.resume)
+                      resume=args.resume, overwrite=args.overwrite)
     if result.report is not None:
         print(result.report.format())
         print(f"model: {result.model_dir}")

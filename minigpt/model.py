@@ -277,6 +277,12 @@ class GPT(nn.Module):
 
         return generate(self, prompts, max_new_tokens, **kwargs)
 
+    def resize_token_embeddings(self, new_vocab_size: int, mean_of: int | None = None) -> "GPT":
+        """Grow the token embedding (and head) to `new_vocab_size` rows; see `minigpt.vocab`."""
+        from minigpt.vocab import resize_token_embeddings
+
+        return resize_token_embeddings(self, new_vocab_size, mean_of)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "sdpa") -> "GPT":
         """Load a GPT-2 / GPT-Neo folder in the Hugging Face layout, or one saved by minigpt."""

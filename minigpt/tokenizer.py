@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from minigpt.files import BadFileError, read_json
 
 GPT2_EOS = "<|endoftext|>"
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # tiktoken names each cached file by the sha1 of the URL it came from.
 _GPT2_CACHE_FILES = {
@@ -22,17 +24,83 @@ _GPT2_CACHE_FILES = {
 
 
 class Tokenizer:
-    """GPT-2's byte-level BPE (tiktoken's ``gpt2`` encoding).
+    """GPT-2's byte-level BPE (tiktoken's ``gpt2`` encoding), optionally with added special tokens.
 
     encode(text) -> list[int], decode(ids) -> str; ``eos_id`` is ``<|endoftext|>`` (50256).
+    Added special tokens (``add_special_tokens``) take the ids after the base vocabulary
+    (50257, 50258, ...), in the order they were added, as `transformers`'
+    ``tokenizer.add_special_tokens`` assigns them; grow the model to match with
+    `minigpt.vocab.add_tokens` (or ``resize_token_embeddings``).
     """
 
     name = "gpt2"
 
-    def __init__(self, encoding=None) -> None:
-        self._enc = encoding if encoding is not None else _load_gpt2_encoding()
-        self.eos_id: int = self._enc.eot_token
-        self.vocab_size: int = self._enc.n_vocab
+    def __init__(self, encoding=None, added_tokens: Sequence[str] = (), pad_token: str | None = None) -> None:
+        self._base = encoding if encoding is not None else _load_gpt2_encoding()
+        self._enc = self._base
+        self.eos_id: int = self._base.eot_token
+        self.added_tokens: tuple[str, ...] = ()
+        self.pad_token: str | None = None
+        """Token to pad batches with (recorded for `transformers`); None means eos."""
+        self.add_special_tokens(added_tokens)
+        if pad_token is not None:
+            self.set_pad_token(pad_token)
+
+    @property
+    def vocab_size(self) -> int:
+        """Base vocabulary plus added tokens: the rows a model needs."""
+        return self._enc.n_vocab
+
+    @property
+    def base_vocab_size(self) -> int:
+        return self._base.n_vocab
+
+    @property
+    def pad_id(self) -> int:
+        """Id of `pad_token`, else eos (GPT-2 has no pad token of its own)."""
+        return self.token_id(self.pad_token) if self.pad_token is not None else self.eos_id
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[str]:
+        """Add `tokens` as special tokens (ids after the current vocabulary); return those that
+        were new. Tokens already in the vocabulary as special tokens are skipped.
+
+        Raises ValueError for a token that is not a non-empty string or is listed twice.
+        """
+        if isinstance(tokens, str):
+            raise ValueError(f"add_special_tokens takes a list of tokens; got the string {tokens!r} "
+                             f"(write [{tokens!r}])")
+        new: list[str] = []
+        for token in tokens:
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"a special token must be a non-empty string; got {token!r}")
+            if token in new:
+                raise ValueError(f"special token {token!r} is listed twice")
+            if token not in self._enc.special_tokens_set:
+                new.append(token)
+        if new:
+            import tiktoken
+
+            self.added_tokens = (*self.added_tokens, *new)
+            base = self._base
+            specials = dict(base._special_tokens)
+            specials.update({t: base.n_vocab + i for i, t in enumerate(self.added_tokens)})
+            self._enc = tiktoken.Encoding(name=f"{base.name}+{len(self.added_tokens)}", pat_str=base._pat_str,
+                                          mergeable_ranks=base._mergeable_ranks, special_tokens=specials)
+        return new
+
+    def set_pad_token(self, token: str) -> None:
+        """Pad batches with `token`, a special token of this tokenizer (add it first)."""
+        self.token_id(token)
+        self.pad_token = token
+
+    def token_id(self, token: str) -> int:
+        """Id of special token `token`; ValueError naming the known ones when it is not one."""
+        try:
+            return self._enc._special_tokens[token]
+        except KeyError:
+            raise ValueError(f"{token!r} is not a special token of this tokenizer (it has "
+                             f"{sorted(self._enc.special_tokens_set)}); add it with add_special_tokens"
+                             ) from None
 
     @classmethod
     def from_gpt2_files(cls, folder: str | Path) -> "Tokenizer":
@@ -50,26 +118,38 @@ class Tokenizer:
         # The same split pattern and special token as tiktoken's built-in "gpt2" encoding.
         enc = tiktoken.Encoding(
             name="gpt2-local",
-            pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+            pat_str=GPT2_PATTERN,
             mergeable_ranks=ranks,
             special_tokens={GPT2_EOS: len(ranks)},
         )
         return cls(enc)
 
-    def encode(self, text: str, allow_eos: bool = False) -> list[int]:
-        """Token ids of `text`. ``<|endoftext|>`` in the text is plain text unless `allow_eos`."""
+    def encode(self, text: str, allow_eos: bool = False, allow_added: bool = True) -> list[int]:
+        """Token ids of `text`. ``<|endoftext|>`` in the text is plain text unless `allow_eos`;
+        added special tokens are recognized (as `transformers` does) unless not `allow_added`."""
+        allowed = set(self.added_tokens) if allow_added else set()
         if allow_eos:
-            return self._enc.encode(text, allowed_special={GPT2_EOS})
+            allowed.add(GPT2_EOS)
+        if allowed:
+            return self._enc.encode(text, allowed_special=allowed, disallowed_special=())
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        if self.added_tokens:
+            return self._enc.encode_batch(texts, num_threads=num_threads, allowed_special=set(self.added_tokens),
+                                          disallowed_special=())
         return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(list(ids), errors="replace")
 
     def to_dict(self) -> dict:
-        return {"type": "gpt2"}
+        out: dict = {"type": "gpt2"}
+        if self.added_tokens:
+            out["added_tokens"] = list(self.added_tokens)
+        if self.pad_token is not None:
+            out["pad_token"] = self.pad_token
+        return out
 
 
 class CharTokenizer:
@@ -108,7 +188,7 @@ def tokenizer_from_dict(data: dict):
     """Rebuild a tokenizer saved with ``to_dict`` (stored beside checkpoints and datasets)."""
     kind = data.get("type") if isinstance(data, dict) else None
     if kind == "gpt2":
-        return Tokenizer()
+        return Tokenizer(added_tokens=data.get("added_tokens", ()), pad_token=data.get("pad_token"))
     if kind == "char":
         if not isinstance(data.get("chars"), str) or not data["chars"]:
             raise ValueError("a char tokenizer needs its alphabet: a non-empty string under \"chars\"")
@@ -116,21 +196,61 @@ def tokenizer_from_dict(data: dict):
     raise ValueError(f"unknown tokenizer type {kind!r}; expected 'gpt2' or 'char'")
 
 
-def save_tokenizer(tokenizer, folder: str | Path) -> None:
-    (Path(folder) / "tokenizer.json").write_text(json.dumps(tokenizer.to_dict()))
+def save_tokenizer(tokenizer, folder: str | Path, model_max_length: int | None = None) -> None:
+    """Save `tokenizer` beside a model in `folder`.
+
+    GPT-2's is written as the files `transformers`' GPT2Tokenizer reads (vocab.json,
+    merges.txt, tokenizer_config.json, ...; see `minigpt.hf_tokenizer`), added tokens
+    included, so AutoTokenizer loads the folder. Others are minigpt's ``tokenizer.json``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    own = folder / "tokenizer.json"
+    if isinstance(tokenizer, Tokenizer):
+        from minigpt.hf_tokenizer import write_gpt2_tokenizer
+
+        write_gpt2_tokenizer(tokenizer, folder, model_max_length)
+        # A minigpt tokenizer.json left from an earlier save would shadow these files (and
+        # transformers would try to read it as its own tokenizer.json).
+        if own.is_file():
+            try:
+                ours = "type" in _read_json(own)
+            except BadFileError:
+                ours = True  # a damaged file would only stand in the way
+            if ours:
+                own.unlink()
+        return
+    own.write_text(json.dumps(tokenizer.to_dict()))
 
 
 def load_tokenizer(folder: str | Path):
-    """The tokenizer saved beside a model (``tokenizer.json``), else GPT-2's."""
-    path = Path(folder).expanduser() / "tokenizer.json"
-    if not path.exists():
-        return Tokenizer()
-    try:
-        return tokenizer_from_dict(read_json(path, "tokenizer file"))
-    except BadFileError:
-        raise
-    except ValueError as err:
-        raise BadFileError(f"tokenizer file {path}: {err}; re-save the model or restore the file") from None
+    """The tokenizer saved beside a model: minigpt's ``tokenizer.json``, else GPT-2's with the
+    added tokens that tokenizer_config.json (or a `tokenizers` tokenizer.json) lists, else GPT-2's.
+
+    Raises BadFileError naming tokenizer.json when it is not JSON or not a tokenizer."""
+    from minigpt.hf_tokenizer import read_added_tokens
+
+    folder = Path(folder).expanduser()
+    path = folder / "tokenizer.json"
+    if path.exists():
+        data = _read_json(path)
+        if "type" in data:
+            try:
+                return tokenizer_from_dict(data)
+            except ValueError as err:
+                raise BadFileError(f"tokenizer file {path}: {err}; re-save the model or restore the file") from None
+    tokenizer = Tokenizer()
+    found = read_added_tokens(folder, tokenizer.base_vocab_size)
+    if found is not None:
+        added, pad = found
+        tokenizer.add_special_tokens(added)
+        if pad is not None and pad in tokenizer.added_tokens:
+            tokenizer.set_pad_token(pad)
+    return tokenizer
+
+
+def _read_json(path: Path) -> dict:
+    return read_json(path, "tokenizer file")
 
 
 class TokenizerFilesMissing(FileNotFoundError):

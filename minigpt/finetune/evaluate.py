@@ -3,7 +3,8 @@
 Classifiers get accuracy, per-class and macro precision/recall/F1, the confusion matrix
 (as text and PNG) and the majority-class baseline beside them. Completion models get the
 loss over completion tokens (the training objective, averaged per token), its perplexity,
-and exact match of greedy completions on held-out prompts.
+and exact match of greedy completions on held-out prompts. Classifiers taught as completion
+(`minigpt.finetune.as_completion`) get the classifier's report, labels scored by likelihood.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minigpt.finetune.as_completion import evaluate_saved, is_as_completion, write_as_completion_report
 from minigpt.finetune.classifier import GPTClassifier, predict_proba
 from minigpt.finetune.data import (
     IGNORE_INDEX, ClassificationExample, LabeledText, LabelMap, PromptCompletion, collate_classification,
@@ -151,6 +153,13 @@ def evaluate(model_dir: str | Path, data_file: str | Path, *, out_dir: str | Pat
                                      batch_size)
         if out_dir is not None:
             write_report(report, out_dir, extra)
+        return report
+    if is_as_completion(meta.details):  # a classifier taught as completion: score its labels
+        rows = read_labeled(data_file, text_column, label_column, encoding=encoding,
+                            merge_label_case=merge_label_case, known_labels=tuple(meta.details["labels"]))
+        report = evaluate_saved(model, tokenizer, meta.details, rows, batch_size)
+        if out_dir is not None:
+            write_as_completion_report(report, out_dir, extra)
         return report
     pairs = read_prompt_completion(data_file, prompt_column, completion_column, encoding)
     report = evaluate_completion(model, tokenizer, pairs, stop=meta.stop,

@@ -5,7 +5,9 @@ sample` read as they are, plus what the task needs:
 
     config.json, model.safetensors   the backbone, LoRA merged, in GPT-2's or GPT-Neo's
                                      Hugging Face layout when the config is one of them
-    tokenizer.json                   the tokenizer
+    vocab.json, merges.txt,          the tokenizer, added special tokens included, in the files
+    tokenizer_config.json, ...       transformers' GPT2Tokenizer reads (minigpt's tokenizer.json
+                                     for other tokenizers); see `minigpt.tokenizer.save_tokenizer`
     finetune.json                    task, max_length, separator/stop, how it was trained
     classifier_head.safetensors      {"score.weight": (num_labels, n_embd)}   (classifiers)
     labels.json                      id2label / label2id                      (classifiers)
@@ -48,6 +50,8 @@ class FinetuneMeta:
     """Completion models: text to append to a prompt before sampling (as in training)."""
     stop: str = ""
     """Completion models: stop sequence the completions ended with, if any."""
+    bos: str = ""
+    """Completion models: token put before every prompt in training (so before one to sample from)."""
     details: dict = field(default_factory=dict)
     """How the model was trained (free-form, for people)."""
 
@@ -77,7 +81,7 @@ def save_finetuned(model: nn.Module, folder: str | Path, tokenizer, meta: Finetu
         labels.save(folder / LABELS_FILE)
     else:
         model.save_pretrained(folder)
-    save_tokenizer(tokenizer, folder)
+    save_tokenizer(tokenizer, folder, model.config.block_size)
     (folder / META_FILE).write_text(json.dumps(meta.__dict__, indent=2, ensure_ascii=False) + "\n")
     return folder
 

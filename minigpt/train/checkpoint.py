@@ -13,19 +13,27 @@
 Atomic: a checkpoint is written into a hidden temporary folder, every file is fsynced, and
 the folder is renamed to its final name (rename is atomic on POSIX) before the parent is
 fsynced. A crash at any moment leaves the previous checkpoints untouched and, at worst, a
-hidden temporary folder that readers ignore and the next save removes.
+hidden temporary folder that readers ignore and the next save removes. Pruning renames a
+folder to a hidden `.trash-` name before deleting it, so a kill mid-delete never leaves a
+half `step_*` folder that a resume could pick.
+
+Reading a damaged file (truncated, zero bytes, bad JSON, a pickle that is not plain
+tensors) raises `CheckpointError` naming the file and the reason, so a resume can fall
+back to an older checkpoint.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,6 +43,13 @@ TRAINER_INFO = "trainer.json"
 MODEL_FILE = "model.safetensors"
 RESUME_MODEL_FILE = "trainer_model.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_LEFTOVERS = (".tmp-*", ".old-*", ".trash-*")  # interrupted writes, replacements and prunes
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing or cannot be read (truncated, empty, not what it should be)."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -121,18 +136,35 @@ def best_checkpoint(root: Path) -> Path | None:
     path = root / "best.json"
     if not path.is_file():
         return None
-    folder = root / json.loads(path.read_text())["dir"]
+    try:
+        folder = root / json.loads(path.read_text())["dir"]
+    except (ValueError, KeyError, TypeError) as err:
+        logger.warning("%s cannot be read (%s); ignoring it", path, err)
+        return None
     return folder if folder.is_dir() else None
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Delete step folders beyond the newest `keep_last`, never the best; clear stale temp folders."""
+    """Delete step folders beyond the newest `keep_last`, never the best; clear leftovers.
+
+    Each folder is first renamed to a hidden `.trash-` name (atomic), so a kill while it is
+    being deleted leaves a leftover that readers ignore, never a half `step_*` folder.
+    """
     best = best_checkpoint(root)
     for old in list_checkpoints(root)[:-keep_last]:
         if best is None or old.resolve() != best.resolve():
-            shutil.rmtree(old)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+            trash = root / f".trash-{old.name}-{os.getpid()}"
+            os.replace(old, trash)
+            fsync_dir(root)
+            shutil.rmtree(trash)
+    clean_leftovers(root)
+
+
+def clean_leftovers(root: Path) -> None:
+    """Remove the hidden folders that interrupted saves and prunes leave behind."""
+    for pattern in _LEFTOVERS:
+        for stale in root.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 # Model weights ---------------------------------------------------------------------------
@@ -160,21 +192,31 @@ def is_state_dict_file(path: Path) -> bool:
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    state = load_file(path)
-    with safe_open(path, framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    """The state_dict `save_state_dict` wrote. Raises CheckpointError naming the file if it
+    is missing or is not a whole safetensors file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        state = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except (SafetensorError, OSError, ValueError) as err:
+        size = path.stat().st_size
+        raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes; {_first_line(err)}); "
+                              f"it is truncated or damaged") from None
     for name, original in aliases.items():
         state[name] = state[original]
     return state
 
 
-def save_model_state(model: nn.Module, folder: Path) -> None:
+def save_model_state(model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """The default `save_model`: model.safetensors (the state_dict) and, for a GPT, a
     config.json in minigpt's layout, so `GPT.from_pretrained(folder)` and `minigpt sample
-    --model folder` load the checkpoint."""
+    --model folder` load the checkpoint. `state` replaces `model.state_dict()` (FSDP: the
+    gathered full state of a sharded model)."""
     from minigpt.model import GPT
 
-    save_state_dict(model.state_dict(), folder / MODEL_FILE)
+    save_state_dict(model.state_dict() if state is None else state, folder / MODEL_FILE)
     if isinstance(model, GPT):
         config = {"model_type": "minigpt", "config": model.config.to_dict()}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -193,5 +235,42 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
         raise ValueError(f"checkpoint {source} does not fit the model: " + "; ".join(p for p in parts if p))
 
 
+def read_trainer_info(folder: Path) -> dict:
+    """trainer.json; raises CheckpointError naming the file if it is missing, empty or not a JSON object."""
+    path = folder / TRAINER_INFO
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({_first_line(err)}); it is truncated or damaged") from None
+    if not isinstance(info, dict) or not isinstance(info.get("train_config"), dict):
+        raise CheckpointError(f"{path} holds no 'train_config'; it is not a minigpt trainer.json or is damaged")
+    return info
+
+
 def read_trainer_state(folder: Path) -> dict:
-    return torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+    """trainer.pt, loaded with weights_only=True: tensors and plain containers, never code.
+
+    Raises CheckpointError naming the file when it is missing, truncated, or holds other
+    Python objects (refused unread: such a pickle could run code when loaded).
+    """
+    path = folder / TRAINER_STATE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise CheckpointError(f"{path} holds Python objects other than tensors and plain containers; refused "
+                                  f"for safety (loading it could run code). It was not written by minigpt's "
+                                  f"loop or has been tampered with") from None
+        raise CheckpointError(f"{path} cannot be unpickled ({_first_line(err)}); it is damaged") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({path.stat().st_size} bytes; {_first_line(err)}); "
+                              f"it is truncated or damaged") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -52,8 +52,13 @@ def setup(device: str = "auto") -> DistInfo:
     return info
 
 
-def teardown() -> None:
+def teardown(sync: bool = True) -> None:
+    """Leave the process group. With `sync`, first wait for every rank, so none destroys
+    its connections while a peer is still finishing a collective; pass sync=False on an
+    error path, where a peer may be gone and a barrier would hang or fail."""
     if dist.is_initialized():
+        if sync:
+            barrier()
         dist.destroy_process_group()
 
 

@@ -7,7 +7,11 @@ checkpoints, resume, logging, early stopping); this module only differs in setup
   when none is given, wrap the model in a `GPTClassifier`, cross-entropy (class-weighted
   if asked), and report val_accuracy / val_macro_f1 at each evaluation;
 - completion: read prompt/completion pairs, mask prompt tokens out of the loss, append
-  eos, pad or pack the rows;
+  eos, pad or pack the rows; named bos/pad/separator tokens are added to the tokenizer
+  and the model (`minigpt.vocab.add_tokens`) when new;
+- classify --as-completion: labeled rows become prompt/label-word pairs and train through
+  the completion path; scored by label log-likelihood and greedy exact match
+  (`minigpt.finetune.as_completion`);
 - either: freeze all but the last N blocks (and the head), or train LoRA adapters only.
 
 The best checkpoint (by `TrainConfig.best_metric`) is exported to OUT/model as a
@@ -26,18 +30,20 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from minigpt.config import reject_unknown_keys
 from minigpt.finetune.classifier import ClassificationLoss, GPTClassifier, balanced_class_weights
 from minigpt.finetune.data import (
-    LabelMap, ShuffledBatches, collate_classification, collate_completion, encode_classification,
-    encode_completions, fixed_batches, pack_completions, read_labeled, read_prompt_completion, report_leakage,
-    split_without_leakage,
+    IGNORE_INDEX, LabeledText, LabelMap, PromptCompletion, ShuffledBatches, collate_classification,
+    collate_completion, encode_classification, encode_completions, fixed_batches, pack_completions, read_labeled,
+    read_prompt_completion, report_leakage, split_without_leakage,
 )
 from minigpt.finetune.export import FinetuneMeta, save_finetuned
 from minigpt.finetune.lora import LORA_TARGETS, apply_lora, count_trainable, freeze_all_but_last
 from minigpt.finetune.metrics import classification_report
 from minigpt.model import GPT
+from minigpt.tokenizer import GPT2_EOS
 from minigpt.train.loop import TrainConfig, train
 from minigpt.typed import PathStr, check_fields, field_types, parse_cli
 
@@ -101,6 +107,18 @@ class FinetuneConfig:
     """Batch size of validation passes."""
     max_generate: int = 50
     """completion: held-out prompts completed greedily for exact match in the final report."""
+    bos: str = ""
+    """completion: special token put before every prompt, e.g. "<|startoftext|>" (added if new)."""
+    pad_token: str = ""
+    """completion: special token to pad batches with, e.g. "<|pad|>" (added if new); "" pads with eos."""
+    sep_token: str = ""
+    """completion: special token put after every prompt, e.g. "<|sep|>" (added if new)."""
+    as_completion: bool = False
+    """classify: teach the label word as the completion of `template` instead of training a head."""
+    template: str = "Review: {text}\nSentiment:"
+    """classify with as_completion: the prompt of each row; must contain {text}."""
+    label_prefix: str = " "
+    """classify with as_completion: put between the prompt and the label word."""
 
     def __post_init__(self) -> None:
         check_fields(self)  # every value has its field's type (minigpt.typed)
@@ -116,7 +134,15 @@ class FinetuneConfig:
             raise ValueError("choose LoRA (lora_rank > 0) or train_last_blocks, not both")
         if self.train_last_blocks is not None and self.train_last_blocks < 0:
             raise ValueError(f"train_last_blocks={self.train_last_blocks} must be >= 0 or None (train all)")
-        if self.task == "completion" and self.train_last_blocks == 0:
+        if self.as_completion and self.task != "classify":
+            raise ValueError("as_completion=True applies to task='classify' (a labeled file taught as completion)")
+        if self.as_completion and "{text}" not in self.template:
+            raise ValueError(f"template={self.template!r} must contain {{text}}, where each row's text goes")
+        for name in ("bos", "sep_token"):
+            if getattr(self, name) == GPT2_EOS:
+                raise ValueError(f"{name}={GPT2_EOS!r} is GPT-2's eos, which prompts read as plain text; "
+                                 f"name a new token such as '<|startoftext|>' or '<|sep|>' (it is added)")
+        if self.uses_completion_path and self.train_last_blocks == 0:
             raise ValueError("train_last_blocks=0 leaves a completion model nothing to train (its head is "
                              "tied to the embedding); use 1 or more, or LoRA")
         if self.max_length is not None and self.max_length < 1:
@@ -132,6 +158,16 @@ class FinetuneConfig:
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         if unknown or not self.lora_targets:
             raise ValueError(f"lora_targets={list(self.lora_targets)} must be some of {list(LORA_TARGETS)}")
+
+    @property
+    def uses_completion_path(self) -> bool:
+        """Trains as a language model with the prompt masked (completion, or classify as completion)."""
+        return self.task == "completion" or self.as_completion
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The bos, separator and pad tokens named, in that order."""
+        return [t for t in (self.bos, self.sep_token, self.pad_token) if t]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "FinetuneConfig":
@@ -185,8 +221,9 @@ def _batches(examples, batch_size: int, collate, seed: int, device: str) -> Shuf
     return ShuffledBatches(examples, batch_size, collate, seed, info.rank, info.world_size)
 
 
-def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
-    from minigpt.finetune.evaluate import classify, evaluate_classifier
+def _labeled_split(config: FinetuneConfig) -> tuple[list[LabeledText], list[LabeledText], LabelMap, int]:
+    """(training rows, validation rows, labels, validation rows also in training) of a
+    labeled task: the validation file, else a stratified split that keeps repeats together."""
 
     def read(path: str, known: tuple[str, ...] = ()) -> list:
         return read_labeled(path, config.text_column, config.label_column, encoding=config.encoding,
@@ -206,6 +243,13 @@ def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config
     if unseen:
         raise ValueError(f"validation labels {unseen} never occur in the training data {config.train_file} "
                          f"(its labels: {list(labels.labels)})")
+    return rows, val_rows, labels, leaks
+
+
+def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
+    from minigpt.finetune.evaluate import classify, evaluate_classifier
+
+    rows, val_rows, labels, leaks = _labeled_split(config)
     max_length = min(config.max_length or backbone.config.block_size, backbone.config.block_size)
     pad = tokenizer.eos_id or 0
     train_examples = encode_classification(tokenizer, rows, labels, max_length)
@@ -241,23 +285,76 @@ def _classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config
     )
 
 
-def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
+def _add_special_tokens(config: FinetuneConfig, backbone: GPT, tokenizer) -> None:
+    """Add the bos/separator/pad tokens the config names to the tokenizer and the model,
+    growing the embedding when they are new (logged once, by `add_tokens`)."""
+    from minigpt.tokenizer import Tokenizer
+    from minigpt.vocab import add_tokens
+
+    tokens = config.special_tokens
+    if not tokens:
+        return
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError(f"special tokens {tokens} need GPT-2's tokenizer; this model's is "
+                         f"{type(tokenizer).__name__}")
+    new = add_tokens(backbone, tokenizer, tokens)
+    if not new:
+        log.info("special tokens %s are already in the vocabulary", tokens)
+    if config.pad_token:
+        tokenizer.set_pad_token(config.pad_token)
+
+
+def _framed(pairs: list[PromptCompletion], config: FinetuneConfig) -> list[PromptCompletion]:
+    """Prompts with the bos token before and the separator token after (added tokens are
+    recognized in text, so they encode to their own ids)."""
+    if not (config.bos or config.sep_token):
+        return pairs
+    return [PromptCompletion(config.bos + p.prompt + config.sep_token, p.completion, p.line) for p in pairs]
+
+
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`language_model_loss` (mean cross-entropy over targets that are not -100), with the LM
+    head applied only at positions that have a target.
+
+    With prompts masked, most positions carry no loss (a classification row has two
+    targets, the label word and eos, among ~50 positions), yet the (B, T, V) logits and
+    their gradient dominate a small model's step (V = 50257 against n_embd = 32). A
+    wrapped model (DDP, compile) must run through its own forward, so it gets the plain loss.
+    """
+    from minigpt.train.loop import language_model_loss
+
+    if not isinstance(model, GPT):
+        return language_model_loss(model, batch)
+    targets = batch["targets"]
+    keep = targets != IGNORE_INDEX  # (B, T)
+    x, _, _ = model.hidden(batch["idx"])  # (B, T, C)
+    logits = model.lm_head(x[keep])  # (N, V)
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig,
+                    pairs: list[PromptCompletion] | None = None,
+                    val_pairs: list[PromptCompletion] | None = None) -> _Run:
+    """A completion run on config's files, or on `pairs`/`val_pairs` when given (already framed)."""
     from minigpt.finetune.evaluate import evaluate_completion
     from minigpt.finetune.check import common_suffix
-    from minigpt.train.loop import language_model_loss
 
     def read(path: str) -> list:
         return read_prompt_completion(path, config.prompt_column, config.completion_column, config.encoding)
 
-    pairs = read(config.train_file)
     leaks = 0
-    if config.val_file is not None:
-        val_pairs = read(config.val_file)
-        leaks = report_leakage(pairs, val_pairs, lambda p: p.prompt, config.train_file, config.val_file, "prompt")
-    else:
-        pairs, val_pairs = split_without_leakage(pairs, config.val_fraction, config.split_seed, config.train_file,
-                                                 key=lambda p: 0, group=lambda p: p.prompt, what="prompt")
-        log.info("no validation file: held out %d of %d pairs", len(val_pairs), len(pairs) + len(val_pairs))
+    if pairs is None:
+        pairs = read(config.train_file)
+        if config.val_file is not None:
+            val_pairs = read(config.val_file)
+            leaks = report_leakage(pairs, val_pairs, lambda p: p.prompt, config.train_file, config.val_file,
+                                   "prompt")
+        else:
+            pairs, val_pairs = split_without_leakage(pairs, config.val_fraction, config.split_seed,
+                                                     config.train_file, key=lambda p: 0, group=lambda p: p.prompt,
+                                                     what="prompt")
+            log.info("no validation file: held out %d of %d pairs", len(val_pairs), len(pairs) + len(val_pairs))
+        pairs, val_pairs = _framed(pairs, config), _framed(val_pairs, config)
     block_size = backbone.config.block_size
     train_examples = encode_completions(tokenizer, pairs, block_size, config.add_eos)
     val_examples = encode_completions(tokenizer, val_pairs, block_size, config.add_eos)
@@ -265,7 +362,8 @@ def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_conf
         rows = pack_completions(train_examples, block_size, config.split_seed)
         log.info("packed %d examples into %d rows of up to %d tokens", len(train_examples), len(rows), block_size + 1)
         train_examples = rows
-    pad = tokenizer.eos_id or 0
+    pad = getattr(tokenizer, "pad_id", None)
+    pad = pad if pad is not None else tokenizer.eos_id or 0
 
     def collate(examples):
         return collate_completion(examples, pad)
@@ -277,9 +375,9 @@ def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_conf
         train_batches=_batches(train_examples, train_config.batch_size, collate, train_config.seed,
                                train_config.device),
         eval_batches=lambda: fixed_batches(val_examples, config.eval_batch_size, collate),
-        loss_fn=language_model_loss,
+        loss_fn=masked_lm_loss,
         extra_eval=None,
-        meta=FinetuneMeta("completion", separator=separator, stop=stop),
+        meta=FinetuneMeta("completion", separator=separator, stop=stop, bos=config.bos),
         evaluate=lambda model: evaluate_completion(model, tokenizer, val_pairs, stop=stop,
                                                    max_generate=config.max_generate,
                                                    batch_size=config.eval_batch_size, add_eos=config.add_eos),
@@ -289,6 +387,39 @@ def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_conf
     )
 
 
+def _as_completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig) -> _Run:
+    """Labeled rows taught as completion: the classify task's data, the completion run's
+    training, and evaluation by label log-likelihood and greedy exact match."""
+    from minigpt.finetune.as_completion import evaluate_as_completion, labeled_to_pairs, likelihood_predictions
+    from minigpt.finetune.fewshot import FewShotPrompt
+
+    rows, val_rows, labels, leaks = _labeled_split(config)
+    prompt = FewShotPrompt(template=config.bos + config.template + config.sep_token, label_prefix=config.label_prefix)
+    pairs = labeled_to_pairs(rows, prompt, tokenizer, config.max_length)
+    val_pairs = labeled_to_pairs(val_rows, prompt, tokenizer, config.max_length)
+    # The texts as the model sees them (cut to max_length), for scoring.
+    val_texts = [LabeledText(_text_of(p, prompt), r.label, r.line) for p, r in zip(val_pairs, val_rows)]
+    run = _completion_run(config, backbone, tokenizer, train_config, pairs, val_pairs)
+
+    def extra_eval(model: nn.Module) -> dict[str, float]:
+        predicted = likelihood_predictions(model, tokenizer, [r.text for r in val_texts], labels, prompt)
+        report = classification_report([labels.id(r.label) for r in val_texts], predicted, labels.labels)
+        return {"val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1}
+
+    run.extra_eval = extra_eval
+    run.evaluate = lambda model: evaluate_as_completion(model, tokenizer, val_texts, labels, prompt,
+                                                        config.eval_batch_size)
+    run.details.update(labels=list(labels.labels), template=prompt.template, label_prefix=prompt.label_prefix,
+                       val_rows_in_train=leaks)
+    return run
+
+
+def _text_of(pair: PromptCompletion, prompt) -> str:
+    """The text a rendered prompt was made from (the template's prefix and suffix removed)."""
+    before, _, after = prompt.template.partition("{text}")
+    return pair.prompt[len(before) : len(pair.prompt) - len(after)]
+
+
 def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None,
             tokenizer=None) -> tuple[_Run, object]:
     """Build the model, data and hooks of a run without training (for inspection and tests)."""
@@ -296,10 +427,14 @@ def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | N
 
     check_device(train_config.device)
     backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend)
+    _add_special_tokens(config, backbone, tokenizer)
     torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
-    build = _classify_run if config.task == "classify" else _completion_run
+    if config.as_completion:
+        build = _as_completion_run
+    else:
+        build = _classify_run if config.task == "classify" else _completion_run
     run = build(config, backbone, tokenizer, train_config)
-    head = ("score.",) if config.task == "classify" else ()
+    head = () if config.uses_completion_path else ("score.",)
     if config.lora_rank:
         apply_lora(run.model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
                    trainable=head)
@@ -382,16 +517,18 @@ def _resolve_init(path: str | Path) -> Path:
 
 
 def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None, tokenizer=None,
-             resume: bool = False) -> FinetuneResult:
+             resume: bool = False, overwrite: bool = False) -> FinetuneResult:
     """Fine-tune, export the best model to OUT/model and evaluate it into OUT/eval.
 
     model/tokenizer: start from this GPT instead of `config.init` (e.g. a fresh one).
     Every checkpoint the loop writes is itself a fine-tuned folder (LoRA merged) that
-    `minigpt evaluate`/`predict` read; `resume` continues from the newest one.
-    Raises ValueError for bad data (naming file and line) or inconsistent options.
+    `minigpt evaluate`/`predict` read; `resume` continues from the newest one that loads.
+    OUT must not hold another run unless `resume`, or `overwrite` (which moves it aside).
+    Raises ValueError for bad data (naming file and line), inconsistent options, or a run
+    folder that is in use or holds another run.
     """
-    from minigpt.train import checkpoint as ckpt
     from minigpt.train import distributed as dist_
+    from minigpt.train import runfolder
 
     run, tokenizer = prepare(config, train_config, model=model, tokenizer=tokenizer)
     out = Path(train_config.out_dir)
@@ -401,10 +538,19 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
 
     metadata = {"finetune": dataclasses.asdict(config), "model": run.model.config.to_dict(),
                 "labels": list(run.labels.labels) if run.labels else None}
-    result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
-                   loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, resume=resume,
-                   run_metadata=metadata)
-    if not dist_.setup(train_config.device).is_main:
+    info = dist_.setup(train_config.device)
+    with runfolder.claim(out, resume=resume, overwrite=overwrite, is_main=info.is_main):
+        result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
+                       loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, resume=resume,
+                       run_metadata=metadata)
+        return _export(config, run, result, save_model, out, info)
+
+
+def _export(config: FinetuneConfig, run: _Run, result, save_model, out: Path, info) -> FinetuneResult:
+    """Rank 0: the best checkpoint to OUT/model, evaluated into OUT/eval."""
+    from minigpt.train import checkpoint as ckpt
+
+    if not info.is_main:
         return FinetuneResult(out / "model", None, result, run.details["trainable_params"], run.details["total_params"])
     best = result.best_checkpoint or result.last_checkpoint
     weights = best / ckpt.RESUME_MODEL_FILE
@@ -421,10 +567,14 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
 
 
 def _write_eval(report, folder: Path, extra: dict) -> None:
+    from minigpt.finetune.as_completion import AsCompletionReport, write_as_completion_report
     from minigpt.finetune.metrics import ClassificationReport, write_report
 
     if isinstance(report, ClassificationReport):
         write_report(report, folder, extra)
+        return
+    if isinstance(report, AsCompletionReport):
+        write_as_completion_report(report, folder, extra)
         return
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps({**report.to_dict(), **extra}, indent=2) + "\n")

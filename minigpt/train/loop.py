@@ -33,6 +33,7 @@ from minigpt.config import reject_unknown_keys
 from minigpt.ops import BACKENDS
 from minigpt.train import checkpoint as ckpt
 from minigpt.train import distributed as dist_
+from minigpt.train import runfolder
 from minigpt.train.muon import MuonWithAdamW
 from minigpt.train.observe import MetricsLog, model_flops_per_token, peak_flops
 from minigpt.typed import PathStr, check_fields
@@ -100,6 +101,9 @@ class TrainConfig:
     """'auto' (DDP under torchrun), 'none', 'ddp' or 'fsdp' (FSDP2, for models too big for one GPU)."""
     on_nonfinite: str = "stop"
     """A NaN/inf loss or gradient: 'stop' with an error naming the step, or 'skip' the update."""
+    max_consecutive_skips: int = 20
+    """With on_nonfinite='skip', stop with an error after this many skipped updates in a row:
+    a model or data that only yields NaN/inf would otherwise 'train' to the end on nothing."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a better best_metric; None never stops early."""
     best_metric: str = "val_loss"
@@ -126,7 +130,8 @@ class TrainConfig:
             v = getattr(self, name)
             return isinstance(v, int) and not isinstance(v, bool)
 
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps", "log_interval", "keep_last"):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_steps", "log_interval", "keep_last",
+                     "max_consecutive_skips"):
             need(is_int(name) and getattr(self, name) >= 1, name, "must be a positive integer")
         for name in ("warmup_steps", "checkpoint_interval", "seed", "cpu_threads"):
             need(is_int(name) and getattr(self, name) >= 0, name, "must be an integer >= 0")
@@ -173,7 +178,7 @@ class TrainConfig:
 # Fields that may differ when a run is resumed; any other difference is an error.
 RESUMABLE_FIELDS = frozenset({
     "out_dir", "max_steps", "eval_interval", "eval_steps", "log_interval", "checkpoint_interval", "keep_last",
-    "device", "dtype", "compile", "backend", "parallel", "on_nonfinite", "early_stopping_patience",
+    "device", "dtype", "compile", "backend", "parallel", "on_nonfinite", "max_consecutive_skips", "early_stopping_patience",
     "tensorboard", "progress", "peak_flops", "cpu_threads",
 })
 
@@ -360,17 +365,19 @@ class _State:
         self.best_step: int | None = None
         self.evals_since_best = 0
         self.skipped = 0
+        self.skipped_in_a_row = 0
 
     def to_dict(self) -> dict:
         return {"step": self.step, "train_losses": [list(x) for x in self.train_losses], "evals": self.evals,
                 "best": self.best, "best_step": self.best_step, "evals_since_best": self.evals_since_best,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "skipped_in_a_row": self.skipped_in_a_row}
 
     def load(self, d: dict) -> None:
         self.step = d["step"]
         self.train_losses = [(int(s), float(v)) for s, v in d["train_losses"]]
         self.evals, self.best, self.best_step = d["evals"], d["best"], d["best_step"]
         self.evals_since_best, self.skipped = d["evals_since_best"], d["skipped"]
+        self.skipped_in_a_row = d.get("skipped_in_a_row", 0)  # absent from older checkpoints
 
 
 def train(
@@ -385,6 +392,7 @@ def train(
     resume: bool = False,
     run_metadata: dict | None = None,
     checkpoint_files: dict[str, str] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train `model` in place and return its history. See the module docstring.
 
@@ -399,24 +407,36 @@ def train(
             state_dict to model.safetensors plus, for a GPT, config.json. When the folder
             it writes lacks that state_dict, the loop adds trainer_model.safetensors so
             the run can resume.
-        resume: continue from the newest checkpoint in config.out_dir (a fresh start,
-            with a warning, if there is none).
+        resume: continue from the newest checkpoint in config.out_dir that loads (a damaged
+            newer one is skipped with a warning; a fresh start, with a warning, if there is none).
+        overwrite: when config.out_dir already holds a run and resume is False, move it aside
+            to `<out_dir>.old-<time>` instead of refusing (minigpt.train.runfolder).
         run_metadata: JSON-able facts about the run (model config, data) saved with every
             checkpoint and compared on resume.
         checkpoint_files: small text files written into every checkpoint (name -> text),
             e.g. the tokenizer.
 
     Raises:
-        ValueError: bad arguments, or a checkpoint whose config or shapes disagree.
-        NonFiniteLossError: the loss became NaN/inf and config.on_nonfinite == 'stop'.
+        ValueError: bad arguments, a checkpoint whose config or shapes disagree, no
+            checkpoint that loads on resume, or a run folder in use or already holding a run
+            (`RunFolderError`).
+        NonFiniteLossError: the loss became NaN/inf and config.on_nonfinite == 'stop', or
+            config.max_consecutive_skips updates in a row were skipped.
     """
     info = dist_.setup(config.device)
-    device = dist_.resolve_device(config.device, info)
     parallel = dist_.resolve_parallel(config.parallel, info)
     if parallel == "fsdp" and save_model is not None:
         raise ValueError("save_model is not supported with parallel='fsdp'; the loop saves the gathered state_dict")
     if config.early_stopping_patience and eval_batches is None and extra_eval is None:
         raise ValueError("early_stopping_patience needs evaluations: pass eval_batches or extra_eval")
+    with runfolder.claim(config.out_dir, resume=resume, overwrite=overwrite, is_main=info.is_main):
+        return _train(model, config, train_batches, eval_batches, loss_fn, extra_eval, save_model, resume,
+                      run_metadata, checkpoint_files, info, parallel)
+
+
+def _train(model, config, train_batches, eval_batches, loss_fn, extra_eval, save_model, resume, run_metadata,
+           checkpoint_files, info, parallel) -> TrainResult:
+    device = dist_.resolve_device(config.device, info)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     if device.type == "cuda":
@@ -426,9 +446,11 @@ def train(
     out_dir = Path(config.out_dir)
     root = out_dir / "checkpoints"
     state = _State()
-    resume_from = ckpt.latest_checkpoint(root) if resume else None
+    resume_from, saved = _find_resumable(root, model, config, run_metadata, info) if resume else (None, None)
     if resume and resume_from is None and info.is_main:
         logger.warning("resume=True but %s holds no checkpoint; starting from step 0", root)
+    if info.is_main and root.is_dir():
+        ckpt.clean_leftovers(root)
     if resume_from is None:
         _seed(config.seed + info.rank)
 
@@ -446,8 +468,7 @@ def train(
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext())
 
     if resume_from is not None:
-        _load_checkpoint(resume_from, raw, optimizer, scaler, train_batches, state, config, run_metadata,
-                         parallel, info)
+        _load_checkpoint(saved, raw, optimizer, scaler, train_batches, state, parallel, info)
         if info.is_main:
             logger.info("resumed from %s (step %d)", resume_from, state.step)
 
@@ -487,7 +508,17 @@ def train(
                 bar.update(1)
                 if loss is None:  # a non-finite update that was skipped
                     state.skipped += 1
+                    state.skipped_in_a_row += 1
+                    if state.skipped_in_a_row >= config.max_consecutive_skips:
+                        raise NonFiniteLossError(
+                            f"{state.skipped_in_a_row} updates in a row (steps {state.step - state.skipped_in_a_row + 1}"
+                            f" to {state.step}) had a NaN/inf loss or gradient and were skipped "
+                            f"(on_nonfinite='skip', max_consecutive_skips={config.max_consecutive_skips}); the "
+                            f"model or data no longer yields finite values. Stopped without saving: the last "
+                            f"checkpoint in {root} is intact. Lower lr, raise warmup_steps or check the data, then "
+                            f"resume; or raise max_consecutive_skips")
                 else:
+                    state.skipped_in_a_row = 0
                     state.train_losses.append((state.step, loss))
                     window["losses"].append(loss)
 
@@ -644,8 +675,8 @@ def _save_checkpoint(root, raw, optimizer, scaler, train_batches, state, config,
     folder = ckpt.step_dir(root, state.step)
     if info.is_main:
         def fill(tmp: Path) -> None:
-            if model_state is not None:
-                ckpt.save_state_dict(model_state, tmp / ckpt.MODEL_FILE)
+            if model_state is not None:  # FSDP: the gathered full state, with config.json like any GPT
+                ckpt.save_model_state(raw, tmp, model_state)
             elif save_model is not None:
                 save_model(raw, tmp)
             else:
@@ -675,16 +706,52 @@ def _save_checkpoint(root, raw, optimizer, scaler, train_batches, state, config,
     return folder
 
 
-def _load_checkpoint(folder, raw, optimizer, scaler, train_batches, state, config, run_metadata, parallel,
-                     info) -> None:
-    saved = json.loads((folder / ckpt.TRAINER_INFO).read_text())
+def _find_resumable(root: Path, model: nn.Module, config: TrainConfig, run_metadata: dict | None,
+                    info: dist_.DistInfo) -> tuple[Path | None, dict | None]:
+    """(folder, its contents) of the newest checkpoint under `root` that reads whole.
+
+    A damaged checkpoint (a truncated or empty file, bad trainer.json, a refused pickle) is
+    skipped with a warning naming the file; the older ones are exact states too, so the run
+    continues as if it had been interrupted there. A checkpoint that reads but does not fit
+    this run (another config or shapes) is an error, not skipped. Raises ValueError listing
+    every checkpoint tried when none reads.
+    """
+    found = ckpt.list_checkpoints(root)
+    tried = []
+    for folder in reversed(found):
+        try:
+            return folder, _read_checkpoint(folder, model, config, run_metadata)
+        except ckpt.CheckpointError as err:
+            tried.append(f"{folder.name}: {err}")
+            if info.is_main:
+                logger.warning("cannot resume from %s: %s; trying the previous checkpoint", folder, err)
+    if found:
+        raise ValueError(
+            f"cannot resume from {root}: none of its {len(found)} checkpoints loads ("
+            + "; ".join(tried) + "). Restore a checkpoint from a backup, or start afresh with --overwrite "
+            "(the old run is moved aside) or another out_dir")
+    return None, None
+
+
+def _read_checkpoint(folder: Path, model: nn.Module, config: TrainConfig, run_metadata: dict | None) -> dict:
+    """Read and check everything in `folder` before anything is changed, so a damaged file
+    (CheckpointError) leaves the model, optimizer and loader as they were."""
+    saved = ckpt.read_trainer_info(folder)
     _check_same_run(folder, saved, config, run_metadata)
     weights = folder / ckpt.RESUME_MODEL_FILE
     if not weights.is_file():
         weights = folder / ckpt.MODEL_FILE
     model_state = ckpt.load_state_dict_file(weights)
-    ckpt.check_state_dict(raw, model_state, folder)
+    ckpt.check_state_dict(model, model_state, folder)
     trainer = ckpt.read_trainer_state(folder)
+    for key in ("loop", "optimizer", "rng", "loader"):
+        if key not in trainer:
+            raise ckpt.CheckpointError(f"{folder / ckpt.TRAINER_STATE} has no {key!r} entry; it is damaged")
+    return {"model": model_state, "trainer": trainer}
+
+
+def _load_checkpoint(saved, raw, optimizer, scaler, train_batches, state, parallel, info) -> None:
+    model_state, trainer = saved["model"], saved["trainer"]
     if parallel == "fsdp":
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
@@ -695,7 +762,7 @@ def _load_checkpoint(folder, raw, optimizer, scaler, train_batches, state, confi
     else:
         raw.load_state_dict(model_state)
         optimizer.load_state_dict(trainer["optimizer"])
-    if scaler is not None and trainer["scaler"] is not None:
+    if scaler is not None and trainer.get("scaler") is not None:
         scaler.load_state_dict(trainer["scaler"])
     train_batches.load_state_dict(trainer["loader"])
     rng = trainer["rng"]

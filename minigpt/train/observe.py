@@ -108,8 +108,7 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line, record in _parse(self.path) if record.get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.is_file():
             self.path.unlink()
@@ -146,5 +145,25 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl; is it a training run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _parse(path)]
+
+
+def _parse(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for each line of a metrics.jsonl. A last line cut by a crash is
+    dropped with a warning; a bad line before it is an error naming the line."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if i == len(lines) - 1:
+                logger.warning("%s: dropping its last line, cut short (by a crash, most likely): %.60r", path, line)
+                break
+            raise ValueError(f"{path}, line {i + 1}: not a metrics record ({err}); the file is damaged. Fix or "
+                             f"delete that line (or move the file aside) and run again") from None
+        out.append((line, record))
+    return out
 

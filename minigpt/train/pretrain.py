@@ -35,6 +35,7 @@ from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, prepare, sta
 from minigpt.device import check_device
 from minigpt.files import existing_file, read_json, read_toml
 from minigpt.train import distributed as dist_
+from minigpt.train import runfolder
 from minigpt.train.loop import TrainConfig, TrainResult, train
 from minigpt.typed import PathStr, check_fields, check_value, field_types, parse_cli
 
@@ -376,18 +377,47 @@ def _already_prepared(folder: Path, prep: PrepareConfig) -> bool:
     return reason is None
 
 
-def pretrain(config: PretrainConfig, resume: bool = False) -> PretrainResult:
+def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = False) -> PretrainResult:
     """Prepare or open the data, build the model, train it, and sample from it (rank 0).
+
+    The run folder is claimed first (minigpt.train.runfolder): a folder that holds another
+    run is refused unless `resume` or `overwrite` (which moves the old run aside). Every
+    rank leaves the process group when training ends, also on an error; the sample is
+    drawn afterwards on rank 0 alone, from the final checkpoint when the model is sharded.
 
     Raises ValueError when the data's vocabulary does not fit the model, and whatever
     `prepare` and `train` raise.
     """
     check_device(config.train.device)
-    info = dist_.setup(config.train.device)
     run_dir = Path(config.train.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.out_dir={str(run_dir)!r} is a file; the run folder must be a folder (choose another "
                          f"--out-dir)")
+    info = dist_.setup(config.train.device)
+    try:
+        with runfolder.claim(run_dir, resume=resume, overwrite=overwrite, is_main=info.is_main):
+            result, model, tokenizer, data_dir = _pretrain(config, info, resume)
+    except BaseException:
+        dist_.teardown(sync=False)
+        raise
+    dist_.teardown()
+    text = None
+    if info.is_main and config.sample.tokens > 0:
+        from minigpt.generate import generate_text
+        from minigpt.model import GPT
+
+        if dist_.resolve_parallel(config.train.parallel, info) == "fsdp":  # sharded: read the gathered copy
+            model = GPT.from_pretrained(result.last_checkpoint)
+        model.eval()
+        s = config.sample
+        text = s.prompt + generate_text(model, tokenizer, s.prompt, s.tokens, temperature=s.temperature,
+                                        top_k=s.top_k, seed=s.seed)[0]
+    return PretrainResult(train=result, run_dir=run_dir, data_dir=data_dir, sample=text)
+
+
+def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tuple[TrainResult, torch.nn.Module, object, Path]:
+    """(train result, trained model, tokenizer, data folder): everything but the sample."""
+    run_dir = Path(config.train.out_dir)
     data_dir = _data_folder(config, info)
     train_split = TokenSplit(data_dir, "train", verify=config.data.verify)
     val_split = TokenSplit(data_dir, "val", verify=config.data.verify)
@@ -424,13 +454,4 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> PretrainResult:
                              "val_tokens": meta["splits"]["val"]["tokens"]}}
     result = train(model, tc, batches, eval_batches=evals, resume=resume, run_metadata=run_metadata,
                    checkpoint_files={"tokenizer.json": json.dumps(tokenizer.to_dict())})
-    text = None
-    if info.is_main and config.sample.tokens > 0:
-        from minigpt.generate import generate_text
-
-        model.eval()
-        s = config.sample
-        text = s.prompt + generate_text(model, tokenizer, s.prompt, s.tokens, temperature=s.temperature,
-                                        top_k=s.top_k, seed=s.seed)[0]
-    dist_.teardown()
-    return PretrainResult(train=result, run_dir=run_dir, data_dir=data_dir, sample=text)
+    return result, model, tokenizer, data_dir

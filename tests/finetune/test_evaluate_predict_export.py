@@ -44,7 +44,8 @@ def test_saved_classifier_is_merged_gpt2_layout_and_loads_identically(tmp_path, 
     save_finetuned(model, tmp_path, tokenizer, FinetuneMeta("classify", max_length=16), LABELS)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt2"
     assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "classifier_head.safetensors",
-                                                    "labels.json", "finetune.json", "tokenizer.json"}
+                                                    "labels.json", "finetune.json", "vocab.json", "merges.txt",
+                                                    "tokenizer_config.json"}
     assert any(isinstance(m, LoRALinear) for m in model.modules())  # the trained model is left as it was
     loaded, _, meta, labels = load_finetuned(tmp_path)
     assert labels == LABELS and meta.max_length == 16

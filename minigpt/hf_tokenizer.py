@@ -1,0 +1,152 @@
+"""GPT-2's tokenizer in the files `transformers` reads, written and read without it.
+
+`transformers`' ``GPT2Tokenizer`` reads a folder holding
+
+    vocab.json               {token string: id}, bytes shown through GPT-2's byte-to-unicode table
+    merges.txt               "#version: 0.2" then one merge per line, "a b", in priority order
+    tokenizer_config.json    the class, eos/bos/unk/pad, and ``added_tokens_decoder`` {id: token}
+    special_tokens_map.json  eos/bos/unk/pad and ``additional_special_tokens``
+    added_tokens.json        {added token: id} (the older place transformers looked)
+
+tiktoken keeps GPT-2's BPE as ranks of byte strings, not merges, so the merges are
+recovered from the ranks: the token of rank r is the merge of the two pieces that BPE,
+using only ranks below r, leaves of its bytes. For GPT-2 this gives back the original
+vocab.bpe line for line (tested).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+FILES = ("vocab.json", "merges.txt", TOKENIZER_CONFIG, "special_tokens_map.json", "added_tokens.json")
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table from bytes to printable characters (Radford et al.'s encoder.py):
+    printable Latin-1 bytes stand for themselves, the rest map to code points from 256 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two pieces BPE leaves of `token` when it may only use merges ranked below `rank`."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best, at = rank, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1], rank)
+            if r < best:
+                best, at = r, i
+        if at < 0:
+            break
+        parts[at : at + 2] = [parts[at] + parts[at + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two lower-ranked tokens; "
+                         f"these BPE ranks cannot be written as merges.txt")
+    return parts[0], parts[1]
+
+
+def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[str]]:
+    show = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(show[x] for x in b)
+
+    vocab = {text(token): rank for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])}
+    merges = [" ".join(text(p) for p in _merge_of(token, rank, ranks))
+              for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]) if len(token) > 1]
+    return vocab, merges
+
+
+@functools.lru_cache(maxsize=2)
+def _base_files(encoding) -> tuple[str, str]:
+    """(vocab.json, merges.txt) texts of an encoding; cached, as recovering merges takes ~1 s."""
+    vocab, merges = _vocab_and_merges(encoding._mergeable_ranks)
+    vocab.update(encoding._special_tokens)
+    return (json.dumps(vocab, ensure_ascii=False) + "\n", "#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def _added_token(token: str) -> dict:
+    # "normalized": False and no stripping: the token matches exactly, as tiktoken matches it.
+    return {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True}
+
+
+def write_gpt2_tokenizer(tokenizer, folder: str | Path, model_max_length: int | None = None) -> None:
+    """Write `tokenizer` (a minigpt GPT-2 `Tokenizer`) as the files listed in the module docstring.
+
+    The output is a function of the tokenizer alone, so saving twice gives the same bytes.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_text, merges_text = _base_files(tokenizer._base)
+    eos = tokenizer._base.decode([tokenizer.eos_id])
+    base = tokenizer.base_vocab_size
+    added = {token: base + i for i, token in enumerate(tokenizer.added_tokens)}
+    roles = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
+    if tokenizer.pad_token is not None:
+        roles["pad_token"] = tokenizer.pad_token
+    special_map = {**roles, **({"additional_special_tokens": list(added)} if added else {})}
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "errors": "replace",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length or 1024,
+        **special_map,
+        "added_tokens_decoder": {str(tokenizer.eos_id): _added_token(eos),
+                                 **{str(i): _added_token(t) for t, i in added.items()}},
+    }
+
+    def dump(value) -> str:
+        return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+    (folder / "vocab.json").write_text(vocab_text, encoding="utf-8")
+    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
+    (folder / TOKENIZER_CONFIG).write_text(dump(config), encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(dump(special_map), encoding="utf-8")
+    if added:
+        (folder / "added_tokens.json").write_text(dump(added), encoding="utf-8")
+    else:
+        (folder / "added_tokens.json").unlink(missing_ok=True)
+
+
+def read_added_tokens(folder: str | Path, base_vocab_size: int) -> tuple[list[str], str | None] | None:
+    """(added tokens in id order, pad token) from a folder's tokenizer_config.json (or, for
+    folders saved by `tokenizers`, tokenizer.json's ``added_tokens``); None when it has neither.
+
+    Raises ValueError when the added ids do not follow the base vocabulary without gaps,
+    which a GPT-2 tokenizer cannot represent.
+    """
+    folder = Path(folder)
+    config_file = folder / TOKENIZER_CONFIG
+    fast_file = folder / "tokenizer.json"
+    pad = None
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        by_id = {int(i): entry["content"] for i, entry in config.get("added_tokens_decoder", {}).items()}
+        pad = config.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        source = config_file
+    elif fast_file.is_file():
+        by_id = {e["id"]: e["content"] for e in json.loads(fast_file.read_text(encoding="utf-8")).get("added_tokens", [])}
+        source = fast_file
+    else:
+        return None
+    added = {i: t for i, t in by_id.items() if i >= base_vocab_size}
+    expected = list(range(base_vocab_size, base_vocab_size + len(added)))
+    if sorted(added) != expected:
+        raise ValueError(f"{source}: added token ids {sorted(added)} must follow the base vocabulary of "
+                         f"{base_vocab_size} without gaps ({expected}); re-add the tokens in order")
+    return [added[i] for i in expected], pad
