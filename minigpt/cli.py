@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from minigpt.device import check_device
 from minigpt.ops import BACKENDS
 
 
@@ -16,6 +17,8 @@ def _sample(args: argparse.Namespace) -> None:
     from minigpt.model import GPT
     from minigpt.tokenizer import load_tokenizer
 
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples={args.num_samples} must be at least 1")
     model = GPT.from_pretrained(args.model, backend=args.backend).to(args.device)
     tokenizer = load_tokenizer(args.model)
     stop = args.stop or saved_stop(args.model)
@@ -594,6 +597,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(err))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         _set_threads(getattr(args, "threads", None))
         _resolve_models(args)
         args.func(args)
@@ -606,6 +611,9 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(devnull, sys.stdout.fileno())
         raise SystemExit(1) from None
     except (ValueError, OSError, ArithmeticError) as err:  # OSError: files, downloads; ArithmeticError: NaN loss
+        # A user error is one paragraph and exit status 1; -v keeps the traceback for debugging.
+        if args.verbose:
+            logging.getLogger(__name__).exception("traceback (-v)")
         raise SystemExit(f"minigpt {args.command}: error: {err}") from None
 
 

@@ -7,11 +7,12 @@ branches on a model's name.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from minigpt.typed import check_fields
 
 LAYER_KINDS = ("dense", "banded")
 
@@ -69,6 +70,7 @@ class GPTConfig:
     """MLP non-linearity: 'gelu_tanh' (GPT-2's approximation) or 'gelu' (exact, erf)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "attention_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -148,9 +150,6 @@ class GPTConfig:
     def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
         """Build from a plain dict; unknown keys are an error that lists the valid ones."""
         reject_unknown_keys(cls, values)
-        values = dict(values)
-        if "attention_pattern" in values and isinstance(values["attention_pattern"], list):
-            values["attention_pattern"] = tuple(values["attention_pattern"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,7 +159,14 @@ class GPTConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "GPTConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Build from a JSON file of GPTConfig fields; errors name the file."""
+        from minigpt.files import read_json
+
+        values = read_json(path, "model config")
+        try:
+            return cls.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"model config {path}: {err}") from None
 
     def replace(self, **changes: Any) -> "GPTConfig":
         """A copy with some fields changed (validated again)."""

@@ -26,6 +26,7 @@ from minigpt.counts import (
     params,
     training_state_bytes,
 )
+from minigpt.files import read_json
 
 GPT3_FAMILY = "gpt3"
 """The source name that reports all eight GPT-3 sizes beside the paper's Table 2.1."""
@@ -67,15 +68,15 @@ def load_config(source: str) -> tuple[str, GPTConfig]:
 
         return str(path), read_config(path)[1]
     if path.is_file():
-        try:
-            values = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not a JSON config file: {err}") from None
+        values = read_json(path, "config file")
         if "model_type" in values:  # a Hugging Face config.json: read its folder's way
             from minigpt.weights import read_config
 
             return str(path), read_config(path.parent)[1]
-        return str(path), GPTConfig.from_dict(values)
+        try:
+            return str(path), GPTConfig.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"config file {path}: {err}") from None
     raise ValueError(
         f"{source!r} is neither a preset ({', '.join(PRESETS)}), '{GPT3_FAMILY}' (the GPT-3 paper's "
         f"table), a config JSON file nor a model folder"

@@ -11,6 +11,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from minigpt.files import BadFileError, read_json
+
 GPT2_EOS = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -184,10 +186,12 @@ class CharTokenizer:
 
 def tokenizer_from_dict(data: dict):
     """Rebuild a tokenizer saved with ``to_dict`` (stored beside checkpoints and datasets)."""
-    kind = data.get("type")
+    kind = data.get("type") if isinstance(data, dict) else None
     if kind == "gpt2":
         return Tokenizer(added_tokens=data.get("added_tokens", ()), pad_token=data.get("pad_token"))
     if kind == "char":
+        if not isinstance(data.get("chars"), str) or not data["chars"]:
+            raise ValueError("a char tokenizer needs its alphabet: a non-empty string under \"chars\"")
         return CharTokenizer(data["chars"])
     raise ValueError(f"unknown tokenizer type {kind!r}; expected 'gpt2' or 'char'")
 
@@ -208,23 +212,33 @@ def save_tokenizer(tokenizer, folder: str | Path, model_max_length: int | None =
         write_gpt2_tokenizer(tokenizer, folder, model_max_length)
         # A minigpt tokenizer.json left from an earlier save would shadow these files (and
         # transformers would try to read it as its own tokenizer.json).
-        if own.is_file() and "type" in _read_json(own):
-            own.unlink()
+        if own.is_file():
+            try:
+                ours = "type" in _read_json(own)
+            except BadFileError:
+                ours = True  # a damaged file would only stand in the way
+            if ours:
+                own.unlink()
         return
     own.write_text(json.dumps(tokenizer.to_dict()))
 
 
 def load_tokenizer(folder: str | Path):
     """The tokenizer saved beside a model: minigpt's ``tokenizer.json``, else GPT-2's with the
-    added tokens that tokenizer_config.json (or a `tokenizers` tokenizer.json) lists, else GPT-2's."""
+    added tokens that tokenizer_config.json (or a `tokenizers` tokenizer.json) lists, else GPT-2's.
+
+    Raises BadFileError naming tokenizer.json when it is not JSON or not a tokenizer."""
     from minigpt.hf_tokenizer import read_added_tokens
 
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     path = folder / "tokenizer.json"
-    if path.is_file():
+    if path.exists():
         data = _read_json(path)
         if "type" in data:
-            return tokenizer_from_dict(data)
+            try:
+                return tokenizer_from_dict(data)
+            except ValueError as err:
+                raise BadFileError(f"tokenizer file {path}: {err}; re-save the model or restore the file") from None
     tokenizer = Tokenizer()
     found = read_added_tokens(folder, tokenizer.base_vocab_size)
     if found is not None:
@@ -236,8 +250,19 @@ def load_tokenizer(folder: str | Path):
 
 
 def _read_json(path: Path) -> dict:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {}
+    return read_json(path, "tokenizer file")
+
+
+class TokenizerFilesMissing(FileNotFoundError):
+    """GPT-2's BPE files are neither in tiktoken's cache nor downloadable (offline)."""
+
+
+def tiktoken_cache_dir() -> str:
+    """The folder tiktoken reads its cached BPE files from (tiktoken.load.read_file_cached)."""
+    import tempfile
+
+    return (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+            or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
 
 
 def _load_gpt2_encoding():
@@ -249,12 +274,13 @@ def _load_gpt2_encoding():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as err:  # tiktoken raises requests/OS errors when offline
-        cache = os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>")
         files = "\n".join(f"  {sha}  (GPT-2's {name})" for sha, name in _GPT2_CACHE_FILES.items())
-        raise RuntimeError(
-            "could not load tiktoken's 'gpt2' encoding (no network and no local cache).\n"
-            f"Either set TIKTOKEN_CACHE_DIR (now {cache}) to a folder holding these files, "
-            f"named by the sha1 of their URL:\n{files}\n"
-            "or set MINIGPT_GPT2_BPE_DIR to a folder with GPT-2's original encoder.json and vocab.bpe.\n"
-            f"Underlying error: {type(err).__name__}: {err}"
-        ) from err
+        # `from None`: the chained network traceback (over a hundred lines) says nothing more.
+        raise TokenizerFilesMissing(
+            f"could not load GPT-2's BPE tokenizer: tiktoken looked for its cached files in {tiktoken_cache_dir()} "
+            f"and could not download them ({type(err).__name__}; offline?).\n"
+            "Either set TIKTOKEN_CACHE_DIR to a folder holding these files, named by the sha1 of their URL:\n"
+            f"{files}\n"
+            "or set MINIGPT_GPT2_BPE_DIR to a folder with GPT-2's original encoder.json and vocab.bpe, "
+            "or use the char tokenizer (--tokenizer=char)."
+        ) from None

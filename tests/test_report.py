@@ -160,7 +160,7 @@ def test_load_config_reads_presets_json_and_model_folders(tmp_path):
     with pytest.raises(ValueError, match="neither a preset.*gpt2"):
         load_config(str(tmp_path / "missing"))
     (tmp_path / "notes.txt").write_text("n_layer: 2")
-    with pytest.raises(ValueError, match="notes.txt is not a JSON config file"):
+    with pytest.raises(ValueError, match="notes.txt is not valid JSON: .* line 1, column 1"):
         load_config(str(tmp_path / "notes.txt"))
 
 

@@ -35,7 +35,7 @@ def test_offline_without_cache_names_the_files_to_place(monkeypatch, tmp_path):
     import tiktoken.registry
 
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(FileNotFoundError) as info:
         Tokenizer()
     message = str(info.value)
     assert "6d1cbeee0f20b3d9449abfede4726ed8212e3aee" in message and "TIKTOKEN_CACHE_DIR" in message
@@ -48,3 +48,39 @@ def test_char_tokenizer_round_trips_and_rejects_unknown_characters():
     assert tok.vocab_size == 8
     with pytest.raises(ValueError, match="'z' is not in"):
         tok.encode("z")
+
+
+def test_missing_tokenizer_files_message_without_chained_traceback(monkeypatch, tmp_path):
+    import tiktoken.load
+    import tiktoken.registry
+
+    from minigpt.tokenizer import TokenizerFilesMissing
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("MINIGPT_GPT2_BPE_DIR", raising=False)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    with pytest.raises(TokenizerFilesMissing) as info:
+        Tokenizer()
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # raised `from None`
+    message = str(info.value)
+    assert f"tiktoken looked for its cached files in {tmp_path / 'empty-cache'}" in message
+    assert "set TIKTOKEN_CACHE_DIR to a folder" in message and "--tokenizer=char" in message
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"type": ', r"is not valid JSON: .* line 1"),
+    ('{"type": "char"}', r'a char tokenizer needs its alphabet: a non-empty string under "chars"'),
+    ('{"type": "sentencepiece"}', r"unknown tokenizer type 'sentencepiece'"),
+    ("[]", r"must hold an object"),
+])
+def test_bad_tokenizer_json_names_file(tmp_path, text, message):
+    from minigpt.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"tokenizer file .*tokenizer\.json.*{message}"):
+        load_tokenizer(tmp_path)

@@ -20,13 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from minigpt.config import reject_unknown_keys
+from minigpt.files import BadFileError, read_json
 from minigpt.finetune.classifier import GPTClassifier
 from minigpt.finetune.data import LabelMap
 from minigpt.finetune.lora import has_lora, merge_lora
 from minigpt.model import GPT
 from minigpt.tokenizer import load_tokenizer, save_tokenizer
+from minigpt.typed import check_fields
+from minigpt.weights.common import load_safetensors
 
 HEAD_FILE = "classifier_head.safetensors"
 LABELS_FILE = "labels.json"
@@ -52,6 +56,7 @@ class FinetuneMeta:
     """How the model was trained (free-form, for people)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r} must be one of {TASKS}")
 
@@ -86,7 +91,12 @@ def read_meta(folder: str | Path) -> FinetuneMeta:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {META_FILE}; it is not a fine-tuned model folder "
                                 f"(train one with `minigpt finetune classify|completion`)")
-    return FinetuneMeta(**json.loads(path.read_text()))
+    values = read_json(path, "fine-tuning metadata")
+    try:
+        reject_unknown_keys(FinetuneMeta, values)
+        return FinetuneMeta(**values)
+    except (ValueError, TypeError) as err:  # TypeError: a required key is missing
+        raise BadFileError(f"fine-tuning metadata {path}: {err}; re-export the model") from None
 
 
 def load_finetuned(folder: str | Path, backend: str = "sdpa") -> tuple[nn.Module, object, FinetuneMeta, LabelMap | None]:
@@ -99,11 +109,11 @@ def load_finetuned(folder: str | Path, backend: str = "sdpa") -> tuple[nn.Module
     if meta.task == "completion":
         return backbone, tokenizer, meta, None
     labels = LabelMap.load(folder / LABELS_FILE)
-    head = load_file(folder / HEAD_FILE)
+    head = load_safetensors(folder / HEAD_FILE)
     weight = head.pop("score.weight", None)
     expected = (len(labels), backbone.config.n_embd)
     if weight is None or head or tuple(weight.shape) != expected:
-        found = {k: tuple(v.shape) for k, v in load_file(folder / HEAD_FILE).items()}
+        found = {k: tuple(v.shape) for k, v in load_safetensors(folder / HEAD_FILE).items()}
         raise ValueError(f"{folder / HEAD_FILE} must hold only score.weight of shape {expected} "
                          f"(labels x n_embd); it holds {found}")
     model = GPTClassifier(backbone, len(labels))

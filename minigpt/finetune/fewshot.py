@@ -30,6 +30,7 @@ from minigpt.evaluation.prompts import PromptFormat
 from minigpt.evaluation.scoring import score_continuations
 from minigpt.evaluation.tasks import MultipleChoice
 from minigpt.finetune.data import LabeledText
+from minigpt.typed import check_fields
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class FewShotPrompt:
     """Score by mean log-likelihood per token instead of the sum (favours long labels less)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if "{text}" not in self.template:
             raise ValueError(f"template={self.template!r} must contain {{text}}")
 

@@ -45,6 +45,7 @@ from minigpt.finetune.metrics import classification_report
 from minigpt.model import GPT
 from minigpt.tokenizer import GPT2_EOS
 from minigpt.train.loop import TrainConfig, train
+from minigpt.typed import PathStr, check_fields, field_types, parse_cli
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,14 @@ class FinetuneConfig:
 
     task: str
     """"classify" (a head on the last token) or "completion" (prompt -> completion)."""
-    train_file: str
+    train_file: PathStr
     """CSV, TSV, JSON array or JSONL: classify: a text and a label column; completion: a prompt
     and a completion column."""
-    init: str | None = None
+    init: PathStr | None = None
     """What to start from (see `minigpt.model_dir`): a model folder (Hugging Face GPT-2/GPT-Neo
     layout or minigpt's), a training or fine-tuning run folder, or a preset name (e.g. tiny-bpe,
     gpt2) for a fresh random model; None when the model is passed to `finetune` directly."""
-    val_file: str | None = None
+    val_file: PathStr | None = None
     """Validation data; None splits val_fraction off the training file (stratified by label,
     duplicates kept on one side). Rows that also occur in the training file are reported."""
     val_fraction: float = 0.1
@@ -121,6 +122,7 @@ class FinetuneConfig:
     """classify with as_completion: put between the prompt and the label word."""
 
     def __post_init__(self) -> None:
+        check_fields(self)  # every value has its field's type (minigpt.typed)
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r} must be one of {TASKS}")
         if self.class_weights not in CLASS_WEIGHTS:
@@ -146,8 +148,17 @@ class FinetuneConfig:
                              "tied to the embedding); use 1 or more, or LoRA")
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length={self.max_length} must be >= 1 or None (block_size)")
-        if isinstance(self.lora_targets, list):
-            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
+        if self.max_generate < 0:
+            raise ValueError(f"max_generate={self.max_generate} must be >= 0 (0 skips exact match)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if self.lora_rank and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0")
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown or not self.lora_targets:
+            raise ValueError(f"lora_targets={list(self.lora_targets)} must be some of {list(LORA_TARGETS)}")
 
     @property
     def uses_completion_path(self) -> bool:
@@ -415,6 +426,9 @@ def _text_of(pair: PromptCompletion, prompt) -> str:
 def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None,
             tokenizer=None) -> tuple[_Run, object]:
     """Build the model, data and hooks of a run without training (for inspection and tests)."""
+    from minigpt.device import check_device
+
+    check_device(train_config.device)
     backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend, train_config.seed)
     _add_special_tokens(config, backbone, tokenizer)
     torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
@@ -473,14 +487,20 @@ def default_train_config(config: FinetuneConfig, out_dir: str, overrides: dict[s
 
 def train_overrides(items: Iterable[str]) -> dict[str, Any]:
     """TrainConfig values from 'key=value' / 'train.key=value' items (dashes allowed in keys);
-    values are parsed as in `minigpt train` (JSON, True/False/None, else text)."""
-    from minigpt.train.pretrain import parse_value
-
+    each text is converted by its field's type, as in `minigpt train` (`minigpt.typed.parse_cli`).
+    Unknown keys are an error listing the valid ones."""
+    types = field_types(TrainConfig)
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.lstrip("-").partition("=")
         key = key.replace("-", "_").removeprefix("train.")
-        out[key] = parse_value(value) if sep else True
+        reject_unknown_keys(TrainConfig, {key: value})
+        if sep:
+            out[key] = parse_cli(value, types[key], f"--{key}")
+        elif types[key] is bool:
+            out[key] = True  # a bare --flag means true
+        else:
+            raise ValueError(f"--{key} needs a value, e.g. --{key}=... (only true/false keys may be given bare)")
     return out
 
 

@@ -36,6 +36,7 @@ from minigpt.train import distributed as dist_
 from minigpt.train import runfolder
 from minigpt.train.muon import MuonWithAdamW
 from minigpt.train.observe import MetricsLog, model_flops_per_token, peak_flops
+from minigpt.typed import PathStr, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ OPTIMIZERS = ("adamw", "muon")
 class TrainConfig:
     """How to train: optimizer, schedule, evaluation, checkpoints, devices."""
 
-    out_dir: str
+    out_dir: PathStr
     """Run folder: checkpoints/, metrics.jsonl, tensorboard/."""
     max_steps: int
     """Optimizer updates to run in total (counting those before a resume)."""
@@ -119,6 +120,8 @@ class TrainConfig:
     """torch.set_num_threads on the CPU; 0 keeps torch's default."""
 
     def __post_init__(self) -> None:
+        check_fields(self)  # every value has its field's type (minigpt.typed)
+
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} {rule}")

@@ -8,9 +8,11 @@ A run is configured by four sections, each a frozen dataclass validated on const
     sample  SampleConfig fields: the text generated after training
 
 They come, each overriding the last, from a recipe (`--preset`: `RECIPES`, or any model
-preset with `DEFAULT_TRAIN`), a TOML or JSON file with the same sections, and
-`--section.key=value` overrides (`--key=value` when the key names one field in one
-section). Unknown sections and keys are errors that list the valid ones. The effective
+preset with `DEFAULT_TRAIN`; else the file's `preset`; else `DEFAULT_RECIPE`, tiny), a TOML
+or JSON file with the same sections, and `--section.key=value` overrides (`--key=value`
+when the key names one field in one section). Unknown sections and keys are errors that
+list the valid ones. File values must have their field's type; command-line text is
+converted by it (`minigpt.typed`), and errors name where the value came from. The effective
 config is saved as run_config.json in the run folder, and that file is itself a valid
 `--config`.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +32,12 @@ import torch
 from minigpt.config import PRESETS, GPTConfig, reject_unknown_keys
 from minigpt.data.dataset import FixedWindows, RandomWindows, TokenSplit
 from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, prepare, stale_reason
+from minigpt.device import check_device
+from minigpt.files import existing_file, read_json, read_toml
 from minigpt.train import distributed as dist_
 from minigpt.train import runfolder
 from minigpt.train.loop import TrainConfig, TrainResult, train
+from minigpt.typed import PathStr, check_fields, check_value, field_types, parse_cli
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ logger = logging.getLogger(__name__)
 class DataConfig:
     """Where the tokens come from."""
 
-    path: str | None = None
+    path: PathStr | None = None
     """A folder from `minigpt prepare`, or text files / a folder / JSONL to prepare into
     out_dir/data; None downloads tiny Shakespeare (once, into ~/.cache/minigpt)."""
     tokenizer: str = "char"
@@ -57,6 +63,7 @@ class DataConfig:
     """Seed of the fixed validation windows (the same ones every evaluation)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer={self.tokenizer!r} must be one of {TOKENIZERS}")
         if self.errors not in ERRORS:
@@ -81,10 +88,13 @@ class SampleConfig:
     """Sampling seed."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tokens, int) or self.tokens < 0:
+        check_fields(self)
+        if self.tokens < 0:
             raise ValueError(f"tokens={self.tokens!r} must be an integer >= 0")
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1, or None (no limit)")
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,9 @@ class PretrainConfig:
     train: TrainConfig
     data: DataConfig = DataConfig()
     sample: SampleConfig = SampleConfig()
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def to_dict(self) -> dict[str, dict]:
         return {"model": self.model.to_dict(), "train": self.train.to_dict(),
@@ -178,6 +191,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 SECTIONS = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "sample": SampleConfig}
+DEFAULT_RECIPE = "tiny"
+"""What a run starts from when neither --preset nor the config file names a preset."""
 
 
 def recipe(name: str) -> dict[str, dict[str, Any]]:
@@ -191,45 +206,39 @@ def recipe(name: str) -> dict[str, dict[str, Any]]:
                      f"({', '.join(PRESETS)})")
 
 
+def _section_types(section: str) -> dict[str, Any]:
+    """Key -> declared type of one section (the model section also takes `preset`)."""
+    types = dict(field_types(SECTIONS[section]))
+    return {**types, "preset": str} if section == "model" else types
+
+
 def _section_fields(section: str) -> set[str]:
-    names = {f.name for f in dataclasses.fields(SECTIONS[section])}
-    return names | {"preset"} if section == "model" else names
+    return set(_section_types(section))
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML (Python >= 3.11) or JSON config file as a dict of sections."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    """A TOML (Python >= 3.11) or JSON config file as a dict of sections.
+
+    Raises FileNotFoundError when it is absent and ValueError (naming the file, and the
+    line for syntax errors) when it cannot be read.
+    """
+    path = existing_file(path, "config file")
     if path.suffix.lower() == ".toml":
-        try:
-            import tomllib
-        except ImportError:
-            raise ValueError(f"{path}: reading TOML needs Python >= 3.11 (tomllib); write the config as JSON") from None
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return read_toml(path, "config file")
     if path.suffix.lower() == ".json":
-        return json.loads(path.read_text())
+        return read_json(path, "config file")
     raise ValueError(f"config file {path} must end in .toml or .json")
 
 
-def parse_value(text: str) -> Any:
-    """A value from the command line: JSON (numbers, true/false/null, lists, quoted strings),
-    Python's True/False/None, or else the text itself."""
-    aliases = {"True": True, "False": False, "None": None}
-    if text in aliases:
-        return aliases[text]
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def apply_override(sections: dict[str, dict[str, Any]], item: str,
+                   origins: dict[tuple[str, str], str] | None = None) -> None:
+    """Apply one 'section.key=value' or 'key=value' (leading dashes and '-' in keys allowed).
 
-
-def apply_override(sections: dict[str, dict[str, Any]], item: str) -> None:
-    """Apply one 'section.key=value' or 'key=value' (leading dashes and '-' in keys allowed)."""
+    The text is converted by the key's declared type (`minigpt.typed.parse_cli`); a bare
+    `--flag` means true and is only allowed for booleans.
+    """
     item = item.lstrip("-")
     key, sep, value = item.partition("=")
-    parsed = parse_value(value) if sep else True  # a bare --flag means true
     key = key.replace("-", "_")
     if "." in key:
         section, name = key.split(".", 1)
@@ -247,56 +256,99 @@ def apply_override(sections: dict[str, dict[str, Any]], item: str) -> None:
             raise ValueError(f"override {item!r}: {key!r} is in several sections; write "
                              + " or ".join(f"--{s}.{key}=..." for s in owners))
         section, name = owners[0], key
+    flag = f"--{section}.{name}"
+    tp = _section_types(section)[name]
+    if sep:
+        parsed = parse_cli(value, tp, flag)
+    elif tp is bool:
+        parsed = True  # a bare --flag means true
+    else:
+        raise ValueError(f"{flag} needs a value, e.g. {flag}=... (only true/false keys may be given bare)")
     sections.setdefault(section, {})[name] = parsed
+    if origins is not None:
+        origins[(section, name)] = flag
 
 
-def build_config(sections: dict[str, Any]) -> PretrainConfig:
-    """Validate a dict of sections into a PretrainConfig."""
+def _syntax(origin: str | None) -> str:
+    origin = (origin or "").lower()
+    return "toml" if origin.endswith(".toml") else "json" if origin.endswith(".json") else "python"
+
+
+def _build_section(section: str, values: dict[str, Any], origins: dict[tuple[str, str], str]) -> Any:
+    """One section's dataclass; errors name where the offending value came from."""
+    cls = SECTIONS[section]
+    if not isinstance(values, dict):
+        raise ValueError(f"[{section}] must be a table of key = value pairs; got {values!r}")
+    reject_unknown_keys(cls, {k: v for k, v in values.items() if not (section == "model" and k == "preset")})
+    types = _section_types(section)
+    checked = {}
+    for name, value in values.items():
+        origin = origins.get((section, name))
+        try:
+            checked[name] = check_value(value, types[name], name, owner=section, syntax=_syntax(origin))
+        except ValueError as err:
+            raise ValueError(f"{err} (from {origin})" if origin else str(err)) from None
+    try:
+        if section == "model":
+            preset = checked.pop("preset", None)
+            return GPTConfig.from_preset(preset, **checked) if preset else GPTConfig(**checked)
+        return cls(**checked)
+    except ValueError as err:
+        named = re.match(r"(\w+)=", str(err))
+        origin = origins.get((section, named.group(1))) if named else None
+        raise ValueError(f"[{section}] {err}{f' (from {origin})' if origin else ''}") from None
+
+
+def build_config(sections: dict[str, Any], origins: dict[tuple[str, str], str] | None = None) -> PretrainConfig:
+    """Validate a dict of sections into a PretrainConfig; `origins` maps (section, key) to
+    where each value came from (a file, a flag), for the error messages."""
+    origins = origins or {}
     unknown = sorted(set(sections) - set(SECTIONS) - {"preset"})
     if unknown:
         raise ValueError(f"unknown config sections {unknown}; valid sections are: {', '.join(SECTIONS)}")
-    model = dict(sections.get("model") or {})
-    preset = model.pop("preset", None)
-    model_config = GPTConfig.from_preset(preset, **model) if preset else GPTConfig.from_dict(model)
     train_values = dict(sections.get("train") or {})
     for name in ("out_dir", "max_steps", "batch_size"):
         if name not in train_values:
             raise ValueError(f"train.{name} is required (set it in the config file or with --train.{name}=...)")
-    return PretrainConfig(
-        model=model_config,
-        train=TrainConfig.from_dict(train_values),
-        data=_from_dict(DataConfig, sections.get("data") or {}),
-        sample=_from_dict(SampleConfig, sections.get("sample") or {}),
-    )
-
-
-def _from_dict(cls, values: dict[str, Any]):
-    reject_unknown_keys(cls, values)
-    return cls(**values)
+    return PretrainConfig(**{section: _build_section(section, dict(sections.get(section) or {}), origins)
+                             for section in SECTIONS})
 
 
 def load_config(preset: str | None = None, file: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> PretrainConfig:
-    """Recipe `preset`, then `file`, then `overrides` ('section.key=value'), validated."""
-    sections: dict[str, dict[str, Any]] = {}
+    """Recipe `preset` (else the file's `preset`, else DEFAULT_RECIPE), then `file`, then
+    `overrides` ('section.key=value'), validated."""
     file_values = read_config_file(file) if file is not None else {}
-    preset = preset or file_values.pop("preset", None)
-    file_values.pop("preset", None)
-    if preset is None and file is None:
-        preset = "tiny"
-    if preset is not None:
-        sections = recipe(preset)
+    origins: dict[tuple[str, str], str] = {}
+    file_preset = file_values.pop("preset", None)
+    if file_preset is not None and not isinstance(file_preset, str):
+        raise ValueError(f"config file {file}: preset={file_preset!r} must be a recipe or preset name in quotes")
+    name = preset or file_preset or DEFAULT_RECIPE
+    sections = recipe(name)
+    for section, values in sections.items():
+        origins.update({(section, key): f"recipe {name!r}" for key in values})
     for section, values in file_values.items():
         if section not in SECTIONS:
-            raise ValueError(f"{file}: unknown section {section!r}; valid sections are: {', '.join(SECTIONS)}")
+            owners = [s for s in SECTIONS if section in _section_fields(s)]
+            if owners and not isinstance(values, dict):  # `lr = 1e-3` written above every [section]
+                raise ValueError(f"config file {file}: {section!r} is at the top level, outside any section; put it "
+                                 f"under [{owners[0]}]" + (f" (or [{'] or ['.join(owners[1:])}])" if owners[1:] else ""))
+            raise ValueError(f"config file {file}: unknown section {section!r}; valid sections are: "
+                             f"{', '.join(SECTIONS)}")
         if not isinstance(values, dict):
-            raise ValueError(f"{file}: section {section!r} must be a table of key = value")
+            raise ValueError(f"config file {file}: section {section!r} must be a table of key = value pairs "
+                             f"(in TOML: [{section}] followed by key = value lines), not {values!r}")
+        try:
+            reject_unknown_keys(SECTIONS[section], {k: v for k, v in values.items() if (section, k) != ("model", "preset")})
+        except ValueError as err:
+            raise ValueError(f"config file {file}: [{section}] {err}") from None
         if section == "model" and "preset" in values:
             sections["model"] = {}  # a new model preset replaces the recipe's model
         sections.setdefault(section, {}).update(values)
+        origins.update({(section, key): str(Path(file)) for key in values})
     for item in overrides:
-        apply_override(sections, item)
-    return build_config(sections)
+        apply_override(sections, item, origins)
+    return build_config(sections, origins)
 
 
 @dataclass
@@ -351,8 +403,12 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
     Raises ValueError when the data's vocabulary does not fit the model, and whatever
     `prepare` and `train` raise.
     """
-    info = dist_.setup(config.train.device)
+    check_device(config.train.device)
     run_dir = Path(config.train.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"train.out_dir={str(run_dir)!r} is a file; the run folder must be a folder (choose another "
+                         f"--out-dir)")
+    info = dist_.setup(config.train.device)
     try:
         with runfolder.claim(run_dir, resume=resume, overwrite=overwrite, is_main=info.is_main):
             result, model, tokenizer, data_dir = _pretrain(config, info, resume)
@@ -402,6 +458,12 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
     torch.manual_seed(tc.seed)  # the initial weights
     model = GPT(config.model)
     tokenizer = tokenizer_from_dict(train_split.tokenizer)
+    if config.sample.tokens > 0:  # find out now, not after the whole run
+        try:
+            tokenizer.encode(config.sample.prompt)
+        except ValueError as err:
+            raise ValueError(f"sample.prompt={config.sample.prompt!r} cannot be encoded by the data's tokenizer ({err}); "
+                             f"change --sample.prompt or set --sample.tokens=0") from None
     meta = train_split.meta
     run_metadata = {"model": config.model.to_dict(),
                     "data": {"tokenizer": meta["tokenizer"], "dtype": meta["dtype"],

@@ -13,30 +13,52 @@ import torch
 from safetensors.torch import save_file
 
 from minigpt.config import GPTConfig
+from minigpt.files import BadFileError, read_json
 from minigpt.model import GPT
 from minigpt.weights import gpt2, gpt_neo
-from minigpt.weights.common import map_from_minigpt, map_to_minigpt, read_state_dict
+from minigpt.weights.common import DamagedWeightsError, map_from_minigpt, map_to_minigpt, read_state_dict
 
 FAMILIES = {gpt2.MODEL_TYPE: gpt2, gpt_neo.MODEL_TYPE: gpt_neo}
 NATIVE = "minigpt"
 
 
 def read_config(path: str | Path) -> tuple[str, GPTConfig]:
-    """(model_type, GPTConfig) of a checkpoint folder's config.json."""
-    folder = Path(path)
+    """(model_type, GPTConfig) of a checkpoint folder's config.json.
+
+    Raises FileNotFoundError when `path` is not a model folder, and ValueError naming
+    config.json when it is not JSON, lacks keys or holds values minigpt cannot use.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise BadFileError(f"{folder} is a file; give the model folder that holds config.json and the weights")
     config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; is it a model folder?")
-    hf = json.loads(config_file.read_text())
+    if not config_file.exists():
+        hint = (f"; for a training run folder give one of its checkpoints, e.g. {folder / 'checkpoints' / 'best'}"
+                if (folder / "checkpoints").is_dir() else "")
+        raise FileNotFoundError(f"{folder} has no config.json; is it a model folder?{hint}")
+    hf = read_json(config_file, "model config")
     model_type = hf.get("model_type")
-    if model_type == NATIVE:
-        return model_type, GPTConfig.from_dict(hf["config"])
-    if model_type not in FAMILIES:
-        raise ValueError(
+    if model_type != NATIVE and model_type not in FAMILIES:
+        raise BadFileError(
             f"{config_file}: model_type={model_type!r} is not supported; "
             f"minigpt loads {sorted([*FAMILIES, NATIVE])}"
         )
-    return model_type, FAMILIES[model_type].config_from_hf(hf)
+    required = ("config",) if model_type == NATIVE else FAMILIES[model_type].REQUIRED_KEYS
+    missing = [key for key in required if key not in hf]
+    if missing:
+        raise BadFileError(f"{config_file} (model_type={model_type!r}) lacks the keys {missing}; it is incomplete. "
+                           f"Re-save or re-download the model's config.json")
+    try:
+        if model_type == NATIVE:
+            return model_type, GPTConfig.from_dict(hf["config"])
+        return model_type, FAMILIES[model_type].config_from_hf(hf)
+    except ValueError as err:
+        raise BadFileError(f"{config_file}: {err}") from None
+    except (TypeError, KeyError) as err:  # a value of the wrong shape, e.g. a string where a list belongs
+        raise BadFileError(f"{config_file} holds a value of the wrong type or shape ({type(err).__name__}: {err}); "
+                           f"re-save or re-download the model's config.json") from None
 
 
 def _map_to_minigpt(model_type: str, source: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -60,10 +82,20 @@ def _map_to_minigpt(model_type: str, source: dict[str, torch.Tensor], config: GP
 
 
 def load_pretrained(path: str | Path, backend: str = "sdpa", dtype: torch.dtype | None = None) -> GPT:
-    """A GPT built from a checkpoint folder (config.json + weights)."""
-    folder = Path(path)
+    """A GPT built from a checkpoint folder (config.json + weights).
+
+    Raises FileNotFoundError when the folder, config.json or the weights are absent,
+    `DamagedWeightsError` (a ValueError) when a weights file is empty or cut short, and
+    ValueError when config.json or the tensors do not describe a model minigpt can build.
+    """
+    folder = Path(path).expanduser()
     model_type, config = read_config(folder)
-    state = _map_to_minigpt(model_type, read_state_dict(folder), config)
+    try:
+        state = _map_to_minigpt(model_type, read_state_dict(folder), config)
+    except DamagedWeightsError:
+        raise
+    except ValueError as err:
+        raise BadFileError(f"{folder}: {err}; do config.json and the weights come from the same model?") from None
     model = GPT(config, backend=backend)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_embeddings:
@@ -75,7 +107,8 @@ def load_pretrained(path: str | Path, backend: str = "sdpa", dtype: torch.dtype 
     if missing or unexpected or wrong:
         raise ValueError(
             f"checkpoint {folder} does not fit its config: missing={missing} unexpected={unexpected} "
-            f"shape mismatches={wrong}"
+            f"shape mismatches={wrong}; do config.json and the weights come from the same model? Re-save or "
+            f"re-download it"
         )
     model.load_state_dict(state, strict=False)
     if dtype is not None:

@@ -1,12 +1,14 @@
 """Reading tensors safely and strictly, shared by every weight family."""
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from minigpt.files import BadFileError, read_json
 
 
 # Tensors outside the blocks, named alike in GPT-2 and GPT-Neo: HF name -> minigpt name.
@@ -61,28 +63,66 @@ def check_hf_options(hf: dict, model_type: str, supported: dict[str, tuple]) -> 
             )
 
 
+class DamagedWeightsError(BadFileError):
+    """A weights file that exists but cannot be read: empty, cut short, or not tensors.
+
+    Loaders that can fall back to another checkpoint (resume) catch this one type."""
+
+
+def damaged(path: Path, err: BaseException) -> DamagedWeightsError:
+    """The error for a weights file that could not be read: names it, says how big it is
+    (an empty file is the usual remains of a crash) and what to do."""
+    size = path.stat().st_size if path.is_file() else None
+    detail = "it is empty: 0 bytes" if size == 0 else f"{size} bytes; {str(err).split('. ')[0] or type(err).__name__}"
+    return DamagedWeightsError(
+        f"weights file {path} is damaged or incomplete ({detail}); it was probably cut off while being "
+        f"written or downloaded. Re-save or re-download the model, or load another checkpoint"
+    )
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one .safetensors file; a damaged file is a `DamagedWeightsError`
+    naming it, never a bare SafetensorError."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise damaged(path, err) from None
+
+
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint folder: model.safetensors (or its sharded index), else
-    pytorch_model.bin read with ``weights_only=True`` (no arbitrary unpickling)."""
+    pytorch_model.bin read with ``weights_only=True`` (no arbitrary unpickling).
+
+    Raises FileNotFoundError when there are no weights and `DamagedWeightsError` when a
+    weights file cannot be read.
+    """
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     legacy = folder / "pytorch_model.bin"
     if single.is_file():
-        return load_file(single)
+        return load_safetensors(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, "sharded weights index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise DamagedWeightsError(f"sharded weights index {index} has no \"weight_map\" object; "
+                                      f"re-save or re-download the model")
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(folder / shard))
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"{index} lists the shard {shard}, which is not in {folder}; "
+                                        f"re-download the model")
+            state.update(load_safetensors(folder / shard))
         return state
     if legacy.is_file():
         try:
             return torch.load(legacy, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"{legacy} holds objects other than tensors and is not loaded for safety; "
-                f"convert it to safetensors. ({err})"
-            ) from err
+        except pickle.UnpicklingError:
+            raise DamagedWeightsError(
+                f"{legacy} holds objects other than tensors, or is damaged, and is not loaded for safety; "
+                f"convert it to safetensors or re-download it"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise damaged(legacy, err) from None
     raise FileNotFoundError(
         f"{folder} has no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
     )

@@ -32,6 +32,9 @@ _BLOCK_MAP = {
 # Causal-mask buffers that old checkpoints saved; minigpt builds its masks itself.
 DROPPED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
+# config.json keys without which the shape is unknown (the rest have defaults).
+REQUIRED_KEYS = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")
+
 
 def config_from_hf(hf: dict) -> GPTConfig:
     check_hf_options(hf, MODEL_TYPE, {

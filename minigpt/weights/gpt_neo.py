@@ -38,6 +38,9 @@ DROPPED = re.compile(r"^h\.\d+\.attn\.attention\.(bias|masked_bias)$")
 def _layer_kinds(hf: dict) -> list[str]:
     if "attention_layers" in hf and hf["attention_layers"]:
         names = list(hf["attention_layers"])
+    elif "attention_types" not in hf:
+        raise ValueError("gpt_neo config lacks both attention_layers and attention_types; one gives each "
+                         "layer's kind ('global' or 'local')")
     else:  # attention_types = [[["global", "local"], 6]]
         names = [kind for pattern, reps in hf["attention_types"] for _ in range(reps) for kind in pattern]
     unknown = sorted(set(names) - set(_KIND))
@@ -53,6 +56,10 @@ def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
         if len(kinds) % p == 0 and kinds == kinds[:p] * (len(kinds) // p):
             return tuple(kinds[:p])
     return tuple(kinds)
+
+
+# config.json keys without which the shape is unknown (the rest have defaults).
+REQUIRED_KEYS = ("vocab_size", "max_position_embeddings", "num_layers", "num_heads", "hidden_size")
 
 
 def config_from_hf(hf: dict) -> GPTConfig:

@@ -132,3 +132,17 @@ def test_check_cli_reports_and_fixes(tmp_path, tokenizer, capsys):
     main(["finetune", "check", str(data), "--fix", "--out", str(tmp_path / "clean.jsonl")])
     assert "wrote 1 rows" in capsys.readouterr().out
     assert json.loads((tmp_path / "clean.jsonl").read_text()) == {"prompt": "a\n\n###\n\n", "completion": " b\n"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"task": ', r"is not valid JSON"),
+    ('{"task": "classify", "colour": 1}', r"unknown FinetuneMeta keys \['colour'\]"),
+    ('{"max_length": 3}', r"task"),
+    ('{"task": "classify", "max_length": "3"}', r"FinetuneMeta.max_length='3' \(str\) must be an integer"),
+])
+def test_bad_finetune_json_names_file(tmp_path, text, message):
+    from minigpt.finetune.export import read_meta
+
+    (tmp_path / "finetune.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"finetune\.json.*{message}"):
+        read_meta(tmp_path)

@@ -13,7 +13,7 @@ import torch
 from minigpt import GPT
 from minigpt.cli import main
 from minigpt.train.checkpoint import load_state_dict_file
-from minigpt.train.pretrain import build_config, pretrain
+from minigpt.train.pretrain import load_config, pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,8 @@ def _sections(data, out_dir, batch_size, sample_tokens=0, **train):
     return {
         "model": {"vocab_size": 65, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32,
                   "attention_pattern": ["dense", "banded"], "attention_window": 8},
-        "train": {"out_dir": str(out_dir), "max_steps": 4, "batch_size": batch_size, "lr": 3e-3, "warmup_steps": 1,
+        "train": {"out_dir": str(out_dir), "max_steps": 4, "batch_size": batch_size, "optimizer": "adamw",
+                  "lr": 3e-3, "warmup_steps": 1,
                   "eval_interval": 2, "eval_steps": 2, "log_interval": 1, "checkpoint_interval": 2,
                   "device": "cpu", "progress": False, **train},
         "data": {"path": str(data)},
@@ -45,7 +46,9 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     """Also: the run finishes on both ranks (exit 0) with its end-of-run sample, and its
     checkpoint (under FSDP, the gathered full state with config.json) is a model folder."""
     single = tmp_path / "single"
-    pretrain(build_config(_sections(shakespeare_chars, single, batch_size=4)))
+    single_config = tmp_path / "single.json"
+    single_config.write_text(json.dumps(_sections(shakespeare_chars, single, batch_size=4)))
+    pretrain(load_config(file=single_config))  # both runs start from the default recipe, as `--config` does
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(_sections(shakespeare_chars, tmp_path / "two", batch_size=2, sample_tokens=20,

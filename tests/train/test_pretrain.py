@@ -37,7 +37,7 @@ def test_file_then_overrides(tmp_path):
     ("optim.lr=1", r"unknown section 'optim'; sections are model, train, data, sample"),
     ("lrr=1", r"no section has a key 'lrr'. Valid keys are model: .*; train: "),
     ("seed=1", r"'seed' is in several sections; write --train.seed=... or --sample.seed=..."),
-    ("train.lr=-1", r"lr=-1 must be > 0"),
+    ("train.lr=-1", r"lr=-1.0 must be > 0 \(from --train.lr\)"),
     ("model.n_embd=130", r"n_embd=130 is not divisible by n_head=4"),
     ("data.tokenizer=bpe", r"tokenizer='bpe' must be one of"),
 ])
@@ -100,3 +100,55 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["plot", str(tmp_path), "--bogus=1"])  # only `train` takes overrides
     assert "unrecognized arguments: --bogus=1" in capsys.readouterr().err
+
+
+def test_config_file_alone_starts_from_tiny_recipe(tmp_path):
+    toml = tmp_path / "my.toml"
+    toml.write_text("[train]\nlr = 0.002\n")
+    config = load_config(file=toml)
+    assert config.model == GPTConfig.from_preset("tiny")  # not GPT-2 124M
+    assert config.train.out_dir == "runs/tiny" and config.train.lr == 0.002 and config.data.tokenizer == "char"
+    assert config == load_config("tiny", overrides=["--lr=0.002"])
+
+
+def test_toml_syntax_error_names_file_and_line(tmp_path):
+    toml = tmp_path / "my.toml"
+    toml.write_text("[train]\nlr = 1e-3\nmax_steps = \n")
+    with pytest.raises(ValueError, match=r"config file .*my\.toml is not valid TOML: .*line 3.*Fix that line"):
+        load_config(file=toml)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"train": {"lr": 1e-3,}}', r"is not valid JSON: .* line 1, column \d+"),
+    ("", r"is empty"),
+    ("[1, 2]", r"must hold an object \{...\} at its top level, not a list"),
+    ('{"train": 5}', r"section 'train' must be a table of key = value pairs"),
+    ('{"train": {"lrr": 1}}', r"\[train\] unknown TrainConfig keys \['lrr'\]; valid keys are: .*\blr\b"),
+    ('{"preset": 3}', r"preset=3 must be a recipe or preset name in quotes"),
+    ('{"lr": 0.1}', r"'lr' is at the top level, outside any section; put it under \[train\]"),
+])
+def test_bad_json_config_names_file_and_fix(tmp_path, text, message):
+    path = tmp_path / "my.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"config file .*my\.json.*{message}"):
+        load_config(file=path)
+
+
+def test_config_path_that_is_missing_or_a_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config file .*nope\.toml does not exist"):
+        load_config(file=tmp_path / "nope.toml")
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ValueError, match=r"config file .*dir\.toml is a folder; give the file itself"):
+        load_config(file=tmp_path / "dir.toml")
+    (tmp_path / "run.yaml").write_text("lr: 1")
+    with pytest.raises(ValueError, match=r"must end in \.toml or \.json"):
+        load_config(file=tmp_path / "run.yaml")
+
+
+def test_value_rule_errors_name_where_the_value_came_from(tmp_path):
+    toml = tmp_path / "my.toml"
+    toml.write_text("[train]\nbatch_size = 0\n")
+    with pytest.raises(ValueError, match=r"\[train\] batch_size=0 must be a positive integer \(from .*my\.toml\)"):
+        load_config(file=toml)
+    with pytest.raises(ValueError, match=r"\[sample\] top_k=0 must be >= 1.*\(from --sample.top_k\)"):
+        load_config(overrides=["--top_k=0"])

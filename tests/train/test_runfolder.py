@@ -51,7 +51,8 @@ def test_rerun_into_finished_run_folder_is_refused(tmp_path, shakespeare_chars):
 def test_rerun_from_the_cli_is_a_one_line_error(tmp_path, shakespeare_chars):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({
-        "model": {"vocab_size": 65, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16},
+        "model": {"vocab_size": 65, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16,
+                  "attention_pattern": ["dense"]},  # the file starts from tiny's dense/banded model
         "train": {"out_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 2, "eval_interval": 1,
                   "eval_steps": 1, "device": "cpu", "progress": False},
         "data": {"path": str(shakespeare_chars)}, "sample": {"tokens": 0}}))
@@ -153,7 +154,8 @@ def test_kill_9_leaves_a_stale_lock_that_resume_takes_over_and_continues_exactly
     def config(name):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({
-            "model": {"vocab_size": 65, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.1},
+            "model": {"vocab_size": 65, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.1,
+                      "attention_pattern": ["dense"]},  # the file starts from tiny's dense/banded model
             "train": {"out_dir": str(tmp_path / name), "max_steps": 120, "batch_size": 4, "eval_interval": 50,
                       "eval_steps": 1, "log_interval": 1, "checkpoint_interval": 7, "device": "cpu",
                       "progress": False, "cpu_threads": 1},

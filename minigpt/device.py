@@ -1,0 +1,35 @@
+"""Checking that a requested device exists on this machine, before anything is built on it.
+
+Configs only check a device's spelling (a config may be written on a laptop for a GPU
+machine); the commands call `check_device` when they are about to use one, so that
+``--device cuda`` without CUDA is one clear sentence, not a traceback from deep in torch.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def check_device(name: str) -> None:
+    """Raise ValueError when `name` ('cpu', 'cuda', 'cuda:N', 'mps' or 'auto') is not
+    available here, saying what is and which flag to use instead."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name; use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for, but this machine has no CUDA GPU that torch can use "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
+                             f"use --device cpu (or device = \"cpu\" in a config)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r} does not exist: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r} was asked for, but MPS (Apple GPU) is not available here; "
+                             f"use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported; use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
