@@ -184,6 +184,9 @@ def main() -> None:
     p.add_argument("--extra", action="append", default=[], metavar="'WORDS:ARGS'",
                    help="append ARGS to the minigpt commands that start with WORDS, e.g. "
                         "'train:--max_steps=100' (repeatable; recorded in the results)")
+    p.add_argument("--skip", action="append", default=[], metavar="TEXT",
+                   help="leave out the commands that contain TEXT (repeatable; recorded in the results)")
+    p.add_argument("--name", default="first_hour", help="results file stem")
     args = p.parse_args()
     import torch
 
@@ -194,19 +197,20 @@ def main() -> None:
 
     cwd = prepare_workdir(Path(args.work))
     began = time.perf_counter()
-    steps = run_walk(walk_commands(), cwd, extra=extra)
+    commands = [c for c in walk_commands() if not any(text in c for text in args.skip)]
+    steps = run_walk(commands, cwd, extra=extra)
     for step in steps:
         argv = minigpt_argv(step["command"])
         if argv and extra(argv):
             step["appended"] = shlex.join(extra(argv))
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"{platform.python_implementation()} {platform.python_version()}",
-              "torch": torch.__version__, "note": args.note, "extra": args.extra, "steps": steps,
+              "torch": torch.__version__, "note": args.note, "extra": args.extra, "skipped": args.skip, "steps": steps,
               "total_s": round(time.perf_counter() - began, 1), "accuracy": accuracies(steps, cwd)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "first_hour.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "first_hour.md").write_text(to_markdown(result))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(to_markdown(result))
     print(to_markdown(result))
 
 
