@@ -115,13 +115,25 @@ def _band_block_mask(
     return mask.repeat_interleave(n_head, dim=1)  # (n, B*H, w, 2w)
 
 
+@functools.lru_cache(maxsize=8)
+def _band_block_bias(window: int, first_key: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # The additive form (0 / -inf) of the first two blocks' masks, (2, 1, w, 2w); every later
+    # block has block 1's. PyTorch's CPU SDPA kernel runs a float mask faster than a boolean
+    # one. Cached: the model asks for the same few (window, dtype) in every layer and step.
+    mask = _band_block_mask(2, window, first_key, 0, None, 1, device)
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+
+
 def _attend(q, k, v, mask, scale, backend, dropout_p, training):
-    # Attention of each block's queries to its keys, mask broadcast over the leading dims.
+    # Attention of each block's queries to its keys; the mask (boolean, or an additive float
+    # bias for sdpa) broadcasts over the leading dims.
+    drop = dropout_p if training else 0.0
     if backend == "math":
-        return _math_attention(q, k, v, mask, scale, dropout_p if training else 0.0, training)[0]
-    # PyTorch's CPU SDPA kernel runs an additive float mask faster than a boolean one.
-    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p if training else 0.0, scale=scale)
+        mask = mask if mask.dtype == torch.bool else mask == 0
+        return _math_attention(q, k, v, mask, scale, drop, training)[0]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
 
 
 def banded_attention(
@@ -155,7 +167,8 @@ def banded_attention(
     S, w = k.shape[-2], window
     n = -(-T // w)  # query blocks
     pad = n * w - T  # rows that fill the last block
-    q_blocks = F.pad(q, (0, 0, 0, pad)).reshape(B * H, n, w, D).transpose(0, 1)  # (n, B*H, w, D)
+    q_rows = F.pad(q, (0, 0, 0, pad)) if pad else q  # (B, H, n*w, D)
+    q_blocks = q_rows.reshape(B * H, n, w, D).transpose(0, 1)  # (n, B*H, w, D)
     # Keys in query coordinates: row w + i holds the key at query i's position, for
     # i in [-w, n*w); a negative pad drops keys more than w before the first query.
     # Block b's keys are rows bw .. bw+2w-1 of those: windows of 2w rows stepping by w,
@@ -168,13 +181,15 @@ def banded_attention(
     if left_pad is not None:
         mask = _band_block_mask(n, w, T - S, start, left_pad, H, q.device)  # (n, B*H, w, 2w)
         out = _attend(q_blocks, k_blocks, v_blocks, mask, *args)
+        out = out.transpose(0, 1)  # (B*H, n, w, D)
     else:
-        mask = _band_block_mask(min(n, 2), w, T - S, start, None, H, q.device)  # (1 or 2, 1, w, 2w)
-        out = _attend(q_blocks[:1], k_blocks[:1], v_blocks[:1], mask[:1], *args)  # (1, B*H, w, D)
+        first_key = max(T - S, -w)  # keys further back than one block make no difference
+        bias = _band_block_bias(w, first_key, q.dtype if backend == "sdpa" else torch.float32, q.device)
+        out = _attend(q_blocks[:1], k_blocks[:1], v_blocks[:1], bias[:1], *args).transpose(0, 1)  # (B*H, 1, w, D)
         if n > 1:
-            rest = _attend(q_blocks[1:], k_blocks[1:], v_blocks[1:], mask[1:], *args)  # (n-1, B*H, w, D)
-            out = torch.cat([out, rest])
-    return out.transpose(0, 1).reshape(B, H, n * w, D)[:, :, :T]  # (B, H, T, D)
+            rest = _attend(q_blocks[1:], k_blocks[1:], v_blocks[1:], bias[1:], *args)  # (n-1, B*H, w, D)
+            out = torch.cat([out, rest.transpose(0, 1)], dim=1)  # (B*H, n, w, D)
+    return out.reshape(B, H, n * w, D)[:, :, :T]  # (B, H, T, D)
 
 
 def _math_attention(q, k, v, mask, scale, dropout_p, training):
