@@ -115,12 +115,14 @@ def _band_block_mask(
     return mask.repeat_interleave(n_head, dim=1)  # (n, B*H, w, 2w)
 
 
-@functools.lru_cache(maxsize=8)
-def _band_block_bias(window: int, first_key: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # The additive form (0 / -inf) of the first two blocks' masks, (2, 1, w, 2w); every later
-    # block has block 1's. PyTorch's CPU SDPA kernel runs a float mask faster than a boolean
-    # one. Cached: the model asks for the same few (window, dtype) in every layer and step.
-    mask = _band_block_mask(2, window, first_key, 0, None, 1, device)
+@functools.lru_cache(maxsize=4)
+def _band_block_bias(
+    n_blocks: int, window: int, first_key: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    # The additive form (0 / -inf) of the band's mask, (n, 1, w, 2w): 2*T*w values, the size
+    # of one head's scores. PyTorch's CPU SDPA kernel runs a float mask faster than a boolean
+    # one. Cached: every banded layer of every step asks for the same one.
+    mask = _band_block_mask(n_blocks, window, first_key, 0, None, 1, device)
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
 
 
@@ -159,9 +161,8 @@ def banded_attention(
     bw .. bw+w-1 see keys from bw-w+1 to bw+w-1, all inside blocks b-1 and b of the
     keys, so each block attends to 2w keys: scores are (n, B*H, w, 2w), not (T, T).
     The keys are zero-padded to cover block -1 and the ragged end; the mask hides them.
-    Blocks lead the batch dimensions, so every block after the first, which all see
-    the same (w, 2w) band, shares one mask broadcast over blocks, batch and heads;
-    the first block (whose block -1 may be padding) and left-padded rows get their own.
+    Blocks lead the batch dimensions, so one (n, 1, w, 2w) mask broadcasts over batch
+    and heads (left-padded rows get one per row).
     """
     B, H, T, D = q.shape
     S, w = k.shape[-2], window
@@ -171,25 +172,17 @@ def banded_attention(
     q_blocks = q_rows.reshape(B * H, n, w, D).transpose(0, 1)  # (n, B*H, w, D)
     # Keys in query coordinates: row w + i holds the key at query i's position, for
     # i in [-w, n*w); a negative pad drops keys more than w before the first query.
-    # Block b's keys are rows bw .. bw+2w-1 of those: windows of 2w rows stepping by w,
-    # overlapping views (unfold), not copies.
-    k_rows = F.pad(k, (0, 0, w - (S - T), pad)).reshape(B * H, (n + 1) * w, D)  # (B*H, (n+1)w, D)
-    v_rows = F.pad(v, (0, 0, w - (S - T), pad)).reshape(B * H, (n + 1) * w, D)
-    k_blocks = k_rows.unfold(1, 2 * w, w).permute(1, 0, 3, 2)  # (n, B*H, 2w, D): key blocks b-1 and b
-    v_blocks = v_rows.unfold(1, 2 * w, w).permute(1, 0, 3, 2)  # (n, B*H, 2w, D)
-    args = (scale, backend, dropout_p, training)
+    k_rows = F.pad(k, (0, 0, w - (S - T), pad)).reshape(B * H, n + 1, w, D).transpose(0, 1)  # (n+1, B*H, w, D)
+    v_rows = F.pad(v, (0, 0, w - (S - T), pad)).reshape(B * H, n + 1, w, D).transpose(0, 1)
+    k_blocks = torch.cat([k_rows[:-1], k_rows[1:]], dim=2)  # (n, B*H, 2w, D): key blocks b-1 and b
+    v_blocks = torch.cat([v_rows[:-1], v_rows[1:]], dim=2)  # (n, B*H, 2w, D)
     if left_pad is not None:
         mask = _band_block_mask(n, w, T - S, start, left_pad, H, q.device)  # (n, B*H, w, 2w)
-        out = _attend(q_blocks, k_blocks, v_blocks, mask, *args)
-        out = out.transpose(0, 1)  # (B*H, n, w, D)
     else:
         first_key = max(T - S, -w)  # keys further back than one block make no difference
-        bias = _band_block_bias(w, first_key, q.dtype if backend == "sdpa" else torch.float32, q.device)
-        out = _attend(q_blocks[:1], k_blocks[:1], v_blocks[:1], bias[:1], *args).transpose(0, 1)  # (B*H, 1, w, D)
-        if n > 1:
-            rest = _attend(q_blocks[1:], k_blocks[1:], v_blocks[1:], bias[1:], *args)  # (n-1, B*H, w, D)
-            out = torch.cat([out, rest.transpose(0, 1)], dim=1)  # (B*H, n, w, D)
-    return out.reshape(B, H, n * w, D)[:, :, :T]  # (B, H, T, D)
+        mask = _band_block_bias(n, w, first_key, q.dtype if backend == "sdpa" else torch.float32, q.device)
+    out = _attend(q_blocks, k_blocks, v_blocks, mask, scale, backend, dropout_p, training)  # (n, B*H, w, D)
+    return out.transpose(0, 1).reshape(B, H, n * w, D)[:, :, :T]  # (B, H, T, D)
 
 
 def _math_attention(q, k, v, mask, scale, dropout_p, training):
