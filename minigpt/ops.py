@@ -64,7 +64,10 @@ def _kernel_head_dim_ok(head_dim: int) -> bool:
     supported = _kernels().ATTENTION_HEAD_DIMS
     if head_dim in supported:
         return True
-    _log_once(f"the Triton attention kernel supports head_dim in {supported}, not {head_dim}; using 'sdpa' for attention")
+    _log_once(
+        f"the Triton attention kernel supports head_dim in {supported[0]}..{supported[-1]} "
+        f"(multiples of 8), not {head_dim}; using 'sdpa' for attention"
+    )
     return False
 
 

@@ -1,0 +1,62 @@
+"""The sm_90 compile table (scripts/compile_table.py, committed in benchmarks/results/).
+
+The table is made without a GPU: Triton compiles each kernel for sm_90 and ptxas -v
+reports registers and spills. These tests keep it honest: no spill at a configuration a
+GPT preset uses, and the tiles in the table are the ones the launchers choose today (so
+changing a tile without regenerating the table fails here). A live compile of one preset
+configuration runs where Triton's ptxas is present (marked slow: ~10 s).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = REPO / "benchmarks" / "results" / "compile_table_sm90.json"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _rows() -> list[dict]:
+    if not TABLE.exists():
+        pytest.skip(f"{TABLE} is absent; run python scripts/compile_table.py --out benchmarks/results")
+    return json.loads(TABLE.read_text())["rows"]
+
+
+def test_compile_table_has_no_spills_at_preset_configurations():
+    rows = [r for r in _rows() if r["preset"]]
+    assert rows
+    failed = [r for r in rows if "error" in r]
+    assert not failed, failed[:3]
+    spills = [(r["kernel"], r["dtype"], r["head_dim"], r["mode"], r["spill_stores"]) for r in rows if r["spill_stores"]]
+    assert not spills, f"register spills at preset configurations: {spills}"
+
+
+def test_compile_table_matches_the_launchers_tiles():
+    attn = importlib.import_module("kernels.attention")
+    for r in _rows():
+        if not r["kernel"].startswith("attention_") or r["kernel"] == "attention_bwd_preprocess":
+            continue
+        tiles = attn.attention_tiles(r["head_dim"], DTYPES[r["dtype"]], interpreter=False)
+        cfg = {"attention_fwd": tiles.fwd, "attention_bwd_dkdv": tiles.bwd_dkdv, "attention_bwd_dq": tiles.bwd_dq}[r["kernel"]]
+        assert r["tile"] == f"{cfg.block_m}x{cfg.block_n}", r
+        assert (r["num_warps"], r["num_stages"]) == (cfg.num_warps, cfg.num_stages), r
+
+
+@pytest.mark.slow
+def test_preset_attention_configuration_compiles_for_sm90_without_spills():
+    sys.path.insert(0, str(REPO / "scripts"))
+    compile_table = importlib.import_module("compile_table")
+    if not compile_table.ptxas_path().exists():
+        pytest.skip("Triton's ptxas is not installed")
+    attn = compile_table.attn
+    cfg = attn.attention_tiles(96, torch.bfloat16, interpreter=False).fwd
+    fn = attn._attention_fwd_kernel
+    consts = dict(HEAD_DIM=96, BLOCK_D=128, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=True, WINDOW=256,
+                  DOT_PRECISION="tf32", **compile_table._strides_one(fn))
+    result = compile_table.compile_one(fn, "bf16", consts, cfg.num_warps, cfg.num_stages, {"LSE_ptr": "*fp32"})
+    assert result["spill_stores"] == 0, result
