@@ -66,18 +66,26 @@ def _layer_norm_bwd_dx_kernel(
     X_ptr, W_ptr, dY_ptr, Mean_ptr, Rstd_ptr, dX_ptr, dW_partial_ptr, dB_partial_ptr,
     stride_xm, stride_xn, stride_dym, stride_dyn, stride_dxm,
     n_rows, n_cols, rows_per_program,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, PARTIALS_IN_MEMORY: tl.constexpr,
 ):
     # One program handles the rows [pid * rows_per_program, +rows_per_program), one at a time:
     #   dx = rstd * (g - mean(g) - xhat * mean(xhat * g)),  g = w * dy
     # and writes its partial sums of dy * xhat (for dw) and dy (for db) to row pid
-    # of the (n_programs, N) float32 partial buffers.
+    # of the (n_programs, N) float32 partial buffers. For the widest rows
+    # (PARTIALS_IN_MEMORY) the running sums live in that row of the buffers instead of
+    # registers: two more row-sized register arrays would spill on sm_90 (ptxas, 16 warps,
+    # N=16384). Each thread re-reads only what it wrote, so the order stays deterministic.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     w = tl.load(W_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    partial_offs = pid.to(tl.int64) * n_cols + cols
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if PARTIALS_IN_MEMORY:
+        tl.store(dW_partial_ptr + partial_offs, dw_acc, mask=col_ok)
+        if HAS_BIAS:
+            tl.store(dB_partial_ptr + partial_offs, db_acc, mask=col_ok)
 
     row_start = pid * rows_per_program
     n_own = min(rows_per_program, n_rows - row_start)
@@ -97,14 +105,21 @@ def _layer_norm_bwd_dx_kernel(
         c_mean = tl.sum(g, 0) / n_cols
         dx = (g - c_mean - xhat * c_xhat) * rstd
         tl.store(dX_ptr + r * stride_dxm + cols, dx.to(dX_ptr.dtype.element_ty), mask=col_ok)
-        dw_acc += dy * xhat
-        if HAS_BIAS:
-            db_acc += dy
+        if PARTIALS_IN_MEMORY:
+            dw_old = tl.load(dW_partial_ptr + partial_offs, mask=col_ok, other=0.0)
+            tl.store(dW_partial_ptr + partial_offs, dw_old + dy * xhat, mask=col_ok)
+            if HAS_BIAS:
+                db_old = tl.load(dB_partial_ptr + partial_offs, mask=col_ok, other=0.0)
+                tl.store(dB_partial_ptr + partial_offs, db_old + dy, mask=col_ok)
+        else:
+            dw_acc += dy * xhat
+            if HAS_BIAS:
+                db_acc += dy
 
-    partial_offs = pid.to(tl.int64) * n_cols + cols
-    tl.store(dW_partial_ptr + partial_offs, dw_acc, mask=col_ok)
-    if HAS_BIAS:
-        tl.store(dB_partial_ptr + partial_offs, db_acc, mask=col_ok)
+    if not PARTIALS_IN_MEMORY:
+        tl.store(dW_partial_ptr + partial_offs, dw_acc, mask=col_ok)
+        if HAS_BIAS:
+            tl.store(dB_partial_ptr + partial_offs, db_acc, mask=col_ok)
 
 
 @triton.jit
@@ -135,6 +150,12 @@ def _layer_norm_bwd_dwdb_kernel(
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
+
+
+# The widest row tile whose dweight/dbias partial sums the backward keeps in registers;
+# wider ones (12288: gpt3-175b) keep them in the partial buffers (scripts/compile_table.py:
+# 640 bytes of spills per thread at 16384 otherwise).
+PARTIALS_IN_REGISTERS_MAX_N = 8192
 
 
 def max_width(dtype: torch.dtype) -> int:
@@ -242,6 +263,7 @@ def _layer_norm_bwd(
         x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dx.stride(0),
         n_rows, n_cols, rows_per_program,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
+        PARTIALS_IN_MEMORY=block_n > PARTIALS_IN_REGISTERS_MAX_N,
     )
 
     dw = new_buffer((n_cols,), weight.dtype, x.device)

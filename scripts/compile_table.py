@@ -160,7 +160,8 @@ def layer_norm_rows(quick: bool = False) -> list[dict]:
                  dict(HAS_BIAS=True, BLOCK_ROWS=block_rows, BLOCK_N=block_n, stride_xn=1),
                  ln._num_warps(block_rows * block_n), f"{block_rows}x{block_n}"),
                 ("bwd_dx", ln._layer_norm_bwd_dx_kernel,
-                 dict(HAS_BIAS=True, BLOCK_N=block_n, stride_xn=1, stride_dyn=1),
+                 dict(HAS_BIAS=True, BLOCK_N=block_n, stride_xn=1, stride_dyn=1,
+                      PARTIALS_IN_MEMORY=block_n > ln.PARTIALS_IN_REGISTERS_MAX_N),
                  ln._num_warps(block_n), f"1x{block_n}"),
             ]
             for kernel, fn, consts, warps, tile in cases:
