@@ -528,7 +528,9 @@ def attention_tiles(head_dim: int, dtype: torch.dtype, interpreter: bool | None 
     inputs take the CUDA-core path ("ieee" dot), which needs far more registers per
     tile, so their tiles are small. The choices were made by compiling for sm_90
     (Triton 3.6 and 3.9) and keeping configurations that do not spill registers;
-    they have not been tuned by timing.
+    they have not been tuned by timing. Head dims above 128 (D padded up to 256) take
+    smaller tiles: a 32x64 dK/dV tile spills 328 bytes at D=256 under Triton 3.9.
+    ``scripts/compile_table.py`` writes the registers and spills of every choice.
     """
     if interpreter is None:
         interpreter = interpreter_enabled()
@@ -557,7 +559,7 @@ def attention_tiles(head_dim: int, dtype: torch.dtype, interpreter: bool | None 
             fwd=TileConfig(128, 64, 8, 3), bwd_dkdv=TileConfig(32, 128, 8, 3), bwd_dq=TileConfig(128, 32, 8, 3)
         )
     return AttentionTiles(
-        fwd=TileConfig(64, 64, 8, 2), bwd_dkdv=TileConfig(32, 64, 8, 2), bwd_dq=TileConfig(64, 32, 8, 2)
+        fwd=TileConfig(64, 64, 8, 2), bwd_dkdv=TileConfig(32, 32, 8, 2), bwd_dq=TileConfig(64, 32, 8, 2)
     )
 
 
