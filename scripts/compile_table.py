@@ -155,14 +155,16 @@ def layer_norm_rows(quick: bool = False) -> list[dict]:
                 continue
             block_n = triton.next_power_of_2(n)
             block_rows = min(max(4096 // block_n, 1), 16)
+            wide = n > ln.WIDE_ROW
+            bwd_n = ln.WIDE_ROW_CHUNK if wide else block_n
             cases = [
                 ("fwd", ln._layer_norm_fwd_kernel,
                  dict(HAS_BIAS=True, BLOCK_ROWS=block_rows, BLOCK_N=block_n, stride_xn=1),
                  ln._num_warps(block_rows * block_n), f"{block_rows}x{block_n}"),
-                ("bwd_dx", ln._layer_norm_bwd_dx_kernel,
-                 dict(HAS_BIAS=True, BLOCK_N=block_n, stride_xn=1, stride_dyn=1,
-                      PARTIALS_IN_MEMORY=block_n > ln.PARTIALS_IN_REGISTERS_MAX_N),
-                 ln._num_warps(block_n), f"1x{block_n}"),
+                ("bwd_dx_wide" if wide else "bwd_dx",
+                 ln._layer_norm_bwd_dx_wide_kernel if wide else ln._layer_norm_bwd_dx_kernel,
+                 dict(HAS_BIAS=True, BLOCK_N=bwd_n, stride_xn=1, stride_dyn=1),
+                 ln._num_warps(bwd_n), f"1x{bwd_n}"),
             ]
             for kernel, fn, consts, warps, tile in cases:
                 row = {"kernel": f"layer_norm_{kernel}", "dtype": dtype_name, "head_dim": None, "mode": f"N={n}",
