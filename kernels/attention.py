@@ -541,7 +541,7 @@ def attention_tiles(head_dim: int, dtype: torch.dtype, interpreter: bool | None 
     if dtype == torch.float32:
         if head_dim <= 64:
             return AttentionTiles(
-                fwd=TileConfig(64, 32, 8, 2), bwd_dkdv=TileConfig(16, 32, 4, 2), bwd_dq=TileConfig(64, 32, 8, 2)
+                fwd=TileConfig(64, 32, 8, 1), bwd_dkdv=TileConfig(16, 32, 8, 2), bwd_dq=TileConfig(32, 32, 4, 1)
             )
         if head_dim > 128:
             return AttentionTiles(
