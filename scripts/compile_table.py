@@ -113,11 +113,12 @@ def _strides_one(fn) -> dict:
     return {n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")}
 
 
-def attention_rows(quick: bool = False) -> list[dict]:
+def attention_rows(quick: bool = False, dtypes=tuple(DTYPES), head_dims=HEAD_DIMS) -> list[dict]:
     rows = []
     f32 = {n: "*fp32" for n in ("LSE_ptr", "Delta_ptr")}
-    for dtype_name, dtype in DTYPES.items():
-        for D in HEAD_DIMS[:2] if quick else HEAD_DIMS:
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for D in head_dims[:2] if quick else head_dims:
             tiles = attn.attention_tiles(D, dtype, interpreter=False)
             precision = attn._dot_precision(dtype)
             block_d = attn._block_d(D)
@@ -217,15 +218,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=None, help="folder for compile_table_sm90.json and .md")
     parser.add_argument("--quick", action="store_true", help="a few configurations only (a smoke run)")
     parser.add_argument("--only", choices=["attention", "layer_norm"], default=None)
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="attention dtypes, comma-separated")
+    parser.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="attention head dims")
+    parser.add_argument("--update", action="store_true",
+                        help="replace the matching rows of an existing table in --out instead of writing a new one")
     args = parser.parse_args(argv)
     if not ptxas_path().exists():
         raise SystemExit(f"ptxas not found at {ptxas_path()}; it ships in Triton's wheel for NVIDIA")
     rows = []
     if args.only in (None, "attention"):
-        rows += attention_rows(args.quick)
+        rows += attention_rows(args.quick, tuple(args.dtypes.split(",")),
+                               tuple(int(d) for d in args.head_dims.split(",")))
     if args.only in (None, "layer_norm"):
         rows += layer_norm_rows(args.quick)
     env = {"triton": triton.__version__, "torch": torch.__version__, "target": "sm_90 (cuda, 90, warp 32)"}
+    if args.out is not None and args.update and (args.out / "compile_table_sm90.json").exists():
+        def key(r):
+            return r["kernel"].replace("_wide", ""), r["dtype"], r["head_dim"], r["mode"]
+
+        new = {key(r): r for r in rows}
+        old = json.loads((args.out / "compile_table_sm90.json").read_text())["rows"]
+        rows = [new.pop(key(r), r) for r in old] + list(new.values())
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compile_table_sm90.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
