@@ -545,7 +545,7 @@ def attention_tiles(head_dim: int, dtype: torch.dtype, interpreter: bool | None 
             )
         if head_dim > 128:
             return AttentionTiles(
-                fwd=TileConfig(16, 16, 4, 1), bwd_dkdv=TileConfig(16, 16, 4, 1), bwd_dq=TileConfig(16, 16, 4, 1)
+                fwd=TileConfig(16, 16, 4, 1), bwd_dkdv=TileConfig(16, 16, 8, 1), bwd_dq=TileConfig(16, 16, 4, 1)
             )
         return AttentionTiles(
             fwd=TileConfig(16, 16, 8, 1), bwd_dkdv=TileConfig(16, 32, 8, 2), bwd_dq=TileConfig(16, 16, 8, 1)
