@@ -55,7 +55,7 @@ def test_layer_norm_fwd_bwd_matches_reference_leading_dims_without_bias(shape):
 
 
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_layer_norm_fwd_bwd_matches_reference_wide_rows_partials_in_memory(has_bias):
+def test_layer_norm_fwd_bwd_matches_reference_wide_rows(has_bias):
     # Width 12288 (gpt3-175b) takes the two-pass, column-chunked backward
     # (_layer_norm_bwd_dx_wide_kernel); 9 rows give each program several rows to add.
     _check_layer_norm((9, 12288), torch.float32, has_bias=has_bias, seed=12)
