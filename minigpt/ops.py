@@ -141,6 +141,19 @@ def _attend(q, k, v, mask, scale, backend, dropout_p, training):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
 
 
+def _overlapping_blocks(rows: torch.Tensor, w: int) -> torch.Tensor:
+    """(B*H, (n+1)w, D) -> (n, B*H, 2w, D): block b holds rows bw .. bw+2w-1 (key blocks b-1 and b).
+
+    Without autograd these are overlapping views (unfold), which SDPA reads as fast as
+    copies; with autograd they are copies (cat), since unfold's backward is several times
+    slower than cat's.
+    """
+    if not (torch.is_grad_enabled() and rows.requires_grad):
+        return rows.unfold(1, 2 * w, w).permute(1, 0, 3, 2)
+    blocks = rows.unflatten(1, (-1, w)).transpose(0, 1)  # (n+1, B*H, w, D)
+    return torch.cat([blocks[:-1], blocks[1:]], dim=2)
+
+
 def banded_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -175,10 +188,9 @@ def banded_attention(
     q_blocks = q_rows.reshape(B * H, n, w, D).transpose(0, 1)  # (n, B*H, w, D)
     # Keys in query coordinates: row w + i holds the key at query i's position, for
     # i in [-w, n*w); a negative pad drops keys more than w before the first query.
-    k_rows = F.pad(k, (0, 0, w - (S - T), pad)).reshape(B * H, n + 1, w, D).transpose(0, 1)  # (n+1, B*H, w, D)
-    v_rows = F.pad(v, (0, 0, w - (S - T), pad)).reshape(B * H, n + 1, w, D).transpose(0, 1)
-    k_blocks = torch.cat([k_rows[:-1], k_rows[1:]], dim=2)  # (n, B*H, 2w, D): key blocks b-1 and b
-    v_blocks = torch.cat([v_rows[:-1], v_rows[1:]], dim=2)  # (n, B*H, 2w, D)
+    k_rows = F.pad(k, (0, 0, w - (S - T), pad)).reshape(B * H, (n + 1) * w, D)  # (B*H, (n+1)w, D)
+    v_rows = F.pad(v, (0, 0, w - (S - T), pad)).reshape(B * H, (n + 1) * w, D)
+    k_blocks, v_blocks = _overlapping_blocks(k_rows, w), _overlapping_blocks(v_rows, w)  # (n, B*H, 2w, D)
     if left_pad is not None:
         mask = _band_block_mask(n, w, T - S, start, left_pad, H, q.device)  # (n, B*H, w, 2w)
     else:
