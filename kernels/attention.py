@@ -47,7 +47,11 @@ import triton.language as tl
 from kernels._common import check_device, check_dtype, interpreter_enabled, new_buffer
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# Every multiple of 8 from 16 to 256. Inside the kernels D is padded to the next power of
+# two (tl.arange needs one) with masked loads and stores, as FlashAttention-2 does for
+# head dims such as 80 and 96 (Dao 2023; its Triton version's EVEN_HEADDIM): the padded
+# columns load as zeros, so they add nothing to Q K^T, and are never stored.
+SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 8))
 
 
 # ---------------------------------------------------------------------------
@@ -138,6 +142,20 @@ def query_tile_segments(
 
 
 @triton.jit
+def _load_tile(ptrs, rows_ok, d_ok, MASK_ROWS: tl.constexpr, PAD_D: tl.constexpr):
+    # Load a tile, zero-filling rows past the sequence end (MASK_ROWS) and the padding
+    # columns between HEAD_DIM and BLOCK_D (PAD_D). rows_ok and d_ok broadcast against
+    # ptrs; a power-of-two head dim and an interior tile load without any mask.
+    if MASK_ROWS:
+        if PAD_D:
+            return tl.load(ptrs, mask=rows_ok & d_ok, other=0.0)
+        return tl.load(ptrs, mask=rows_ok, other=0.0)
+    if PAD_D:
+        return tl.load(ptrs, mask=d_ok, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _attention_mask(rows, cols, seq_len, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     # True where query `rows` may see key `cols` (both broadcastable index blocks).
     allowed = (rows < seq_len) & (cols < seq_len)
@@ -158,9 +176,9 @@ def _attention_fwd_tiles(
     acc, l_i, m_i, q,
     K_ptr, V_ptr,
     stride_kt, stride_kd, stride_vt, stride_vd,
-    offs_m, offs_d, seq_len, qk_scale, lo, hi,
+    offs_m, offs_d, d_ok, seq_len, qk_scale, lo, hi,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Online softmax over the key tiles [lo, hi) for one query tile:
     #   m' = max(m, rowmax(s2)),  alpha = 2^(m - m'),  P = 2^(s2 - m')
@@ -169,12 +187,9 @@ def _attention_fwd_tiles(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT_ptrs = K_ptr + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd  # (D, BLOCK_N)
         v_ptrs = V_ptr + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
-        if MASKED:
-            kT = tl.load(kT_ptrs, mask=offs_n[None, :] < seq_len, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < seq_len, other=0.0)
-        else:
-            kT = tl.load(kT_ptrs)
-            v = tl.load(v_ptrs)
+        key_ok = offs_n < seq_len
+        kT = _load_tile(kT_ptrs, key_ok[None, :], d_ok[:, None], MASKED, PAD_D)
+        v = _load_tile(v_ptrs, key_ok[:, None], d_ok[None, :], MASKED, PAD_D)
         s2 = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
             allowed = _attention_mask(offs_m[:, None], offs_n[None, :], seq_len, CAUSAL, WINDOW)
@@ -203,7 +218,7 @@ def _attention_fwd_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     n_heads, seq_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program computes BLOCK_M rows of O for one (batch, head):
@@ -221,32 +236,33 @@ def _attention_fwd_kernel(
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # HEAD_DIM padded to a power of two; columns >= HEAD_DIM are masked
+    d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < seq_len
     q = tl.load(Q_ptr + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_tile_segments(start_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     acc, l_i, m_i = _attention_fwd_tiles(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, seq_len, qk_scale, lo, mid_lo,
-        BLOCK_N, CAUSAL, WINDOW, True, DOT_PRECISION)
+        offs_m, offs_d, d_ok, seq_len, qk_scale, lo, mid_lo,
+        BLOCK_N, CAUSAL, WINDOW, True, BLOCK_D != HEAD_DIM, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_tiles(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, seq_len, qk_scale, mid_lo, mid_hi,
-        BLOCK_N, CAUSAL, WINDOW, False, DOT_PRECISION)
+        offs_m, offs_d, d_ok, seq_len, qk_scale, mid_lo, mid_hi,
+        BLOCK_N, CAUSAL, WINDOW, False, BLOCK_D != HEAD_DIM, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_tiles(
         acc, l_i, m_i, q, K_ptr, V_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, seq_len, qk_scale, mid_hi, hi,
-        BLOCK_N, CAUSAL, WINDOW, True, DOT_PRECISION)
+        offs_m, offs_d, d_ok, seq_len, qk_scale, mid_hi, hi,
+        BLOCK_N, CAUSAL, WINDOW, True, BLOCK_D != HEAD_DIM, DOT_PRECISION)
 
     l_i = tl.where(row_ok, l_i, 1.0)  # padding rows may have seen no key; keep them finite
     o = acc / l_i[:, None]
     tl.store(O_ptr + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-             o.to(O_ptr.dtype.element_ty), mask=row_ok[:, None])
+             o.to(O_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE_ptr + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -261,7 +277,7 @@ def _attention_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
     n_heads, seq_len,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # delta_i = sum_d dO[i, d] * O[i, d]  (= sum_j P_ij dP_ij, the softmax-backward
     # correction). One program handles BLOCK_M rows of one (batch, head).
@@ -274,12 +290,13 @@ def _attention_bwd_preprocess_kernel(
     Delta_ptr += pid_bh.to(tl.int64) * seq_len
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # HEAD_DIM padded to a power of two; columns >= HEAD_DIM are masked
+    d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < seq_len
     o = tl.load(O_ptr + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                mask=row_ok[:, None], other=0.0)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(dO_ptr + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=row_ok[:, None], other=0.0)
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta_ptr + offs_m, delta, mask=row_ok)
 
@@ -289,9 +306,9 @@ def _attention_bwd_dkdv_tiles(
     dk, dv, k, v,
     Q_ptr, dO_ptr, LSE_ptr, Delta_ptr,
     stride_qt, stride_qd, stride_dot, stride_dod,
-    offs_n, offs_d, seq_len, qk_scale, lo, hi,
+    offs_n, offs_d, d_ok, seq_len, qk_scale, lo, hi,
     BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Accumulate dV += P^T dO and dK += dS^T Q (unscaled) over the query tiles [lo, hi),
     # working with transposed tiles so that the key tile stays the row dimension.
@@ -299,15 +316,13 @@ def _attention_bwd_dkdv_tiles(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qT_ptrs = Q_ptr + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd  # (D, BLOCK_M)
         do_ptrs = dO_ptr + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod  # (BLOCK_M, D)
+        row_ok = offs_m < seq_len
+        qT = _load_tile(qT_ptrs, row_ok[None, :], d_ok[:, None], MASKED, PAD_D)
+        do = _load_tile(do_ptrs, row_ok[:, None], d_ok[None, :], MASKED, PAD_D)
         if MASKED:
-            row_ok = offs_m < seq_len
-            qT = tl.load(qT_ptrs, mask=row_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse2 = tl.load(LSE_ptr + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(Delta_ptr + offs_m, mask=row_ok, other=0.0)
         else:
-            qT = tl.load(qT_ptrs)
-            do = tl.load(do_ptrs)
             lse2 = tl.load(LSE_ptr + offs_m)
             delta = tl.load(Delta_ptr + offs_m)
         s2T = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -331,7 +346,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     n_heads, seq_len, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program computes BLOCK_N rows of dK and dV for one (batch, head):
@@ -353,36 +368,38 @@ def _attention_bwd_dkdv_kernel(
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # HEAD_DIM padded to a power of two; columns >= HEAD_DIM are masked
+    d_ok = offs_d < HEAD_DIM
     key_ok = offs_n < seq_len
     k = tl.load(K_ptr + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=key_ok[:, None], other=0.0)  # (BLOCK_N, D)
+                mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(V_ptr + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=key_ok[:, None], other=0.0)  # (BLOCK_N, D)
+                mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
 
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _query_tile_segments(start_n, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     dk, dv = _attention_bwd_dkdv_tiles(
         dk, dv, k, v, Q_ptr, dO_ptr, LSE_ptr, Delta_ptr,
         stride_qt, stride_qd, stride_dot, stride_dod,
-        offs_n, offs_d, seq_len, qk_scale, lo, mid_lo,
-        BLOCK_M, CAUSAL, WINDOW, True, DOT_PRECISION)
+        offs_n, offs_d, d_ok, seq_len, qk_scale, lo, mid_lo,
+        BLOCK_M, CAUSAL, WINDOW, True, BLOCK_D != HEAD_DIM, DOT_PRECISION)
     dk, dv = _attention_bwd_dkdv_tiles(
         dk, dv, k, v, Q_ptr, dO_ptr, LSE_ptr, Delta_ptr,
         stride_qt, stride_qd, stride_dot, stride_dod,
-        offs_n, offs_d, seq_len, qk_scale, mid_lo, mid_hi,
-        BLOCK_M, CAUSAL, WINDOW, False, DOT_PRECISION)
+        offs_n, offs_d, d_ok, seq_len, qk_scale, mid_lo, mid_hi,
+        BLOCK_M, CAUSAL, WINDOW, False, BLOCK_D != HEAD_DIM, DOT_PRECISION)
     dk, dv = _attention_bwd_dkdv_tiles(
         dk, dv, k, v, Q_ptr, dO_ptr, LSE_ptr, Delta_ptr,
         stride_qt, stride_qd, stride_dot, stride_dod,
-        offs_n, offs_d, seq_len, qk_scale, mid_hi, hi,
-        BLOCK_M, CAUSAL, WINDOW, True, DOT_PRECISION)
+        offs_n, offs_d, d_ok, seq_len, qk_scale, mid_hi, hi,
+        BLOCK_M, CAUSAL, WINDOW, True, BLOCK_D != HEAD_DIM, DOT_PRECISION)
 
     dk = dk * sm_scale
     out_offs = offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
-    tl.store(dK_ptr + out_offs, dk.to(dK_ptr.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(dV_ptr + out_offs, dv.to(dV_ptr.dtype.element_ty), mask=key_ok[:, None])
+    out_ok = key_ok[:, None] & d_ok[None, :]
+    tl.store(dK_ptr + out_offs, dk.to(dK_ptr.dtype.element_ty), mask=out_ok)
+    tl.store(dV_ptr + out_offs, dv.to(dV_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -390,21 +407,18 @@ def _attention_bwd_dq_tiles(
     dq, q, do, lse2, delta,
     K_ptr, V_ptr,
     stride_kt, stride_kd, stride_vt, stride_vd,
-    offs_m, offs_d, seq_len, qk_scale, lo, hi,
+    offs_m, offs_d, d_ok, seq_len, qk_scale, lo, hi,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Accumulate dQ += dS K (unscaled) over the key tiles [lo, hi).
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT_ptrs = K_ptr + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd  # (D, BLOCK_N)
         vT_ptrs = V_ptr + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd  # (D, BLOCK_N)
-        if MASKED:
-            kT = tl.load(kT_ptrs, mask=offs_n[None, :] < seq_len, other=0.0)
-            vT = tl.load(vT_ptrs, mask=offs_n[None, :] < seq_len, other=0.0)
-        else:
-            kT = tl.load(kT_ptrs)
-            vT = tl.load(vT_ptrs)
+        key_ok = offs_n < seq_len
+        kT = _load_tile(kT_ptrs, key_ok[None, :], d_ok[:, None], MASKED, PAD_D)
+        vT = _load_tile(vT_ptrs, key_ok[None, :], d_ok[:, None], MASKED, PAD_D)
         s2 = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s2 - lse2[:, None])
         if MASKED:
@@ -425,7 +439,7 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     n_heads, seq_len, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program computes BLOCK_M rows of dQ for one (batch, head):
@@ -445,33 +459,34 @@ def _attention_bwd_dq_kernel(
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # HEAD_DIM padded to a power of two; columns >= HEAD_DIM are masked
+    d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < seq_len
     q = tl.load(Q_ptr + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     do = tl.load(dO_ptr + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     lse2 = tl.load(LSE_ptr + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta_ptr + offs_m, mask=row_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = _key_tile_segments(start_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     dq = _attention_bwd_dq_tiles(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, seq_len, qk_scale, lo, mid_lo,
-        BLOCK_N, CAUSAL, WINDOW, True, DOT_PRECISION)
+        offs_m, offs_d, d_ok, seq_len, qk_scale, lo, mid_lo,
+        BLOCK_N, CAUSAL, WINDOW, True, BLOCK_D != HEAD_DIM, DOT_PRECISION)
     dq = _attention_bwd_dq_tiles(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, seq_len, qk_scale, mid_lo, mid_hi,
-        BLOCK_N, CAUSAL, WINDOW, False, DOT_PRECISION)
+        offs_m, offs_d, d_ok, seq_len, qk_scale, mid_lo, mid_hi,
+        BLOCK_N, CAUSAL, WINDOW, False, BLOCK_D != HEAD_DIM, DOT_PRECISION)
     dq = _attention_bwd_dq_tiles(
         dq, q, do, lse2, delta, K_ptr, V_ptr, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, seq_len, qk_scale, mid_hi, hi,
-        BLOCK_N, CAUSAL, WINDOW, True, DOT_PRECISION)
+        offs_m, offs_d, d_ok, seq_len, qk_scale, mid_hi, hi,
+        BLOCK_N, CAUSAL, WINDOW, True, BLOCK_D != HEAD_DIM, DOT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(dQ_ptr + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-             dq.to(dQ_ptr.dtype.element_ty), mask=row_ok[:, None])
+             dq.to(dQ_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------
@@ -513,7 +528,9 @@ def attention_tiles(head_dim: int, dtype: torch.dtype, interpreter: bool | None 
     inputs take the CUDA-core path ("ieee" dot), which needs far more registers per
     tile, so their tiles are small. The choices were made by compiling for sm_90
     (Triton 3.6 and 3.9) and keeping configurations that do not spill registers;
-    they have not been tuned by timing.
+    they have not been tuned by timing. Head dims above 128 (D padded up to 256) take
+    smaller tiles: a 32x64 dK/dV tile spills 328 bytes at D=256 under Triton 3.9.
+    ``scripts/compile_table.py`` writes the registers and spills of every choice.
     """
     if interpreter is None:
         interpreter = interpreter_enabled()
@@ -524,18 +541,31 @@ def attention_tiles(head_dim: int, dtype: torch.dtype, interpreter: bool | None 
     if dtype == torch.float32:
         if head_dim <= 64:
             return AttentionTiles(
-                fwd=TileConfig(64, 32, 8, 2), bwd_dkdv=TileConfig(16, 32, 4, 2), bwd_dq=TileConfig(64, 32, 8, 2)
+                fwd=TileConfig(64, 32, 8, 1), bwd_dkdv=TileConfig(16, 32, 8, 2), bwd_dq=TileConfig(32, 32, 4, 1)
+            )
+        if head_dim > 128:
+            return AttentionTiles(
+                fwd=TileConfig(16, 16, 4, 1), bwd_dkdv=TileConfig(16, 16, 8, 1), bwd_dq=TileConfig(16, 16, 4, 1)
             )
         return AttentionTiles(
-            fwd=TileConfig(16, 16, 4, 2), bwd_dkdv=TileConfig(16, 32, 8, 2), bwd_dq=TileConfig(32, 16, 4, 2)
+            fwd=TileConfig(16, 16, 8, 1), bwd_dkdv=TileConfig(16, 32, 8, 2), bwd_dq=TileConfig(16, 16, 8, 1)
         )
     if head_dim <= 64:
         return AttentionTiles(
             fwd=TileConfig(128, 64, 8, 3), bwd_dkdv=TileConfig(32, 128, 8, 3), bwd_dq=TileConfig(128, 32, 4, 3)
         )
+    if head_dim <= 128:
+        return AttentionTiles(
+            fwd=TileConfig(128, 64, 8, 3), bwd_dkdv=TileConfig(32, 128, 8, 3), bwd_dq=TileConfig(128, 32, 8, 3)
+        )
     return AttentionTiles(
-        fwd=TileConfig(128, 64, 8, 3), bwd_dkdv=TileConfig(32, 128, 8, 3), bwd_dq=TileConfig(128, 32, 8, 3)
+        fwd=TileConfig(64, 64, 8, 2), bwd_dkdv=TileConfig(32, 32, 8, 2), bwd_dq=TileConfig(64, 32, 8, 2)
     )
+
+
+def _block_d(head_dim: int) -> int:
+    # The column tile: head_dim rounded up to a power of two (tl.arange needs one).
+    return triton.next_power_of_2(head_dim)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -574,7 +604,10 @@ def _check_attention_inputs(
             raise ValueError(f"{name}.device={t.device} must equal q.device={q.device}")
     B, H, T, D = q.shape
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim={D} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+        raise ValueError(
+            f"head_dim={D} is not supported; use a multiple of 8 from 16 to 256 "
+            f"(e.g. 64, 80, 96, 128, 256): SUPPORTED_HEAD_DIMS={SUPPORTED_HEAD_DIMS}"
+        )
     if B == 0 or H == 0 or T == 0:
         raise ValueError(f"q.shape={tuple(q.shape)} has an empty dimension; B, H and T must be >= 1")
     if window is not None:
@@ -612,7 +645,7 @@ def _attention_fwd(
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, T, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         CAUSAL=causal, WINDOW=window or 0, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -640,7 +673,7 @@ def _attention_bwd(
     pre = tiles.bwd_dq
     _attention_bwd_preprocess_kernel[(triton.cdiv(T, pre.block_m), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, T,
-        HEAD_DIM=D, BLOCK_M=pre.block_m, num_warps=pre.num_warps,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=pre.block_m, num_warps=pre.num_warps,
     )
 
     dq = _new_attention_buffer(q)
@@ -651,7 +684,7 @@ def _attention_bwd(
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         H, T, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, WINDOW=window or 0, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -660,7 +693,7 @@ def _attention_bwd(
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, T, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, WINDOW=window or 0, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -715,7 +748,8 @@ def attention(
         ``out.transpose(1, 2)`` is contiguous. Accumulation is in float32.
 
     Supported: CUDA tensors (CPU only under ``TRITON_INTERPRET=1``); float32,
-    float16 and bfloat16; head_dim in ``SUPPORTED_HEAD_DIMS``; any T >= 1.
+    float16 and bfloat16; head_dim in ``SUPPORTED_HEAD_DIMS`` (every multiple of 8 from 16
+    to 256; the kernels pad it to a power of two internally, without copying inputs); any T >= 1.
 
     Raises:
         ValueError: on an unsupported device, dtype or head_dim, mismatched shapes,

@@ -108,6 +108,67 @@ def _layer_norm_bwd_dx_kernel(
 
 
 @triton.jit
+def _layer_norm_bwd_dx_wide_kernel(
+    X_ptr, W_ptr, dY_ptr, Mean_ptr, Rstd_ptr, dX_ptr, dW_partial_ptr, dB_partial_ptr,
+    stride_xm, stride_xn, stride_dym, stride_dyn, stride_dxm,
+    n_rows, n_cols, rows_per_program,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The same result as _layer_norm_bwd_dx_kernel for rows too wide to hold in registers
+    # (above WIDE_ROW: x, dy, w and the dw/db sums of a 16384-wide row spill on sm_90).
+    # Each row is read in column chunks of BLOCK_N, twice: the first pass sums
+    # xhat * g and g for the two means, the second writes dx and adds dy * xhat and dy to
+    # this program's row of the partial buffers (which it alone owns, so the sums stay
+    # deterministic).
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    n_own = min(rows_per_program, n_rows - row_start)
+    X_ptr += row_start.to(tl.int64) * stride_xm
+    dY_ptr += row_start.to(tl.int64) * stride_dym
+    dX_ptr += row_start.to(tl.int64) * stride_dxm
+    Mean_ptr += row_start
+    Rstd_ptr += row_start
+    partial_row = pid.to(tl.int64) * n_cols
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        tl.store(dW_partial_ptr + partial_row + cols, tl.zeros([BLOCK_N], dtype=tl.float32), mask=col_ok)
+        if HAS_BIAS:
+            tl.store(dB_partial_ptr + partial_row + cols, tl.zeros([BLOCK_N], dtype=tl.float32), mask=col_ok)
+    for r in range(0, n_own):
+        mean = tl.load(Mean_ptr + r)
+        rstd = tl.load(Rstd_ptr + r)
+        sum_xhat_g = 0.0
+        sum_g = 0.0
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_cols
+            x = tl.load(X_ptr + r * stride_xm + cols * stride_xn, mask=col_ok, other=0.0).to(tl.float32)
+            dy = tl.load(dY_ptr + r * stride_dym + cols * stride_dyn, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(W_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            xhat = tl.where(col_ok, (x - mean) * rstd, 0.0)
+            g = w * dy
+            sum_xhat_g += tl.sum(xhat * g, 0)
+            sum_g += tl.sum(g, 0)
+        c_xhat = sum_xhat_g / n_cols
+        c_mean = sum_g / n_cols
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < n_cols
+            x = tl.load(X_ptr + r * stride_xm + cols * stride_xn, mask=col_ok, other=0.0).to(tl.float32)
+            dy = tl.load(dY_ptr + r * stride_dym + cols * stride_dyn, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(W_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            xhat = tl.where(col_ok, (x - mean) * rstd, 0.0)
+            dx = (w * dy - c_mean - xhat * c_xhat) * rstd
+            tl.store(dX_ptr + r * stride_dxm + cols, dx.to(dX_ptr.dtype.element_ty), mask=col_ok)
+            dw_ptrs = dW_partial_ptr + partial_row + cols
+            tl.store(dw_ptrs, tl.load(dw_ptrs, mask=col_ok, other=0.0) + dy * xhat, mask=col_ok)
+            if HAS_BIAS:
+                db_ptrs = dB_partial_ptr + partial_row + cols
+                tl.store(db_ptrs, tl.load(db_ptrs, mask=col_ok, other=0.0) + dy, mask=col_ok)
+
+
+@triton.jit
 def _layer_norm_bwd_dwdb_kernel(
     dW_partial_ptr, dB_partial_ptr, dW_ptr, dB_ptr,
     n_partials, n_cols,
@@ -135,6 +196,13 @@ def _layer_norm_bwd_dwdb_kernel(
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
+
+
+# Rows wider than this take the two-pass, column-chunked backward
+# (_layer_norm_bwd_dx_wide_kernel, chunks of WIDE_ROW_CHUNK): holding a whole 16384-wide
+# row in registers spills on sm_90 (ptxas -v, scripts/compile_table.py). 12288 is gpt3-175b's.
+WIDE_ROW = 8192
+WIDE_ROW_CHUNK = 4096
 
 
 def max_width(dtype: torch.dtype) -> int:
@@ -237,7 +305,11 @@ def _layer_norm_bwd(
     n_partials = triton.cdiv(n_rows, rows_per_program)
     dw_partial = new_buffer((n_partials, n_cols), torch.float32, x.device)
     db_partial = new_buffer((n_partials, n_cols), torch.float32, x.device) if bias is not None else dw_partial
-    _layer_norm_bwd_dx_kernel[(n_partials,)](
+    if n_cols > WIDE_ROW:
+        kernel, block_n = _layer_norm_bwd_dx_wide_kernel, WIDE_ROW_CHUNK
+    else:
+        kernel = _layer_norm_bwd_dx_kernel
+    kernel[(n_partials,)](
         x2, weight, dy2, mean, rstd, dx, dw_partial, db_partial,
         x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dx.stride(0),
         n_rows, n_cols, rows_per_program,

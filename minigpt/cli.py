@@ -59,7 +59,8 @@ def add_sample_parser(sub) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from minigpt.report import report
 
-    print(report(args.source, seq_len=args.seq_len, batch_size=args.batch_size, as_json=args.json))
+    print(report(args.source, seq_len=args.seq_len, batch_size=args.batch_size, as_json=args.json,
+                 backend=args.backend))
 
 
 def add_inspect_parser(sub) -> None:
@@ -73,6 +74,8 @@ def add_inspect_parser(sub) -> None:
     p.add_argument("source", metavar="PRESET|CONFIG_JSON|MODEL_DIR|gpt3")
     p.add_argument("--seq-len", type=int, default=None, help="context for attention FLOPs, activations, KV cache (default block_size)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per batch for activation and KV totals")
+    p.add_argument("--backend", default="sdpa", choices=["math", "sdpa", "triton"],
+                   help="attention backend whose work the 'computed' FLOPs and activations follow (default: sdpa)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=_inspect)
 

@@ -9,6 +9,9 @@ from minigpt.config import GPTConfig
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 """Bytes per value of the dtypes the memory counts are given in."""
 
+BACKENDS = ("math", "sdpa", "triton")
+"""The attention backends of `minigpt.ops`, whose work the `backend=` counts follow."""
+
 
 def block_param_breakdown(config: GPTConfig) -> dict[str, int]:
     """Trainable parameters of one block by component, keyed by module path in `model.Block`.
@@ -65,25 +68,51 @@ def attention_context(config: GPTConfig, seq_len: int, layer: int) -> int:
     return seq_len if window is None else min(window, seq_len)
 
 
-def attention_flops_per_token(config: GPTConfig, seq_len: int | None = None) -> float:
+def computed_attention_context(config: GPTConfig, seq_len: int, layer: int, backend: str | None = None) -> float:
+    """Keys per query that `layer` computes a score for, averaged over the T queries.
+
+    backend=None is the useful work (`attention_context`: T dense, min(w, T) banded), the
+    MFU convention. With a backend of `minigpt.ops`, the work it does:
+
+    - dense layers: T on every backend (the causal half is not subtracted, as above);
+    - banded on ``triton``: min(w, T); the kernel visits only the key tiles that meet the
+      band (tile edges are not counted);
+    - banded on ``sdpa`` and ``math`` with w < T: ``ops.banded_attention`` cuts the queries
+      into ceil(T/w) blocks of w and scores each against 2w keys, so
+      2w * ceil(T/w) * w / T keys per query: about 2w, never T.
+    """
+    if backend is not None:
+        _check_backend(backend)
+    window = config.layer_window(layer)
+    if backend is None or window is None or window >= seq_len or backend == "triton":
+        return float(attention_context(config, seq_len, layer))
+    blocks = -(-seq_len // window)
+    return 2.0 * window * blocks * window / seq_len
+
+
+def attention_flops_per_token(config: GPTConfig, seq_len: int | None = None, backend: str | None = None) -> float:
     """Forward FLOPs per token of QK^T and AV: 4 * n_embd * context per layer, where context
-    is seq_len for dense layers and the band width for banded ones (see `flops_per_token`)."""
+    is seq_len for dense layers and the band width for banded ones (see `flops_per_token`);
+    with `backend`, the context that backend computes (`computed_attention_context`)."""
     T = _seq_len(config, seq_len)
-    return sum(4.0 * config.n_embd * attention_context(config, T, i) for i in range(config.n_layer))
+    return sum(4.0 * config.n_embd * computed_attention_context(config, T, i, backend) for i in range(config.n_layer))
 
 
-def flops_per_token(config: GPTConfig, seq_len: int | None = None, training: bool = True) -> float:
+def flops_per_token(
+    config: GPTConfig, seq_len: int | None = None, training: bool = True, backend: str | None = None
+) -> float:
     """Matmul FLOPs per token (Kaplan et al. 2020, section 2.1; PaLM appendix B convention).
 
     Forward: 2 FLOPs per non-embedding parameter (Kaplan's 2N; biases and norms
     included as they are there) and per LM-head weight plus, per layer, 4 * n_embd * context for QK^T and AV, where context is
     seq_len for dense layers and the band width for banded ones (the causal half is not
     subtracted, as in the usual MFU convention). Training is 3x forward (backward is 2x).
+    `backend` counts attention as that backend computes it (`computed_attention_context`).
     """
     weights = params(config, non_embedding=True)
     if config.tie_embeddings:  # the LM head is a matmul even when its weight is shared
         weights += config.vocab_size * config.n_embd
-    forward = 2.0 * weights + attention_flops_per_token(config, seq_len)
+    forward = 2.0 * weights + attention_flops_per_token(config, seq_len, backend)
     return 3.0 * forward if training else forward
 
 
@@ -151,7 +180,9 @@ def training_state_bytes(config: GPTConfig, dtype: str = "fp32") -> dict[str, in
     return {"weights": n * b, "gradients": n * b, "adamw": 2 * n * b}
 
 
-def activation_bytes_per_token(config: GPTConfig, seq_len: int | None = None, stored_scores: bool = True) -> int:
+def activation_bytes_per_token(
+    config: GPTConfig, seq_len: int | None = None, stored_scores: bool = True, backend: str | None = None
+) -> int:
     """Activation bytes per token kept for the backward pass, summed over the blocks.
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
@@ -160,10 +191,19 @@ def activation_bytes_per_token(config: GPTConfig, seq_len: int | None = None, st
     34*C + 5*H*context; the second term is the (H, T, context) score, softmax and dropout
     tensors, so banded layers count their band. `stored_scores=False` drops it, as a fused
     (flash) attention kernel does. Embeddings and the LM head are not included.
+
+    With `backend`, what that backend keeps: ``math`` stores the scores it computes
+    (`computed_attention_context`: about 2w per query for a banded layer); ``sdpa`` and
+    ``triton`` run fused attention and store none (`stored_scores` is then ignored).
     """
     T = _seq_len(config, seq_len)
     C, H = config.n_embd, config.n_head
-    scores = sum(5 * H * attention_context(config, T, i) for i in range(config.n_layer)) if stored_scores else 0
+    if backend is not None:
+        stored_scores = _check_backend(backend) == "math"
+    scores = (
+        round(sum(5 * H * computed_attention_context(config, T, i, backend) for i in range(config.n_layer)))
+        if stored_scores else 0
+    )
     return 34 * C * config.n_layer + scores
 
 
@@ -184,6 +224,12 @@ def _seq_len(config: GPTConfig, seq_len: int | None) -> int:
     if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or not 1 <= seq_len <= config.block_size:
         raise ValueError(f"seq_len={seq_len!r} must be an integer in [1, block_size={config.block_size}]")
     return int(seq_len)
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; choose one of {BACKENDS}")
+    return backend
 
 
 def _dtype_bytes(dtype: str) -> int:

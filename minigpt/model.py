@@ -90,13 +90,9 @@ class CausalSelfAttention(nn.Module):
                 k, v, k_index = cache.update(k, v, start)  # (B, H, S, D) x 2, (S,)
             else:
                 k_index = torch.arange(T, device=x.device)
-            if T == 1 and left_pad is None:
-                mask = None  # one new query: the cache holds only keys it may see
-            else:
-                q_index = torch.arange(start, start + T, device=x.device)
-                mask = ops.build_mask(q_index, k_index, self.window, left_pad)
-            y, probs = ops.masked_attention(
-                q, k, v, mask, scale=self.scale, backend=self.backend, return_probs=return_probs
+            y, probs = ops.indexed_attention(
+                q, k, v, start=start, k_index=k_index, window=self.window, left_pad=left_pad,
+                scale=self.scale, backend=self.backend, return_probs=return_probs,
             )
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y)), probs

@@ -83,12 +83,17 @@ def load_config(source: str) -> tuple[str, GPTConfig]:
     )
 
 
-def build_report(config: GPTConfig, name: str | None = None, seq_len: int | None = None, batch_size: int = 1) -> dict[str, Any]:
+def build_report(
+    config: GPTConfig, name: str | None = None, seq_len: int | None = None, batch_size: int = 1,
+    backend: str = "sdpa",
+) -> dict[str, Any]:
     """Every number ``minigpt inspect`` shows, as a JSON-ready dict.
 
     seq_len (default block_size) sets the context for the attention FLOPs, the activations
-    and the KV cache; batch_size scales the activation and KV totals. Raises ValueError
-    for seq_len outside [1, block_size] or batch_size < 1.
+    and the KV cache; batch_size scales the activation and KV totals. backend (the model's
+    default, 'sdpa') is the attention backend whose work the "computed" FLOPs and the
+    backend's activation row follow (see `minigpt.counts.computed_attention_context`).
+    Raises ValueError for seq_len outside [1, block_size], batch_size < 1 or an unknown backend.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
@@ -116,6 +121,10 @@ def build_report(config: GPTConfig, name: str | None = None, seq_len: int | None
             "forward_attention": attention,
             "forward": forward,
             "training": flops_per_token(config, T, training=True),
+            "backend": backend,
+            "forward_attention_computed": attention_flops_per_token(config, T, backend),
+            "forward_computed": flops_per_token(config, T, training=False, backend=backend),
+            "training_computed": flops_per_token(config, T, training=True, backend=backend),
         },
         "memory": {dtype: training_state_bytes(config, dtype) for dtype in DTYPE_BYTES},
         "kv_cache": {
@@ -133,6 +142,8 @@ def build_report(config: GPTConfig, name: str | None = None, seq_len: int | None
             "seq_len": T,
             "per_token": act,
             "per_token_fused_attention": activation_bytes_per_token(config, T, stored_scores=False),
+            "backend": backend,
+            "per_token_backend": activation_bytes_per_token(config, T, backend=backend),
             "batch": act * batch_size * T,
         },
     }
@@ -148,7 +159,9 @@ def gpt3_table() -> list[dict[str, Any]]:
     return out
 
 
-def report(source: str, seq_len: int | None = None, batch_size: int = 1, as_json: bool = False) -> str:
+def report(
+    source: str, seq_len: int | None = None, batch_size: int = 1, as_json: bool = False, backend: str = "sdpa"
+) -> str:
     """The text ``minigpt inspect SOURCE`` prints (JSON with `as_json`).
 
     source: a preset, a config JSON file, a model folder, or 'gpt3' for the GPT-3 paper's
@@ -158,7 +171,7 @@ def report(source: str, seq_len: int | None = None, batch_size: int = 1, as_json
         table = gpt3_table()
         return json.dumps(table, indent=2) if as_json else format_gpt3_table(table)
     name, config = load_config(source)
-    data = build_report(config, name, seq_len, batch_size)
+    data = build_report(config, name, seq_len, batch_size, backend)
     return json.dumps(data, indent=2) if as_json else format_report(data)
 
 
@@ -260,6 +273,9 @@ def format_report(data: dict[str, Any]) -> str:
         ["  matmuls: 2 x (non-embedding params + LM head)", _si(f["forward_matmul"]), _si(3 * f["forward_matmul"])],
         ["  attention: 4 x C x context per layer (banded: window)", _si(f["forward_attention"]), _si(3 * f["forward_attention"])],
         ["  total", _si(f["forward"]), _si(f["training"])],
+        [f"  attention as backend={f['backend']} computes it", _si(f["forward_attention_computed"]),
+         _si(3 * f["forward_attention_computed"])],
+        [f"  total as backend={f['backend']} computes it", _si(f["forward_computed"]), _si(f["training_computed"])],
     ]
     lines += ["", *text_table(rows, right={1, 2})]
 
@@ -280,6 +296,8 @@ def format_report(data: dict[str, Any]) -> str:
         ["  attention scores stored (banded: band only)", _bytes(act["per_token"]), _bytes(act["batch"])],
         ["  fused attention (no T x context scores)", _bytes(act["per_token_fused_attention"]),
          _bytes(act["per_token_fused_attention"] * B * T)],
+        [f"  backend={act['backend']} ({'stores its scores' if act['backend'] == 'math' else 'fused'})",
+         _bytes(act["per_token_backend"]), _bytes(act["per_token_backend"] * B * T)],
     ]
     lines += ["", *text_table(rows, right={1, 2}), f"  ({act['formula']})"]
     return "\n".join(lines)

@@ -40,6 +40,33 @@ def test_triton_backend_matches_math_on_logits_and_gradients(pattern, window):
         assert rel_err(grads[name], g) < REL_TOL, name
 
 
+@pytest.mark.parametrize(
+    "n_head, n_embd, pattern",
+    [(2, 160, ("dense", "banded")), (1, 96, ("banded", "dense"))],
+    ids=["head_dim80-gpt3-2.7b", "head_dim96-gpt3-large"],
+)
+def test_triton_backend_matches_math_with_padded_head_dims(n_head, n_embd, pattern):
+    # gpt3-2.7b (head dim 80) and gpt3-large (96) reach the kernel, which pads D to a
+    # power of two; logits and every gradient match the math path.
+    from minigpt import ops
+
+    config = GPTConfig(vocab_size=37, block_size=24, n_layer=2, n_head=n_head, n_embd=n_embd,
+                       attention_pattern=pattern, attention_window=5)
+    assert ops._kernel_head_dim_ok(config.head_dim)
+    idx = torch.randint(0, 37, (1, 13), device=DEVICE)
+    results = {}
+    for backend in ("math", "triton"):
+        model = randomize_(GPT(config), seed=0, std=0.1).to(DEVICE)
+        model.set_backend(backend)
+        out = model(idx, idx)
+        out.loss.backward()
+        results[backend] = (out.logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    logits, grads = results["triton"]
+    assert rel_err(logits, results["math"][0]) < REL_TOL
+    for name, g in results["math"][1].items():
+        assert rel_err(grads[name], g) < REL_TOL, name
+
+
 def test_triton_backend_without_cuda_or_interpreter_falls_back_and_logs(monkeypatch, caplog):
     if DEVICE == "cuda":
         pytest.skip("the fallback applies only without CUDA")

@@ -186,3 +186,30 @@ def test_cli_inspect_prints_tables_and_json_for_175b_without_allocating(capsys):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_reports(name):
     assert name in report(name)
+
+
+@pytest.mark.parametrize("backend, banded_context", [(None, 4.0), ("triton", 4.0), ("sdpa", 9.6), ("math", 9.6)])
+def test_banded_attention_work_follows_the_backend(backend, banded_context):
+    # T=10, w=4: sdpa and math score ceil(10/4)=3 blocks of 4 queries against 8 keys each
+    # (96 pairs, 9.6 keys per query); the kernel and the MFU convention count the band.
+    from minigpt.counts import computed_attention_context
+
+    config = GPTConfig(vocab_size=11, block_size=10, n_layer=2, n_head=2, n_embd=8,
+                       attention_pattern=("dense", "banded"), attention_window=4)
+    assert computed_attention_context(config, 10, 0, backend) == 10.0
+    assert computed_attention_context(config, 10, 1, backend) == banded_context
+    data = build_report(config, seq_len=10, backend=backend or "sdpa")
+    assert data["flops_per_token"]["forward_attention_computed"] == 4.0 * 8 * (10.0 + (banded_context if backend else 9.6))
+    stores = backend == "math"
+    act = data["activations"]
+    assert (act["per_token_backend"] > act["per_token_fused_attention"]) == stores
+
+
+def test_inspect_shows_the_backend_and_rejects_an_unknown_one(capsys):
+    main(["inspect", "gpt3-small", "--seq-len", "2048"])
+    assert "as backend=sdpa computes it" in capsys.readouterr().out
+    main(["inspect", "gpt3-small", "--backend", "triton"])
+    out = capsys.readouterr().out
+    assert "as backend=triton computes it" in out and "backend=triton (fused)" in out
+    with pytest.raises(ValueError, match="backend='cuda' is not supported"):
+        build_report(GPTConfig.from_preset("gpt3-small"), backend="cuda")

@@ -52,3 +52,37 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     err = rel_error(actual, expected)
     tol = REL_TOL[dtype]
     assert err <= tol, f"{name}: relative error {err:.3e} exceeds {tol:.0e} for {dtype}"
+
+
+# The flash-attention error rule (as in the FlashAttention test-suite, Dao et al.): a fused
+# kernel may be at most FLASH_FACTOR times as far from a float64 reference as PyTorch's
+# plain computation in the same dtype, plus a small absolute slack, in max-abs error. The
+# slack covers outputs whose same-dtype error is exactly zero (e.g. dQ at T=1, where the
+# kernel's delta = rowsum(dO * O) and dP cancel only to rounding): about 100 float32 ulps,
+# or one float16/bfloat16 ulp, at magnitude 1.
+FLASH_FACTOR = 2.0
+FLASH_SLACK = {
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+}
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected|, in float64."""
+    return (actual.detach().to(torch.float64) - expected.detach().to(torch.float64)).abs().max().item()
+
+
+def assert_flash_close(
+    actual: torch.Tensor, expected: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype, name: str = "tensor"
+) -> None:
+    """Assert ``actual`` (the kernel) is finite and within the flash-attention error rule.
+
+    ``expected`` is the float64 reference; ``baseline`` is PyTorch's computation of the
+    same thing in ``dtype``.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert bool(torch.isfinite(actual).all()), f"{name}: non-finite elements"
+    err, base = max_abs_error(actual, expected), max_abs_error(baseline, expected)
+    bound = FLASH_FACTOR * base + FLASH_SLACK[dtype]
+    assert err <= bound, f"{name}: max error {err:.3e} > {FLASH_FACTOR} x PyTorch's {base:.3e} + {FLASH_SLACK[dtype]:.0e}"

@@ -7,14 +7,16 @@ add bfloat16.
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from tolerances import assert_rel_close
+from tolerances import assert_flash_close, assert_rel_close
 
 from kernels import attention, attention_reference
+from kernels.reference import attention_mask
 from kernels._common import new_buffer
 
 HAS_CUDA = torch.cuda.is_available()
@@ -61,7 +63,7 @@ def attention_cases(draw):
         B=draw(st.integers(1, 2)),
         H=draw(st.integers(1, 2)),
         T=T,
-        D=draw(st.sampled_from([16, 32, 64])),
+        D=draw(st.sampled_from([16, 24, 32, 48, 64])),
         causal=mode != "non-causal",
         window=draw(st.integers(1, T + 8)) if mode == "banded" else None,
         scale=draw(st.sampled_from([None, 1.0, 0.3])),
@@ -124,8 +126,9 @@ def test_attention_bwd_matches_reference_head_dim_128():
         (torch.float16, 64, True, 100),
         (torch.float16, 128, False, None),
         (torch.float32, 128, True, 50),
+        (torch.float16, 96, True, 64),
     ],
-    ids=["float16-causal", "float16-banded", "float16-non-causal-d128", "float32-banded-d128"],
+    ids=["float16-causal", "float16-banded", "float16-non-causal-d128", "float32-banded-d128", "float16-banded-d96"],
 )
 def test_attention_bwd_matches_reference_with_gpu_tiles(monkeypatch, dtype, head_dim, causal, window):
     # The interpreter normally uses small tiles; run the GPU's tiles (128x64 forward,
@@ -135,6 +138,54 @@ def test_attention_bwd_matches_reference_with_gpu_tiles(monkeypatch, dtype, head
     monkeypatch.setattr(module, "attention_tiles", lambda d, dt, interpreter=None: gpu_tiles(d, dt, interpreter=False))
     q, k, v, do = _inputs((1, 1, 200, head_dim), dtype, seed=8)
     _check_fwd_bwd(q, k, v, do, causal=causal, window=window, scale=None)
+
+
+def _same_dtype_attention(q, k, v, causal, window):
+    # PyTorch's plain attention computed entirely in the inputs' dtype: the baseline of
+    # the flash-attention error rule (tests/tolerances.py).
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    scores = scores.masked_fill(~attention_mask(q.shape[-2], causal, window, q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+# Head dims that are not powers of two (80, 96: gpt3-2.7b and gpt3-large) and the largest
+# (256): the kernels pad D to a power of two with masked loads and stores. A lean subset of
+# odd lengths (1, 3, 113, 239, 257) and windows (1, 7, 64, >= T) per head dim.
+PADDED_HEAD_DIM_CASES = [
+    (80, torch.float32, 113, True, None),
+    (80, torch.float16, 257, True, 64),
+    (80, torch.float32, 3, False, None),
+    (96, torch.float32, 1, True, None),
+    (96, torch.float32, 239, True, 7),
+    (96, torch.float16, 113, False, None),
+    (96, torch.float32, 113, True, 200),
+    (256, torch.float16, 3, True, None),
+    (256, torch.float32, 113, True, 1),
+    (256, torch.float32, 3, True, 64),
+    (256, torch.float32, 45, False, None),
+]
+
+
+@pytest.mark.parametrize(
+    "head_dim, dtype, T, causal, window", PADDED_HEAD_DIM_CASES,
+    ids=[f"d{d}-{str(dt)[6:]}-T{T}-{'non-causal' if not c else 'causal' if w is None else f'w{w}'}"
+         for d, dt, T, c, w in PADDED_HEAD_DIM_CASES],
+)
+def test_attention_bwd_matches_reference_padded_head_dims(head_dim, dtype, T, causal, window):
+    q, k, v, do = _inputs((1, 2, T, head_dim), dtype, seed=T + head_dim)
+    results = {}
+    for name, fn, cast in (
+        ("kernel", lambda a, b, c: attention(a, b, c, causal=causal, window=window), dtype),
+        ("same-dtype", lambda a, b, c: _same_dtype_attention(a, b, c, causal, window), dtype),
+        ("float64", lambda a, b, c: attention_reference(a, b, c, causal=causal, window=window), torch.float64),
+    ):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(do.to(cast))
+        results[name] = [out] + [t.grad for t in leaves]
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert results["kernel"][i].dtype == dtype
+        assert_flash_close(results["kernel"][i], results["float64"][i], results["same-dtype"][i], dtype, name)
 
 
 def _split_qkv_views(shape, g):

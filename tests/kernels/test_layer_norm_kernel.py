@@ -54,6 +54,13 @@ def test_layer_norm_fwd_bwd_matches_reference_leading_dims_without_bias(shape):
     _check_layer_norm(shape, torch.float32, has_bias=False, seed=len(shape))
 
 
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_layer_norm_fwd_bwd_matches_reference_wide_rows(has_bias):
+    # Width 12288 (gpt3-175b) takes the two-pass, column-chunked backward
+    # (_layer_norm_bwd_dx_wide_kernel); 9 rows give each program several rows to add.
+    _check_layer_norm((9, 12288), torch.float32, has_bias=has_bias, seed=12)
+
+
 def test_layer_norm_fwd_bwd_matches_reference_float32_params_bfloat16_input():
     _check_layer_norm((6, 96), torch.bfloat16, has_bias=True, seed=1, param_dtype=torch.float32)
 

@@ -1,0 +1,79 @@
+"""ops.banded_attention (the O(T * w) path of the sdpa and math backends) against the reference.
+
+Window semantics: query i sees key j iff i - w < j <= i.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tolerances import assert_rel_close
+
+from kernels import attention_reference
+from minigpt import ops
+
+
+def _qkv(B, H, T, D, seed, S=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, H, S or T, D, generator=g, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+@given(
+    T=st.integers(1, 70),
+    w=st.integers(1, 80),
+    D=st.sampled_from([1, 8, 24]),
+    backend=st.sampled_from(["math", "sdpa"]),
+    seed=st.integers(0, 2**16),
+)
+def test_banded_attention_matches_reference(T, w, D, backend, seed):
+    q, k, v = _qkv(2, 2, T, D, seed)
+    out = ops.banded_attention(q, k, v, window=w, scale=D**-0.5, backend=backend)
+    ref = attention_reference(q.double(), k.double(), v.double(), window=w)
+    assert_rel_close(out, ref, torch.float32, "out")
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("T, w", [(1, 1), (9, 1), (64, 16), (67, 16), (20, 20), (5, 64)])
+def test_banded_attention_bwd_matches_reference(backend, T, w):
+    q, k, v = _qkv(1, 2, T, 8, seed=T + w)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    refs = [t.double().requires_grad_() for t in (q, k, v)]
+    do = torch.randn(1, 2, T, 8)
+    ops.banded_attention(*leaves, window=w, scale=0.3, backend=backend).backward(do)
+    attention_reference(*refs, window=w, scale=0.3).backward(do.double())
+    for name, got, want in zip(("dq", "dk", "dv"), leaves, refs):
+        assert_rel_close(got.grad, want.grad, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("T, S, w", [(7, 7, 3), (5, 9, 4), (6, 30, 4), (1, 4, 4), (12, 15, 5)])
+def test_indexed_attention_banded_matches_mask(backend, T, S, w):
+    # Queries at positions start .. start+T-1 against S keys ending at the last query, given
+    # in ring order (as a banded layer's cache holds them), with and without left padding.
+    start = S - T + 2
+    q, k, v = _qkv(2, 2, T, 8, seed=S, S=S)
+    k_index = torch.arange(start + T - S, start + T)
+    perm = torch.randperm(S, generator=torch.Generator().manual_seed(w))
+    for left_pad in (None, torch.tensor([0, 3])):
+        got, _ = ops.indexed_attention(q, k[:, :, perm], v[:, :, perm], start=start, k_index=k_index[perm],
+                                       window=w, left_pad=left_pad, scale=0.5, backend=backend)
+        mask = ops.build_mask(torch.arange(start, start + T), k_index, w, left_pad)
+        want, _ = ops.masked_attention(q.double(), k.double(), v.double(), mask, scale=0.5, backend="math")
+        assert_rel_close(got, want, torch.float32, f"left_pad={left_pad}")
+
+
+def test_causal_attention_banded_builds_no_t_by_t_tensor(monkeypatch):
+    # The sdpa and math paths never hand a (T, T) mask or score matrix to PyTorch.
+    T, w = 96, 8
+    q, k, v = _qkv(1, 1, T, 4, seed=0)
+    seen = []
+    real_sdpa, real_math = ops.F.scaled_dot_product_attention, ops._math_attention
+    monkeypatch.setattr(ops.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(tuple(a[1].shape)) or real_sdpa(*a, **kw))
+    monkeypatch.setattr(ops, "_math_attention", lambda q_, k_, *a: seen.append(tuple(k_.shape)) or real_math(q_, k_, *a))
+    for backend in ("sdpa", "math"):
+        ops.causal_attention(q, k, v, window=w, scale=0.5, backend=backend)
+    assert seen and all(shape[-2] == 2 * w for shape in seen), seen
