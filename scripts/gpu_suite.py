@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import shlex
@@ -96,11 +97,12 @@ def _ceilings(out: Path) -> dict:
 
 def stage_environment(out: Path, smoke: bool) -> dict:
     import torch
-    import triton
 
     from benchmarks.common import environment
 
     env = environment()
+    if env["commit"] == "unknown" and os.environ.get("GPU_SUITE_COMMIT"):
+        env["commit"] = os.environ["GPU_SUITE_COMMIT"] + " (given with --commit: no git here)"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(
@@ -123,7 +125,6 @@ def stage_environment(out: Path, smoke: bool) -> dict:
         env["matplotlib"] = "missing: no PNG"
     env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
     env["smoke"] = smoke
-    del triton
     return env
 
 
@@ -206,6 +207,8 @@ def _pytest_command(stage: str, out: Path, smoke: bool) -> list[str]:
         selection = KERNEL_TESTS
     else:
         selection = ["tests"] + [f"--ignore={p}" for p in KERNEL_TESTS + [SMOKE_TEST]]
+        if importlib.util.find_spec("xdist") is not None:
+            selection += ["-n", "8"]  # mostly CPU-bound tests; pytest-xdist is there on the lent machines
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *selection]
 
 
@@ -231,8 +234,10 @@ def _junit_summary(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _child_env(smoke: bool) -> dict[str, str]:
+def _child_env(smoke: bool, commit: str | None) -> dict[str, str]:
     env = dict(os.environ)
+    if commit:
+        env["GPU_SUITE_COMMIT"] = commit
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
     env["PYTHONUNBUFFERED"] = "1"
     if smoke:
@@ -259,7 +264,10 @@ def _run_child(command: list[str], budget_s: float, log: Path, env: dict[str, st
         try:
             code: int | None = proc.wait(timeout=budget_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended just now
+                pass
             proc.wait()
             code = None
             sink.write(f"\n===== killed after its budget of {budget_s:.0f} s\n")
@@ -273,7 +281,7 @@ def run_stage(name: str, budget_s: float, args: argparse.Namespace, report: dict
     """Run one stage and record its status, time, log tail and result in ``report``."""
     out: Path = args.out
     log = out / "suite.log"
-    env = _child_env(args.smoke)
+    env = _child_env(args.smoke, args.commit)
     if name.startswith("tests_"):
         command = _pytest_command(name, out, args.smoke)
     else:
@@ -317,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for the whole suite (default: %(default)s); each stage gets at most what is left")
     parser.add_argument("--budget-scale", type=float, default=1.0,
                         help="multiply every stage's budget (default: %(default)s)")
+    parser.add_argument("--commit", default=None,
+                        help="commit to record when the tree has no .git (a copied working tree); default: git's HEAD")
     parser.add_argument("--stage", choices=sorted(STAGE_FUNCTIONS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out = args.out.resolve()

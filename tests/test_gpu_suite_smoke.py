@@ -4,6 +4,7 @@ script, which only a lent GPU runs for real, would rot unseen."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ import gpu_suite_report  # noqa: E402
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gpu_suite")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_suite.py"), "--smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
+    # Through the shell wrapper, the command a GPU session types.
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_suite.sh"), "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
