@@ -78,3 +78,26 @@ def test_gpu_suite_without_cuda_says_use_smoke(tmp_path: Path, capsys: pytest.Ca
         pytest.skip("this machine has CUDA")
     assert gpu_suite.main(["--out", str(tmp_path)]) == 2
     assert "--smoke" in capsys.readouterr().err
+
+
+def test_gpu_suite_kills_a_stage_past_its_budget(tmp_path: Path):
+    log = tmp_path / "suite.log"
+    log.write_text("")
+    code, tail = gpu_suite._run_child([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                                      0.5, log, dict(os.environ))
+    assert code is None
+    assert "started" in tail and "killed after its budget" in tail
+
+
+def test_gpu_suite_records_a_failing_stage_and_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(gpu_suite, "_pytest_command",
+                        lambda stage, out, smoke: [sys.executable, "-c", "raise SystemExit('collection broke')"])
+    args = gpu_suite.argparse.Namespace(out=tmp_path, smoke=True, commit=None)
+    (tmp_path / "suite.log").write_text("")
+    report = {"suite": {"command": "test", "smoke": True, "started": "now"}, "stages": {}}
+    gpu_suite.run_stage("tests_kernels", 60, args, report)
+    stage = report["stages"]["tests_kernels"]
+    assert stage["status"] == "failed" and stage["returncode"] == 1
+    assert "collection broke" in stage["log_tail"]
+    summary = gpu_suite_report.render_summary(report)
+    assert "| tests_kernels | failed |" in summary and "collection broke" in summary
