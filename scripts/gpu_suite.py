@@ -207,8 +207,10 @@ def _pytest_command(stage: str, out: Path, smoke: bool) -> list[str]:
         selection = KERNEL_TESTS
     else:
         selection = ["tests"] + [f"--ignore={p}" for p in KERNEL_TESTS + [SMOKE_TEST]]
-        if importlib.util.find_spec("xdist") is not None:
-            selection += ["-n", "8"]  # mostly CPU-bound tests; pytest-xdist is there on the lent machines
+    if not smoke and importlib.util.find_spec("xdist") is not None:
+        # Kernel tests spend most of their time compiling kernels, the rest on the CPU: 8 workers
+        # share the GPU fine. pytest-xdist is installed on the lent machines, not required.
+        selection += ["-n", "8"]
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *selection]
 
 
@@ -325,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for the whole suite (default: %(default)s); each stage gets at most what is left")
     parser.add_argument("--budget-scale", type=float, default=1.0,
                         help="multiply every stage's budget (default: %(default)s)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the stages an earlier run left in --out and add or replace those run now: a lease "
+                             "whose commands are capped (10 minutes on the lent machines) runs the suite in two calls")
     parser.add_argument("--commit", default=None,
                         help="commit to record when the tree has no .git (a copied working tree); default: git's HEAD")
     parser.add_argument("--stage", choices=sorted(STAGE_FUNCTIONS), help=argparse.SUPPRESS)
@@ -354,7 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         },
         "stages": {},
     }
-    (args.out / "suite.log").write_text("")
+    if args.keep and (args.out / "results.json").exists():
+        earlier = json.loads((args.out / "results.json").read_text())
+        report["suite"]["earlier_commands"] = earlier["suite"].get("earlier_commands", []) + [earlier["suite"]["command"]]
+        report["stages"] = {k: v for k, v in earlier["stages"].items() if k not in args.stages}
+    else:
+        (args.out / "suite.log").write_text("")
     began = time.monotonic()
     for name, gpu_s, smoke_s in STAGES:
         if name not in args.stages:
@@ -365,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             report["stages"][name] = {"status": "skipped", "reason": "the suite's total budget was spent"}
             continue
         run_stage(name, budget, args, report)
+        order = [s for s, _, _ in STAGES]
+        report["stages"] = dict(sorted(report["stages"].items(), key=lambda kv: order.index(kv[0])))
         report["suite"]["seconds"] = round(time.monotonic() - began, 1)
         (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str))
         (args.out / "summary.md").write_text(render_summary(report))

@@ -101,3 +101,15 @@ def test_gpu_suite_records_a_failing_stage_and_goes_on(tmp_path: Path, monkeypat
     assert "collection broke" in stage["log_tail"]
     summary = gpu_suite_report.render_summary(report)
     assert "| tests_kernels | failed |" in summary and "collection broke" in summary
+
+
+def test_gpu_suite_keep_adds_the_stages_of_a_second_call(tmp_path: Path):
+    script = str(ROOT / "scripts" / "gpu_suite.py")
+    for extra in ([], ["--keep"]):
+        stage = "ceilings" if extra else "environment"
+        proc = subprocess.run([sys.executable, script, "--smoke", "--out", str(tmp_path), "--stages", stage, *extra],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert [k for k, v in report["stages"].items() if v["status"] == "ok"] == ["environment", "ceilings"]
+    assert len(report["suite"]["earlier_commands"]) == 1
