@@ -45,7 +45,7 @@ def attention_flops(B: int, H: int, T: int, D: int, causal: bool, window: int | 
     return fwd * MODE_FLOP_FACTOR[mode]
 
 
-def _providers(T: int, window: int | None, scale: float) -> dict[str, Callable]:
+def _providers(T: int, window: int | None, scale: float, device: str = "cuda") -> dict[str, Callable]:
     """name -> f(q, k, v) for every implementation that can run this case."""
     from kernels import attention, attention_reference
 
@@ -79,7 +79,7 @@ def _providers(T: int, window: int | None, scale: float) -> dict[str, Callable]:
                 allowed = allowed & (q_idx - kv_idx < window)
             return allowed
 
-        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
         flex = torch.compile(flex_attention, dynamic=False)
         providers["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale)
     if T <= MATH_MAX_T:
@@ -104,20 +104,31 @@ def _case(f: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: 
     return run_case(lambda: f(q, k, v).backward(do), grads, quick)
 
 
-def run(dtype: torch.dtype = torch.bfloat16, quick: bool = False, ceilings: dict | None = None) -> list[dict]:
-    """Time every provider on every (shape, mask, mode); returns one row per measurement."""
-    require_cuda()
-    ceilings = ceilings or measure_ceilings(quick)
+def run(
+    dtype: torch.dtype = torch.bfloat16,
+    quick: bool = False,
+    ceilings: dict | None = None,
+    shapes: list[tuple[int, int, int, int]] | None = None,
+    device: str = "cuda",
+) -> list[dict]:
+    """Time every provider on every (shape, mask, mode); returns one row per measurement.
+
+    ``shapes`` (B, H, T, D) overrides the sweep; ``device="cpu"`` (under TRITON_INTERPRET=1)
+    only exercises the code paths, for ``scripts/gpu_suite.py --smoke``.
+    """
+    if device == "cuda":
+        require_cuda()
+    ceilings = ceilings or measure_ceilings(quick, device=device)
     rows: list[dict] = []
-    for B, H, T, D in QUICK_SHAPES if quick else SHAPES:
+    for B, H, T, D in shapes or (QUICK_SHAPES if quick else SHAPES):
         for mask_name, window in MASKS:
             scale = D**-0.5
-            gen = torch.Generator(device="cuda").manual_seed(0)
+            gen = torch.Generator(device=device).manual_seed(0)
             q, k, v = (
-                torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+                torch.randn(B, H, T, D, device=device, dtype=dtype, generator=gen).requires_grad_()
                 for _ in range(3)
             )
-            for provider, f in _providers(T, window, scale).items():
+            for provider, f in _providers(T, window, scale, device).items():
                 for mode in MODES:
                     row = {
                         "kernel": "attention", "shape": f"{B}x{H}x{T}x{D}", "mask": mask_name, "window": window,

@@ -66,16 +66,27 @@ def _case(f, x, w, b, mode: str, quick: bool) -> dict:
     return run_case(lambda: f(x, w, b).backward(dy), grads, quick)
 
 
-def run(dtype: torch.dtype = torch.bfloat16, quick: bool = False, ceilings: dict | None = None) -> list[dict]:
-    """Time every provider on every (shape, mode); returns one row per measurement."""
-    require_cuda()
-    ceilings = ceilings or measure_ceilings(quick)
+def run(
+    dtype: torch.dtype = torch.bfloat16,
+    quick: bool = False,
+    ceilings: dict | None = None,
+    shapes: list[tuple[int, int]] | None = None,
+    device: str = "cuda",
+) -> list[dict]:
+    """Time every provider on every (shape, mode); returns one row per measurement.
+
+    ``shapes`` (rows, width) overrides the sweep; ``device="cpu"`` (under TRITON_INTERPRET=1)
+    only exercises the code paths, for ``scripts/gpu_suite.py --smoke``.
+    """
+    if device == "cuda":
+        require_cuda()
+    ceilings = ceilings or measure_ceilings(quick, device=device)
     rows: list[dict] = []
-    for n_rows, width in QUICK_SHAPES if quick else SHAPES:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(n_rows, width, device="cuda", dtype=dtype, generator=gen).requires_grad_()
-        w = torch.randn(width, device="cuda", dtype=dtype, generator=gen).requires_grad_()
-        b = torch.randn(width, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+    for n_rows, width in shapes or (QUICK_SHAPES if quick else SHAPES):
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n_rows, width, device=device, dtype=dtype, generator=gen).requires_grad_()
+        w = torch.randn(width, device=device, dtype=dtype, generator=gen).requires_grad_()
+        b = torch.randn(width, device=device, dtype=dtype, generator=gen).requires_grad_()
         for provider, f in _providers().items():
             for mode in MODES:
                 row = {

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import platform
+import statistics
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,15 +29,32 @@ def require_cuda() -> None:
 
 
 def bench_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None, quick: bool = False) -> float:
-    """Median milliseconds of ``fn`` over do_bench's repetitions (after warm-up)."""
+    """Median milliseconds of ``fn`` over do_bench's repetitions (after warm-up).
+
+    Without CUDA (``scripts/gpu_suite.py --smoke``) do_bench has no device to time on, so a
+    few wall-clock calls stand in: that keeps the benchmark code paths runnable in CI, and
+    the numbers it gives mean nothing.
+    """
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - began)
+        return statistics.median(times) * 1e3
     import triton.testing
 
     warmup, rep = (5, 20) if quick else (25, 100)
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
-def peak_memory_mib(fn: Callable[[], object]) -> float:
-    """Peak CUDA memory allocated while running ``fn`` once, above what was allocated before, in MiB."""
+def peak_memory_mib(fn: Callable[[], object]) -> float | None:
+    """Peak CUDA memory allocated while running ``fn`` once, above what was allocated before, in MiB.
+
+    None without CUDA: the CPU allocator keeps no such statistics.
+    """
+    if not torch.cuda.is_available():
+        return None
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -44,30 +63,38 @@ def peak_memory_mib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def _matmul_tflops(n: int, quick: bool) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+def default_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu" (only for the suite's smoke mode)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _matmul_tflops(n: int, quick: bool, device: str) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     return 2 * n**3 / (bench_ms(lambda: a @ b, quick=quick) * 1e-3) / 1e12
 
 
-def _copy_gbps(n_bytes: int, quick: bool) -> float:
-    src = torch.empty(n_bytes, device="cuda", dtype=torch.uint8)
+def _copy_gbps(n_bytes: int, quick: bool, device: str) -> float:
+    src = torch.empty(n_bytes, device=device, dtype=torch.uint8)
     dst = torch.empty_like(src)
     return 2 * n_bytes / (bench_ms(lambda: dst.copy_(src), quick=quick) * 1e-3) / 1e9  # read + write
 
 
-def measure_ceilings(quick: bool = False) -> dict[str, float]:
+def measure_ceilings(
+    quick: bool = False, matmul_size: int | None = None, copy_bytes: int | None = None, device: str = "cuda"
+) -> dict[str, float]:
     """Measured device ceilings: a large bf16 matmul (TFLOP/s) and a large device-to-device copy (GB/s).
 
     These are what the kernels' throughput is reported as a fraction of. They are
-    measured here, not taken from a spec sheet.
+    measured here, not taken from a spec sheet. ``matmul_size`` and ``copy_bytes``
+    override the defaults (the suite's smoke mode uses tiny ones on the CPU).
     """
-    n = 4096 if quick else 8192
-    n_bytes = 2**28 if quick else 2**30  # 256 MiB / 1 GiB, far beyond L2
+    n = matmul_size or (4096 if quick else 8192)
+    n_bytes = copy_bytes or (2**28 if quick else 2**30)  # 256 MiB / 1 GiB, far beyond L2
     ceilings = {
-        "matmul_bf16_tflops": _matmul_tflops(n, quick),
+        "matmul_bf16_tflops": _matmul_tflops(n, quick, device),
         "matmul_size": n,
-        "copy_gbps": _copy_gbps(n_bytes, quick),
+        "copy_gbps": _copy_gbps(n_bytes, quick, device),
         "copy_bytes": n_bytes,
     }
     torch.cuda.empty_cache()

@@ -1,0 +1,392 @@
+"""The GPU run in one command: environment, device ceilings, the test suite run natively, the
+attention, LayerNorm and GPT-2 124M training benchmarks, and a summary against issue 13's targets.
+
+On a machine with a CUDA GPU (torch, triton, tiktoken, transformers, safetensors, pytest and
+hypothesis installed; matplotlib optional), from the repository root:
+
+    python scripts/gpu_suite.py --out benchmarks/results/<device>-<date>    # e.g. h100-2026-12-01
+
+Commit that folder: results.json (every stage's figures, status, time and log tail),
+summary.md (every figure beside the measured ceilings and the targets), results.png (when
+matplotlib is there), suite.log (every stage's full output) and the pytest junit files.
+
+Each stage runs in its own process with its own time budget, so a crash (a CUDA error poisons
+the process) or a timeout is recorded and the suite goes on; results.json and summary.md are
+rewritten after every stage, so a run cut short still leaves files. The most valuable results
+come first: ceilings, kernel tests, attention, LayerNorm, training, then the rest of the tests.
+The budgets add up to under 25 minutes on an H100.
+
+``--smoke`` runs the same code paths at tiny sizes on the CPU under TRITON_INTERPRET=1 (with
+torch.compile disabled), in well under a minute; tests/test_gpu_suite_smoke.py runs it in CI so
+the script cannot rot. Its figures mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Tests that exercise the Triton kernels natively: run first, the rest of the suite last.
+KERNEL_TESTS = ["tests/kernels", "tests/test_model_triton.py", "tests/test_ops_banded.py"]
+SMOKE_TEST = "tests/test_gpu_suite_smoke.py"  # runs this script on the CPU: pointless on the GPU
+# Smoke mode: a handful of quick tests, enough to prove the pytest plumbing.
+SMOKE_KERNEL_TESTS = ["tests/kernels/test_attention_validation.py", "-k", "rejects_unsupported_dtype"]
+SMOKE_REST_TESTS = ["tests/test_config.py", "-k", "preset"]
+
+# (stage, seconds on a GPU, seconds in smoke mode), in the order they run.
+STAGES: list[tuple[str, int, int]] = [
+    ("environment", 60, 60),
+    ("ceilings", 90, 60),
+    ("tests_kernels", 240, 120),
+    ("attention", 360, 120),
+    ("layer_norm", 120, 60),
+    ("train", 360, 120),
+    ("tests_rest", 180, 120),
+]
+TOTAL_BUDGET_S = 24 * 60
+
+# Sizes: (GPU, smoke).
+ATTENTION_SMOKE_SHAPES = [(1, 2, 64, 16)]
+LAYER_NORM_SMOKE_SHAPES = [(64, 48)]
+SMOKE_MATMUL, SMOKE_COPY_BYTES = 64, 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages, each run in a child process: `gpu_suite.py --stage NAME`. A stage returns a JSON-able
+# dict; the benchmark stages also save partial results after each shape, so a timeout keeps them.
+# ---------------------------------------------------------------------------------------------
+
+
+def _fragment(out: Path, stage: str) -> Path:
+    return out / f".stage-{stage}.json"
+
+
+def _save(out: Path, stage: str, result: dict) -> None:
+    """Write a stage's (possibly partial) result where the parent collects it."""
+    tmp = _fragment(out, stage).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(_fragment(out, stage))
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _ceilings(out: Path) -> dict:
+    """The ceilings stage's figures; None where that stage failed (fractions are then left out)."""
+    try:
+        return json.loads((out / "results.json").read_text())["stages"]["ceilings"]["result"]
+    except (OSError, KeyError, ValueError, TypeError):
+        return {}
+
+
+def stage_environment(out: Path, smoke: bool) -> dict:
+    import torch
+
+    from benchmarks.common import environment
+
+    env = environment()
+    if env["commit"] == "unknown" and os.environ.get("GPU_SUITE_COMMIT"):
+        env["commit"] = os.environ["GPU_SUITE_COMMIT"] + " (given with --commit: no git here)"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+        )
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = "unknown (nvidia-smi not available)"
+    try:
+        import matplotlib
+
+        env["matplotlib"] = matplotlib.__version__
+    except ImportError:
+        env["matplotlib"] = "missing: no PNG"
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
+    env["smoke"] = smoke
+    return env
+
+
+def stage_ceilings(out: Path, smoke: bool) -> dict:
+    from benchmarks.common import measure_ceilings
+
+    if smoke:
+        return measure_ceilings(True, SMOKE_MATMUL, SMOKE_COPY_BYTES, device="cpu")
+    return measure_ceilings()
+
+
+def _bench_stage(out: Path, stage: str, run: Callable[..., list[dict]], shapes: list, smoke: bool) -> dict:
+    """Run a kernel benchmark one shape at a time, saving the rows after each."""
+    import torch
+
+    dtype = torch.float32 if smoke else torch.bfloat16  # the interpreter computes bf16 dots wrongly
+    ceilings = _ceilings(out) or {"matmul_bf16_tflops": float("nan"), "copy_gbps": float("nan")}
+    result: dict = {"dtype": str(dtype).removeprefix("torch."), "rows": []}
+    for shape in shapes:
+        result["rows"] += run(dtype, quick=smoke, ceilings=ceilings, shapes=[shape], device=_device())
+        _save(out, stage, result)
+    return result
+
+
+def stage_attention(out: Path, smoke: bool) -> dict:
+    from benchmarks import bench_attention
+
+    shapes = ATTENTION_SMOKE_SHAPES if smoke else bench_attention.SHAPES
+    return _bench_stage(out, "attention", bench_attention.run, shapes, smoke)
+
+
+def stage_layer_norm(out: Path, smoke: bool) -> dict:
+    from benchmarks import bench_layer_norm
+
+    shapes = LAYER_NORM_SMOKE_SHAPES if smoke else bench_layer_norm.SHAPES
+    return _bench_stage(out, "layer_norm", bench_layer_norm.run, shapes, smoke)
+
+
+def stage_train(out: Path, smoke: bool) -> dict:
+    """GPT-2 124M (block 1024, bf16 autocast), compile off then on, backend triton vs sdpa."""
+    import torch
+
+    from benchmarks import bench_train
+
+    device = torch.device(_device())
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    shape, warmup, iters = ("micro", 1, 1) if smoke else ("gpt2", 3, 10)
+    matmul_tflops = _ceilings(out).get("matmul_bf16_tflops")
+    result: dict = {"shape": shape, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for compiled in (False, True):
+            # Smoke mode disables torch.compile and interprets Triton (seconds a step): its second
+            # pass only proves the plumbing, so it skips the Triton backend.
+            backends = ["sdpa"] if smoke and compiled else ["triton", "sdpa"]
+            rows = bench_train.bench_shape(shape, device, [compiled], backends, warmup, iters, Path(tmp))
+            for row in rows:
+                if row.get("mfu") is not None and matmul_tflops:
+                    # The same achieved FLOP/s over the matmul ceiling measured in this run.
+                    row["mfu_measured_peak"] = row["mfu"] * row["peak_flops"] / (matmul_tflops * 1e12)
+            result["rows"] += rows
+            _save(out, "train", result)
+    return result
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Path, bool], dict]] = {
+    "environment": stage_environment,
+    "ceilings": stage_ceilings,
+    "attention": stage_attention,
+    "layer_norm": stage_layer_norm,
+    "train": stage_train,
+}
+
+
+def _pytest_command(stage: str, out: Path, smoke: bool) -> list[str]:
+    junit = out / f"junit-{stage}.xml"
+    if smoke:
+        selection = SMOKE_KERNEL_TESTS if stage == "tests_kernels" else SMOKE_REST_TESTS
+    elif stage == "tests_kernels":
+        selection = KERNEL_TESTS
+    else:
+        selection = ["tests"] + [f"--ignore={p}" for p in KERNEL_TESTS + [SMOKE_TEST]]
+    if not smoke and importlib.util.find_spec("xdist") is not None:
+        # Kernel tests spend most of their time compiling kernels, the rest on the CPU: 8 workers
+        # share the GPU fine. pytest-xdist is installed on the lent machines, not required.
+        selection += ["-n", "8"]
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *selection]
+
+
+def _junit_summary(path: Path) -> dict:
+    """Counts and the failing tests' names from a pytest junit file."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as err:
+        return {"junit_error": f"{type(err).__name__}: {err}"}
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in root.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {**counts, "failed": failed, "junit": path.name}
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: runs each stage as a child process under its budget, merges, writes the reports.
+# ---------------------------------------------------------------------------------------------
+
+
+def _child_env(smoke: bool, commit: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if commit:
+        env["GPU_SUITE_COMMIT"] = commit
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    if smoke:
+        env.update(TRITON_INTERPRET="1", TORCHDYNAMO_DISABLE="1", CUDA_VISIBLE_DEVICES="")
+    else:
+        env.pop("TRITON_INTERPRET", None)  # the kernels must run natively
+        env.pop("TORCHDYNAMO_DISABLE", None)
+    return env
+
+
+def _run_child(command: list[str], budget_s: float, log: Path, env: dict[str, str]) -> tuple[int | None, str]:
+    """Run ``command`` in its own process group, appending its output to ``log``.
+
+    Returns (exit code or None on timeout, the output's last lines). On timeout the whole
+    group is killed, so pytest's or torch.compile's helper processes do not linger.
+    """
+    with log.open("a") as sink:
+        sink.write(f"\n===== {' '.join(map(shlex.quote, command))}\n")
+        sink.flush()
+        start = log.stat().st_size
+        proc = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            code: int | None = proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended just now
+                pass
+            proc.wait()
+            code = None
+            sink.write(f"\n===== killed after its budget of {budget_s:.0f} s\n")
+    with log.open() as f:
+        f.seek(start)
+        tail = f.read()[-3000:]
+    return code, tail
+
+
+def run_stage(name: str, budget_s: float, args: argparse.Namespace, report: dict) -> None:
+    """Run one stage and record its status, time, log tail and result in ``report``."""
+    out: Path = args.out
+    log = out / "suite.log"
+    env = _child_env(args.smoke, args.commit)
+    if name.startswith("tests_"):
+        command = _pytest_command(name, out, args.smoke)
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--out", str(out)]
+        command += ["--smoke"] if args.smoke else []
+    print(f"[gpu_suite] {name}: budget {budget_s:.0f} s", flush=True)
+    began = time.monotonic()
+    _fragment(out, name).unlink(missing_ok=True)
+    code, tail = _run_child(command, budget_s, log, env)
+    seconds = time.monotonic() - began
+    if name.startswith("tests_"):
+        result = _junit_summary(out / f"junit-{name}.xml")
+        # pytest exits 1 when tests fail: the stage ran, the failures are results.
+        status = "timeout" if code is None else "ok" if code in (0, 1) and "junit_error" not in result else "failed"
+    else:
+        try:
+            result = json.loads(_fragment(out, name).read_text())
+            _fragment(out, name).unlink()
+        except (OSError, ValueError):
+            result = {}
+        status = "timeout" if code is None else "ok" if code == 0 else "failed"
+    report["stages"][name] = {
+        "status": status, "seconds": round(seconds, 1), "budget_s": round(budget_s), "returncode": code,
+        "command": " ".join(map(shlex.quote, command)), "log_tail": tail if status != "ok" else tail[-600:],
+        "result": result,
+    }
+    print(f"[gpu_suite] {name}: {status} in {seconds:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder; for a real run: benchmarks/results/<device>-<date>/")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes on the CPU under TRITON_INTERPRET=1: checks the plumbing, not the GPU")
+    parser.add_argument("--stages", nargs="+", choices=[s for s, _, _ in STAGES], default=[s for s, _, _ in STAGES],
+                        help="stages to run, in the suite's order (default: all)")
+    parser.add_argument("--total-budget", type=float, default=TOTAL_BUDGET_S,
+                        help="seconds for the whole suite (default: %(default)s); each stage gets at most what is left")
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="multiply every stage's budget (default: %(default)s)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the stages an earlier run left in --out and add or replace those run now: a lease "
+                             "whose commands are capped (10 minutes on the lent machines) runs the suite in two calls")
+    parser.add_argument("--commit", default=None,
+                        help="commit to record when the tree has no .git (a copied working tree); default: git's HEAD")
+    parser.add_argument("--stage", choices=sorted(STAGE_FUNCTIONS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.stage:  # a child: run one stage, save its result
+        sys.path.insert(0, str(REPO_ROOT))
+        _save(args.out, args.stage, STAGE_FUNCTIONS[args.stage](args.out, args.smoke))
+        return 0
+
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device is visible; on a machine without a GPU run `--smoke` instead", file=sys.stderr)
+        return 2
+
+    sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]
+    from gpu_suite_report import plot, render_summary  # beside this file; imports `benchmarks`
+
+    report: dict = {
+        "suite": {
+            "command": " ".join(map(shlex.quote, [sys.executable, *sys.argv])),
+            "smoke": args.smoke,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "stages": {},
+    }
+    if args.keep and (args.out / "results.json").exists():
+        earlier = json.loads((args.out / "results.json").read_text())
+        report["suite"]["earlier_commands"] = earlier["suite"].get("earlier_commands", []) + [earlier["suite"]["command"]]
+        report["stages"] = {k: v for k, v in earlier["stages"].items() if k not in args.stages}
+    else:
+        (args.out / "suite.log").write_text("")
+    began = time.monotonic()
+    for name, gpu_s, smoke_s in STAGES:
+        if name not in args.stages:
+            continue
+        left = args.total_budget - (time.monotonic() - began)
+        budget = min((smoke_s if args.smoke else gpu_s) * args.budget_scale, left)
+        if budget < 5:
+            report["stages"][name] = {"status": "skipped", "reason": "the suite's total budget was spent"}
+            continue
+        run_stage(name, budget, args, report)
+        order = [s for s, _, _ in STAGES]
+        report["stages"] = dict(sorted(report["stages"].items(), key=lambda kv: order.index(kv[0])))
+        report["suite"]["seconds"] = round(time.monotonic() - began, 1)
+        (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+        (args.out / "summary.md").write_text(render_summary(report))
+    png = plot(report, args.out / "results.png")
+    report["suite"]["png"] = png
+    (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.out / "summary.md").write_text(render_summary(report))
+    print(f"[gpu_suite] wrote {args.out}/results.json, summary.md, suite.log" + (", results.png" if png == "results.png" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
