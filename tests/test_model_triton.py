@@ -21,14 +21,10 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("pattern, window", [(("dense", "banded"), 3), (("banded",), 40)])
-def test_triton_backend_matches_math_on_logits_and_gradients(pattern, window):
-    config = GPTConfig(vocab_size=37, block_size=24, n_layer=2, n_head=2, n_embd=32,
-                       attention_pattern=pattern, attention_window=window)
-    idx = torch.randint(0, 37, (2, 19), device=DEVICE)
+def assert_triton_matches_math(config: GPTConfig, idx: torch.Tensor) -> None:
+    """The same random weights under both backends give the same logits and every gradient."""
     results = {}
     for backend in ("math", "triton"):
-        torch.manual_seed(0)
         model = randomize_(GPT(config), seed=0, std=0.1).to(DEVICE)
         model.set_backend(backend)
         out = model(idx, idx)
@@ -38,6 +34,14 @@ def test_triton_backend_matches_math_on_logits_and_gradients(pattern, window):
     assert rel_err(logits, results["math"][0]) < REL_TOL
     for name, g in results["math"][1].items():
         assert rel_err(grads[name], g) < REL_TOL, name
+
+
+@pytest.mark.parametrize("pattern, window", [(("dense", "banded"), 3), (("banded",), 40)])
+def test_triton_backend_matches_math_on_logits_and_gradients(pattern, window):
+    config = GPTConfig(vocab_size=37, block_size=24, n_layer=2, n_head=2, n_embd=32,
+                       attention_pattern=pattern, attention_window=window)
+    idx = torch.randint(0, 37, (2, 19), device=DEVICE)
+    assert_triton_matches_math(config, idx)
 
 
 @pytest.mark.parametrize(
@@ -54,17 +58,7 @@ def test_triton_backend_matches_math_with_padded_head_dims(n_head, n_embd, patte
                        attention_pattern=pattern, attention_window=5)
     assert ops._kernel_head_dim_ok(config.head_dim)
     idx = torch.randint(0, 37, (1, 13), device=DEVICE)
-    results = {}
-    for backend in ("math", "triton"):
-        model = randomize_(GPT(config), seed=0, std=0.1).to(DEVICE)
-        model.set_backend(backend)
-        out = model(idx, idx)
-        out.loss.backward()
-        results[backend] = (out.logits.detach(), {n: p.grad for n, p in model.named_parameters()})
-    logits, grads = results["triton"]
-    assert rel_err(logits, results["math"][0]) < REL_TOL
-    for name, g in results["math"][1].items():
-        assert rel_err(grads[name], g) < REL_TOL, name
+    assert_triton_matches_math(config, idx)
 
 
 def test_triton_backend_without_cuda_or_interpreter_falls_back_and_logs(monkeypatch, caplog):
