@@ -125,9 +125,9 @@ def _select(points: dict[str, HookPoint], spec: NameSpec) -> list[HookPoint]:
 
 
 @functools.lru_cache(maxsize=None)
-def _log_math_once(name: str, backend: str) -> None:
-    logger.info("%s exists only on the math attention path: that layer runs 'math' instead of %r while it is hooked",
-                name, backend)
+def _log_math_once(backend: str) -> None:
+    logger.info("attention scores and patterns exist only on the math path: a layer whose hook_attn_scores or "
+                "hook_pattern is hooked runs 'math' instead of %r while it is hooked", backend)
 
 
 @contextmanager
@@ -145,7 +145,7 @@ def hooks(model: "GPT", fwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (),
                     raise ValueError(f"{direction}_hooks takes (name_or_predicate, fn) pairs; got {pair!r}")
                 for point in resolve(model, pair[0]):
                     if point.name.endswith(_MATH_ONLY) and model.backend != "math":
-                        _log_math_once(point.name, model.backend)
+                        _log_math_once(model.backend)
                     handles.append(point.add_hook(pair[1], direction))
         yield model
     finally:

@@ -236,7 +236,7 @@ def test_pattern_hooks_switch_the_layer_to_math_once_and_replacing_the_pattern_c
     with caplog.at_level(logging.INFO, logger="minigpt.hooks"):
         for _ in range(2):
             logits, cache = model.run_with_cache(idx, names_filter="blocks.0.attn.hook_pattern")
-    assert sum("blocks.0.attn.hook_pattern exists only on the math" in r.message for r in caplog.records) == 1
+    assert sum("exist only on the math path" in r.message for r in caplog.records) == 1
     torch.testing.assert_close(logits, base, rtol=1e-5, atol=1e-5)
     assert cache["blocks.0.attn.hook_pattern"].shape == (2, 4, 11, 11)
 
@@ -303,3 +303,31 @@ def test_head_scores_find_a_planted_induction_head_and_a_previous_token_head():
     assert scores.induction[1, 0] == 1 and scores.previous[1, 1] == 1
     assert scores.induction.shape == scores.previous.shape == (4, 4)
     assert scores.induction[0].max() < 0.9
+
+
+def saved_char_model(tmp_path):
+    from minigpt import CharTokenizer
+    from minigpt.tokenizer import save_tokenizer
+
+    alphabet = "abcdefghij .\n"
+    model = model_for(banded(vocab_size=len(alphabet)))
+    model.save_pretrained(tmp_path)
+    save_tokenizer(CharTokenizer(alphabet), tmp_path)
+    return tmp_path
+
+
+def test_cli_heads_and_patch_write_pngs_and_reject_bad_prompts(tmp_path, capsys):
+    from minigpt.cli import main
+
+    folder = saved_char_model(tmp_path / "m")
+    main(["heads", "--model", str(folder), "--out", str(tmp_path / "heads.png"), "--half", "8"])
+    out = capsys.readouterr().out
+    assert "top induction heads: L" in out and (tmp_path / "heads.png").read_bytes()[:4] == b"\x89PNG"
+    main(["patch", "--model", str(folder), "--clean", "abc dej", "--corrupt", "abc fej",
+          "--answer", "d", "--wrong", "f", "--out", str(tmp_path / "patch.png")])
+    assert "logit difference: clean" in capsys.readouterr().out
+    assert (tmp_path / "patch.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="same, non-zero number of tokens"):
+        main(["patch", "--model", str(folder), "--clean", "abc", "--corrupt", "ab", "--answer", "d", "--wrong", "f"])
+    with pytest.raises(SystemExit, match="exactly one token"):
+        main(["patch", "--model", str(folder), "--clean", "abc", "--corrupt", "abd", "--answer", "de", "--wrong", "f"])
