@@ -4,9 +4,8 @@ Run from the repository root (no GPU needed):
 
     python -m benchmarks.bench_hooks [--rounds 15] [--threads 1] [--out benchmarks/results]
 
-"without hook points" is the forward as minigpt computed it before issue 18, op for op
-(`plain_forward` below: the same modules and `ops` calls, no `HookPoint`); "with hook
-points" is `GPT.forward` with none attached (every `HookPoint` is an identity module call);
+"without hook points" is `GPT.forward` of the commit this work started from (`BEFORE`,
+read with git), with the same weights; "with hook points" is `GPT.forward` with none attached (every `HookPoint` is an identity module call);
 "one observer" attaches a single reading hook. Cases are timed in interleaved rounds so
 that load from other processes hits them alike; we report the median over rounds of the
 mean time per call within a round, and the minimum. One thread by default: on a shared
@@ -16,34 +15,38 @@ assert.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from minigpt import GPT, GPTConfig, ops
-
-
-def plain_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """The forward without hook points: logits (B, T, V)."""
-    B, T = idx.shape
-    x = model.drop(model.tok_emb(idx) + model.pos_emb(torch.arange(T)))
-    for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        q, k, v = attn.qkv(_ln(block.ln_1, x)).split(x.shape[-1], dim=2)
-        q, k, v = (t.view(B, T, attn.n_head, -1).transpose(1, 2) for t in (q, k, v))
-        y, _ = ops.causal_attention(q, k, v, window=attn.window, scale=attn.scale, backend=attn.backend)
-        x = x + attn.resid_dropout(attn.proj(y.transpose(1, 2).reshape(B, T, -1)))
-        x = x + mlp.dropout(mlp.proj(F.gelu(mlp.fc(_ln(block.ln_2, x)), approximate=mlp.approximate)))
-    return model.lm_head(_ln(model.ln_f, x))
+from minigpt import GPT, GPTConfig
 
 
-def _ln(ln, x: torch.Tensor) -> torch.Tensor:
-    return ops.layer_norm(x, ln.weight, ln.bias, ln.eps, ln.backend)
+BEFORE = "8ea3ad8"
+"""The commit this branch started from: its `minigpt/model.py` has no hook points."""
+
+
+def model_before_hooks(model: GPT) -> torch.nn.Module:
+    """The same weights in the GPT class of commit BEFORE (read with git, imported from a temp file)."""
+    source = subprocess.run(["git", "show", f"{BEFORE}:minigpt/model.py"], cwd=Path(__file__).resolve().parents[1],
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "model_before_hooks.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("model_before_hooks", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    before = module.GPT(model.config).eval()
+    before.load_state_dict(model.state_dict())
+    return before
 
 
 def _per_call_ms(fn, calls: int) -> float:
@@ -57,16 +60,17 @@ def run(rounds: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny")).eval()  # the main job's model: 4 layers, n_embd 128
+    before = model_before_hooks(model)
     V = model.config.vocab_size
     results = []
     for B, T, calls in ((32, 64, 3), (1, 64, 20), (1, 1, 100)):
         idx = torch.randint(0, V, (B, T))
         with torch.no_grad():
-            if not torch.equal(model(idx).logits, plain_forward(model, idx)):
-                raise SystemExit("the forward with hook points no longer matches the plain forward")
+            if not torch.equal(model(idx).logits, before(idx).logits):
+                raise SystemExit("the forward with hook points no longer matches the one before them")
             cases = {
-                "without hook points": lambda: plain_forward(model, idx),
-                "with hook points": lambda: model(idx),
+                "without hook points": lambda: before(idx).logits,
+                "with hook points": lambda: model(idx).logits,
             }
             times: dict[str, list[float]] = {name: [] for name in cases}
             times["one observer hook"] = []
@@ -76,7 +80,7 @@ def run(rounds: int, threads: int) -> dict:
                 for name, fn in cases.items():
                     times[name].append(_per_call_ms(fn, calls))
                 with model.hooks([("blocks.3.hook_resid_post", lambda act, hook: None)]):
-                    times["one observer hook"].append(_per_call_ms(lambda: model(idx), calls))
+                    times["one observer hook"].append(_per_call_ms(lambda: model(idx).logits, calls))
         med = {name: statistics.median(ts) for name, ts in times.items()}
         low = {name: min(ts) for name, ts in times.items()}
         base = med["without hook points"]

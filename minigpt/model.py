@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from minigpt import ops
 from minigpt.cache import KVCache
 from minigpt.config import GPTConfig
-from minigpt.hooks import HookPoint
+from minigpt.hooks import HookPoint, bind_fast
 
 
 @dataclass
@@ -173,6 +173,7 @@ class GPT(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.set_backend(backend)
+        bind_fast(self)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
