@@ -331,3 +331,14 @@ def test_cli_heads_and_patch_write_pngs_and_reject_bad_prompts(tmp_path, capsys)
         main(["patch", "--model", str(folder), "--clean", "abc", "--corrupt", "ab", "--answer", "d", "--wrong", "f"])
     with pytest.raises(SystemExit, match="exactly one token"):
         main(["patch", "--model", str(folder), "--clean", "abc", "--corrupt", "abd", "--answer", "de", "--wrong", "f"])
+
+
+def test_a_reassigned_hook_point_is_the_one_the_forward_uses():
+    from minigpt.hooks import HookPoint
+
+    model = model_for(gpt2_like())
+    idx = tokens()
+    model.blocks[0].attn.hook_z = HookPoint()  # bind_fast's copy in __dict__ must not go stale
+    _, cache = model.run_with_cache(idx, names_filter="blocks.0.attn.hook_z")
+    assert cache["blocks.0.attn.hook_z"].shape == (2, 11, 4, 8)
+    assert model.blocks[0].attn.hook_z is model.blocks[0].attn._modules["hook_z"]
