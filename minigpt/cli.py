@@ -104,6 +104,51 @@ def add_logit_lens_parser(sub) -> None:
     p.set_defaults(func=_logit_lens)
 
 
+def _heads(args: argparse.Namespace) -> None:
+    from minigpt.experiments import heads_report
+
+    print(heads_report(args.model, args.out, half=args.half, device=args.device))
+
+
+def add_heads_parser(sub) -> None:
+    p = sub.add_parser(
+        "heads",
+        help="induction and previous-token scores of every attention head (PNG heatmaps)",
+        description="Feed random tokens repeated twice and measure, per head, the attention from each token of "
+        "the second copy to the token after its first occurrence (induction, Olsson et al. 2022) and to the "
+        "token before it (previous token).",
+    )
+    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--out", default="heads.png", help="PNG file to write")
+    p.add_argument("--half", type=int, default=None, help="length of each random copy (default min(block_size/2, 50))")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_heads)
+
+
+def _patch(args: argparse.Namespace) -> None:
+    from minigpt.experiments import patch_report
+
+    print(patch_report(args.model, args.clean, args.corrupt, args.answer, args.wrong, args.out, device=args.device))
+
+
+def add_patch_parser(sub) -> None:
+    p = sub.add_parser(
+        "patch",
+        help="activation patching: which layer, position and head carry the clean prompt's answer (PNG)",
+        description="Run the corrupted prompt with one activation at a time taken from the clean prompt (the "
+        "residual stream at each layer and position, each head's output) and score logit(answer) - "
+        "logit(wrong): 1 = the clean run's score, 0 = the corrupted run's.",
+    )
+    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
+    p.add_argument("--clean", required=True, help="prompt whose activations are patched in")
+    p.add_argument("--corrupt", required=True, help="prompt of the same number of tokens that is patched")
+    p.add_argument("--answer", required=True, help="the clean prompt's next token, e.g. ' Mary' (one token)")
+    p.add_argument("--wrong", required=True, help="the corrupted prompt's next token (one token)")
+    p.add_argument("--out", default="patch.png", help="PNG file to write")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_patch)
+
+
 def _index_list(text: str) -> list[int] | None:
     """'0,2,5' -> [0, 2, 5]; 'all' -> None (every index)."""
     if text == "all":
@@ -577,6 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub)
     add_attention_map_parser(sub)
     add_logit_lens_parser(sub)
+    add_heads_parser(sub)
+    add_patch_parser(sub)
     add_prepare_parser(sub)
     add_train_parser(sub)
     add_plot_parser(sub)

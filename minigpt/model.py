@@ -9,6 +9,10 @@ Each block is the two residual lines of GPT-2 (Radford et al. 2019, section 2.3)
     x = x + mlp(ln_2(x))
 Layers are 'dense' (full causal attention) or 'banded' (query i sees keys i-w+1..i), as
 set per layer by `GPTConfig.attention_pattern` (GPT-3 and GPT-Neo alternate them).
+
+Every activation passes through an identity `HookPoint` (`self.hook_*`) that readers can
+hook by TransformerLens's names (`blocks.3.attn.hook_z`); see `minigpt.hooks`. With no
+hook attached they change nothing, bit for bit.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from minigpt import ops
 from minigpt.cache import KVCache
 from minigpt.config import GPTConfig
+from minigpt.hooks import HookPoint, bind_fast
 
 
 @dataclass
@@ -49,9 +54,10 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
         self.eps = eps
         self.backend = "sdpa"
+        self.hook_normalized = HookPoint()  # (B, T, C), after the gain and bias as in TransformerLens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+        return self.hook_normalized(ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend))
 
 
 class CausalSelfAttention(nn.Module):
@@ -65,37 +71,52 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.backend = "sdpa"
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # (B, T, H, D)
+        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # (B, H, T, S)
+        self.hook_z = HookPoint()  # (B, T, H, D): each head's output, before the projection
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cache=None,
-        start: int = 0,
-        left_pad: torch.Tensor | None = None,
-        return_probs: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cache=None, start: int = 0, left_pad: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        q = self.hook_q(q.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
+        k = self.hook_k(k.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
+        v = self.hook_v(v.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
 
-        if cache is None and left_pad is None:
-            y, probs = ops.causal_attention(
+        if self.hook_attn_scores.active or self.hook_pattern.active:
+            y = self._attention_with_pattern(q, k, v, cache, start, left_pad)
+        elif cache is None and left_pad is None:
+            y, _ = ops.causal_attention(
                 q, k, v, window=self.window, scale=self.scale, backend=self.backend,
-                dropout_p=self.dropout, training=self.training, return_probs=return_probs,
+                dropout_p=self.dropout, training=self.training,
             )
         else:
             if cache is not None:
                 k, v, k_index = cache.update(k, v, start)  # (B, H, S, D) x 2, (S,)
             else:
                 k_index = torch.arange(T, device=x.device)
-            y, probs = ops.indexed_attention(
+            y, _ = ops.indexed_attention(
                 q, k, v, start=start, k_index=k_index, window=self.window, left_pad=left_pad,
-                scale=self.scale, backend=self.backend, return_probs=return_probs,
+                scale=self.scale, backend=self.backend,
             )
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.proj(y)), probs
+        y = self.hook_z(y.transpose(1, 2)).reshape(B, T, C)  # (B, T, H, D) -> (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+    def _attention_with_pattern(self, q, k, v, cache, start, left_pad) -> torch.Tensor:
+        # The math path, spelled out so that the scores and the pattern pass through their
+        # hook points; taken, whatever the backend, only while one of them is hooked.
+        T = q.shape[2]
+        if cache is not None:
+            k, v, k_index = cache.update(k, v, start)  # (B, H, S, D) x 2, (S,)
+            order = torch.argsort(k_index)  # a banded layer's ring, in position order
+            k, v, k_index = k[:, :, order], v[:, :, order], k_index[order]
+        else:
+            k_index = torch.arange(T, device=q.device)
+        q_index = torch.arange(start, start + T, device=q.device)
+        mask = ops.build_mask(q_index, k_index, self.window, left_pad)  # (T, S) or (B, 1, T, S)
+        scores = self.hook_attn_scores(ops.attention_scores(q, k, mask, self.scale))  # (B, H, T, S) float32
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1).to(q.dtype))  # (B, H, T, S)
+        return F.dropout(pattern, p=self.dropout, training=self.training) @ v  # (B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -105,9 +126,11 @@ class MLP(nn.Module):
         self.proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # (B, T, mlp_width): before / after GELU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+        h = self.hook_post(F.gelu(self.hook_pre(self.fc(x)), approximate=self.approximate))
+        return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
@@ -117,12 +140,15 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, config.bias)
         self.mlp = MLP(config)
+        # The residual stream entering, between and leaving the two branches, and each
+        # branch's contribution to it; all (B, T, C).
+        self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
 
-    def forward(self, x, cache=None, start=0, left_pad=None, return_probs=False):
-        a, probs = self.attn(self.ln_1(x), cache, start, left_pad, return_probs)
-        x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, probs
+    def forward(self, x, cache=None, start=0, left_pad=None):
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln_1(x), cache, start, left_pad)))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln_2(x))))
 
 
 class GPT(nn.Module):
@@ -139,6 +165,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()  # (B, T, C) each
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at init: each block
         # adds two branches to the residual stream (Radford et al. 2019, section 2.3).
@@ -146,6 +173,7 @@ class GPT(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.set_backend(backend)
+        bind_fast(self)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -201,7 +229,15 @@ class GPT(nn.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-        """Run the blocks; return (final normed hidden (B, T, C), hidden states, attentions)."""
+        """Run the blocks; return (final normed hidden (B, T, C), hidden states, attentions).
+
+        Hidden states and attentions are read from the hook points (`minigpt.hooks`).
+        """
+        if output_hidden_states or output_attentions:
+            from minigpt.hooks import run_with_views
+
+            return run_with_views(self, lambda: self.hidden(idx, cache=cache, left_pad=left_pad)[0],
+                                  output_hidden_states, output_attentions)
         start = cache.length if cache is not None else 0
         self._check_input(idx, start)
         if cache is not None:
@@ -210,21 +246,14 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         if left_pad is not None:
             pos = (pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        states, attentions = [], []
+        pos_emb = self.pos_emb(pos).expand(B, T, -1)  # (B, T, C), a view
+        x = self.drop(self.hook_embed(self.tok_emb(idx)) + self.hook_pos_embed(pos_emb))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            if output_hidden_states:
-                states.append(x)
-            layer_cache = cache.layers[i] if cache is not None else None
-            x, probs = block(x, layer_cache, start, left_pad, output_attentions)
-            if output_attentions:
-                attentions.append(probs)
+            x = block(x, cache.layers[i] if cache is not None else None, start, left_pad)
         x = self.ln_f(x)
         if cache is not None:
             cache.length += T
-        if output_hidden_states:
-            states.append(x)
-        return x, (tuple(states) if output_hidden_states else None), (tuple(attentions) if output_attentions else None)
+        return x, None, None
 
     def forward(
         self,
@@ -255,6 +284,24 @@ class GPT(nn.Module):
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return GPTOutput(logits=logits, loss=loss, hidden_states=states, attentions=attentions)
+
+    def run_with_cache(self, idx: torch.Tensor, **kwargs):
+        """(logits, cache of activations by hook name); see `minigpt.hooks.run_with_cache`."""
+        from minigpt.hooks import run_with_cache
+
+        return run_with_cache(self, idx, **kwargs)
+
+    def run_with_hooks(self, idx: torch.Tensor, **kwargs):
+        """Logits of a forward with temporary hooks; see `minigpt.hooks.run_with_hooks`."""
+        from minigpt.hooks import run_with_hooks
+
+        return run_with_hooks(self, idx, **kwargs)
+
+    def hooks(self, fwd_hooks=(), bwd_hooks=()):
+        """Context manager that attaches hooks and always removes them; see `minigpt.hooks.hooks`."""
+        from minigpt.hooks import hooks
+
+        return hooks(self, fwd_hooks, bwd_hooks)
 
     def new_cache(self, batch_size: int, left_pad: torch.Tensor | None = None,
                   max_length: int | None = None) -> KVCache:

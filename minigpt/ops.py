@@ -200,10 +200,16 @@ def banded_attention(
     return out.transpose(0, 1).reshape(B, H, n * w, D)[:, :, :T]  # (B, H, T, D)
 
 
-def _math_attention(q, k, v, mask, scale, dropout_p, training):
-    # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk); the softmax runs in float32.
+def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The math path's first half: (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk) float32
+    scaled scores, -inf where ``mask`` (broadcastable, True = may attend) is False."""
     scores = (q @ k.transpose(-2, -1)).float() * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def _math_attention(q, k, v, mask, scale, dropout_p, training):
+    # The softmax runs in float32.
+    scores = attention_scores(q, k, mask, scale)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = F.dropout(probs, p=dropout_p, training=training) @ v
     return out, probs

@@ -47,7 +47,7 @@ def test_lens_reads_the_residual_stream_the_blocks_actually_produce():
         x = model.tok_emb(idx) + model.pos_emb(torch.arange(9))
         expected = [model.lm_head(model.ln_f(x))]
         for block in model.blocks:
-            x, _ = block(x)
+            x = block(x)
             expected.append(model.lm_head(model.ln_f(x)))
     torch.testing.assert_close(lens, torch.stack(expected))
 

@@ -1,0 +1,132 @@
+"""CPU cost of the hook points: the model's forward against the same forward without them.
+
+Run from the repository root (no GPU needed):
+
+    python -m benchmarks.bench_hooks [--rounds 15] [--threads 1] [--out benchmarks/results]
+
+"without hook points" is `GPT.forward` of the commit this work started from (`BEFORE`,
+read with git), with the same weights; "with hook points" is `GPT.forward` with none attached (every `HookPoint` is an identity module call);
+"one observer" attaches a single reading hook. Cases are timed in interleaved rounds so
+that load from other processes hits them alike; we report the median over rounds of the
+mean time per call within a round, and the minimum. One thread by default: on a shared
+machine two threads spend most of a small forward waiting for each other. Benchmarks never
+assert.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from minigpt import GPT, GPTConfig
+
+
+BEFORE = "8ea3ad8"
+"""The commit this branch started from: its `minigpt/model.py` has no hook points."""
+
+
+def model_before_hooks(model: GPT) -> torch.nn.Module:
+    """The same weights in the GPT class of commit BEFORE (read with git, imported from a temp file)."""
+    source = subprocess.run(["git", "show", f"{BEFORE}:minigpt/model.py"], cwd=Path(__file__).resolve().parents[1],
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "model_before_hooks.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("model_before_hooks", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    before = module.GPT(model.config).eval()
+    before.load_state_dict(model.state_dict())
+    return before
+
+
+def _per_call_ms(fn, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def run(rounds: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny")).eval()  # the main job's model: 4 layers, n_embd 128
+    before = model_before_hooks(model)
+    V = model.config.vocab_size
+    results = []
+    for B, T, calls in ((32, 64, 3), (1, 64, 20), (1, 1, 100)):
+        idx = torch.randint(0, V, (B, T))
+        with torch.no_grad():
+            if not torch.equal(model(idx).logits, before(idx).logits):
+                raise SystemExit("the forward with hook points no longer matches the one before them")
+            cases = {
+                "without hook points": lambda: before(idx).logits,
+                "with hook points": lambda: model(idx).logits,
+            }
+            times: dict[str, list[float]] = {name: [] for name in cases}
+            times["one observer hook"] = []
+            for name, fn in cases.items():
+                _per_call_ms(fn, calls)  # warm-up
+            for _ in range(rounds):
+                for name, fn in cases.items():
+                    times[name].append(_per_call_ms(fn, calls))
+                with model.hooks([("blocks.3.hook_resid_post", lambda act, hook: None)]):
+                    times["one observer hook"].append(_per_call_ms(lambda: model(idx).logits, calls))
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        low = {name: min(ts) for name, ts in times.items()}
+        base = med["without hook points"]
+        results.append({
+            "B": B, "T": T, "calls_per_round": calls,
+            "median_ms": med, "min_ms": low, "all_ms": times,
+            "overhead_pct": {name: 100 * (m / base - 1) for name, m in med.items() if name != "without hook points"},
+            "overhead_pct_min": {name: 100 * (m / low["without hook points"] - 1) for name, m in low.items()
+                                 if name != "without hook points"},
+        })
+    return {
+        "model": "tiny preset (4 layers, 4 heads, n_embd 128, dense/banded w=32), float32, no_grad",
+        "rounds": rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "results": results,
+    }
+
+
+def to_markdown(data: dict) -> str:
+    lines = [f"# Hook points: CPU forward cost ({data['model']})", "",
+             f"torch {data['torch']}, {data['threads']} threads, median of {data['rounds']} interleaved rounds.", "",
+             "| batch x tokens | without hook points (ms) | with hook points (ms) | overhead (median) | "
+             "overhead (min) | one observer hook |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in data["results"]:
+        m, o, lo = r["median_ms"], r["overhead_pct"], r["overhead_pct_min"]
+        lines.append(f"| {r['B']} x {r['T']} | {m['without hook points']:.3f} | {m['with hook points']:.3f} | "
+                     f"{o['with hook points']:+.1f} % | {lo['with hook points']:+.1f} % | "
+                     f"{m['one observer hook']:.3f} ({o['one observer hook']:+.1f} %) |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="folder for hooks.json and hooks.md")
+    args = parser.parse_args()
+    data = run(args.rounds, args.threads)
+    text = to_markdown(data)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "hooks.json").write_text(json.dumps(data, indent=2) + "\n")
+        (out / "hooks.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Hook points with TransformerLens's names: read, replace or differentiate any activation.
+
+Every activation of `minigpt.model` passes through an identity `HookPoint`. This module
+names them as TransformerLens (Nanda & Bloom 2022) does, so that its tutorials read the
+same here, and runs the model with hooks attached:
+
+    hook_embed, hook_pos_embed                                      (B, T, C)
+    blocks.{i}.hook_resid_pre, .hook_resid_mid, .hook_resid_post    (B, T, C)
+    blocks.{i}.ln1.hook_normalized, .ln2.hook_normalized            (B, T, C)
+    blocks.{i}.attn.hook_q, .hook_k, .hook_v, .hook_z               (B, T, H, D)
+    blocks.{i}.attn.hook_attn_scores, .hook_pattern                 (B, H, T, S)
+    blocks.{i}.hook_attn_out, .hook_mlp_out                         (B, T, C)
+    blocks.{i}.mlp.hook_pre, .mlp.hook_post                         (B, T, mlp_width)
+    ln_final.hook_normalized                                        (B, T, C)
+
+The model's own module names differ in three places (`ln_1`, `ln_2`, `ln_f`, kept so that
+checkpoints do not change); `hook_points` translates them. A hook is `fn(activation, hook)`
+and may return a replacement. Scores and pattern exist only on the math path: while one of
+them is hooked, that layer computes its attention there, whatever the backend (logged once);
+every other hook point leaves the fused `sdpa` / `triton` path in place. With no hook
+attached a `HookPoint` returns its input object unchanged, so logits are bit-identical.
+
+With the KV cache, each call sees only its new tokens (T = 1 when decoding); the key axis
+S of scores and pattern holds the cached keys in position order (a banded layer keeps only
+its window).
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.modules import module as _module
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from minigpt.model import GPT
+
+logger = logging.getLogger(__name__)
+
+HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
+"""fn(activation, hook) -> replacement or None; `hook.name` is the TransformerLens name."""
+NameSpec = Union[str, Callable[[str], bool], Sequence[str]]
+"""A hook name, a list of them, or a predicate over names (e.g. `lambda n: n.endswith("hook_z")`)."""
+
+# Module names of minigpt -> TransformerLens's, one path segment at a time.
+_TL_SEGMENTS = {"ln_1": "ln1", "ln_2": "ln2", "ln_f": "ln_final"}
+_MATH_ONLY = ("hook_attn_scores", "hook_pattern")
+
+
+class HookPoint(nn.Module):
+    """An identity module at one activation: the place where hooks read or replace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name: str | None = None
+        """The TransformerLens name, set by `hook_points` (None until the model is named)."""
+
+    @property
+    def active(self) -> bool:
+        """Whether a hook is attached (the model takes the math path for a hooked pattern)."""
+        return bool(self._forward_hooks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # nn.Module.__call__ costs about 1 us even with nothing to run, and a model has 17
+        # hook points per layer: with no hook of any kind here or global, skip it.
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks):
+            return super().__call__(x)
+        return x
+
+    def add_hook(self, fn: HookFn, direction: str = "fwd") -> RemovableHandle:
+        """Attach `fn(activation, hook)` ("fwd") or `fn(gradient, hook)` ("bwd").
+
+        A backward hook is a tensor hook put on the activation as it passes, so it fires
+        whenever backward later reaches that activation of a forward run while it was
+        attached; it may return a replacement gradient.
+        """
+        if direction == "fwd":
+            return self.register_forward_hook(lambda module, inputs, output: fn(output, self))
+        if direction == "bwd":
+            def attach(module, inputs, output):
+                if output.requires_grad:
+                    output.register_hook(lambda grad: fn(grad, self))
+            return self.register_forward_hook(attach)
+        raise ValueError(f"direction={direction!r} must be 'fwd' or 'bwd'")
+
+    def extra_repr(self) -> str:
+        return self.name or ""
+
+
+def bind_fast(model: nn.Module) -> None:
+    """Make `self.hook_x` a plain attribute lookup for every hook point of `model`.
+
+    nn.Module keeps submodules in `_modules` and finds them through `__getattr__`, about
+    1 us a lookup; at ~16 lookups per layer that was most of the hook points' cost on a
+    one-token forward. A copy in the parent's `__dict__` is found first; nn.Module's
+    `__setattr__` drops it if the attribute is ever reassigned, so it cannot go stale.
+    """
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if isinstance(child, HookPoint):
+                parent.__dict__[name] = child
+
+
+def hook_points(model: nn.Module) -> dict[str, HookPoint]:
+    """Every hook point of `model` by its TransformerLens name, in forward order."""
+    points = {}
+    for path, module in model.named_modules():
+        if isinstance(module, HookPoint):
+            module.name = ".".join(_TL_SEGMENTS.get(part, part) for part in path.split("."))
+            points[module.name] = module
+    return points
+
+
+def resolve(model: nn.Module, spec: NameSpec) -> list[HookPoint]:
+    """The hook points a name, a list of names or a predicate selects.
+
+    Raises ValueError for an unknown name (listing the closest ones) or a predicate that
+    selects nothing.
+    """
+    return _select(hook_points(model), spec)
+
+
+def _select(points: dict[str, HookPoint], spec: NameSpec) -> list[HookPoint]:
+    if isinstance(spec, str):
+        if spec not in points:
+            close = difflib.get_close_matches(spec, list(points), n=5, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; valid names look like {next(iter(points))!r}"
+            raise ValueError(f"no hook point named {spec!r}{hint} (all names: minigpt.hooks.hook_points(model))")
+        return [points[spec]]
+    if callable(spec):
+        chosen = [p for name, p in points.items() if spec(name)]
+        if not chosen:
+            raise ValueError(f"the predicate {spec!r} selects none of the {len(points)} hook points")
+        return chosen
+    if isinstance(spec, Sequence):
+        return [p for name in spec for p in _select(points, name)]
+    raise ValueError(f"a hook name must be a str, a list of str or a predicate over names; got {type(spec).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_math_once(backend: str) -> None:
+    logger.info("attention scores and patterns exist only on the math path: a layer whose hook_attn_scores or "
+                "hook_pattern is hooked runs 'math' instead of %r while it is hooked", backend)
+
+
+@contextmanager
+def hooks(model: "GPT", fwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (),
+          bwd_hooks: Sequence[tuple[NameSpec, HookFn]] = ()) -> Iterator["GPT"]:
+    """Attach (name_or_predicate, fn) pairs for the body of a `with`; always removes them.
+
+    Raises ValueError for an unknown name or a pair that is not (name, callable).
+    """
+    handles: list[RemovableHandle] = []
+    try:
+        for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+            for pair in pairs:
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and callable(pair[1])):
+                    raise ValueError(f"{direction}_hooks takes (name_or_predicate, fn) pairs; got {pair!r}")
+                for point in resolve(model, pair[0]):
+                    if point.name.endswith(_MATH_ONLY) and model.backend != "math":
+                        _log_math_once(model.backend)
+                    handles.append(point.add_hook(pair[1], direction))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_with_hooks(model: "GPT", idx: torch.Tensor, fwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (),
+                   bwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (), return_type: str = "logits", **kwargs):
+    """One forward with hooks attached; returns the logits (or the `GPTOutput` with
+    return_type="output"). `kwargs` go to `GPT.forward` (targets, cache, left_pad, ...)."""
+    if return_type not in ("logits", "output"):
+        raise ValueError(f"return_type={return_type!r} must be 'logits' or 'output'")
+    with hooks(model, fwd_hooks, bwd_hooks):
+        out = model(idx, **kwargs)
+    return out.logits if return_type == "logits" else out
+
+
+class ActivationCache(dict):
+    """Activations by hook name; gradients (with `incl_bwd`) under name + "_grad".
+
+    Besides full names, `cache["z", 3]` means `blocks.3.attn.hook_z` and
+    `cache["normalized", 3, "ln1"]` means `blocks.3.ln1.hook_normalized`, as in TransformerLens.
+    """
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            short, layer, *sub = key
+            ends = f".{sub[0]}.hook_{short}" if sub else f".hook_{short}"
+            found = [k for k in self if k.startswith(f"blocks.{layer}.") and k.endswith(ends)]
+            if len(found) != 1:
+                raise KeyError(f"{key!r} names {len(found)} cached activations {found}; use a full name")
+            key = found[0]
+        if key not in self:
+            close = difflib.get_close_matches(str(key), list(self), n=5, cutoff=0.5)
+            raise KeyError(f"{key!r} is not in the cache{'; did you mean ' + ', '.join(close) + '?' if close else ''}")
+        return super().__getitem__(key)
+
+
+def run_with_cache(model: "GPT", idx: torch.Tensor, names_filter: NameSpec | None = None, incl_bwd: bool = False,
+                   metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   **kwargs) -> tuple[torch.Tensor, ActivationCache]:
+    """Run the model and keep the activations `names_filter` selects (default: all).
+
+    Returns (logits (B, T, V), ActivationCache of detached tensors). With `incl_bwd=True`
+    it also backpropagates a scalar, `metric(logits)` or else the loss of `targets=...`,
+    and caches each activation's gradient as name + "_grad". Caching a scores or pattern
+    hook switches its layer to the math path for this call. `kwargs` go to `GPT.forward`.
+    Raises ValueError for unknown names or `incl_bwd` without a scalar to differentiate.
+    """
+    points = list(hook_points(model).values()) if names_filter is None else resolve(model, names_filter)
+    cache = ActivationCache()
+
+    def keep(act: torch.Tensor, hook: HookPoint) -> None:
+        cache[hook.name] = act.detach()
+
+    def keep_grad(grad: torch.Tensor, hook: HookPoint) -> None:
+        cache[hook.name + "_grad"] = grad.detach()
+
+    names = [p.name for p in points]
+    with hooks(model, [(names, keep)], [(names, keep_grad)] if incl_bwd else []):
+        out = model(idx, **kwargs)
+        if incl_bwd:
+            value = metric(out.logits) if metric is not None else out.loss
+            if value is None or value.dim() != 0:
+                raise ValueError("incl_bwd=True differentiates a scalar: pass metric=fn(logits) -> scalar, "
+                                 "or targets=... to use the loss")
+            value.backward()
+    return out.logits, cache
+
+
+def run_with_views(model: "GPT", run: Callable[[], torch.Tensor], hidden_states: bool,
+                   attentions: bool) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+    """What `output_hidden_states` / `output_attentions` return, read from the hook points:
+    hook_resid_pre of each block then ln_final.hook_normalized; each block's hook_pattern."""
+    n = model.config.n_layer
+    state_names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + ["ln_final.hook_normalized"]
+    pattern_names = [f"blocks.{i}.attn.hook_pattern" for i in range(n)]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: HookPoint) -> None:
+        seen[hook.name] = act
+
+    names = (state_names if hidden_states else []) + (pattern_names if attentions else [])
+    with hooks(model, [(names, keep)]):
+        x = run()
+    states = tuple(seen[name] for name in state_names) if hidden_states else None
+    patterns = tuple(seen[name] for name in pattern_names) if attentions else None
+    return x, states, patterns
