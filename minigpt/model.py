@@ -24,10 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt import hooks as hookpoints
 from minigpt import ops
+from minigpt.hooks import HookPoint, bind_fast
 from minigpt.cache import KVCache
 from minigpt.config import GPTConfig
-from minigpt.hooks import HookPoint, bind_fast
 
 
 @dataclass
@@ -234,9 +235,7 @@ class GPT(nn.Module):
         Hidden states and attentions are read from the hook points (`minigpt.hooks`).
         """
         if output_hidden_states or output_attentions:
-            from minigpt.hooks import run_with_views
-
-            return run_with_views(self, lambda: self.hidden(idx, cache=cache, left_pad=left_pad)[0],
+            return hookpoints.run_with_views(self, lambda: self.hidden(idx, cache=cache, left_pad=left_pad)[0],
                                   output_hidden_states, output_attentions)
         start = cache.length if cache is not None else 0
         self._check_input(idx, start)
@@ -287,21 +286,15 @@ class GPT(nn.Module):
 
     def run_with_cache(self, idx: torch.Tensor, **kwargs):
         """(logits, cache of activations by hook name); see `minigpt.hooks.run_with_cache`."""
-        from minigpt.hooks import run_with_cache
-
-        return run_with_cache(self, idx, **kwargs)
+        return hookpoints.run_with_cache(self, idx, **kwargs)
 
     def run_with_hooks(self, idx: torch.Tensor, **kwargs):
         """Logits of a forward with temporary hooks; see `minigpt.hooks.run_with_hooks`."""
-        from minigpt.hooks import run_with_hooks
-
-        return run_with_hooks(self, idx, **kwargs)
+        return hookpoints.run_with_hooks(self, idx, **kwargs)
 
     def hooks(self, fwd_hooks=(), bwd_hooks=()):
         """Context manager that attaches hooks and always removes them; see `minigpt.hooks.hooks`."""
-        from minigpt.hooks import hooks
-
-        return hooks(self, fwd_hooks, bwd_hooks)
+        return hookpoints.hooks(self, fwd_hooks, bwd_hooks)
 
     def new_cache(self, batch_size: int, left_pad: torch.Tensor | None = None,
                   max_length: int | None = None) -> KVCache:
