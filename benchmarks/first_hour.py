@@ -159,6 +159,27 @@ def accuracies(steps: list[dict], cwd: Path) -> list[dict]:
     return rows
 
 
+def other_figures(steps: list[dict], cwd: Path) -> dict:
+    """The pretraining run's last validation loss (its metrics.jsonl) and each `fewshot` step's accuracy
+    (its --out folder's metrics.json), the figures the README quotes beside the fine-tunes'."""
+    found: dict = {"pretrain": [], "fewshot": []}
+    for step in steps:
+        argv = minigpt_argv(step["command"]) or []
+        opts = dict(zip(argv[1::], argv[2::]))
+        if argv[:1] == ["train"] and "--out-dir" in opts:
+            evals = [json.loads(line) for line in (cwd / opts["--out-dir"] / "metrics.jsonl").read_text().splitlines()
+                     if '"val_loss"' in line]
+            if evals:
+                found["pretrain"].append({"out": opts["--out-dir"], "step": evals[-1]["step"],
+                                          "val_loss": evals[-1]["val_loss"], "wall_s": step["wall_s"]})
+        if argv[:1] == ["fewshot"] and "--out" in opts:
+            metrics = json.loads((cwd / opts["--out"] / "metrics.json").read_text())
+            found["fewshot"].append({"model": argv[1], "data": opts.get("--data"), "k": opts.get("--k"),
+                                     "accuracy": metrics["accuracy"], "n": metrics.get("n"),
+                                     "majority_baseline": metrics.get("majority_baseline")})
+    return found
+
+
 def to_markdown(result: dict) -> str:
     lines = ["# The README's first hour, measured", "",
              f"{result['machine']}; torch {result['torch']}; {result['note']}", "",
@@ -173,6 +194,11 @@ def to_markdown(result: dict) -> str:
         start = "from scratch (random tiny-bpe)" if not r["init"].startswith("runs/") else f"pretrained ({r['init']})"
         lines.append(f"| {task} | {start} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
                      f"{r['majority_baseline']:.3f} | {r['n']} | {r['wall_s']:.1f} |")
+    for r in result.get("pretrain", []):
+        lines += ["", f"Pretraining ({r['out']}): validation loss {r['val_loss']:.3f} at update {r['step']}."]
+    for r in result.get("fewshot", []):
+        lines += ["", f"Few-shot, no training ({r['model']}, k = {r['k']}, {r['data']}): accuracy "
+                      f"{r['accuracy']:.3f} on {r['n']} rows (majority baseline {r['majority_baseline']:.3f})."]
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +232,8 @@ def main() -> None:
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                          f"{platform.python_implementation()} {platform.python_version()}",
               "torch": torch.__version__, "note": args.note, "extra": args.extra, "skipped": args.skip, "steps": steps,
-              "total_s": round(time.perf_counter() - began, 1), "accuracy": accuracies(steps, cwd)}
+              "total_s": round(time.perf_counter() - began, 1), "accuracy": accuracies(steps, cwd),
+              **other_figures(steps, cwd)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

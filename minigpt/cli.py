@@ -574,7 +574,7 @@ def _train_epilog() -> str:
     from minigpt.train.pretrain import RECIPES
 
     return ("recipes (--preset): " + ", ".join(RECIPES) + "; or any model preset with GPT-2's training "
-            "recipe: " + ", ".join(PRESETS) + ".\n"
+            "recipe: " + ", ".join(p for p in PRESETS if p not in RECIPES) + ".\n"
             "keys: model = GPTConfig fields (minigpt/config.py), train = TrainConfig fields "
             "(minigpt/train/loop.py), data = DataConfig and sample = SampleConfig fields "
             "(minigpt/train/pretrain.py), each documented there; an unknown key is an error that lists the "
