@@ -186,9 +186,10 @@ def to_markdown(result: dict) -> str:
              "| step | wall s |", "| --- | ---: |"]
     lines += [f"| `{s['command']}`" + (f" + `{s['appended']}`" if s.get("appended") else "")
               + f" | {s['wall_s']:.1f} |" for s in result["steps"]]
-    lines += [f"| **whole walk** | **{result['total_s']:.1f}** |", "",
-              "| task | start | validation accuracy | macro F1 | majority baseline | rows | fine-tune wall s |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| **whole walk** | **{result['total_s']:.1f}** |"]
+    if result["accuracy"]:
+        lines += ["", "| task | start | validation accuracy | macro F1 | majority baseline | rows | fine-tune wall s |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["accuracy"]:
         task = Path(r["train_file"]).parent.name
         start = "from scratch (random tiny-bpe)" if not r["init"].startswith("runs/") else f"pretrained ({r['init']})"

@@ -21,4 +21,5 @@ def test_pretraining_loss_and_fewshot_accuracy_are_recorded(tmp_path):
     assert found["fewshot"][0]["accuracy"] == 0.515 and found["fewshot"][0]["k"] == "4"
     text = to_markdown({"machine": "m", "torch": "t", "note": "", "steps": steps, "total_s": 361.0,
                         "accuracy": [], **found})
+    assert "| task |" not in text  # no empty accuracy table
     assert "validation loss 6.820 at update 300" in text and "accuracy 0.515 on 200 rows" in text
