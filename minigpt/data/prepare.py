@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt.tokenizer import CharTokenizer, Tokenizer
+from minigpt.typed import PathStr, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ SPLITS = ("train", "val")
 class PrepareConfig:
     """What to tokenize and how."""
 
-    inputs: tuple[str, ...]
+    inputs: tuple[PathStr, ...]
     """Text files, folders of them (searched recursively, hidden files skipped), or .jsonl files."""
-    out_dir: str
+    out_dir: PathStr
     """Folder that receives meta.json and the shards (earlier shards there are replaced)."""
     tokenizer: str = "gpt2"
     """'gpt2' (tiktoken BPE) or 'char' (one id per character)."""
@@ -72,8 +73,12 @@ class PrepareConfig:
     """Show a progress bar with tokens/s."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.inputs, (str, Path)) or not self.inputs:
-            raise ValueError(f"inputs={self.inputs!r} must be a non-empty tuple of paths")
+        if isinstance(self.inputs, (str, Path)):
+            raise ValueError(f"inputs={self.inputs!r} must be a tuple of paths, not one path; "
+                             f"write inputs=({str(self.inputs)!r},)")
+        check_fields(self)  # every value has its field's type (minigpt.typed); `~` expanded
+        if not self.inputs:
+            raise ValueError(f"inputs={self.inputs!r} must name at least one file or folder")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer={self.tokenizer!r} is not supported; choose one of {TOKENIZERS}")
         if self.chars is not None and self.tokenizer != "char":
