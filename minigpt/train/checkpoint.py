@@ -6,7 +6,7 @@
             config.json         for a GPT, minigpt's layout: GPT.from_pretrained(folder) loads it
             trainer.pt          optimizer, grad scaler, RNG states, loader position, history
             trainer.json        step, the full train config, run metadata, last metrics (readable)
-            ...                 whatever `save_model` adds (pretraining adds tokenizer.json)
+            ...                 whatever `save_model` adds (pretraining adds the tokenizer's files)
         best.json               which step folder is the best, and its metric
         latest, best            symlinks to those folders, where the OS allows them
 

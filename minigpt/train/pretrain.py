@@ -436,7 +436,7 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
         (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     from minigpt.model import GPT
-    from minigpt.tokenizer import tokenizer_from_dict
+    from minigpt.tokenizer import tokenizer_files, tokenizer_from_dict
 
     torch.manual_seed(tc.seed)  # the initial weights
     model = GPT(config.model)
@@ -453,5 +453,5 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
                              "train_tokens": meta["splits"]["train"]["tokens"],
                              "val_tokens": meta["splits"]["val"]["tokens"]}}
     result = train(model, tc, batches, eval_batches=evals, resume=resume, run_metadata=run_metadata,
-                   checkpoint_files={"tokenizer.json": json.dumps(tokenizer.to_dict())})
+                   checkpoint_files=tokenizer_files(tokenizer, config.model.block_size))
     return result, model, tokenizer, data_dir

@@ -152,3 +152,25 @@ def test_value_rule_errors_name_where_the_value_came_from(tmp_path):
         load_config(file=toml)
     with pytest.raises(ValueError, match=r"\[sample\] top_k=0 must be >= 1.*\(from --sample.top_k\)"):
         load_config(overrides=["--top_k=0"])
+
+
+def test_gpt2_pretraining_checkpoint_loads_in_auto_tokenizer(tmp_path, capsys, monkeypatch):
+    """A pretraining checkpoint with GPT-2's tokenizer holds the files transformers reads,
+    not minigpt's own tokenizer.json (which AutoTokenizer cannot read)."""
+    transformers = pytest.importorskip("transformers")
+    from tests.helpers import use_tiktoken_cache
+
+    use_tiktoken_cache(monkeypatch)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    run = tmp_path / "run"
+    main(["train", "--data", str(corpus), "--tokenizer=gpt2", "--out-dir", str(run), "--max_steps=1",
+          "--batch_size=2", "--model.n_layer=2", "--model.n_embd=32", "--model.n_head=2", "--block_size=16",
+          "--model.vocab_size=50257", "--eval_steps=1", "--sample.tokens=0", "--progress=false", "--warmup_steps=0"])
+    folder = run / "checkpoints" / "latest"
+    assert not (folder / "tokenizer.json").exists()
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert hf("The quick brown fox")["input_ids"] == [464, 2068, 7586, 21831]
+    capsys.readouterr()
+    main(["sample", "--model", str(folder), "--prompt", "The", "--max-new-tokens", "2"])  # minigpt reads it too
+    assert capsys.readouterr().out.startswith("The")
