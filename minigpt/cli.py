@@ -516,6 +516,29 @@ def main(argv: list[str] | None = None) -> None:
         if args.verbose:
             logging.getLogger(__name__).exception("traceback (-v)")
         raise SystemExit(f"minigpt {args.command}: error: {err}") from None
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and not _is_out_of_memory(err):
+            raise  # a bug: keep the traceback
+        if args.verbose:
+            logging.getLogger(__name__).exception("traceback (-v)")
+        raise SystemExit(f"minigpt {args.command}: error: out of memory ({_first_line(err)}); lower the batch size, "
+                         f"the context length (block_size) or the model size, or use a device with more "
+                         f"memory") from None
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """torch's allocator failures: torch.OutOfMemoryError on a GPU, a RuntimeError saying it
+    "can't allocate memory" on the CPU."""
+    import torch
+
+    text = str(err).lower()
+    return isinstance(err, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in text \
+        or "out of memory" in text
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

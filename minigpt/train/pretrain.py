@@ -32,7 +32,7 @@ import torch
 from minigpt.config import PRESETS, GPTConfig, reject_unknown_keys
 from minigpt.data.dataset import FixedWindows, RandomWindows, TokenSplit
 from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, prepare, stale_reason
-from minigpt.device import check_device
+from minigpt.device import check_device, memory_bytes
 from minigpt.files import existing_file, read_json, read_toml
 from minigpt.train import distributed as dist_
 from minigpt.train import runfolder
@@ -389,6 +389,7 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
     `prepare` and `train` raise.
     """
     check_device(config.train.device)
+    check_memory_fits(config)
     run_dir = Path(config.train.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.out_dir={str(run_dir)!r} is a file; the run folder must be a folder (choose another "
@@ -413,6 +414,30 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
         text = s.prompt + generate_text(model, tokenizer, s.prompt, s.tokens, temperature=s.temperature,
                                         top_k=s.top_k, seed=s.seed)[0]
     return PretrainResult(train=result, run_dir=run_dir, data_dir=data_dir, sample=text)
+
+
+def check_memory_fits(config: PretrainConfig) -> None:
+    """Refuse, before anything is prepared or built, a run whose smallest possible training
+    step (`counts.training_bytes_lower_bound`) exceeds the device's whole memory: it would
+    only end, minutes later, in an allocator traceback. Runs that may fit are let through."""
+    from minigpt.counts import training_bytes_lower_bound
+
+    total = memory_bytes(config.train.device)
+    if total is None:
+        return
+    m, tc = config.model, config.train
+    need = training_bytes_lower_bound(m, tc.batch_size)
+    if need <= total:
+        return
+    gib = 1 << 30
+    per_sequence = max(1, training_bytes_lower_bound(m, 1) - training_bytes_lower_bound(m, 0))
+    fits = (total - training_bytes_lower_bound(m, 0)) // per_sequence
+    hint = (f"--train.batch_size={fits} or lower (with --train.grad_accum to keep the batch)" if fits >= 1
+            else "a smaller --model.block_size, --model.n_embd or --model.n_layer")
+    raise ValueError(
+        f"model.block_size={m.block_size} with train.batch_size={tc.batch_size} (n_layer={m.n_layer}, "
+        f"n_embd={m.n_embd}, vocab_size={m.vocab_size}) needs at least {need / gib:.1f} GiB to train, more than "
+        f"the {total / gib:.1f} GiB of memory of device {tc.device!r}; try {hint}")
 
 
 def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tuple[TrainResult, torch.nn.Module, object, Path]:

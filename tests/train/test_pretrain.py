@@ -174,3 +174,36 @@ def test_gpt2_pretraining_checkpoint_loads_in_auto_tokenizer(tmp_path, capsys, m
     capsys.readouterr()
     main(["sample", "--model", str(folder), "--prompt", "The", "--max-new-tokens", "2"])  # minigpt reads it too
     assert capsys.readouterr().out.startswith("The")
+
+
+def test_absurd_block_size_is_refused_up_front_naming_the_sizes(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world\n" * 50)
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--data", str(corpus), "--out-dir", str(tmp_path / "run"), "--block_size=100000",
+              "--n_layer=4000", "--max_steps=1"])
+    message = str(err.value)
+    assert "model.block_size=100000 with train.batch_size=32" in message and "GiB" in message
+    assert "--model.block_size" in message  # the fix
+    assert not (tmp_path / "run").exists()  # refused before anything was prepared or built
+
+
+def test_out_of_memory_while_training_is_one_line(tmp_path, monkeypatch):
+    from minigpt import cli
+
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 4915200000 bytes. Error code 12\nmore")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser, oom))
+    with pytest.raises(SystemExit, match=r"minigpt train: error: out of memory \(.*4915200000 bytes.*\); lower the batch"):
+        main(["train", "--data", str(tmp_path / "x.txt")])
+
+
+def _with_func(parser, func):
+    parser.set_defaults(func=func)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=func)
+    return parser
