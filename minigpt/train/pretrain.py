@@ -416,6 +416,26 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
     return PretrainResult(train=result, run_dir=run_dir, data_dir=data_dir, sample=text)
 
 
+def warn_eval_cost(tc: TrainConfig, block_size: int, val_tokens: int) -> None:
+    """Warn when `eval_steps` is out of proportion: each evaluation draws eval_steps random
+    windows, so reading more tokens than the validation split holds scores the same text
+    again (no better an estimate, only slower), and evaluations that together cost more than
+    the training steps (an update is about 3 forward passes) make a run mostly evaluation.
+    Not an error: a user may want it, but should not get it without a word."""
+    per_eval = tc.eval_steps * tc.batch_size * block_size
+    if per_eval > 2 * val_tokens:
+        enough = max(1, -(-val_tokens // (tc.batch_size * block_size)))
+        logger.warning("train.eval_steps=%d reads %s tokens per evaluation, %.0fx the validation split's %s: "
+                       "the same text is scored again and again, which only makes evaluation slower; "
+                       "--train.eval_steps=%d reads it about once", tc.eval_steps, f"{per_eval:,}",
+                       per_eval / max(1, val_tokens), f"{val_tokens:,}", enough)
+    evaluations = tc.max_steps // tc.eval_interval + (tc.max_steps % tc.eval_interval != 0)
+    if evaluations * tc.eval_steps > 3 * tc.max_steps * tc.grad_accum:
+        logger.warning("evaluation will take longer than training: %d evaluations of %d batches (eval_interval=%d) "
+                       "against %d updates; lower --train.eval_steps or raise --train.eval_interval",
+                       evaluations, tc.eval_steps, tc.eval_interval, tc.max_steps)
+
+
 def check_memory_fits(config: PretrainConfig) -> None:
     """Refuse, before anything is prepared or built, a run whose smallest possible training
     step (`counts.training_bytes_lower_bound`) exceeds the device's whole memory: it would
@@ -452,6 +472,8 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
             f"set --model.vocab_size={train_split.vocab_size}"
         )
     block, tc = config.model.block_size, config.train
+    if info.is_main:
+        warn_eval_cost(tc, block, len(val_split))
     batches = RandomWindows(train_split, block, tc.batch_size, seed=tc.seed, rank=info.rank,
                             world_size=info.world_size)
     evals = FixedWindows(val_split, block, tc.batch_size, tc.eval_steps, seed=config.data.eval_seed,

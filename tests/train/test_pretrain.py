@@ -1,6 +1,7 @@
 """Pretraining set-up: config from recipe + file + overrides, the CLI, sampling, plotting."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -207,3 +208,21 @@ def _with_func(parser, func):
         for sub in action.choices.values():
             sub.set_defaults(func=func)
     return parser
+
+
+def test_eval_steps_beyond_the_validation_split_warns(tmp_path, caplog):
+    import logging
+
+    from minigpt.train.loop import TrainConfig
+    from minigpt.train.pretrain import warn_eval_cost
+
+    config = TrainConfig(out_dir=str(tmp_path), max_steps=10, batch_size=4, eval_interval=5, eval_steps=1000)
+    with caplog.at_level(logging.WARNING):
+        warn_eval_cost(config, block_size=16, val_tokens=640)
+    assert "train.eval_steps=1000 reads 64,000 tokens per evaluation, 100x the validation split's 640" in caplog.text
+    assert "--train.eval_steps=10 reads it about once" in caplog.text
+    assert "evaluation will take longer than training: 2 evaluations of 1000 batches" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_eval_cost(dataclasses.replace(config, eval_steps=5), block_size=16, val_tokens=640)
+    assert caplog.text == ""
