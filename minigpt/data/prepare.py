@@ -139,6 +139,19 @@ def find_sources(inputs: tuple[str, ...]) -> list[_Source]:
     return sources
 
 
+def check_outside_inputs(inputs: tuple[str, ...], folder: str | Path, what: str) -> None:
+    """Raise ValueError when `folder` (where minigpt writes) is, or is inside, an input folder:
+    a folder input is read whole, so the shards, locks and checkpoints written there would
+    be tokenized as training text on the next preparation, without a word."""
+    target = Path(folder).expanduser().resolve()
+    for name in inputs:
+        source = Path(name).expanduser()
+        if source.is_dir() and (target == source.resolve() or source.resolve() in target.parents):
+            raise ValueError(f"{what} {folder} is inside the data folder {name}, whose every file is read as "
+                             f"text: minigpt's own files written there would become training data. Choose another "
+                             f"{what}, outside {name}")
+
+
 def source_digest(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """blake2b of a file's bytes, read in 1 MiB chunks (memory stays flat for any size;
     blake2b runs at about 1 GB/s, small beside tokenizing). meta.json records it per
@@ -400,6 +413,7 @@ def prepare(config: PrepareConfig) -> dict:
     that are not UTF-8 (file and byte offset), a JSONL line that is not JSON or lacks the
     text field (line number), or a split that ends up with no tokens.
     """
+    check_outside_inputs(config.inputs, config.out_dir, "out_dir")
     sources = find_sources(config.inputs)
     source_entries = _source_entries(sources)  # hashed before reading, so they describe what was read
     total_bytes = sum(s.size for s in sources)

@@ -31,7 +31,7 @@ import torch
 
 from minigpt.config import PRESETS, GPTConfig, reject_unknown_keys
 from minigpt.data.dataset import FixedWindows, RandomWindows, TokenSplit
-from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, prepare, stale_reason
+from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, check_outside_inputs, prepare, stale_reason
 from minigpt.device import check_device, memory_bytes
 from minigpt.files import existing_file, read_json, read_toml
 from minigpt.train import distributed as dist_
@@ -391,6 +391,8 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
     check_device(config.train.device)
     check_memory_fits(config)
     run_dir = Path(config.train.out_dir)
+    if config.data.path is not None and not (Path(config.data.path) / "meta.json").is_file():
+        check_outside_inputs((config.data.path,), run_dir, "train.out_dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.out_dir={str(run_dir)!r} is a file; the run folder must be a folder (choose another "
                          f"--out-dir)")
@@ -423,8 +425,8 @@ def warn_eval_cost(tc: TrainConfig, block_size: int, val_tokens: int) -> None:
     the training steps (an update is about 3 forward passes) make a run mostly evaluation.
     Not an error: a user may want it, but should not get it without a word."""
     per_eval = tc.eval_steps * tc.batch_size * block_size
-    if per_eval > 2 * val_tokens:
-        enough = max(1, -(-val_tokens // (tc.batch_size * block_size)))
+    enough = max(1, -(-val_tokens // (tc.batch_size * block_size)))
+    if per_eval > 2 * val_tokens and enough < tc.eval_steps:
         logger.warning("train.eval_steps=%d reads %s tokens per evaluation, %.0fx the validation split's %s: "
                        "the same text is scored again and again, which only makes evaluation slower; "
                        "--train.eval_steps=%d reads it about once", tc.eval_steps, f"{per_eval:,}",
@@ -472,12 +474,12 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
             f"set --model.vocab_size={train_split.vocab_size}"
         )
     block, tc = config.model.block_size, config.train
-    if info.is_main:
-        warn_eval_cost(tc, block, len(val_split))
     batches = RandomWindows(train_split, block, tc.batch_size, seed=tc.seed, rank=info.rank,
                             world_size=info.world_size)
     evals = FixedWindows(val_split, block, tc.batch_size, tc.eval_steps, seed=config.data.eval_seed,
                          rank=info.rank, world_size=info.world_size)
+    if info.is_main:
+        warn_eval_cost(tc, block, len(val_split))
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
