@@ -23,12 +23,12 @@ def _sample(args: argparse.Namespace) -> None:
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        sys.stdout.write(args.prompt)
-        pieces = stream_text(
+        pieces = stream_text(  # checks the prompt and settings now, before anything is printed
             model, tokenizer, args.prompt, args.max_new_tokens,
             stop=stop, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=None if args.seed is None else args.seed + i, use_cache=not args.no_cache,
         )
+        sys.stdout.write(args.prompt)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -1,0 +1,68 @@
+"""Bad inputs a new user tries, across the commands: each is a clear one-paragraph error
+(exit 1, no traceback) or the correct result. The cases and their history are listed in
+docs/reliability_cases.md."""
+from __future__ import annotations
+
+import pytest
+
+from minigpt import GPT, GPTConfig
+from minigpt.cli import main
+from minigpt.tokenizer import CharTokenizer, save_tokenizer
+
+ALPHABET = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture
+def char_model(tmp_path):
+    """A tiny character-level model folder, as a pretraining checkpoint holds one."""
+    folder = tmp_path / "model"
+    tokenizer = CharTokenizer(ALPHABET)
+    GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=8,
+                  attention_pattern=("dense",))).save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+    return folder
+
+
+def _error(args, capsys) -> str:
+    """The one-line error `main(args)` exits with; asserts nothing went to stdout."""
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert capsys.readouterr().out == ""  # nothing half-done (e.g. the prompt) was printed
+    message = str(err.value)
+    assert message.startswith(f"minigpt {args[0]}: error: ") and "\n" not in message
+    return message
+
+
+def test_sample_empty_prompt_is_clear_error(char_model, capsys):
+    message = _error(["sample", "--model", str(char_model), "--prompt", ""], capsys)
+    assert "prompt='' is empty: there is nothing to continue" in message and "start from a newline" in message
+
+
+def test_sample_empty_stop_string_is_clear_error(char_model, capsys):
+    message = _error(["sample", "--model", str(char_model), "--prompt", "A", "--stop", ""], capsys)
+    assert "a stop string must be non-empty text" in message
+
+
+def test_sample_bad_settings_are_refused_before_the_prompt_is_printed(char_model, capsys):
+    assert "top_p=2.0 must be in (0, 1]" in _error(
+        ["sample", "--model", str(char_model), "--prompt", "A", "--top-p", "2"], capsys)
+    assert "temperature=-1.0 must be >= 0" in _error(
+        ["sample", "--model", str(char_model), "--prompt", "A", "--temperature", "-1"], capsys)
+
+
+def test_sample_zero_and_beyond_block_size_new_tokens_work(char_model, capsys):
+    main(["sample", "--model", str(char_model), "--prompt", "A", "--max-new-tokens", "0"])
+    assert capsys.readouterr().out == "A\n"
+    main(["sample", "--model", str(char_model), "--prompt", "A", "--max-new-tokens", "40", "--seed", "1"])
+    assert len(capsys.readouterr().out) == 1 + 40 + 1  # the window slides past block_size=16
+
+
+def test_train_out_dir_inside_the_data_folder_is_refused(tmp_path, capsys):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.txt").write_text("some text to learn from\n" * 40)
+    message = _error(["train", "--data", str(data), "--out-dir", str(data / "run"), "--max_steps=1"], capsys)
+    assert f"train.out_dir {data / 'run'} is inside the data folder {data}" in message
+    assert not (data / "run").exists()  # its run.lock was read as training text before
+    message = _error(["prepare", str(data), "--out", str(data / "prepared")], capsys)
+    assert "out_dir" in message and "is inside the data folder" in message
