@@ -66,3 +66,42 @@ def test_train_out_dir_inside_the_data_folder_is_refused(tmp_path, capsys):
     assert not (data / "run").exists()  # its run.lock was read as training text before
     message = _error(["prepare", str(data), "--out", str(data / "prepared")], capsys)
     assert "out_dir" in message and "is inside the data folder" in message
+
+
+MC_ROWS = ('{"context": "The cat", "choices": [" sat", " ran"], "label": 0}\n'
+           '{"context": "A dog", "choices": [" sat", " ran"], "label": 1}\n')
+
+
+def test_eval_task_file_with_a_bom_is_read(char_model, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    task.write_bytes(b"\xef\xbb\xbf" + MC_ROWS.encode())
+    main(["eval", "--model", str(char_model), str(task)])
+    assert "acc" in capsys.readouterr().out
+
+
+def test_eval_task_file_not_utf8_names_the_line_and_fix(char_model, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    task.write_bytes(MC_ROWS.encode() + '{"context": "The café", "choices": [" a", " b"], "label": 0}\n'.encode("latin-1"))
+    message = _error(["eval", "--model", str(char_model), str(task)], capsys)
+    assert f"{task}, line 3: byte b'\\xe9'" in message and "save the file as UTF-8" in message
+
+
+def test_eval_empty_task_file_and_limit_zero_are_clear_errors(char_model, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "holds no examples; each line must be one JSON object" in _error(
+        ["eval", "--model", str(char_model), str(empty)], capsys)
+    task = tmp_path / "task.jsonl"
+    task.write_text(MC_ROWS)
+    assert "limit=0 must be an integer >= 1" in _error(
+        ["eval", "--model", str(char_model), str(task), "--limit", "0"], capsys)
+
+
+def test_eval_contexts_cut_to_fit_the_block_are_reported(char_model, tmp_path, capsys, caplog):
+    import logging
+
+    task = tmp_path / "task.jsonl"
+    task.write_text(MC_ROWS)
+    with caplog.at_level(logging.WARNING):
+        main(["eval", "--model", str(char_model), str(task), "--shots", "1", "--separator", "x" * 40])
+    assert "2 of 2 contexts did not fit block_size=16" in caplog.text and "lower --shots" in caplog.text
