@@ -516,6 +516,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.verbose:
             logging.getLogger(__name__).exception("traceback (-v)")
         raise SystemExit(f"minigpt {args.command}: error: {err}") from None
+    except KeyboardInterrupt:
+        # Ctrl-C is not a crash: no traceback. The run folder's lock is already released and
+        # its checkpoints are whole (they are written atomically).
+        again = "; the same command with --resume continues from the newest checkpoint" \
+            if args.command in ("train", "finetune") else ""
+        print(f"minigpt {args.command}: interrupted{again}", file=sys.stderr)
+        raise SystemExit(130) from None
     except (MemoryError, RuntimeError) as err:
         if not isinstance(err, MemoryError) and not _is_out_of_memory(err):
             raise  # a bug: keep the traceback

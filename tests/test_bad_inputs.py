@@ -105,3 +105,49 @@ def test_eval_contexts_cut_to_fit_the_block_are_reported(char_model, tmp_path, c
     with caplog.at_level(logging.WARNING):
         main(["eval", "--model", str(char_model), str(task), "--shots", "1", "--separator", "x" * 40])
     assert "2 of 2 contexts did not fit block_size=16" in caplog.text and "lower --shots" in caplog.text
+
+
+def _corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 80)
+    return corpus
+
+
+TINY_RUN = ["--n_layer=2", "--n_embd=16", "--n_head=2", "--block_size=16", "--batch_size=2", "--eval_steps=1",
+            "--sample.tokens=0", "--progress=false", "--warmup_steps=0"]
+
+
+def test_ctrl_c_mid_training_is_one_line_and_leaves_a_resumable_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from minigpt.cli import main; main(sys.argv[1:])")
+    args = ["train", "--data", str(_corpus(tmp_path)), "--out-dir", str(run), "--max_steps=100000",
+            "--checkpoint_interval=5", "--eval_interval=5", *TINY_RUN]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.time() + 60
+    while not list((run / "checkpoints").glob("step_*")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "minigpt train: interrupted; the same command with --resume" in err
+    assert not (run / "run.lock").exists()  # released: the next command may take the folder
+    main(args[:5] + ["--max_steps=12", "--resume", "--checkpoint_interval=5", "--eval_interval=5", *TINY_RUN])
+    assert (run / "checkpoints" / "step_0000012").is_dir()
+
+
+def test_resume_past_max_steps_says_there_is_nothing_to_train(tmp_path, caplog):
+    import logging
+
+    args = ["train", "--data", str(_corpus(tmp_path)), "--out-dir", str(tmp_path / "run"), *TINY_RUN]
+    main(args + ["--max_steps=4"])
+    with caplog.at_level(logging.WARNING):
+        main(args + ["--max_steps=2", "--resume"])
+    assert "already at max_steps=2: there is nothing to train; raise --train.max_steps" in caplog.text

@@ -472,6 +472,9 @@ def _train(model, config, train_batches, eval_batches, loss_fn, extra_eval, save
         _load_checkpoint(saved, raw, optimizer, scaler, train_batches, state, parallel, info)
         if info.is_main:
             logger.info("resumed from %s (step %d)", resume_from, state.step)
+            if state.step >= config.max_steps:
+                logger.warning("the checkpoint is at step %d, already at max_steps=%d: there is nothing to train; "
+                               "raise --train.max_steps to continue the run", state.step, config.max_steps)
 
     trainable = [p for p in raw.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in {id(p): p for p in raw.parameters()}.values())
