@@ -207,6 +207,18 @@ def activation_bytes_per_token(
     return 34 * C * config.n_layer + scores
 
 
+def training_bytes_lower_bound(config: GPTConfig, batch_size: int) -> int:
+    """Bytes that one training step of `batch_size` sequences of block_size tokens needs at
+    the least: fp32 weights, gradients and AdamW moments, the activations of
+    `activation_bytes_per_token` at 16 bits without stored scores (fused attention), and
+    one fp32 copy of the logits. Real use is higher (fp32 activations, the logits' gradient,
+    the allocator), so a bound above a device's memory means the run cannot fit; a bound
+    below it promises nothing."""
+    tokens = batch_size * config.block_size
+    state = sum(training_state_bytes(config).values())
+    return state + tokens * activation_bytes_per_token(config, stored_scores=False) + tokens * config.vocab_size * 4
+
+
 def kv_cache_bytes(config: GPTConfig, seq_len: int | None = None, batch_size: int = 1, dtype: str = "bf16") -> int:
     """Bytes of the keys and values cached for `batch_size` sequences of `seq_len` tokens.
 

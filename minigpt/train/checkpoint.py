@@ -6,7 +6,7 @@
             config.json         for a GPT, minigpt's layout: GPT.from_pretrained(folder) loads it
             trainer.pt          optimizer, grad scaler, RNG states, loader position, history
             trainer.json        step, the full train config, run metadata, last metrics (readable)
-            ...                 whatever `save_model` adds (pretraining adds tokenizer.json)
+            ...                 whatever `save_model` adds (pretraining adds the tokenizer's files)
         best.json               which step folder is the best, and its metric
         latest, best            symlinks to those folders, where the OS allows them
 
@@ -18,8 +18,9 @@ folder to a hidden `.trash-` name before deleting it, so a kill mid-delete never
 half `step_*` folder that a resume could pick.
 
 Reading a damaged file (truncated, zero bytes, bad JSON, a pickle that is not plain
-tensors) raises `CheckpointError` naming the file and the reason, so a resume can fall
-back to an older checkpoint.
+tensors) raises a `BadFileError` naming the file and the reason (the shared readers'
+`DamagedWeightsError` for weights, `files.read_json`'s for JSON, `CheckpointError` for the
+rest), so a resume can fall back to an older checkpoint by catching that one type.
 """
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+from minigpt.files import BadFileError, read_json
+from minigpt.weights.common import DamagedWeightsError, load_safetensors
 
 STATE_TAG = "minigpt-state-dict"
 TRAINER_STATE = "trainer.pt"
@@ -48,8 +52,11 @@ _LEFTOVERS = (".tmp-*", ".old-*", ".trash-*")  # interrupted writes, replacement
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing or cannot be read (truncated, empty, not what it should be)."""
+class CheckpointError(BadFileError):
+    """A checkpoint file is missing or cannot be read (truncated, empty, not what it should be).
+
+    A `BadFileError`, like the shared readers' errors for weights and JSON files, so a
+    resume that falls back to an older checkpoint catches `BadFileError` alone."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -137,7 +144,7 @@ def best_checkpoint(root: Path) -> Path | None:
     if not path.is_file():
         return None
     try:
-        folder = root / json.loads(path.read_text())["dir"]
+        folder = root / read_json(path, "best-checkpoint record")["dir"]
     except (ValueError, KeyError, TypeError) as err:
         logger.warning("%s cannot be read (%s); ignoring it", path, err)
         return None
@@ -192,18 +199,18 @@ def is_state_dict_file(path: Path) -> bool:
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """The state_dict `save_state_dict` wrote. Raises CheckpointError naming the file if it
-    is missing or is not a whole safetensors file."""
+    """The state_dict `save_state_dict` wrote. Raises CheckpointError if it is missing and
+    the shared `DamagedWeightsError` (same message as every other weights file) if it is
+    not a whole safetensors file."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
+    state = load_safetensors(path)
     try:
-        state = load_file(path)
         with safe_open(path, framework="pt") as f:
             aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    except (SafetensorError, OSError, ValueError) as err:
-        size = path.stat().st_size
-        raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes; {_first_line(err)}); "
-                              f"it is truncated or damaged") from None
+    except (OSError, ValueError) as err:
+        raise DamagedWeightsError(f"weights file {path}: its metadata cannot be read ({_first_line(err)}); "
+                                  f"it is damaged. Load another checkpoint") from None
     for name, original in aliases.items():
         state[name] = state[original]
     return state
@@ -236,15 +243,14 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
 
 
 def read_trainer_info(folder: Path) -> dict:
-    """trainer.json; raises CheckpointError naming the file if it is missing, empty or not a JSON object."""
+    """trainer.json, read by the shared `files.read_json`; raises a BadFileError naming the
+    file if it is missing, empty, not JSON or not a minigpt trainer.json."""
     path = folder / TRAINER_INFO
     try:
-        info = json.loads(path.read_text())
+        info = read_json(path, "trainer info")
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({_first_line(err)}); it is truncated or damaged") from None
-    if not isinstance(info, dict) or not isinstance(info.get("train_config"), dict):
+    if not isinstance(info.get("train_config"), dict):
         raise CheckpointError(f"{path} holds no 'train_config'; it is not a minigpt trainer.json or is damaged")
     return info
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from minigpt.config import reject_unknown_keys
+from minigpt.files import BadFileError
 from minigpt.ops import BACKENDS
 from minigpt.train import checkpoint as ckpt
 from minigpt.train import distributed as dist_
@@ -471,6 +472,9 @@ def _train(model, config, train_batches, eval_batches, loss_fn, extra_eval, save
         _load_checkpoint(saved, raw, optimizer, scaler, train_batches, state, parallel, info)
         if info.is_main:
             logger.info("resumed from %s (step %d)", resume_from, state.step)
+            if state.step >= config.max_steps:
+                logger.warning("the checkpoint is at step %d, already at max_steps=%d: there is nothing to train; "
+                               "raise --train.max_steps to continue the run", state.step, config.max_steps)
 
     trainable = [p for p in raw.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in {id(p): p for p in raw.parameters()}.values())
@@ -721,7 +725,7 @@ def _find_resumable(root: Path, model: nn.Module, config: TrainConfig, run_metad
     for folder in reversed(found):
         try:
             return folder, _read_checkpoint(folder, model, config, run_metadata)
-        except ckpt.CheckpointError as err:
+        except BadFileError as err:  # CheckpointError, DamagedWeightsError, files.read_json's
             tried.append(f"{folder.name}: {err}")
             if info.is_main:
                 logger.warning("cannot resume from %s: %s; trying the previous checkpoint", folder, err)
@@ -735,7 +739,7 @@ def _find_resumable(root: Path, model: nn.Module, config: TrainConfig, run_metad
 
 def _read_checkpoint(folder: Path, model: nn.Module, config: TrainConfig, run_metadata: dict | None) -> dict:
     """Read and check everything in `folder` before anything is changed, so a damaged file
-    (CheckpointError) leaves the model, optimizer and loader as they were."""
+    (a BadFileError) leaves the model, optimizer and loader as they were."""
     saved = ckpt.read_trainer_info(folder)
     _check_same_run(folder, saved, config, run_metadata)
     weights = folder / ckpt.RESUME_MODEL_FILE
