@@ -29,3 +29,17 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=0, msg=name)
     assert "forward" not in model_ckpt.blocks[0].__dict__  # undone on exit: the caller's model as it was
     assert model_ckpt.state_dict().keys() == model.state_dict().keys()
+
+
+def test_training_with_activation_checkpointing_gives_the_same_losses(tmp_path, shakespeare_chars):
+    from minigpt.data import RandomWindows, TokenSplit
+    from minigpt.train import train
+
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        model = GPT(tiny_gpt_config(dropout=0.1))
+        batches = RandomWindows(TokenSplit(shakespeare_chars, "train"), 32, 4, seed=0)
+        config = quick_train_config(tmp_path / str(checkpointing), activation_checkpointing=checkpointing, max_steps=3)
+        return train(model, config, batches).train_losses
+
+    assert run(True) == run(False)
