@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from minigpt.config import GPTConfig
+if TYPE_CHECKING:  # annotations only: config.py calls into this module, so no import back
+    from minigpt.config import GPTConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 """Bytes per value of the dtypes the memory counts are given in."""

@@ -154,7 +154,7 @@ DEFAULT_TRAIN: dict[str, Any] = dict(
 # nanoGPT's documented CPU run of shakespeare_char (its README: config/train_shakespeare_char.py
 # with --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
 # --lr_decay_iters=2000 --dropout=0.0 --eval_iters=20), restated as a minigpt recipe so the
-# main job can be compared with it on the same machine (benchmarks/cpu.py --cases main).
+# main job can be compared with it on the same machine (scripts/cpu.py --cases main).
 NANOGPT_CPU: dict[str, dict[str, Any]] = {
     "model": {"vocab_size": 65, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128,
               "dropout": 0.0, "bias": False, "qkv_bias": False, "activation": "gelu"},
