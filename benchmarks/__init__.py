@@ -1,1 +1,2 @@
-"""Benchmarks for the kernels package. Run from the repository root, e.g. ``python -m benchmarks.run_all``."""
+"""One ``bench_<thing>.py`` per thing measured, shared code in ``common.py``. Run from the repository root,
+e.g. ``python -m benchmarks.bench_attention``; ``python -m scripts.run_all`` runs the kernel ones together."""

@@ -25,12 +25,12 @@ def _sample(args: argparse.Namespace) -> None:
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        sys.stdout.write(args.prompt)
-        pieces = stream_text(
+        pieces = stream_text(  # checks the prompt and settings now, before anything is printed
             model, tokenizer, args.prompt, args.max_new_tokens,
             stop=stop, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             seed=None if args.seed is None else args.seed + i, use_cache=not args.no_cache,
         )
+        sys.stdout.write(args.prompt)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -665,6 +665,36 @@ def main(argv: list[str] | None = None) -> None:
         if args.verbose:
             logging.getLogger(__name__).exception("traceback (-v)")
         raise SystemExit(f"minigpt {args.command}: error: {err}") from None
+    except KeyboardInterrupt:
+        # Ctrl-C is not a crash: no traceback. The run folder's lock is already released and
+        # its checkpoints are whole (they are written atomically).
+        again = "; the same command with --resume continues from the newest checkpoint" \
+            if args.command in ("train", "finetune") else ""
+        print(f"minigpt {args.command}: interrupted{again}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and not _is_out_of_memory(err):
+            raise  # a bug: keep the traceback
+        if args.verbose:
+            logging.getLogger(__name__).exception("traceback (-v)")
+        raise SystemExit(f"minigpt {args.command}: error: out of memory ({_first_line(err)}); lower the batch size, "
+                         f"the context length (block_size) or the model size, or use a device with more "
+                         f"memory") from None
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """torch's allocator failures: torch.OutOfMemoryError on a GPU, a RuntimeError saying it
+    "can't allocate memory" on the CPU."""
+    import torch
+
+    text = str(err).lower()
+    return isinstance(err, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in text \
+        or "out of memory" in text
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

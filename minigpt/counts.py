@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from minigpt.config import GPTConfig
+if TYPE_CHECKING:  # annotations only: config.py calls into this module, so no import back
+    from minigpt.config import GPTConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 """Bytes per value of the dtypes the memory counts are given in."""
@@ -205,6 +207,18 @@ def activation_bytes_per_token(
         if stored_scores else 0
     )
     return 34 * C * config.n_layer + scores
+
+
+def training_bytes_lower_bound(config: GPTConfig, batch_size: int) -> int:
+    """Bytes that one training step of `batch_size` sequences of block_size tokens needs at
+    the least: fp32 weights, gradients and AdamW moments, the activations of
+    `activation_bytes_per_token` at 16 bits without stored scores (fused attention), and
+    one fp32 copy of the logits. Real use is higher (fp32 activations, the logits' gradient,
+    the allocator), so a bound above a device's memory means the run cannot fit; a bound
+    below it promises nothing."""
+    tokens = batch_size * config.block_size
+    state = sum(training_state_bytes(config).values())
+    return state + tokens * activation_bytes_per_token(config, stored_scores=False) + tokens * config.vocab_size * 4
 
 
 def kv_cache_bytes(config: GPTConfig, seq_len: int | None = None, batch_size: int = 1, dtype: str = "bf16") -> int:

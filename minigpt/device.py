@@ -33,3 +33,26 @@ def check_device(name: str) -> None:
                              f"use --device cpu")
     elif device.type != "cpu":
         raise ValueError(f"device {name!r} is not supported; use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
+
+
+def memory_bytes(name: str) -> int | None:
+    """Total memory of device `name` ('auto' means CUDA when there is one, else the CPU):
+    a GPU's own memory, the machine's RAM for the CPU; None when it cannot be told.
+
+    For up-front checks ("this cannot fit"), so it is the total, not what is free now."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    if device.type == "cpu":
+        try:
+            import os
+
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not POSIX
+            return None
+    return None

@@ -120,7 +120,9 @@ def stream_tokens(
     """Yield the next token of every row, (B,) ids, one step at a time.
 
     Rows that produced `eos_id` keep yielding `eos_id`; the loop ends when every row has
-    finished or after max_new_tokens steps.
+    finished or after max_new_tokens steps. The arguments are checked when this is called,
+    not at the first token, so a caller (the CLI printing the prompt) hears of a bad one
+    before it has done anything.
     """
     _check_sampling(temperature, top_k, top_p, max_new_tokens)
     config = model.config
@@ -133,6 +135,13 @@ def stream_tokens(
                 f"prompt {i} has {len(row)} tokens, more than block_size={config.block_size}; "
                 f"shorten it or keep its last {config.block_size} tokens"
             )
+    return _stream_tokens(model, rows, max_new_tokens, temperature, top_k, top_p, seed, eos_id, use_cache)
+
+
+def _stream_tokens(model, rows: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
+                   top_p: float | None, seed: int | None, eos_id: int | None,
+                   use_cache: bool) -> Iterator[torch.Tensor]:
+    config = model.config
     device = model.lm_head.weight.device
     generator = None
     if seed is not None:
@@ -217,15 +226,22 @@ def stream_text(
 
     Stops at the tokenizer's eos or at the first stop string (which is not yielded).
     Text that could still turn into a stop string, or an incomplete UTF-8 character,
-    is held back until it is certain.
+    is held back until it is certain. The prompt, stop strings and sampling settings are
+    checked when this is called (ValueError), before the first token.
     """
     kwargs.setdefault("eos_id", tokenizer.eos_id)
+    stop = _check_stops(stop)
+    tokens = stream_tokens(model, [_encode_prompt(tokenizer, prompt)], max_new_tokens, **kwargs)
+    return _stream_text(tokens, tokenizer, stop, kwargs["eos_id"])
+
+
+def _stream_text(tokens: Iterator[torch.Tensor], tokenizer, stop: list[str], eos_id: int | None) -> Iterator[str]:
     ids: list[int] = []
     emitted = 0
     hold = max((len(s) for s in stop), default=1) - 1
-    for token in stream_tokens(model, [tokenizer.encode(prompt)], max_new_tokens, **kwargs):
+    for token in tokens:
         t = int(token[0])
-        if t == kwargs["eos_id"]:
+        if t == eos_id:
             break
         ids.append(t)
         text, stopped = _cut_at_stop(tokenizer.decode(ids), stop)
@@ -243,6 +259,28 @@ def stream_text(
         yield text[emitted:]
 
 
+def _check_stops(stop: Sequence[str]) -> list[str]:
+    """`stop` as a list; an empty stop string (it would match before every token) is a ValueError."""
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = list(stop)
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"stop={stop!r}: a stop string must be non-empty text (an empty one matches everywhere); "
+                         f"drop it, or give the text to stop at, e.g. --stop $'\\n'")
+    return stop
+
+
+def _encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The ids of a text prompt; an empty one is a ValueError saying what to give instead."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        eos = getattr(tokenizer, "eos_id", None)
+        start = f"the tokenizer's end-of-text token {tokenizer.decode([eos])!r}" if eos is not None else "a newline"
+        raise ValueError(f"prompt={prompt!r} is empty: there is nothing to continue; give some text, or for an "
+                         f"unconditional sample start from {start}")
+    return ids
+
+
 def generate_text(
     model,
     tokenizer,
@@ -256,5 +294,6 @@ def generate_text(
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
     kwargs.setdefault("eos_id", tokenizer.eos_id)
-    ids = generate(model, [tokenizer.encode(t) for t in texts], max_new_tokens, **kwargs)
+    stop = _check_stops(stop)
+    ids = generate(model, [_encode_prompt(tokenizer, t) for t in texts], max_new_tokens, **kwargs)
     return [_cut_at_stop(tokenizer.decode(row), stop)[0] for row in ids]

@@ -82,13 +82,12 @@ def _added_token(token: str) -> dict:
             "special": True}
 
 
-def write_gpt2_tokenizer(tokenizer, folder: str | Path, model_max_length: int | None = None) -> None:
-    """Write `tokenizer` (a minigpt GPT-2 `Tokenizer`) as the files listed in the module docstring.
+def gpt2_tokenizer_files(tokenizer, model_max_length: int | None = None) -> dict[str, str]:
+    """{file name: text} of the files listed in the module docstring for `tokenizer` (a
+    minigpt GPT-2 `Tokenizer`); added_tokens.json only when there are added tokens.
 
     The output is a function of the tokenizer alone, so saving twice gives the same bytes.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     vocab_text, merges_text = _base_files(tokenizer._base)
     eos = tokenizer._base.decode([tokenizer.eos_id])
     base = tokenizer.base_vocab_size
@@ -112,13 +111,21 @@ def write_gpt2_tokenizer(tokenizer, folder: str | Path, model_max_length: int | 
     def dump(value) -> str:
         return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
 
-    (folder / "vocab.json").write_text(vocab_text, encoding="utf-8")
-    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
-    (folder / TOKENIZER_CONFIG).write_text(dump(config), encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(dump(special_map), encoding="utf-8")
+    files = {"vocab.json": vocab_text, "merges.txt": merges_text, TOKENIZER_CONFIG: dump(config),
+             "special_tokens_map.json": dump(special_map)}
     if added:
-        (folder / "added_tokens.json").write_text(dump(added), encoding="utf-8")
-    else:
+        files["added_tokens.json"] = dump(added)
+    return files
+
+
+def write_gpt2_tokenizer(tokenizer, folder: str | Path, model_max_length: int | None = None) -> None:
+    """Write `tokenizer` (a minigpt GPT-2 `Tokenizer`) as the files listed in the module docstring."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = gpt2_tokenizer_files(tokenizer, model_max_length)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    if "added_tokens.json" not in files:
         (folder / "added_tokens.json").unlink(missing_ok=True)
 
 

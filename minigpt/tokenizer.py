@@ -223,6 +223,18 @@ def save_tokenizer(tokenizer, folder: str | Path, model_max_length: int | None =
     own.write_text(json.dumps(tokenizer.to_dict()))
 
 
+def tokenizer_files(tokenizer, model_max_length: int | None = None) -> dict[str, str]:
+    """{file name: text} that `save_tokenizer` would write, for a checkpoint that is filled
+    from texts (the training loop's ``checkpoint_files``): GPT-2's as the files
+    `transformers` reads, so AutoTokenizer loads a pretraining checkpoint too; others as
+    minigpt's ``tokenizer.json``."""
+    if isinstance(tokenizer, Tokenizer):
+        from minigpt.hf_tokenizer import gpt2_tokenizer_files
+
+        return gpt2_tokenizer_files(tokenizer, model_max_length)
+    return {"tokenizer.json": json.dumps(tokenizer.to_dict())}
+
+
 def load_tokenizer(folder: str | Path):
     """The tokenizer saved beside a model: minigpt's ``tokenizer.json``, else GPT-2's with the
     added tokens that tokenizer_config.json (or a `tokenizers` tokenizer.json) lists, else GPT-2's.

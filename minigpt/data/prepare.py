@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt.tokenizer import CharTokenizer, Tokenizer
+from minigpt.typed import PathStr, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ SPLITS = ("train", "val")
 class PrepareConfig:
     """What to tokenize and how."""
 
-    inputs: tuple[str, ...]
+    inputs: tuple[PathStr, ...]
     """Text files, folders of them (searched recursively, hidden files skipped), or .jsonl files."""
-    out_dir: str
+    out_dir: PathStr
     """Folder that receives meta.json and the shards (earlier shards there are replaced)."""
     tokenizer: str = "gpt2"
     """'gpt2' (tiktoken BPE) or 'char' (one id per character)."""
@@ -72,8 +73,12 @@ class PrepareConfig:
     """Show a progress bar with tokens/s."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.inputs, (str, Path)) or not self.inputs:
-            raise ValueError(f"inputs={self.inputs!r} must be a non-empty tuple of paths")
+        if isinstance(self.inputs, (str, Path)):
+            raise ValueError(f"inputs={self.inputs!r} must be a tuple of paths, not one path; "
+                             f"write inputs=({str(self.inputs)!r},)")
+        check_fields(self)  # every value has its field's type (minigpt.typed); `~` expanded
+        if not self.inputs:
+            raise ValueError(f"inputs={self.inputs!r} must name at least one file or folder")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer={self.tokenizer!r} is not supported; choose one of {TOKENIZERS}")
         if self.chars is not None and self.tokenizer != "char":
@@ -132,6 +137,19 @@ def find_sources(inputs: tuple[str, ...]) -> list[_Source]:
         sources.append(_Source(path.resolve(), kind, size, start))
         start += size
     return sources
+
+
+def check_outside_inputs(inputs: tuple[str, ...], folder: str | Path, what: str) -> None:
+    """Raise ValueError when `folder` (where minigpt writes) is, or is inside, an input folder:
+    a folder input is read whole, so the shards, locks and checkpoints written there would
+    be tokenized as training text on the next preparation, without a word."""
+    target = Path(folder).expanduser().resolve()
+    for name in inputs:
+        source = Path(name).expanduser()
+        if source.is_dir() and (target == source.resolve() or source.resolve() in target.parents):
+            raise ValueError(f"{what} {folder} is inside the data folder {name}, whose every file is read as "
+                             f"text: minigpt's own files written there would become training data. Choose another "
+                             f"{what}, outside {name}")
 
 
 def source_digest(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -395,6 +413,7 @@ def prepare(config: PrepareConfig) -> dict:
     that are not UTF-8 (file and byte offset), a JSONL line that is not JSON or lacks the
     text field (line number), or a split that ends up with no tokens.
     """
+    check_outside_inputs(config.inputs, config.out_dir, "out_dir")
     sources = find_sources(config.inputs)
     source_entries = _source_entries(sources)  # hashed before reading, so they describe what was read
     total_bytes = sum(s.size for s in sources)

@@ -173,7 +173,13 @@ def score_continuations(model, requests: Sequence[Request], *, batch_size: int =
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    requests = list(requests)
     fitted = [(_fit(c, cs, model.config.block_size), [list(x) for x in cs]) for c, cs in requests]
+    cut = sum(len(f) < len(c) for (f, _), (c, _) in zip(fitted, requests))
+    if cut:  # correct by the harness's convention, but it changes what K-shot means: say so
+        log.warning("%d of %d contexts did not fit block_size=%d with their answers and were cut from the left "
+                    "(their earliest tokens, first demonstrations included, are not seen); lower --shots to keep "
+                    "them whole", cut, len(requests), model.config.block_size)
     # Longest first, so padding is small within a batch (and the first batch shows the peak memory).
     order = sorted(range(len(fitted)), key=lambda i: -(len(fitted[i][0]) + max(map(len, fitted[i][1]))))
     run = _batch_cached if use_cache else _batch_uncached

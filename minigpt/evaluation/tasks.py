@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from minigpt.files import existing_file
+
 
 @dataclass(frozen=True)
 class MultipleChoice:
@@ -111,30 +113,38 @@ def parse_example(row: dict, path: Path, line: int) -> Example:
 
 def read_examples(path: str | Path) -> list[Example]:
     """Every example of a JSONL task file, all of one type."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    path = existing_file(path, "task file")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for line, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {line}: not valid JSON ({err.msg}); each line must be one "
-                                 f"JSON object") from None
-            example = parse_example(row, path, line)
-            if examples and type(example) is not type(examples[0]):
-                raise ValueError(f"{path}, line {line}: a {KINDS[type(example)]} row in a "
-                                 f"{KINDS[type(examples[0])]} file (line {examples[0].line}); one type per file")
-            examples.append(example)
+    raw_lines = path.read_bytes().splitlines()
+    for line, data in enumerate(raw_lines, 1):
+        if line == 1 and data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM some editors write is not JSON
+            data = data[3:]
+        try:
+            raw = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}, line {line}: byte {data[err.start:err.start + 1]!r} at column {err.start + 1} "
+                             f"is not UTF-8 ({err.reason}); save the file as UTF-8") from None
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {line}: not valid JSON ({err.msg}); each line must be one "
+                             f"JSON object") from None
+        example = parse_example(row, path, line)
+        if examples and type(example) is not type(examples[0]):
+            raise ValueError(f"{path}, line {line}: a {KINDS[type(example)]} row in a "
+                             f"{KINDS[type(examples[0])]} file (line {examples[0].line}); one type per file")
+        examples.append(example)
     if not examples:
-        raise ValueError(f"{path} holds no examples")
+        raise ValueError(f"{path} holds no examples; each line must be one JSON object, e.g. "
+                         f'{{"context": "...", "choices": ["...", "..."], "label": 0}}')
     return examples
 
 
 def read_task(path: str | Path, limit: int | None = None) -> Task:
     """A task file as a Task named after the file; its first `limit` examples when given."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r} must be an integer >= 1; leave --limit out to evaluate every example")
     examples = read_examples(path)
     return Task(Path(path).stem, KINDS[type(examples[0])], tuple(examples[:limit]), str(path))

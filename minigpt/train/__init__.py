@@ -1,4 +1,4 @@
-"""Training: the shared loop (`loop`), checkpoints, distribution, and pretraining set-up."""
+"""Training: the shared loop (`loop`) and its parts (config, optim, parallel, checkpoint, observe, state), and pretraining set-up."""
 from minigpt.train.loop import (
     Batches,
     NonFiniteLossError,

@@ -6,7 +6,7 @@
             config.json         for a GPT, minigpt's layout: GPT.from_pretrained(folder) loads it
             trainer.pt          optimizer, grad scaler, RNG states, loader position, history
             trainer.json        step, the full train config, run metadata, last metrics (readable)
-            ...                 whatever `save_model` adds (pretraining adds tokenizer.json)
+            ...                 whatever `save_model` adds (pretraining adds the tokenizer's files)
         best.json               which step folder is the best, and its metric
         latest, best            symlinks to those folders, where the OS allows them
 
@@ -18,24 +18,41 @@ folder to a hidden `.trash-` name before deleting it, so a kill mid-delete never
 half `step_*` folder that a resume could pick.
 
 Reading a damaged file (truncated, zero bytes, bad JSON, a pickle that is not plain
-tensors) raises `CheckpointError` naming the file and the reason, so a resume can fall
-back to an older checkpoint.
+tensors) raises a `BadFileError` naming the file and the reason (the shared readers'
+`DamagedWeightsError` for weights, `files.read_json`'s for JSON, `CheckpointError` for the
+rest), so a resume can fall back to an older checkpoint by catching that one type.
+
+The loop's side (end of this file): `save_training_state` / `find_resumable` /
+`load_training_state` write and read a whole run (model, optimizer, scaler, RNG states,
+loader position, counters), and `check_same_run` refuses a checkpoint of another config.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import pickle
+import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+from minigpt.files import BadFileError, read_json
+from minigpt.train import distributed as dist_
+from minigpt.train.config import RESUMABLE_FIELDS, TrainConfig
+from minigpt.weights.common import DamagedWeightsError, load_safetensors
+
+if TYPE_CHECKING:
+    from minigpt.train.state import Run
 
 STATE_TAG = "minigpt-state-dict"
 TRAINER_STATE = "trainer.pt"
@@ -48,8 +65,11 @@ _LEFTOVERS = (".tmp-*", ".old-*", ".trash-*")  # interrupted writes, replacement
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing or cannot be read (truncated, empty, not what it should be)."""
+class CheckpointError(BadFileError):
+    """A checkpoint file is missing or cannot be read (truncated, empty, not what it should be).
+
+    A `BadFileError`, like the shared readers' errors for weights and JSON files, so a
+    resume that falls back to an older checkpoint catches `BadFileError` alone."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -137,7 +157,7 @@ def best_checkpoint(root: Path) -> Path | None:
     if not path.is_file():
         return None
     try:
-        folder = root / json.loads(path.read_text())["dir"]
+        folder = root / read_json(path, "best-checkpoint record")["dir"]
     except (ValueError, KeyError, TypeError) as err:
         logger.warning("%s cannot be read (%s); ignoring it", path, err)
         return None
@@ -192,18 +212,18 @@ def is_state_dict_file(path: Path) -> bool:
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """The state_dict `save_state_dict` wrote. Raises CheckpointError naming the file if it
-    is missing or is not a whole safetensors file."""
+    """The state_dict `save_state_dict` wrote. Raises CheckpointError if it is missing and
+    the shared `DamagedWeightsError` (same message as every other weights file) if it is
+    not a whole safetensors file."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
+    state = load_safetensors(path)
     try:
-        state = load_file(path)
         with safe_open(path, framework="pt") as f:
             aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    except (SafetensorError, OSError, ValueError) as err:
-        size = path.stat().st_size
-        raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes; {_first_line(err)}); "
-                              f"it is truncated or damaged") from None
+    except (OSError, ValueError) as err:
+        raise DamagedWeightsError(f"weights file {path}: its metadata cannot be read ({_first_line(err)}); "
+                                  f"it is damaged. Load another checkpoint") from None
     for name, original in aliases.items():
         state[name] = state[original]
     return state
@@ -236,15 +256,14 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
 
 
 def read_trainer_info(folder: Path) -> dict:
-    """trainer.json; raises CheckpointError naming the file if it is missing, empty or not a JSON object."""
+    """trainer.json, read by the shared `files.read_json`; raises a BadFileError naming the
+    file if it is missing, empty, not JSON or not a minigpt trainer.json."""
     path = folder / TRAINER_INFO
     try:
-        info = json.loads(path.read_text())
+        info = read_json(path, "trainer info")
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({_first_line(err)}); it is truncated or damaged") from None
-    if not isinstance(info, dict) or not isinstance(info.get("train_config"), dict):
+    if not isinstance(info.get("train_config"), dict):
         raise CheckpointError(f"{path} holds no 'train_config'; it is not a minigpt trainer.json or is damaged")
     return info
 
@@ -274,3 +293,190 @@ def read_trainer_state(folder: Path) -> dict:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+# The loop's state in a checkpoint: RNG states, the same-run check, saving and loading.
+
+def rng_state() -> dict:
+    """Every RNG the loop draws from (Python, NumPy, torch CPU and CUDA)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+
+def seed_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _is_new_model_field_default(key: str, value) -> bool:
+    """Whether `key` ('model.<field>') is a GPTConfig field whose value is its default: a
+    checkpoint written before the field existed behaved that way."""
+    from minigpt.config import GPTConfig
+
+    field = {f.name: f for f in dataclasses.fields(GPTConfig)}.get(key.removeprefix("model."))
+    return field is not None and field.default is not dataclasses.MISSING and value == field.default
+
+
+def check_same_run(folder: Path, info: dict, config: TrainConfig, run_metadata: dict | None) -> None:
+    """Resuming: the checkpoint's config must agree with this run's (RESUMABLE_FIELDS aside)."""
+    # A field added to TrainConfig after the checkpoint was written had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    saved = {k: v for k, v in {**defaults, **info["train_config"]}.items() if k not in RESUMABLE_FIELDS}
+    now = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS}
+    diffs = [f"train.{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    old, new = _flat(info.get("run_metadata") or {}), _flat(json.loads(json.dumps(run_metadata or {})))
+    old = {**{k: v for k, v in new.items() if k.startswith("model.") and k not in old
+              and _is_new_model_field_default(k, v)}, **old}
+    diffs += [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}"
+              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {folder}: its config differs from this run's: " + "; ".join(diffs)
+            + f". Use the original settings, or a new out_dir to start afresh (fields that may change: "
+            f"{', '.join(sorted(RESUMABLE_FIELDS))})"
+        )
+
+
+
+def save_training_state(run: Run, best: bool) -> Path:
+    """Write the step checkpoint of `run` (model, optimizer, scaler, RNGs, loader, counters)
+    atomically; point 'latest' (and 'best' when `best`) at it and prune. Returns its folder."""
+    raw, optimizer, scaler, state, config, info = run.raw, run.optimizer, run.scaler, run.state, run.config, run.info
+    root, save_model = run.root, run.save_model
+    rng = dist_.all_gather_objects(rng_state())  # every rank's dropout RNG, for exact resumption
+    if run.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(raw, options=options)
+        optim_state = get_optimizer_state_dict(raw, optimizer, options=options)
+    else:
+        model_state, optim_state = None, optimizer.state_dict()
+    folder = step_dir(root, state.step)
+    if info.is_main:
+        def fill(tmp: Path) -> None:
+            if model_state is not None:  # FSDP: the gathered full state, with config.json like any GPT
+                save_model_state(raw, tmp, model_state)
+            elif save_model is not None:
+                save_model(raw, tmp)
+            else:
+                save_model_state(raw, tmp)
+            if not is_state_dict_file(tmp / MODEL_FILE):
+                save_state_dict(raw.state_dict(), tmp / RESUME_MODEL_FILE)
+            for name, text in (run.checkpoint_files or {}).items():
+                (tmp / name).write_text(text)
+            torch.save({
+                "step": state.step, "loop": state.to_dict(), "optimizer": optim_state,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng, "loader": run.batches.state_dict(), "world_size": info.world_size,
+            }, tmp / TRAINER_STATE)
+            readable = {"step": state.step, "train_config": config.to_dict(), "run_metadata": run.run_metadata,
+                        "world_size": info.world_size, "last_eval": state.evals[-1] if state.evals else None,
+                        "best": {"metric": config.best_metric, "value": state.best, "step": state.best_step}}
+            (tmp / TRAINER_INFO).write_text(json.dumps(readable, indent=2) + "\n")
+
+        write_atomically(folder, fill)
+        if best:
+            write_json_atomically(root / "best.json", {"dir": folder.name, "step": state.step,
+                                                       "metric": config.best_metric, "value": state.best})
+            point(root, "best", folder)
+        point(root, "latest", folder)
+        prune(root, config.keep_last)
+    dist_.barrier()
+    return folder
+
+
+def find_resumable(root: Path, model: nn.Module, config: TrainConfig, run_metadata: dict | None,
+                    info: dist_.DistInfo) -> tuple[Path | None, dict | None]:
+    """(folder, its contents) of the newest checkpoint under `root` that reads whole.
+
+    A damaged checkpoint (a truncated or empty file, bad trainer.json, a refused pickle) is
+    skipped with a warning naming the file; the older ones are exact states too, so the run
+    continues as if it had been interrupted there. A checkpoint that reads but does not fit
+    this run (another config or shapes) is an error, not skipped. Raises ValueError listing
+    every checkpoint tried when none reads.
+    """
+    found = list_checkpoints(root)
+    tried = []
+    for folder in reversed(found):
+        try:
+            return folder, _read_checkpoint(folder, model, config, run_metadata)
+        except BadFileError as err:  # CheckpointError, DamagedWeightsError, files.read_json's
+            tried.append(f"{folder.name}: {err}")
+            if info.is_main:
+                logger.warning("cannot resume from %s: %s; trying the previous checkpoint", folder, err)
+    if found:
+        raise ValueError(
+            f"cannot resume from {root}: none of its {len(found)} checkpoints loads ("
+            + "; ".join(tried) + "). Restore a checkpoint from a backup, or start afresh with --overwrite "
+            "(the old run is moved aside) or another out_dir")
+    return None, None
+
+
+def _read_checkpoint(folder: Path, model: nn.Module, config: TrainConfig, run_metadata: dict | None) -> dict:
+    """Read and check everything in `folder` before anything is changed, so a damaged file
+    (a BadFileError) leaves the model, optimizer and loader as they were."""
+    saved = read_trainer_info(folder)
+    check_same_run(folder, saved, config, run_metadata)
+    weights = folder / RESUME_MODEL_FILE
+    if not weights.is_file():
+        weights = folder / MODEL_FILE
+    model_state = load_state_dict_file(weights)
+    check_state_dict(model, model_state, folder)
+    trainer = read_trainer_state(folder)
+    for key in ("loop", "optimizer", "rng", "loader"):
+        if key not in trainer:
+            raise CheckpointError(f"{folder / TRAINER_STATE} has no {key!r} entry; it is damaged")
+    return {"model": model_state, "trainer": trainer}
+
+
+def load_training_state(saved: dict, run: Run) -> None:
+    """Put what `find_resumable` read into `run`: model, optimizer, scaler, loader, RNGs, counters."""
+    raw, optimizer, scaler, info = run.raw, run.optimizer, run.scaler, run.info
+    model_state, trainer = saved["model"], saved["trainer"]
+    if run.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(raw, model_state, options=options)
+        set_optimizer_state_dict(raw, optimizer, trainer["optimizer"], options=options)
+    else:
+        raw.load_state_dict(model_state)
+        optimizer.load_state_dict(trainer["optimizer"])
+    if scaler is not None and trainer.get("scaler") is not None:
+        scaler.load_state_dict(trainer["scaler"])
+    run.batches.load_state_dict(trainer["loader"])
+    rng = trainer["rng"]
+    set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
+    run.state.load(trainer["loop"])

@@ -1,9 +1,9 @@
-"""PyTorch's own distributed engine, applied from outside the model.
+"""The process group: who this process is in the job, and the collectives the loop uses.
 
 `torchrun --nproc_per_node=N -m minigpt train ...` sets RANK, WORLD_SIZE and LOCAL_RANK;
-`setup` joins the process group (NCCL on GPUs, gloo on CPUs) and `wrap` puts the model
-under DistributedDataParallel or FSDP (`fully_shard`, FSDP2). Without torchrun all of
-this is a no-op and the run is a single process.
+`setup` joins the process group (NCCL on GPUs, gloo on CPUs); the collectives here are
+no-ops without one. Putting the model under DDP or FSDP is minigpt.train.parallel's job.
+Without torchrun all of this is a no-op and the run is a single process.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -79,38 +78,6 @@ def resolve_parallel(parallel: str, info: DistInfo) -> str:
         logger.info("parallel=%r in a single process: training without it", parallel)
         return "none"
     return parallel
-
-
-def wrap(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
-    """The module to train: `model` itself, under DDP, or sharded in place by FSDP2."""
-    if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        from minigpt.model import Block
-
-        # Shard each transformer block, then the root (embeddings, final norm, head).
-        for module in model.modules():
-            if isinstance(module, Block):
-                fully_shard(module)
-        fully_shard(model)
-        return model
-    return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

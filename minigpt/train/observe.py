@@ -188,3 +188,36 @@ def _parse(path: Path) -> list[tuple[str, dict]]:
         out.append((line, record))
     return out
 
+
+
+class TrainWindow:
+    """Loss, throughput and MFU over the updates since the last log step."""
+
+    def __init__(self, peak: float, world_size: int) -> None:
+        self.peak, self.world_size = peak, world_size
+        self.flops: float | None = None
+        """Model FLOPs per token, from the first batch that has token ids."""
+        self.time, self.tokens, self.losses = 0.0, 0, []
+
+    def add(self, seconds: float, tokens: int, loss: float | None, model: nn.Module, seq_len: int | None) -> None:
+        """One update: its seconds, the tokens of this rank, its loss (None if skipped)."""
+        self.time += seconds
+        self.tokens += tokens * self.world_size
+        if self.flops is None and seq_len:
+            self.flops = model_flops_per_token(model, seq_len)
+        if loss is not None:
+            self.losses.append(loss)
+
+    def write(self, step: int, lr: float, grad_norm: float, skipped: int, metrics: MetricsLog, bar) -> None:
+        """Write a 'train' record and the progress-bar postfix, then start a new window."""
+        tokens_per_s = self.tokens / self.time if self.time > 0 else 0.0
+        mfu = self.flops * tokens_per_s / (self.peak * self.world_size) if self.flops else None
+        loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
+        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                  "skipped": skipped}
+        metrics.write("train", step, values)
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
+        if mfu is not None:
+            postfix["mfu"] = f"{100 * mfu:.1f}%"
+        bar.set_postfix(postfix, refresh=False)
+        self.time, self.tokens, self.losses = 0.0, 0, []

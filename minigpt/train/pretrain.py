@@ -31,8 +31,8 @@ import torch
 
 from minigpt.config import PRESETS, GPTConfig, reject_unknown_keys
 from minigpt.data.dataset import FixedWindows, RandomWindows, TokenSplit
-from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, prepare, stale_reason
-from minigpt.device import check_device
+from minigpt.data.prepare import ERRORS, TOKENIZERS, PrepareConfig, check_outside_inputs, prepare, stale_reason
+from minigpt.device import check_device, memory_bytes
 from minigpt.files import existing_file, read_json, read_toml
 from minigpt.train import distributed as dist_
 from minigpt.train import runfolder
@@ -154,7 +154,7 @@ DEFAULT_TRAIN: dict[str, Any] = dict(
 # nanoGPT's documented CPU run of shakespeare_char (its README: config/train_shakespeare_char.py
 # with --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
 # --lr_decay_iters=2000 --dropout=0.0 --eval_iters=20), restated as a minigpt recipe so the
-# main job can be compared with it on the same machine (benchmarks/cpu.py --cases main).
+# main job can be compared with it on the same machine (scripts/cpu.py --cases main).
 NANOGPT_CPU: dict[str, dict[str, Any]] = {
     "model": {"vocab_size": 65, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128,
               "dropout": 0.0, "bias": False, "qkv_bias": False, "activation": "gelu"},
@@ -404,7 +404,10 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
     `prepare` and `train` raise.
     """
     check_device(config.train.device)
+    check_memory_fits(config)
     run_dir = Path(config.train.out_dir)
+    if config.data.path is not None and not (Path(config.data.path) / "meta.json").is_file():
+        check_outside_inputs((config.data.path,), run_dir, "train.out_dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.out_dir={str(run_dir)!r} is a file; the run folder must be a folder (choose another "
                          f"--out-dir)")
@@ -430,6 +433,50 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
     return PretrainResult(train=result, run_dir=run_dir, data_dir=data_dir, sample=text)
 
 
+def warn_eval_cost(tc: TrainConfig, block_size: int, val_tokens: int) -> None:
+    """Warn when `eval_steps` is out of proportion: each evaluation draws eval_steps random
+    windows, so reading more tokens than the validation split holds scores the same text
+    again (no better an estimate, only slower), and evaluations that together cost more than
+    the training steps (an update is about 3 forward passes) make a run mostly evaluation.
+    Not an error: a user may want it, but should not get it without a word."""
+    per_eval = tc.eval_steps * tc.batch_size * block_size
+    enough = max(1, -(-val_tokens // (tc.batch_size * block_size)))
+    if per_eval > 2 * val_tokens and enough < tc.eval_steps:
+        logger.warning("train.eval_steps=%d reads %s tokens per evaluation, %.0fx the validation split's %s: "
+                       "the same text is scored again and again, which only makes evaluation slower; "
+                       "--train.eval_steps=%d reads it about once", tc.eval_steps, f"{per_eval:,}",
+                       per_eval / max(1, val_tokens), f"{val_tokens:,}", enough)
+    evaluations = tc.max_steps // tc.eval_interval + (tc.max_steps % tc.eval_interval != 0)
+    if evaluations * tc.eval_steps > 3 * tc.max_steps * tc.grad_accum:
+        logger.warning("evaluation will take longer than training: %d evaluations of %d batches (eval_interval=%d) "
+                       "against %d updates; lower --train.eval_steps or raise --train.eval_interval",
+                       evaluations, tc.eval_steps, tc.eval_interval, tc.max_steps)
+
+
+def check_memory_fits(config: PretrainConfig) -> None:
+    """Refuse, before anything is prepared or built, a run whose smallest possible training
+    step (`counts.training_bytes_lower_bound`) exceeds the device's whole memory: it would
+    only end, minutes later, in an allocator traceback. Runs that may fit are let through."""
+    from minigpt.counts import training_bytes_lower_bound
+
+    total = memory_bytes(config.train.device)
+    if total is None:
+        return
+    m, tc = config.model, config.train
+    need = training_bytes_lower_bound(m, tc.batch_size)
+    if need <= total:
+        return
+    gib = 1 << 30
+    per_sequence = max(1, training_bytes_lower_bound(m, 1) - training_bytes_lower_bound(m, 0))
+    fits = (total - training_bytes_lower_bound(m, 0)) // per_sequence
+    hint = (f"--train.batch_size={fits} or lower (with --train.grad_accum to keep the batch)" if fits >= 1
+            else "a smaller --model.block_size, --model.n_embd or --model.n_layer")
+    raise ValueError(
+        f"model.block_size={m.block_size} with train.batch_size={tc.batch_size} (n_layer={m.n_layer}, "
+        f"n_embd={m.n_embd}, vocab_size={m.vocab_size}) needs at least {need / gib:.1f} GiB to train, more than "
+        f"the {total / gib:.1f} GiB of memory of device {tc.device!r}; try {hint}")
+
+
 def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tuple[TrainResult, torch.nn.Module, object, Path]:
     """(train result, trained model, tokenizer, data folder): everything but the sample."""
     run_dir = Path(config.train.out_dir)
@@ -449,11 +496,13 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
     evals = FixedWindows(val_split, block, tc.batch_size, tc.eval_steps, seed=config.data.eval_seed,
                          rank=info.rank, world_size=info.world_size)
     if info.is_main:
+        warn_eval_cost(tc, block, len(val_split))
+    if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     from minigpt.model import GPT
-    from minigpt.tokenizer import tokenizer_from_dict
+    from minigpt.tokenizer import tokenizer_files, tokenizer_from_dict
 
     torch.manual_seed(tc.seed)  # the initial weights
     model = GPT(config.model)
@@ -470,5 +519,5 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
                              "train_tokens": meta["splits"]["train"]["tokens"],
                              "val_tokens": meta["splits"]["val"]["tokens"]}}
     result = train(model, tc, batches, eval_batches=evals, resume=resume, run_metadata=run_metadata,
-                   checkpoint_files={"tokenizer.json": json.dumps(tokenizer.to_dict())})
+                   checkpoint_files=tokenizer_files(tokenizer, config.model.block_size))
     return result, model, tokenizer, data_dir

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +206,15 @@ def test_undecodable_byte_offset_counts_the_bom(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "\xff"}\n')
     with pytest.raises(ValueError, match=r"b.jsonl: line 1, byte offset 13: cannot decode b'\\xff'"):
         _prepare(tmp_path, [tmp_path / "b.jsonl"], tokenizer="char", val_fraction=0.0)
+
+
+def test_prepare_config_values_are_type_checked_and_paths_expanded():
+    with pytest.raises(ValueError, match=r"PrepareConfig.val_fraction='0.1' \(str\).*without quotes"):
+        PrepareConfig(inputs=("x",), out_dir="o", val_fraction="0.1")
+    with pytest.raises(ValueError, match="PrepareConfig.progress='no'"):
+        PrepareConfig(inputs=("x",), out_dir="o", progress="no")
+    with pytest.raises(ValueError, match="not one path"):
+        PrepareConfig(inputs="x.txt", out_dir="o")
+    config = PrepareConfig(inputs=[Path("~/x.txt")], out_dir="~/prepared")
+    assert config.out_dir == os.path.expanduser("~/prepared")
+    assert config.inputs == (os.path.expanduser("~/x.txt"),)

@@ -1,18 +1,14 @@
 """The benchmarks' FLOP and byte counters and report plumbing (no GPU needed; nothing is timed)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from kernels.reference import attention_mask
 
-# benchmarks/ is a folder at the repository root, not an installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks import bench_attention, bench_layer_norm, run_all  # noqa: E402
-from benchmarks.common import add_speedups, require_cuda  # noqa: E402
+from benchmarks import bench_attention, bench_layer_norm
+from benchmarks.common import add_speedups, require_cuda
+from scripts import run_all
 
 
 @pytest.mark.parametrize("T", [1, 2, 7, 64, 300])

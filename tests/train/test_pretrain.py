@@ -1,6 +1,7 @@
 """Pretraining set-up: config from recipe + file + overrides, the CLI, sampling, plotting."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -152,3 +153,76 @@ def test_value_rule_errors_name_where_the_value_came_from(tmp_path):
         load_config(file=toml)
     with pytest.raises(ValueError, match=r"\[sample\] top_k=0 must be >= 1.*\(from --sample.top_k\)"):
         load_config(overrides=["--top_k=0"])
+
+
+def test_gpt2_pretraining_checkpoint_loads_in_auto_tokenizer(tmp_path, capsys, monkeypatch):
+    """A pretraining checkpoint with GPT-2's tokenizer holds the files transformers reads,
+    not minigpt's own tokenizer.json (which AutoTokenizer cannot read)."""
+    transformers = pytest.importorskip("transformers")
+    from tests.helpers import use_tiktoken_cache
+
+    use_tiktoken_cache(monkeypatch)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    run = tmp_path / "run"
+    main(["train", "--data", str(corpus), "--tokenizer=gpt2", "--out-dir", str(run), "--max_steps=1",
+          "--batch_size=2", "--model.n_layer=2", "--model.n_embd=32", "--model.n_head=2", "--block_size=16",
+          "--model.vocab_size=50257", "--eval_steps=1", "--sample.tokens=0", "--progress=false", "--warmup_steps=0"])
+    folder = run / "checkpoints" / "latest"
+    assert not (folder / "tokenizer.json").exists()
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert hf("The quick brown fox")["input_ids"] == [464, 2068, 7586, 21831]
+    capsys.readouterr()
+    main(["sample", "--model", str(folder), "--prompt", "The", "--max-new-tokens", "2"])  # minigpt reads it too
+    assert capsys.readouterr().out.startswith("The")
+
+
+def test_absurd_block_size_is_refused_up_front_naming_the_sizes(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world\n" * 50)
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--data", str(corpus), "--out-dir", str(tmp_path / "run"), "--block_size=100000",
+              "--n_layer=4000", "--max_steps=1"])
+    message = str(err.value)
+    assert "model.block_size=100000 with train.batch_size=32" in message and "GiB" in message
+    assert "--model.block_size" in message  # the fix
+    assert not (tmp_path / "run").exists()  # refused before anything was prepared or built
+
+
+def test_out_of_memory_while_training_is_one_line(tmp_path, monkeypatch):
+    from minigpt import cli
+
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 4915200000 bytes. Error code 12\nmore")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser, oom))
+    with pytest.raises(SystemExit, match=r"minigpt train: error: out of memory \(.*4915200000 bytes.*\); lower the batch"):
+        main(["train", "--data", str(tmp_path / "x.txt")])
+
+
+def _with_func(parser, func):
+    parser.set_defaults(func=func)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=func)
+    return parser
+
+
+def test_eval_steps_beyond_the_validation_split_warns(tmp_path, caplog):
+    import logging
+
+    from minigpt.train.loop import TrainConfig
+    from minigpt.train.pretrain import warn_eval_cost
+
+    config = TrainConfig(out_dir=str(tmp_path), max_steps=10, batch_size=4, eval_interval=5, eval_steps=1000)
+    with caplog.at_level(logging.WARNING):
+        warn_eval_cost(config, block_size=16, val_tokens=640)
+    assert "train.eval_steps=1000 reads 64,000 tokens per evaluation, 100x the validation split's 640" in caplog.text
+    assert "--train.eval_steps=10 reads it about once" in caplog.text
+    assert "evaluation will take longer than training: 2 evaluations of 1000 batches" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_eval_cost(dataclasses.replace(config, eval_steps=5), block_size=16, val_tokens=640)
+    assert caplog.text == ""

@@ -69,8 +69,9 @@ def test_resume_with_no_loadable_checkpoint_lists_what_was_tried(tmp_path, shake
         _run(tmp_path, shakespeare_chars, resume=True)
     message = str(err.value)
     assert message.startswith(f"cannot resume from {root}: none of its 2 checkpoints loads")
-    assert f"step_0000006: {root / 'step_0000006' / 'model.safetensors'} is not a readable safetensors file" in message
-    assert f"step_0000003: {root / 'step_0000003' / 'trainer.json'} is not valid JSON" in message
+    assert (f"step_0000006: weights file {root / 'step_0000006' / 'model.safetensors'} is damaged or incomplete "
+            f"(it is empty: 0 bytes)") in message
+    assert f"step_0000003: trainer info {root / 'step_0000003' / 'trainer.json'} is empty" in message
     assert "--overwrite" in message and "\n" not in message
 
 
@@ -133,3 +134,25 @@ def test_nonfinite_skip_counts_only_consecutive_updates(tmp_path, shakespeare_ch
                      max_consecutive_skips=2, max_steps=6, eval_interval=100)
     assert result.step == 6 and len(result.train_losses) == 3
     assert json.loads((tmp_path / "checkpoints" / "step_0000006" / "trainer.json").read_text())["step"] == 6
+
+
+def test_resume_reports_damaged_files_with_the_shared_readers_messages(tmp_path, shakespeare_chars):
+    """A damaged checkpoint file reads the same on resume as anywhere else (weights via
+    `load_safetensors`, JSON via `files.read_json`), so one message teaches one fix."""
+    from minigpt.files import BadFileError, read_json
+    from minigpt.weights.common import DamagedWeightsError, load_safetensors
+
+    _run(tmp_path, shakespeare_chars, max_steps=3)
+    folder = tmp_path / "checkpoints" / "step_0000003"
+    _truncate(folder / "model.safetensors")
+    _truncate(folder / "trainer.json")
+    with pytest.raises(DamagedWeightsError) as shared:
+        load_safetensors(folder / "model.safetensors")
+    with pytest.raises(DamagedWeightsError) as ours:
+        ckpt.load_state_dict_file(folder / "model.safetensors")
+    assert str(ours.value) == str(shared.value)
+    with pytest.raises(BadFileError) as shared:
+        read_json(folder / "trainer.json", "trainer info")
+    with pytest.raises(BadFileError) as ours:
+        ckpt.read_trainer_info(folder)
+    assert str(ours.value) == str(shared.value) and "is not valid JSON" in str(ours.value)

@@ -2,7 +2,7 @@
 
 Run from the repository root (needs CUDA):
 
-    python -m benchmarks.run_all --out benchmarks/results [--quick] [--plot] [--dtype bfloat16]
+    python -m scripts.run_all --out benchmarks/results [--quick] [--plot] [--dtype bfloat16]
 
 Writes ``<out>/results.json`` (environment, measured ceilings, every row) and
 ``<out>/results.md``. Nothing here passes or fails: it reports.

@@ -17,7 +17,7 @@ for --rounds rounds so that drift in the machine's speed hits both. Writes JSON 
 markdown table.
 Never asserts: it reports, including whether the outputs matched.
 
-    python benchmarks/cpu.py --out benchmarks/results
+    python scripts/cpu.py --out benchmarks/results
 """
 from __future__ import annotations
 

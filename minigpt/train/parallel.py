@@ -1,0 +1,107 @@
+"""How the model is run, applied from outside it, in one function: `parallelize`.
+
+In order (torchtitan's: per-block transforms first, then the whole model, then sharding):
+the attention backend on every GPT, activation checkpointing per transformer block,
+torch.compile of the whole model, then DDP or FSDP2 (`fully_shard` per block, then the
+root). The model itself stays single-device and knows none of this (STYLE.md).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minigpt.train.config import TrainConfig
+
+
+@contextmanager
+def parallelize(model: nn.Module, config: TrainConfig, parallel: str, device: torch.device) -> Iterator[nn.Module]:
+    """Yield the module to train on `model` (already on `device`): `model` itself, compiled,
+    under DDP, or sharded in place by FSDP2, after setting config.backend on every GPT and,
+    with config.activation_checkpointing, checkpointing each transformer block.
+
+    The model's own modules, parameters and state_dict keys are unchanged; activation
+    checkpointing is undone on exit, so the caller gets back the model it passed.
+    """
+    from minigpt.model import GPT
+
+    for module in model.modules():
+        if isinstance(module, GPT):
+            module.set_backend(config.backend)
+    blocks = _blocks(model) if config.activation_checkpointing else []
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed_forward, block)
+    try:
+        compiled = torch.compile(model) if config.compile else model
+        yield _wrap(compiled, parallel, device)
+    finally:
+        for block in blocks:
+            del block.forward  # the instance attribute; the class's forward shows through again
+
+
+def mixed_precision(device: torch.device, dtype: str) -> tuple[torch.dtype, torch.amp.GradScaler | None,
+                                                                AbstractContextManager]:
+    """(autocast dtype, a GradScaler when it is float16, the autocast context) for config.dtype.
+    'auto' is bfloat16 on CUDA (float16 where bf16 is unsupported) and float32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            resolved = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            resolved = torch.float32
+    else:
+        resolved = getattr(torch, dtype)
+    scaler = torch.amp.GradScaler(device.type) if resolved == torch.float16 else None
+    autocast = torch.autocast(device.type, dtype=resolved) if resolved != torch.float32 else nullcontext()
+    return resolved, scaler, autocast
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    from minigpt.model import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    """`block`'s forward, keeping only its inputs for backward and recomputing the rest
+    there (Chen et al. 2016): activation memory of one block instead of every block.
+    torch.utils.checkpoint restores the RNG state, so dropout masks, losses and gradients
+    are the same as without it."""
+    if not torch.is_grad_enabled():
+        return type(block).forward(block, *args, **kwargs)
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
+
+
+def _wrap(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
+    """The module to train: `model` itself, under DDP, or sharded in place by FSDP2."""
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from minigpt.model import Block
+
+        # Shard each transformer block, then the root (embeddings, final norm, head).
+        for module in model.modules():
+            if isinstance(module, Block):
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -1,0 +1,153 @@
+"""Bad inputs a new user tries, across the commands: each is a clear one-paragraph error
+(exit 1, no traceback) or the correct result. The cases and their history are listed in
+docs/reliability_cases.md."""
+from __future__ import annotations
+
+import pytest
+
+from minigpt import GPT, GPTConfig
+from minigpt.cli import main
+from minigpt.tokenizer import CharTokenizer, save_tokenizer
+
+ALPHABET = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture
+def char_model(tmp_path):
+    """A tiny character-level model folder, as a pretraining checkpoint holds one."""
+    folder = tmp_path / "model"
+    tokenizer = CharTokenizer(ALPHABET)
+    GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=8,
+                  attention_pattern=("dense",))).save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+    return folder
+
+
+def _error(args, capsys) -> str:
+    """The one-line error `main(args)` exits with; asserts nothing went to stdout."""
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert capsys.readouterr().out == ""  # nothing half-done (e.g. the prompt) was printed
+    message = str(err.value)
+    assert message.startswith(f"minigpt {args[0]}: error: ") and "\n" not in message
+    return message
+
+
+def test_sample_empty_prompt_is_clear_error(char_model, capsys):
+    message = _error(["sample", "--model", str(char_model), "--prompt", ""], capsys)
+    assert "prompt='' is empty: there is nothing to continue" in message and "start from a newline" in message
+
+
+def test_sample_empty_stop_string_is_clear_error(char_model, capsys):
+    message = _error(["sample", "--model", str(char_model), "--prompt", "A", "--stop", ""], capsys)
+    assert "a stop string must be non-empty text" in message
+
+
+def test_sample_bad_settings_are_refused_before_the_prompt_is_printed(char_model, capsys):
+    assert "top_p=2.0 must be in (0, 1]" in _error(
+        ["sample", "--model", str(char_model), "--prompt", "A", "--top-p", "2"], capsys)
+    assert "temperature=-1.0 must be >= 0" in _error(
+        ["sample", "--model", str(char_model), "--prompt", "A", "--temperature", "-1"], capsys)
+
+
+def test_sample_zero_and_beyond_block_size_new_tokens_work(char_model, capsys):
+    main(["sample", "--model", str(char_model), "--prompt", "A", "--max-new-tokens", "0"])
+    assert capsys.readouterr().out == "A\n"
+    main(["sample", "--model", str(char_model), "--prompt", "A", "--max-new-tokens", "40", "--seed", "1"])
+    assert len(capsys.readouterr().out) == 1 + 40 + 1  # the window slides past block_size=16
+
+
+def test_train_out_dir_inside_the_data_folder_is_refused(tmp_path, capsys):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.txt").write_text("some text to learn from\n" * 40)
+    message = _error(["train", "--data", str(data), "--out-dir", str(data / "run"), "--max_steps=1"], capsys)
+    assert f"train.out_dir {data / 'run'} is inside the data folder {data}" in message
+    assert not (data / "run").exists()  # its run.lock was read as training text before
+    message = _error(["prepare", str(data), "--out", str(data / "prepared")], capsys)
+    assert "out_dir" in message and "is inside the data folder" in message
+
+
+MC_ROWS = ('{"context": "The cat", "choices": [" sat", " ran"], "label": 0}\n'
+           '{"context": "A dog", "choices": [" sat", " ran"], "label": 1}\n')
+
+
+def test_eval_task_file_with_a_bom_is_read(char_model, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    task.write_bytes(b"\xef\xbb\xbf" + MC_ROWS.encode())
+    main(["eval", "--model", str(char_model), str(task)])
+    assert "acc" in capsys.readouterr().out
+
+
+def test_eval_task_file_not_utf8_names_the_line_and_fix(char_model, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    task.write_bytes(MC_ROWS.encode() + '{"context": "The café", "choices": [" a", " b"], "label": 0}\n'.encode("latin-1"))
+    message = _error(["eval", "--model", str(char_model), str(task)], capsys)
+    assert f"{task}, line 3: byte b'\\xe9'" in message and "save the file as UTF-8" in message
+
+
+def test_eval_empty_task_file_and_limit_zero_are_clear_errors(char_model, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "holds no examples; each line must be one JSON object" in _error(
+        ["eval", "--model", str(char_model), str(empty)], capsys)
+    task = tmp_path / "task.jsonl"
+    task.write_text(MC_ROWS)
+    assert "limit=0 must be an integer >= 1" in _error(
+        ["eval", "--model", str(char_model), str(task), "--limit", "0"], capsys)
+
+
+def test_eval_contexts_cut_to_fit_the_block_are_reported(char_model, tmp_path, capsys, caplog):
+    import logging
+
+    task = tmp_path / "task.jsonl"
+    task.write_text(MC_ROWS)
+    with caplog.at_level(logging.WARNING):
+        main(["eval", "--model", str(char_model), str(task), "--shots", "1", "--separator", "x" * 40])
+    assert "2 of 2 contexts did not fit block_size=16" in caplog.text and "lower --shots" in caplog.text
+
+
+def _corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 80)
+    return corpus
+
+
+TINY_RUN = ["--n_layer=2", "--n_embd=16", "--n_head=2", "--block_size=16", "--batch_size=2", "--eval_steps=1",
+            "--sample.tokens=0", "--progress=false", "--warmup_steps=0"]
+
+
+def test_ctrl_c_mid_training_is_one_line_and_leaves_a_resumable_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from minigpt.cli import main; main(sys.argv[1:])")
+    args = ["train", "--data", str(_corpus(tmp_path)), "--out-dir", str(run), "--max_steps=100000",
+            "--checkpoint_interval=5", "--eval_interval=5", *TINY_RUN]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.time() + 60
+    while not list((run / "checkpoints").glob("step_*")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "minigpt train: interrupted; the same command with --resume" in err
+    assert not (run / "run.lock").exists()  # released: the next command may take the folder
+    main(args[:5] + ["--max_steps=12", "--resume", "--checkpoint_interval=5", "--eval_interval=5", *TINY_RUN])
+    assert (run / "checkpoints" / "step_0000012").is_dir()
+
+
+def test_resume_past_max_steps_says_there_is_nothing_to_train(tmp_path, caplog):
+    import logging
+
+    args = ["train", "--data", str(_corpus(tmp_path)), "--out-dir", str(tmp_path / "run"), *TINY_RUN]
+    main(args + ["--max_steps=4"])
+    with caplog.at_level(logging.WARNING):
+        main(args + ["--max_steps=2", "--resume"])
+    assert "already at max_steps=2: there is nothing to train; raise --train.max_steps" in caplog.text
