@@ -65,3 +65,44 @@ def test_step_flops_default_is_full_training():
     assert step_flops_per_token(CONFIG, 16) == pytest.approx(flops_per_token(CONFIG, 16, training=True))
     with pytest.raises(ValueError, match="one per block"):
         step_flops_per_token(CONFIG, trained=[1, 2])
+
+
+def test_prompt_masked_loss_is_charged_the_lm_head_only_where_it_runs():
+    """`masked_lm_loss` applies the LM head only at target positions; MFU counts it there only,
+    which matches torch's FLOP counter on that loss."""
+    from minigpt.train.finetune import masked_lm_loss
+    from minigpt.train.observe import MetricsLog, TrainWindow
+
+    model = build("lm")
+    idx = torch.randint(0, CONFIG.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    targets = torch.full((B, T), -100)
+    targets[:, -3:] = idx[:, -3:]  # three completion tokens per row
+    batch = {"idx": idx, "targets": targets}
+    with FlopCounterMode(display=False) as counter:
+        masked_lm_loss(model, batch).backward()
+    measured = counter.get_total_flops()
+
+    head_tokens = masked_lm_loss.lm_head_positions(model, batch)
+    assert head_tokens == B * 3
+
+    class Recorder(MetricsLog):
+        def __init__(self):
+            self.records = []
+
+        def write(self, kind, step, values):
+            self.records.append(values)
+
+    class Bar:
+        def set_postfix(self, *args, **kwargs):
+            pass
+
+    window = TrainWindow(peak=1.0, world_size=1)
+    window.add(1.0, B * T, 1.0, model, T, head_tokens)
+    metrics = Recorder()
+    window.write(1, 1e-3, 1.0, 0, metrics, Bar())
+    counted = metrics.records[0]["mfu"]  # FLOPs done in one second at a peak of 1 FLOP/s
+    full = model_flops_per_token(model, T) * B * T
+    head = 3 * 2 * CONFIG.vocab_size * CONFIG.n_embd  # forward, input and weight gradients
+    assert counted == pytest.approx(full - head * (B * T - head_tokens))
+    # The count has 2 FLOPs per bias and LayerNorm weight (Kaplan's 2N) that are no matmuls.
+    assert counted == pytest.approx(measured, rel=0.03)

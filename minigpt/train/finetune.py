@@ -335,6 +335,15 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return F.cross_entropy(logits.float(), targets[keep])
 
 
+def _lm_head_positions(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Positions at which `masked_lm_loss` runs the LM head, for MFU (on the loader's CPU batch)."""
+    targets = batch["targets"]
+    return int((targets != IGNORE_INDEX).sum()) if isinstance(model, GPT) else targets.numel()
+
+
+masked_lm_loss.lm_head_positions = _lm_head_positions
+
+
 def _completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig,
                     pairs: list[PromptCompletion] | None = None,
                     val_pairs: list[PromptCompletion] | None = None) -> _Run:

@@ -172,8 +172,8 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
         with logging_redirect_tqdm():
             while state.step < config.max_steps and not stopped_early:
                 began = time.perf_counter()
-                loss, grad_norm, tokens, seq_len = _update(run, trainable)
-                window.add(time.perf_counter() - began, tokens, loss, raw, seq_len)
+                loss, grad_norm, tokens, head_tokens, seq_len = _update(run, trainable)
+                window.add(time.perf_counter() - began, tokens, loss, raw, seq_len, head_tokens)
                 state.step += 1
                 bar.update(1)
                 if loss is None:  # a non-finite update that was skipped
@@ -211,18 +211,22 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
                        last_checkpoint=last_saved, best_checkpoint=ckpt.best_checkpoint(run.root))
 
 
-def _update(run: Run, trainable: list[nn.Parameter]) -> tuple[float | None, float, int, int | None]:
-    """One optimizer update: (mean loss or None if skipped, grad norm, tokens on this rank, T)."""
+def _update(run: Run, trainable: list[nn.Parameter]) -> tuple[float | None, float, int, int, int | None]:
+    """One optimizer update: (mean loss or None if skipped, grad norm, tokens on this rank, of them
+    the positions the LM head ran on, T)."""
     config, optimizer, scaler, step = run.config, run.optimizer, run.scaler, run.state.step
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
     total = torch.zeros((), device=run.device)
-    tokens, seq_len = 0, None
+    tokens, head_tokens, seq_len = 0, 0, None
+    head_positions = getattr(run.loss_fn, "lm_head_positions", None)  # a loss that skips the LM head somewhere
     for micro in range(config.grad_accum):
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in run.batches.next_batch().items()}
+        loaded = run.batches.next_batch()
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in loaded.items()}
         if "idx" in batch:
             tokens += batch["idx"].numel()
+            head_tokens += head_positions(run.module, loaded) if head_positions else batch["idx"].numel()
             seq_len = batch["idx"].shape[-1]
         last = micro == config.grad_accum - 1
         sync = nullcontext() if last or run.parallel != "ddp" else run.module.no_sync()
@@ -256,14 +260,14 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> tuple[float | None, floa
         if scaler is not None:
             scaler.update()
         logger.warning("%s at step %d; skipped this update (on_nonfinite='skip')", bad, step + 1)
-        return None, grad_norm, tokens, seq_len
+        return None, grad_norm, tokens, head_tokens, seq_len
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return mean_loss, grad_norm, tokens, seq_len
+    return mean_loss, grad_norm, tokens, head_tokens, seq_len
 
 
 def _count_skip(run: Run) -> None:

@@ -88,13 +88,14 @@ def find_gpt_config(model: nn.Module) -> GPTConfig | None:
     return None
 
 
-def model_flops_per_token(model: nn.Module, seq_len: int) -> float | None:
+def model_flops_per_token(model: nn.Module, seq_len: int, lm_head: bool = True) -> float | None:
     """FLOPs per token of one training step of `model` as it stands (`counts.step_flops_per_token`).
 
     Read from the model itself: the LM head counts only when `model` is the GPT (a wrapper
     such as a classifier reads hidden states), frozen weights get no weight gradients, LoRA
     adapters (parameters named lora_*) add their own small matmuls, and gradients flow back
     only to the first block with something to train. None when there is no GPT inside.
+    `lm_head=False` leaves the head out even when `model` is the GPT.
     """
     from minigpt.model import GPT
 
@@ -108,9 +109,23 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float | None:
         trained.append(sum(p.numel() for n, p in named if p.requires_grad and "lora_" not in n))
         adapters.append(sum(p.numel() for n, p in named if "lora_" in n))
     return step_flops_per_token(
-        gpt.config, seq_len, lm_head=model is gpt, trained=trained, adapters=adapters,
+        gpt.config, seq_len, lm_head=model is gpt and lm_head, trained=trained, adapters=adapters,
         embeddings_trained=gpt.tok_emb.weight.requires_grad or gpt.pos_emb.weight.requires_grad,
         head_trained=gpt.lm_head.weight.requires_grad)
+
+
+def lm_head_flops_per_position(model: nn.Module) -> float:
+    """The LM head's share of `model_flops_per_token` (its forward, and its backward as far as
+    the step computes it): what a loss that applies the head only at target positions saves
+    at every other position. 0 when `model` is not itself the GPT (a classifier reads hidden
+    states and never runs the head)."""
+    from minigpt.model import GPT
+
+    if not isinstance(model, GPT):
+        return 0.0
+    # The head's FLOPs do not depend on the sequence length, so any length gives the difference.
+    seq_len = model.config.block_size
+    return model_flops_per_token(model, seq_len) - model_flops_per_token(model, seq_len, lm_head=False)
 
 
 class MetricsLog:
@@ -196,22 +211,31 @@ class TrainWindow:
     def __init__(self, peak: float, world_size: int) -> None:
         self.peak, self.world_size = peak, world_size
         self.flops: float | None = None
-        """Model FLOPs per token, from the first batch that has token ids."""
-        self.time, self.tokens, self.losses = 0.0, 0, []
+        """Model FLOPs per token with the LM head at every position, from the first batch with token ids."""
+        self.head_flops = 0.0
+        """Of those, the LM head's (forward and backward), charged only where it ran."""
+        self.time, self.tokens, self.head_tokens, self.losses = 0.0, 0, 0, []
 
-    def add(self, seconds: float, tokens: int, loss: float | None, model: nn.Module, seq_len: int | None) -> None:
-        """One update: its seconds, the tokens of this rank, its loss (None if skipped)."""
+    def add(self, seconds: float, tokens: int, loss: float | None, model: nn.Module, seq_len: int | None,
+            head_tokens: int | None = None) -> None:
+        """One update: its seconds, the tokens of this rank, its loss (None if skipped), and how
+        many of the tokens the LM head ran on (None: all; a prompt-masked loss skips the rest)."""
         self.time += seconds
         self.tokens += tokens * self.world_size
+        self.head_tokens += (tokens if head_tokens is None else head_tokens) * self.world_size
         if self.flops is None and seq_len:
             self.flops = model_flops_per_token(model, seq_len)
+            self.head_flops = lm_head_flops_per_position(model)
         if loss is not None:
             self.losses.append(loss)
 
     def write(self, step: int, lr: float, grad_norm: float, skipped: int, metrics: MetricsLog, bar) -> None:
         """Write a 'train' record and the progress-bar postfix, then start a new window."""
         tokens_per_s = self.tokens / self.time if self.time > 0 else 0.0
-        mfu = self.flops * tokens_per_s / (self.peak * self.world_size) if self.flops else None
+        mfu = None
+        if self.flops and self.time > 0:
+            done = self.flops * self.tokens - self.head_flops * (self.tokens - self.head_tokens)
+            mfu = done / self.time / (self.peak * self.world_size)
         loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
         values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
                   "skipped": skipped}
@@ -220,4 +244,4 @@ class TrainWindow:
         if mfu is not None:
             postfix["mfu"] = f"{100 * mfu:.1f}%"
         bar.set_postfix(postfix, refresh=False)
-        self.time, self.tokens, self.losses = 0.0, 0, []
+        self.time, self.tokens, self.head_tokens, self.losses = 0.0, 0, 0, []
