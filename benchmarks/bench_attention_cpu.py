@@ -5,7 +5,7 @@ Run from the repository root (no GPU needed):
     python -m benchmarks.bench_attention_cpu [--quick] [--out benchmarks/results]
 
 This is what a GPT-3 layer costs on the ``sdpa`` and ``math`` backends, where a banded
-layer attends in query blocks of w against 2w keys (``ops.banded_attention``). Default
+layer attends in query blocks of w/2 against 1.5w keys (``ops.banded_attention``). Default
 shape: B=1, H=4, D=64, T=4096, w=256, float32, 2 threads. The cases are timed in
 interleaved rounds (dense, banded, dense, ...) so that load from other processes hits
 them alike; we report the median and the minimum over rounds. Peak extra memory is the

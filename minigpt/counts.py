@@ -80,16 +80,20 @@ def computed_attention_context(config: GPTConfig, seq_len: int, layer: int, back
     - banded on ``triton``: min(w, T); the kernel visits only the key tiles that meet the
       band (tile edges are not counted);
     - banded on ``sdpa`` and ``math`` with w < T: ``ops.banded_attention`` cuts the queries
-      into ceil(T/w) blocks of w and scores each against 2w keys, so
-      2w * ceil(T/w) * w / T keys per query: about 2w, never T.
+      into ceil(T/b) blocks of b (b = w/2 for even w, else w) and scores each against the
+      w + b keys it can see, so (w + b) * ceil(T/b) * b / T keys per query: about 1.5w
+      (2w for odd w), never T.
     """
     if backend is not None:
         _check_backend(backend)
     window = config.layer_window(layer)
     if backend is None or window is None or window >= seq_len or backend == "triton":
         return float(attention_context(config, seq_len, layer))
-    blocks = -(-seq_len // window)
-    return 2.0 * window * blocks * window / seq_len
+    from minigpt.ops import band_block_size  # torch is imported only when a backend is asked for
+
+    block = band_block_size(window)
+    blocks = -(-seq_len // block)
+    return float((window + block) * blocks * block) / seq_len
 
 
 def attention_flops_per_token(config: GPTConfig, seq_len: int | None = None, backend: str | None = None) -> float:
@@ -195,7 +199,7 @@ def activation_bytes_per_token(
     (flash) attention kernel does. Embeddings and the LM head are not included.
 
     With `backend`, what that backend keeps: ``math`` stores the scores it computes
-    (`computed_attention_context`: about 2w per query for a banded layer); ``sdpa`` and
+    (`computed_attention_context`: about 1.5w per query for a banded layer); ``sdpa`` and
     ``triton`` run fused attention and store none (`stored_scores` is then ignored).
     """
     T = _seq_len(config, seq_len)

@@ -13,9 +13,8 @@ Masks follow the house's single definition: query i sees key j iff j <= i and, i
 banded layer of width w, i - w < j.
 
 A banded layer costs O(T * w) on every backend. ``triton`` visits only the key tiles
-that meet the band; ``sdpa`` and ``math`` cut the queries into blocks of w rows, and
-block b attends to the 2w keys of blocks b-1 and b, the only keys its queries can see
-(``banded_attention``). No T x T mask or score matrix is built, except on the ``math``
+that meet the band; ``sdpa`` and ``math`` cut the queries into blocks of b = w/2 rows,
+and each block attends to the w + b keys its queries can see (``banded_attention``). No T x T mask or score matrix is built, except on the ``math``
 path when attention probabilities are asked for.
 """
 from __future__ import annotations
@@ -98,34 +97,35 @@ def build_mask(
 
 
 def _band_block_mask(
-    n_blocks: int, window: int, first_key: int, start: int, left_pad: torch.Tensor | None, n_head: int, device
+    n_blocks: int, block: int, window: int, first_key: int, start: int, left_pad: torch.Tensor | None,
+    n_head: int, device
 ) -> torch.Tensor:
-    """Boolean mask of the blocked band, (n_blocks, 1, w, 2w), or (n_blocks, B*H, w, 2w) with left padding.
+    """Boolean mask of the blocked band, (n_blocks, 1, b, w+b), or (n_blocks, B*H, b, w+b) with left padding.
 
-    Positions are in query coordinates: row r of block b is query i = b*w + r, column c
-    is key j = (b-1)*w + c. Keys before ``first_key`` do not exist (zero padding), and
+    Positions are in query coordinates: row r of block m is query i = m*b + r, column c
+    is key j = m*b - w + c. Keys before ``first_key`` do not exist (zero padding), and
     with ``left_pad`` a padding query sees itself only, as in ``build_mask``.
     """
-    w = window
-    b = torch.arange(n_blocks, device=device)[:, None, None]
-    i = b * w + torch.arange(w, device=device)[None, :, None]  # (n, w, 1)
-    j = (b - 1) * w + torch.arange(2 * w, device=device)[None, None, :]  # (n, 1, 2w)
-    mask = (j <= i) & (j > i - w) & (j >= first_key)  # (n, w, 2w)
+    b, w = block, window
+    m = torch.arange(n_blocks, device=device)[:, None, None]
+    i = m * b + torch.arange(b, device=device)[None, :, None]  # (n, b, 1)
+    j = m * b - w + torch.arange(w + b, device=device)[None, None, :]  # (n, 1, w+b)
+    mask = (j <= i) & (j > i - w) & (j >= first_key)  # (n, b, w+b)
     if left_pad is None:
-        return mask[:, None]  # (n, 1, w, 2w)
-    real_key = (start + j)[:, None] >= left_pad[None, :, None, None]  # (n, B, 1, 2w)
-    mask = (mask[:, None] & real_key) | (j == i)[:, None]  # (n, B, w, 2w)
-    return mask.repeat_interleave(n_head, dim=1)  # (n, B*H, w, 2w)
+        return mask[:, None]  # (n, 1, b, w+b)
+    real_key = (start + j)[:, None] >= left_pad[None, :, None, None]  # (n, B, 1, w+b)
+    mask = (mask[:, None] & real_key) | (j == i)[:, None]  # (n, B, b, w+b)
+    return mask.repeat_interleave(n_head, dim=1)  # (n, B*H, b, w+b)
 
 
 @functools.lru_cache(maxsize=4)
 def _band_block_bias(
-    n_blocks: int, window: int, first_key: int, dtype: torch.dtype, device: torch.device
+    n_blocks: int, block: int, window: int, first_key: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    # The additive form (0 / -inf) of the band's mask, (n, 1, w, 2w): 2*T*w values, the size
+    # The additive form (0 / -inf) of the band's mask, (n, 1, b, w+b): T*(w+b) values, the size
     # of one head's scores. PyTorch's CPU SDPA kernel runs a float mask faster than a boolean
     # one. Cached: every banded layer of every step asks for the same one.
-    mask = _band_block_mask(n_blocks, window, first_key, 0, None, 1, device)
+    mask = _band_block_mask(n_blocks, block, window, first_key, 0, None, 1, device)
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
 
 
@@ -141,17 +141,45 @@ def _attend(q, k, v, mask, scale, backend, dropout_p, training):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
 
 
-def _overlapping_blocks(rows: torch.Tensor, w: int) -> torch.Tensor:
-    """(B*H, (n+1)w, D) -> (n, B*H, 2w, D): block b holds rows bw .. bw+2w-1 (key blocks b-1 and b).
+def band_block_size(window: int) -> int:
+    """Query block size b for a window w: w/2 when w is even (each query scores w+b = 1.5w
+    keys instead of 2w with b = w; measured fastest on CPU, see benchmarks/NOTES.md), else w."""
+    return window // 2 if window % 2 == 0 else window
+
+
+class _OverlappingBlocks(torch.autograd.Function):
+    # cat of the w/b + 1 shifted slices of b-row blocks; the backward adds each slice's
+    # gradient in place into one zeroed tensor (cat's own backward zero-fills a full-size
+    # tensor per slice, and unfold's backward is several times slower still).
+    @staticmethod
+    def forward(ctx, rows, block, window):
+        ctx.block, ctx.window, ctx.rows_shape = block, window, rows.shape
+        blocks = rows.unflatten(1, (-1, block)).transpose(0, 1)  # (n + w/b, B*H, b, D)
+        n = blocks.shape[0] - window // block
+        return torch.cat([blocks[s:s + n] for s in range(window // block + 1)], dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        b, w = ctx.block, ctx.window
+        grad_rows = grad.new_zeros(ctx.rows_shape)
+        blocks = grad_rows.unflatten(1, (-1, b)).transpose(0, 1)  # a view
+        n = grad.shape[0]
+        for s in range(w // b + 1):
+            blocks[s:s + n] += grad[:, :, s * b:(s + 1) * b]
+        return grad_rows, None, None
+
+
+def _overlapping_blocks(rows: torch.Tensor, block: int, window: int) -> torch.Tensor:
+    """(B*H, n*b + w, D) -> (n, B*H, w+b, D): block m holds rows m*b .. m*b+w+b-1.
 
     Without autograd these are overlapping views (unfold), which SDPA reads as fast as
-    copies; with autograd they are copies (cat), since unfold's backward is several times
-    slower than cat's.
+    copies; with autograd they are copies (``_OverlappingBlocks``; b divides w), since
+    unfold's backward is several times slower.
     """
+    b, w = block, window
     if not (torch.is_grad_enabled() and rows.requires_grad):
-        return rows.unfold(1, 2 * w, w).permute(1, 0, 3, 2)
-    blocks = rows.unflatten(1, (-1, w)).transpose(0, 1)  # (n+1, B*H, w, D)
-    return torch.cat([blocks[:-1], blocks[1:]], dim=2)
+        return rows.unfold(1, w + b, b).permute(1, 0, 3, 2)
+    return _OverlappingBlocks.apply(rows, b, w)
 
 
 def banded_attention(
@@ -166,6 +194,7 @@ def banded_attention(
     left_pad: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     training: bool = False,
+    block: int | None = None,
 ) -> torch.Tensor:
     """Banded causal attention in O(T * w) time and memory, in plain PyTorch.
 
@@ -173,31 +202,33 @@ def banded_attention(
     keys at consecutive positions start+T-S .. start+T-1 (the last key is the last
     query's own). Query i sees key j iff i - w < j <= i.
 
-    Queries are cut into n = ceil(T / w) blocks of w rows. Block b's queries
-    bw .. bw+w-1 see keys from bw-w+1 to bw+w-1, all inside blocks b-1 and b of the
-    keys, so each block attends to 2w keys: scores are (n, B*H, w, 2w), not (T, T).
-    The keys are zero-padded to cover block -1 and the ragged end; the mask hides them.
-    Blocks lead the batch dimensions, so one (n, 1, w, 2w) mask broadcasts over batch
+    Queries are cut into n = ceil(T / b) blocks of b rows (b = ``block``, a divisor of w;
+    by default w/2, see ``band_block_size``). Block m's queries mb .. mb+b-1 see keys
+    from mb-w+1 to mb+b-1, all inside the w+b keys mb-w .. mb+b-1, so scores are
+    (n, B*H, b, w+b), not (T, T): w+b keys per query (1.5w at b = w/2; 2w at b = w).
+    The keys are zero-padded by w in front and to the ragged end; the mask hides them.
+    Blocks lead the batch dimensions, so one (n, 1, b, w+b) mask broadcasts over batch
     and heads (left-padded rows get one per row).
     """
     B, H, T, D = q.shape
     S, w = k.shape[-2], window
-    n = -(-T // w)  # query blocks
-    pad = n * w - T  # rows that fill the last block
-    q_rows = F.pad(q, (0, 0, 0, pad)) if pad else q  # (B, H, n*w, D)
-    q_blocks = q_rows.reshape(B * H, n, w, D).transpose(0, 1)  # (n, B*H, w, D)
+    b = block or band_block_size(w)
+    n = -(-T // b)  # query blocks
+    pad = n * b - T  # rows that fill the last block
+    q_rows = F.pad(q, (0, 0, 0, pad)) if pad else q  # (B, H, n*b, D)
+    q_blocks = q_rows.reshape(B * H, n, b, D).transpose(0, 1)  # (n, B*H, b, D)
     # Keys in query coordinates: row w + i holds the key at query i's position, for
-    # i in [-w, n*w); a negative pad drops keys more than w before the first query.
-    k_rows = F.pad(k, (0, 0, w - (S - T), pad)).reshape(B * H, (n + 1) * w, D)  # (B*H, (n+1)w, D)
-    v_rows = F.pad(v, (0, 0, w - (S - T), pad)).reshape(B * H, (n + 1) * w, D)
-    k_blocks, v_blocks = _overlapping_blocks(k_rows, w), _overlapping_blocks(v_rows, w)  # (n, B*H, 2w, D)
+    # i in [-w, n*b); a negative pad drops keys more than w before the first query.
+    k_rows = F.pad(k, (0, 0, w - (S - T), pad)).reshape(B * H, n * b + w, D)
+    v_rows = F.pad(v, (0, 0, w - (S - T), pad)).reshape(B * H, n * b + w, D)
+    k_blocks, v_blocks = _overlapping_blocks(k_rows, b, w), _overlapping_blocks(v_rows, b, w)  # (n, B*H, w+b, D)
     if left_pad is not None:
-        mask = _band_block_mask(n, w, T - S, start, left_pad, H, q.device)  # (n, B*H, w, 2w)
+        mask = _band_block_mask(n, b, w, T - S, start, left_pad, H, q.device)  # (n, B*H, b, w+b)
     else:
-        first_key = max(T - S, -w)  # keys further back than one block make no difference
-        mask = _band_block_bias(n, w, first_key, q.dtype if backend == "sdpa" else torch.float32, q.device)
-    out = _attend(q_blocks, k_blocks, v_blocks, mask, scale, backend, dropout_p, training)  # (n, B*H, w, D)
-    return out.transpose(0, 1).reshape(B, H, n * w, D)[:, :, :T]  # (B, H, T, D)
+        first_key = max(T - S, -w)  # keys further back than w make no difference
+        mask = _band_block_bias(n, b, w, first_key, q.dtype if backend == "sdpa" else torch.float32, q.device)
+    out = _attend(q_blocks, k_blocks, v_blocks, mask, scale, backend, dropout_p, training)  # (n, B*H, b, D)
+    return out.transpose(0, 1).reshape(B, H, n * b, D)[:, :, :T]  # (B, H, T, D)
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:

@@ -76,4 +76,19 @@ def test_causal_attention_banded_builds_no_t_by_t_tensor(monkeypatch):
     monkeypatch.setattr(ops, "_math_attention", lambda q_, k_, *a: seen.append(tuple(k_.shape)) or real_math(q_, k_, *a))
     for backend in ("sdpa", "math"):
         ops.causal_attention(q, k, v, window=w, scale=0.5, backend=backend)
-    assert seen and all(shape[-2] == 2 * w for shape in seen), seen
+    # Query blocks of b = w/2 see the w + b keys they can reach: 1.5w per query, not 2w.
+    assert seen and all(shape[-2] == w + w // 2 for shape in seen), seen
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("T, w, block", [(67, 16, 16), (67, 16, 8), (67, 16, 4), (5, 12, 3), (40, 9, 9), (33, 8, 1)])
+def test_banded_attention_any_block_size(backend, T, w, block):
+    # Every query block size b dividing w gives the same outputs and gradients.
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, T, 8, seed=1))
+    out = ops.banded_attention(q, k, v, window=w, scale=8**-0.5, backend=backend, block=block)
+    ref = attention_reference(q.double(), k.double(), v.double(), window=w)
+    assert_rel_close(out, ref, torch.float32, "out")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_rel_close(g, r, torch.float32, f"d{name}")

@@ -188,10 +188,10 @@ def test_every_preset_reports(name):
     assert name in report(name)
 
 
-@pytest.mark.parametrize("backend, banded_context", [(None, 4.0), ("triton", 4.0), ("sdpa", 9.6), ("math", 9.6)])
+@pytest.mark.parametrize("backend, banded_context", [(None, 4.0), ("triton", 4.0), ("sdpa", 6.0), ("math", 6.0)])
 def test_banded_attention_work_follows_the_backend(backend, banded_context):
-    # T=10, w=4: sdpa and math score ceil(10/4)=3 blocks of 4 queries against 8 keys each
-    # (96 pairs, 9.6 keys per query); the kernel and the MFU convention count the band.
+    # T=10, w=4: sdpa and math score ceil(10/2)=5 blocks of b=w/2=2 queries against w+b=6 keys
+    # each (60 pairs, 6.0 keys per query); the kernel and the MFU convention count the band.
     from minigpt.counts import computed_attention_context
 
     config = GPTConfig(vocab_size=11, block_size=10, n_layer=2, n_head=2, n_embd=8,
@@ -199,7 +199,7 @@ def test_banded_attention_work_follows_the_backend(backend, banded_context):
     assert computed_attention_context(config, 10, 0, backend) == 10.0
     assert computed_attention_context(config, 10, 1, backend) == banded_context
     data = build_report(config, seq_len=10, backend=backend or "sdpa")
-    assert data["flops_per_token"]["forward_attention_computed"] == 4.0 * 8 * (10.0 + (banded_context if backend else 9.6))
+    assert data["flops_per_token"]["forward_attention_computed"] == 4.0 * 8 * (10.0 + (banded_context if backend else 6.0))
     stores = backend == "math"
     act = data["activations"]
     assert (act["per_token_backend"] > act["per_token_fused_attention"]) == stores
