@@ -79,7 +79,9 @@ def computed_attention_context(config: GPTConfig, seq_len: int, layer: int, back
     - dense layers: T on every backend (the causal half is not subtracted, as above);
     - banded on ``triton``: min(w, T); the kernel visits only the key tiles that meet the
       band (tile edges are not counted);
-    - banded on ``sdpa`` and ``math`` with w < T: ``ops.banded_attention`` cuts the queries
+    - banded on ``sdpa`` and ``math`` with w < T <= 2w: the whole (T, T) band mask in one
+      call (`ops.scores_whole_band`), T keys per query;
+    - banded on ``sdpa`` and ``math`` with T > 2w: ``ops.banded_attention`` cuts the queries
       into ceil(T/b) blocks of b (b = w/2 for even w, else w) and scores each against the
       w + b keys it can see, so (w + b) * ceil(T/b) * b / T keys per query: about 1.5w
       (2w for odd w), never T.
@@ -89,8 +91,10 @@ def computed_attention_context(config: GPTConfig, seq_len: int, layer: int, back
     window = config.layer_window(layer)
     if backend is None or window is None or window >= seq_len or backend == "triton":
         return float(attention_context(config, seq_len, layer))
-    from minigpt.ops import band_block_size  # torch is imported only when a backend is asked for
+    from minigpt.ops import band_block_size, scores_whole_band  # torch only when a backend is asked for
 
+    if scores_whole_band(seq_len, window):
+        return float(seq_len)
     block = band_block_size(window)
     blocks = -(-seq_len // block)
     return float((window + block) * blocks * block) / seq_len

@@ -12,6 +12,7 @@ from tolerances import assert_rel_close
 
 from kernels import attention_reference
 from minigpt import ops
+from minigpt.config import GPTConfig
 
 
 def _qkv(B, H, T, D, seed, S=None, dtype=torch.float32):
@@ -92,3 +93,23 @@ def test_banded_attention_any_block_size(backend, T, w, block):
     ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
     for name, g, r in zip("qkv", grads, ref_grads):
         assert_rel_close(g, r, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("T, w", [(64, 32), (9, 5), (8, 4), (2, 1)])
+def test_causal_attention_short_banded_sequence_scores_the_whole_band(backend, T, w):
+    # For w < T <= 2w the whole (T, T) band is O(T*w) and scored in one call; same outputs and
+    # gradients as the reference, and inspect counts T keys per query for it.
+    from minigpt.counts import computed_attention_context
+
+    assert ops.scores_whole_band(T, w)
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, T, 8, seed=T))
+    out, _ = ops.causal_attention(q, k, v, window=w, scale=8**-0.5, backend=backend)
+    ref = attention_reference(q.double(), k.double(), v.double(), window=w)
+    assert_rel_close(out, ref, torch.float32, "out")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for name, g, r in zip("qkv", grads, torch.autograd.grad(ref.sum(), (q, k, v))):
+        assert_rel_close(g, r, torch.float32, f"d{name}")
+    config = GPTConfig(vocab_size=8, block_size=T, n_layer=1, n_head=1, n_embd=8,
+                       attention_pattern=("banded",), attention_window=w)
+    assert computed_attention_context(config, T, 0, backend) == float(T)
