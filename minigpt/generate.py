@@ -135,6 +135,10 @@ def stream_tokens(
                 f"prompt {i} has {len(row)} tokens, more than block_size={config.block_size}; "
                 f"shorten it or keep its last {config.block_size} tokens"
             )
+        bad = [t for t in row if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} is out of range for vocab_size={config.vocab_size}; "
+                             f"was it encoded with this model's tokenizer?")
     return _stream_tokens(model, rows, max_new_tokens, temperature, top_k, top_p, seed, eos_id, use_cache)
 
 

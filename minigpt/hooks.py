@@ -31,15 +31,12 @@ import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
-
-if TYPE_CHECKING:
-    from minigpt.model import GPT
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +152,8 @@ def _log_math_once(backend: str) -> None:
 
 
 @contextmanager
-def hooks(model: "GPT", fwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (),
-          bwd_hooks: Sequence[tuple[NameSpec, HookFn]] = ()) -> Iterator["GPT"]:
+def hooks(model: nn.Module, fwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (),
+          bwd_hooks: Sequence[tuple[NameSpec, HookFn]] = ()) -> Iterator[nn.Module]:
     """Attach (name_or_predicate, fn) pairs for the body of a `with`; always removes them.
 
     Raises ValueError for an unknown name or a pair that is not (name, callable).
@@ -177,7 +174,7 @@ def hooks(model: "GPT", fwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (),
             handle.remove()
 
 
-def run_with_hooks(model: "GPT", idx: torch.Tensor, fwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (),
+def run_with_hooks(model: nn.Module, idx: torch.Tensor, fwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (),
                    bwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (), return_type: str = "logits", **kwargs):
     """One forward with hooks attached; returns the logits (or the `GPTOutput` with
     return_type="output"). `kwargs` go to `GPT.forward` (targets, cache, left_pad, ...)."""
@@ -209,7 +206,7 @@ class ActivationCache(dict):
         return super().__getitem__(key)
 
 
-def run_with_cache(model: "GPT", idx: torch.Tensor, names_filter: NameSpec | None = None, incl_bwd: bool = False,
+def run_with_cache(model: nn.Module, idx: torch.Tensor, names_filter: NameSpec | None = None, incl_bwd: bool = False,
                    metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    **kwargs) -> tuple[torch.Tensor, ActivationCache]:
     """Run the model and keep the activations `names_filter` selects (default: all).
@@ -241,7 +238,7 @@ def run_with_cache(model: "GPT", idx: torch.Tensor, names_filter: NameSpec | Non
     return out.logits, cache
 
 
-def run_with_views(model: "GPT", run: Callable[[], torch.Tensor], hidden_states: bool,
+def run_with_views(model: nn.Module, run: Callable[[], torch.Tensor], hidden_states: bool,
                    attentions: bool) -> tuple[torch.Tensor, tuple | None, tuple | None]:
     """What `output_hidden_states` / `output_attentions` return, read from the hook points:
     hook_resid_pre of each block then ln_final.hook_normalized; each block's hook_pattern."""

@@ -24,6 +24,7 @@ import logging
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,33 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; choose one of {BACKENDS}")
     return backend
+
+
+class UsesBackend:
+    """Marks a module whose forward calls a backend-dependent op of this file (attention,
+    LayerNorm) and hands it `self.backend`. Only `use_backend` sets it on an instance."""
+
+    backend: str = "sdpa"
+
+
+def use_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Compute every attention and LayerNorm of `model` with `backend`; returns `model`.
+
+    backend: 'math', 'sdpa' or 'triton' (see the module docstring). This is the one place
+    that chooses it: `GPT(config, backend=...)`, `GPT.set_backend`, `GPT.from_pretrained`
+    and the training loop's `parallelize` all call it. The model describes the math; how it
+    is computed is applied from outside, as compile and sharding are (STYLE.md). The choice
+    lives on each `UsesBackend` module rather than in a global, so two models in one
+    process may differ and `torch.compile` sees a constant attribute. Works on any module
+    that holds GPTs (a classifier around its backbone).
+
+    Raises ValueError for an unknown backend, before changing anything.
+    """
+    check_backend(backend)
+    for module in model.modules():
+        if isinstance(module, UsesBackend):
+            module.backend = backend
+    return model
 
 
 @functools.lru_cache(maxsize=None)
