@@ -57,8 +57,8 @@ def test_global_module_hooks_still_run_at_every_hook_point_the_forward_passes():
     finally:
         handle.remove()
     math_only = ("hook_attn_scores", "hook_pattern")  # called only on the math path, when hooked
-    assert seen == [name for name in hook_points(model) if not name.endswith(math_only)]
-    assert len(seen) == 2 + 2 * 15 + 1
+    assert sorted(seen) == sorted(name for name in hook_points(model) if not name.endswith(math_only))
+    assert len(seen) == 2 + 2 * 13 + 1  # embeddings, 13 of the 15 per block, ln_final
 
 
 def test_global_forward_pre_hook_can_replace_a_hook_points_input():
