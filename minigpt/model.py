@@ -185,14 +185,6 @@ class GPT(nn.Module):
     def backend(self) -> str:
         return self.ln_f.backend
 
-    def _apply(self, fn, *args, **kwargs):
-        # to() / half() / cuda() may change the weights without bumping their version
-        # counters; the decoding copy of the head must not outlive them.
-        from minigpt.generate import forget_decoding_head
-
-        forget_decoding_head(self)
-        return super()._apply(fn, *args, **kwargs)
-
     def set_backend(self, backend: str) -> "GPT":
         """Choose the attention/LayerNorm backend: 'math', 'sdpa' or 'triton'; see `ops.use_backend`."""
         return ops.use_backend(self, backend)
