@@ -146,7 +146,18 @@ def _band_block_mask(
     return mask.repeat_interleave(n_head, dim=1)  # (n, B*H, b, w+b)
 
 
-@functools.lru_cache(maxsize=4)
+def _cached_mask(build):
+    """`build` behind a small lru_cache, except while torch.compile traces: then the mask is
+    built inside the graph (a constant there), and dynamo has no cache wrapper to warn about."""
+    cached = functools.lru_cache(maxsize=4)(build)
+
+    @functools.wraps(build)
+    def mask(*args):
+        return build(*args) if torch.compiler.is_compiling() else cached(*args)
+    return mask
+
+
+@_cached_mask
 def _band_block_bias(
     n_blocks: int, block: int, window: int, first_key: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -167,7 +178,7 @@ def scores_whole_band(seq_len: int, window: int) -> bool:
     return seq_len <= 2 * window
 
 
-@functools.lru_cache(maxsize=4)
+@_cached_mask
 def _full_band_bias(T: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # The additive form (0 / -inf) of the (T, T) band mask, cached like `_band_block_bias`.
     index = torch.arange(T, device=device)
