@@ -4,6 +4,13 @@ from __future__ import annotations
 import argparse
 
 from minigpt.cli.common import MODEL_HELP, add_columns, add_encoding, add_pair_columns, add_threads
+from minigpt.finetune.config import CLASS_WEIGHTS, FINETUNE_TRAIN, LORA_LR, TASKS
+
+TASK_HELP = {
+    "classify": "train a classification head (and the model) on a labeled CSV/TSV/JSONL",
+    "completion": "train on prompt/completion JSONL; the loss covers completions only",
+}
+"""One line of help per fine-tuning task (`minigpt.finetune.config.TASKS`), its subcommand's."""
 
 
 def _finetune_check(args: argparse.Namespace) -> None:
@@ -33,8 +40,8 @@ def add_finetune_parser(sub) -> None:
     add_pair_columns(c)
     add_encoding(c)
     c.set_defaults(func=_finetune_check)
-    for task, help_text in (("classify", "train a classification head (and the model) on a labeled CSV/TSV/JSONL"),
-                            ("completion", "train on prompt/completion JSONL; the loss covers completions only")):
+    for task in TASKS:
+        help_text = TASK_HELP[task]
         t = actions.add_parser(
             task, help=help_text, allow_abbrev=False,
             description=f"{help_text}. Training settings (TrainConfig fields) are overrides such as "
@@ -55,7 +62,7 @@ def add_finetune_parser(sub) -> None:
         if task == "classify":
             add_columns(t)
             t.add_argument("--max-length", type=int, default=None, help="tokens kept per text (default: block_size)")
-            t.add_argument("--class-weights", choices=("none", "balanced"), default="none")
+            t.add_argument("--class-weights", choices=CLASS_WEIGHTS, default="none")
             t.add_argument("--as-completion", action="store_true",
                            help="no head: teach each label word as the completion of --template (prompt masked); "
                                 "scored by label log-likelihood and greedy exact match")
@@ -107,8 +114,6 @@ def _finetune_train(args: argparse.Namespace) -> None:
 
 
 def _finetune_defaults() -> str:
-    from minigpt.finetune.config import FINETUNE_TRAIN, LORA_LR
-
     values = ", ".join(f"{k}={v}" for k, v in FINETUNE_TRAIN.items())
     return (f"{values}; with LoRA lr={LORA_LR:g}; classifiers keep the checkpoint with the best val_accuracy, "
             f"completion models the lowest val_loss")

@@ -7,7 +7,8 @@ the loop supplies everything else, from the parts of this package:
     config.py      TrainConfig, the run config
     optim.py       the optimizer (AdamW, or Muon from muon.py) and the learning-rate schedule
     parallel.py    backend, activation checkpointing, torch.compile, DDP/FSDP, from outside the model
-    checkpoint.py  atomic checkpoints, exact resumption (RNG states, loader), the same-run check
+    checkpoint.py  atomic checkpoints, exact resumption (loader; RNG states in rng.py), the same-run check
+    distributed.py where this process sits (under torchrun, inside the entry's `process_group`)
     observe.py     the metrics log, throughput and MFU
     state.py       `Run`, what one run carries between these parts, and the saved counters
 
