@@ -17,13 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch.nn as nn
 
 from minigpt.finetune.data import LabeledText, LabelMap, PromptCompletion
 from minigpt.finetune.fewshot import FewShotClassifier, FewShotPrompt
-from minigpt.finetune.metrics import ClassificationReport, classification_report, write_report
+from minigpt.finetune.metrics import ClassificationReport, classification_report
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,11 @@ class AsCompletionReport:
     @property
     def accuracy(self) -> float:
         return self.likelihood.accuracy
+
+    @property
+    def classification(self) -> ClassificationReport:
+        """The report's classification (its confusion matrix is drawn by `write_report`)."""
+        return self.likelihood
 
     def to_dict(self) -> dict:
         return {**self.likelihood.to_dict(), "exact_match": self.exact_match, "not_a_label": self.not_a_label,
@@ -109,14 +113,6 @@ def evaluate_as_completion(model: nn.Module, tokenizer, rows: Sequence[LabeledTe
     finally:
         model.train(was_training)
     return AsCompletionReport(report, hits / len(rows), strays)
-
-
-def write_as_completion_report(report: AsCompletionReport, folder: str | Path, extra: dict | None = None) -> None:
-    """The classifier's files (metrics.json, report.txt, confusion_matrix.png) for the
-    likelihood scores, with the exact match added."""
-    write_report(report.likelihood, folder, {**(extra or {}), "exact_match": report.exact_match,
-                                             "not_a_label": report.not_a_label, "scored_by": "label log-likelihood"})
-    (Path(folder) / "report.txt").write_text(report.format() + "\n")
 
 
 def is_as_completion(details: dict) -> bool:

@@ -8,7 +8,6 @@ and exact match of greedy completions on held-out prompts. Classifiers taught as
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minigpt.finetune.as_completion import evaluate_saved, is_as_completion, write_as_completion_report
+from minigpt.finetune.as_completion import evaluate_saved, is_as_completion
 from minigpt.finetune.classifier import GPTClassifier, predict_proba
 from minigpt.finetune.data import (
     IGNORE_INDEX, ClassificationExample, LabeledText, LabelMap, PromptCompletion, collate_classification,
@@ -169,16 +168,13 @@ def evaluate(model_dir: str | Path, data_file: str | Path, *, out_dir: str | Pat
                             merge_label_case=merge_label_case, known_labels=tuple(meta.details["labels"]))
         report = evaluate_saved(model, tokenizer, meta.details, rows, batch_size)
         if out_dir is not None:
-            write_as_completion_report(report, out_dir, extra)
+            write_report(report, out_dir, extra)
         return report
     pairs = read_prompt_completion(data_file, prompt_column, completion_column, encoding)
     report = evaluate_completion(model, tokenizer, pairs, stop=meta.stop,
                                  max_generate=max_generate, batch_size=batch_size)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({**report.to_dict(), **extra}, indent=2) + "\n")
-        (out / "report.txt").write_text(report.format() + "\n")
+        write_report(report, out_dir, extra)
     return report
 
 

@@ -7,7 +7,8 @@ the loop supplies everything else, from the parts of this package:
     config.py      TrainConfig, the run config
     optim.py       the optimizer (AdamW, or Muon from muon.py) and the learning-rate schedule
     parallel.py    backend, activation checkpointing, torch.compile, DDP/FSDP, from outside the model
-    checkpoint.py  atomic checkpoints, exact resumption (RNG states, loader), the same-run check
+    checkpoint.py  atomic checkpoints, exact resumption (loader; RNG states in rng.py), the same-run check
+    distributed.py where this process sits (under torchrun, inside the entry's `process_group`)
     observe.py     the metrics log, throughput and MFU
     state.py       `Run`, what one run carries between these parts, and the saved counters
 
@@ -38,6 +39,7 @@ from minigpt.train.config import RESUMABLE_FIELDS, TrainConfig
 from minigpt.train.observe import MetricsLog, TrainWindow, peak_flops
 from minigpt.train.optim import build_optimizer, lr_at
 from minigpt.train.parallel import mixed_precision, parallelize
+from minigpt.train.rng import seed_rngs
 from minigpt.train.state import Batches, Run, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def train(
         NonFiniteLossError: the loss became NaN/inf and config.on_nonfinite == 'stop', or
             config.max_consecutive_skips updates in a row were skipped.
     """
-    info = dist_.setup(config.device)
+    info = dist_.current()
     parallel = dist_.resolve_parallel(config.parallel, info)
     if parallel == "fsdp" and save_model is not None:
         raise ValueError("save_model is not supported with parallel='fsdp'; the loop saves the gathered state_dict")
@@ -126,7 +128,7 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
     if info.is_main and root.is_dir():
         ckpt.clean_leftovers(root)
     if resume_from is None:
-        ckpt.seed_rngs(config.seed + info.rank)
+        seed_rngs(config.seed + info.rank)
 
     raw = model.to(device)
     with parallelize(raw, config, parallel, device) as module:
