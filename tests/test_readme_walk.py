@@ -1,14 +1,16 @@
-"""Every command of the README, run as written on tiny settings.
+"""Every command of the README, run top to bottom as written, on tiny settings.
 
 The commands are read from the README's blocks marked `<!-- run: NAME -->`
 (`scripts/readme_walk.py`; benchmarks/first_hour.py runs and times the first-hour block in
-full). Each section runs in a scratch folder laid out as the repository root seen by a
+full). They run in order, in one scratch folder laid out as the repository root seen by a
 reader: `scripts/` (this checkout's), `../shared/data` holding the first rows of each shared
-file, and the files the README's general forms assume a reader has: a GPT-2 folder (`gpt2/`,
-`path/to/gpt2`, `path/to/model`: a tiny random GPT-2 saved by `transformers`, with GPT-2's
-tokenizer files), `my_corpus/`, a prompt/completion `data.csv`, and small `hellaswag_val.jsonl`,
-`lambada.jsonl` and `my_demos.jsonl`. Only tiny overrides are appended (two updates, a few
-tokens, a few rows, one thread); nothing else is changed, and every command must exit 0.
+file (GPT-2's BPE files there, as Working offline says), and the files the README's general
+forms assume a reader has: a GPT-2 folder (`gpt2/`, `path/to/gpt2`, `path/to/model`: a tiny
+random GPT-2 saved by `transformers`, with GPT-2's tokenizer files), `my_corpus/`, a
+prompt/completion `data.csv`, and small `hellaswag_val.jsonl`, `lambada.jsonl`,
+`my_task.jsonl` and `my_demos.jsonl`. Only tiny overrides are appended (two updates, a small
+model for GPT-2's recipe, a few rows, one thread); nothing else is changed, python blocks run
+in one namespace, and every command must exit 0.
 
 Not run, and why:
 - `pip install ...` (Set-up): it would change this environment; instead the pinned torch is
@@ -27,17 +29,12 @@ import pytest
 import torch
 
 from scripts.readme_walk import (
-    README, ROOT, PythonBlock, minigpt_argv, run_walk, sections, unmarked_blocks, walk_commands, words,
+    ROOT, PythonBlock, minigpt_argv, run_walk, sections, unmarked_blocks, walk_commands, words,
 )
 from tests.helpers import DATA, need_file
 
 ROWS = {"sentiment": 121, "topics": 121, "headlines": 60}
 """Lines kept of each shared file (a CSV's header included)."""
-
-NEEDS = {"training": ("setup",), "experiments": ("setup",), "hooks": ("quick-tour",),
-         "evaluation": ("evaluation-run",)}
-"""Sections whose commands use what an earlier (or, for Evaluation's general forms, a later)
-section wrote: runs/shakespeare, the quick tour's `model`, the SST-2 task files and runs/sst2lm."""
 
 NOT_RUN = ("pip install ", "python -m pytest")
 """Command prefixes checked, not run (see the module docstring)."""
@@ -93,7 +90,7 @@ def gpt2_folder(folder) -> None:
 
 def readers_files(folder) -> None:
     """What the README's general forms assume a reader has: a GPT-2 folder, a corpus, a
-    prompt/completion CSV, task files in HellaSwag's and LAMBADA's formats, demonstrations."""
+    prompt/completion CSV, task files (HellaSwag's and LAMBADA's formats, multiple choice), demonstrations."""
     gpt2_folder(folder / "gpt2")
     shakespeare = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     (folder / "my_corpus").mkdir()
@@ -111,36 +108,26 @@ def readers_files(folder) -> None:
         json.dumps({"ctx": t, "endings": choices, "label": str(i % 4), "activity_label": "Review"}) + "\n"
         for i, t in enumerate(reviews)), encoding="utf-8")
     (folder / "lambada.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in reviews), encoding="utf-8")
-    (folder / "my_demos.jsonl").write_text("".join(
-        json.dumps({"context": f"Review: {t}\nSentiment:", "choices": ["negative", "positive"], "label": i % 2})
-        + "\n" for i, t in enumerate(reviews)), encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    """Built once: ROOT/shared/data (small) and ROOT/readers (a reader's files)."""
-    need_file(DATA / "sentiment" / "train.csv")
-    root = tmp_path_factory.mktemp("readme")
-    small_shared_data(root)
-    (root / "readers").mkdir()
-    readers_files(root / "readers")
-    return root
+    for name, part in (("my_task.jsonl", reviews[:4]), ("my_demos.jsonl", reviews[4:])):
+        (folder / name).write_text("".join(
+            json.dumps({"context": f"Review: {t}\nSentiment:", "choices": ["negative", "positive"], "label": i % 2})
+            + "\n" for i, t in enumerate(part)), encoding="utf-8")
 
 
 @pytest.fixture
-def scratch(tmp_path, template, monkeypatch):
-    """A scratch repository root (returned): this checkout's scripts/, a reader's files (linked)
-    and ../shared/data (linked); GPT-2's BPE files from that data, as Working offline says."""
-    (tmp_path / "shared").symlink_to(template / "shared", target_is_directory=True)
+def scratch(tmp_path, monkeypatch):
+    """A scratch repository root (returned) beside a small ../shared/data: this checkout's
+    scripts/ and a reader's files; GPT-2's BPE files from that data, as Working offline says."""
+    need_file(DATA / "sentiment" / "train.csv")
+    small_shared_data(tmp_path)
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "scripts").symlink_to(ROOT / "scripts", target_is_directory=True)
-    for path in (template / "readers").iterdir():
-        (repo / path.name).symlink_to(path, target_is_directory=path.is_dir())
+    readers_files(repo)
     (repo / "path" / "to").mkdir(parents=True)
     for name in ("gpt2", "model"):
-        (repo / "path" / "to" / name).symlink_to(template / "readers" / "gpt2", target_is_directory=True)
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(template / "shared" / "data" / "tiktoken_cache"))
+        (repo / "path" / "to" / name).symlink_to(repo / "gpt2", target_is_directory=True)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "shared" / "data" / "tiktoken_cache"))
     return repo
 
 
@@ -161,18 +148,6 @@ def test_readme_install_commands_name_what_exists():
     pinned = {c.split("==")[1] for c in installs if "torch==" in c}
     assert pinned == {torch.__version__.split("+")[0]}
     assert '\ntest = ["pytest' in (ROOT / "pyproject.toml").read_text()  # [project.optional-dependencies]
-
-
-@pytest.mark.parametrize("name", [n for n in sections(README) if n != "first-hour"])
-def test_readme_section_runs_as_written(name, scratch):
-    namespace: dict = {}
-    for needed in NEEDS.get(name, ()):
-        run_walk(to_run(needed), scratch, extra=tiny, in_process=True, log=lambda line: None, namespace=namespace)
-    commands = to_run(name)
-    steps = run_walk(commands, scratch, extra=tiny, in_process=True, log=lambda line: None, namespace=namespace)
-    assert len(steps) == len(commands) > 0
-    if any(isinstance(c, PythonBlock) for c in commands):
-        assert "model" in namespace  # the blocks ran to their end
 
 
 def test_readme_runs_write_to_folders_of_their_own():
@@ -205,14 +180,25 @@ def test_readme_first_hour_block_is_a_pretrain_then_finetune_walk():
     assert "tiny-bpe" in inits and "runs/tiny-bpe" in inits  # from scratch beside pretrained
 
 
-def test_readme_first_hour_commands_run_as_written(scratch, capsys):
-    steps = run_walk(walk_commands("first-hour"), scratch, extra=tiny, in_process=True, log=lambda line: None)
-    assert len(steps) == len(walk_commands("first-hour"))
+def test_readme_runs_top_to_bottom_as_written(scratch, capsys):
+    namespace: dict = {}
+    for name in sections():
+        commands = to_run(name)
+        try:
+            steps = run_walk(commands, scratch, extra=tiny, in_process=True, log=lambda line: None, namespace=namespace)
+        except Exception as err:
+            raise AssertionError(f"README section {name!r}: {err}") from err
+        assert len(steps) == len(commands) > 0, name
+    assert "model" in namespace and "cache" in namespace  # the quick tour's and the hooks' blocks ran to the end
     out = capsys.readouterr().out
     assert "a gem of a film" in out and "macro avg" in out
-    for run in ("sst2", "sst2-scratch", "agnews", "agnews-scratch", "headlines"):
+    for run in ("sst2", "sst2-scratch", "agnews", "agnews-scratch", "headlines", "sst2-lora", "pc", "pc-tok",
+                "sst2-lm"):
         assert (scratch / "runs" / run / "model" / "config.json").is_file(), run
-    assert (scratch / "runs" / "sst2-eval" / "metrics.json").is_file()
+    for evaluation in ("sst2-eval/metrics.json", "sst2-lora-eval/metrics.json", "eval/results.json"):
+        assert (scratch / "runs" / evaluation).is_file(), evaluation
+    for figure in ("docs/heads_shakespeare.png", "docs/patch_shakespeare.png", "map.png"):
+        assert (scratch / figure).is_file(), figure
 
 
 def test_walk_reads_lines_as_bash_does(tmp_path):
