@@ -81,8 +81,10 @@ class AsCompletionReport:
 def likelihood_predictions(model: nn.Module, tokenizer, texts: Sequence[str], labels: LabelMap,
                            prompt: FewShotPrompt) -> list[int]:
     """Label id with the highest label-word log-likelihood after each text's prompt."""
+    from minigpt.finetune.evaluate import progress_bar
+
     scorer = FewShotClassifier(model, tokenizer, labels.labels, shots=(), prompt=prompt)
-    return [scorer.predict(t) for t in texts]
+    return [scorer.predict(t) for t in progress_bar(texts, len(texts), "score", unit="text")]
 
 
 def evaluate_as_completion(model: nn.Module, tokenizer, rows: Sequence[LabeledText], labels: LabelMap,
@@ -92,6 +94,7 @@ def evaluate_as_completion(model: nn.Module, tokenizer, rows: Sequence[LabeledTe
     rows' texts are used as given (cut them as in training); the prompt must be the one
     the model was trained with (including any bos or separator token in its template).
     """
+    from minigpt.finetune.evaluate import progress_bar
     from minigpt.generate import generate_text
 
     texts = [r.text for r in rows]
@@ -104,7 +107,7 @@ def evaluate_as_completion(model: nn.Module, tokenizer, rows: Sequence[LabeledTe
     was_training = model.training
     model.eval()
     try:
-        for i in range(0, len(rows), batch_size):
+        for i in progress_bar(range(0, len(rows), batch_size), -(-len(rows) // batch_size), "generate"):
             prompts = [prompt.template.format(text=t) for t in texts[i : i + batch_size]]
             outputs = generate_text(model, tokenizer, prompts, budget, temperature=0)
             for out, label in zip(outputs, truth[i : i + batch_size]):
