@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from minigpt.cli.common import MODEL_HELP, add_columns, add_encoding, add_pair_columns, add_threads
+from minigpt.cli.common import (
+    MODEL_HELP, add_columns, add_encoding, add_field, add_pair_columns, add_threads, config_from_args,
+)
+from minigpt.finetune.config import FinetuneConfig
 from minigpt.ops import BACKENDS
+
+if TYPE_CHECKING:
+    from minigpt.evaluation.prompts import PromptFormat
+    from minigpt.finetune.fewshot import FewShotPrompt
+
+
+def fewshot_prompt(args: argparse.Namespace) -> FewShotPrompt:
+    """The FewShotPrompt of a `fewshot` command line."""
+    from minigpt.finetune.fewshot import FewShotPrompt
+
+    return config_from_args(FewShotPrompt, args, verbalizers=dict(args.verbalizer))
 
 
 def _fewshot(args: argparse.Namespace) -> None:
     from minigpt.finetune.evaluate import evaluate_fewshot
-    from minigpt.finetune.fewshot import FewShotPrompt
 
-    prompt = FewShotPrompt(template=args.template.replace("\\n", "\n"), label_prefix=args.label_prefix,
-                           separator=args.separator.replace("\\n", "\n"), verbalizers=dict(args.verbalizer),
-                           normalize=args.normalize)
-    report = evaluate_fewshot(args.model, args.shots, args.data, k=args.k, prompt=prompt, seed=args.seed,
-                              limit=args.limit, out_dir=args.out, text_column=args.text_column,
+    report = evaluate_fewshot(args.model, args.shots, args.data, k=args.k, prompt=fewshot_prompt(args),
+                              seed=args.seed, limit=args.limit, out_dir=args.out, text_column=args.text_column,
                               label_column=args.label_column, encoding=args.encoding,
                               merge_label_case=args.merge_label_case, device=args.device)
     print(report.format())
@@ -31,17 +42,19 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def add_fewshot_parser(sub) -> None:
+    from minigpt.finetune.fewshot import FewShotPrompt
+
     p = sub.add_parser("fewshot", help="classify a labeled file by k-shot prompting, no training (the baseline)")
     p.add_argument("model", help=f"language model: {MODEL_HELP}")
     p.add_argument("--shots", required=True, help="labeled file (CSV/TSV/JSONL) to draw the k examples from")
     p.add_argument("--data", required=True, help="labeled file to evaluate on")
     p.add_argument("--k", type=int, default=4, help="examples in the prompt, balanced over labels")
-    p.add_argument("--template", default="Review: {text}\\nSentiment:", help="one example; must contain {text}")
-    p.add_argument("--label-prefix", default=" ", help="between the template and the label")
-    p.add_argument("--separator", default="\\n\\n", help="between examples")
+    for name in ("template", "label_prefix", "separator"):
+        add_field(p, FewShotPrompt, name)
+    # FewShotPrompt.verbalizers is a dict: here one LABEL=WORDS pair per --verbalizer.
     p.add_argument("--verbalizer", type=_key_value, action="append", default=[],
                    help="LABEL=WORDS to write a label differently in the prompt (repeatable)")
-    p.add_argument("--normalize", action="store_true", help="score by mean, not summed, token log-likelihood")
+    add_field(p, FewShotPrompt, "normalize")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", default=None, help="folder for metrics.json, report.txt, confusion_matrix.png")
@@ -101,7 +114,7 @@ def add_predict_parser(sub) -> None:
     p.add_argument("model", help="fine-tuned classifier folder, or the fine-tuning run folder (--out) that holds it")
     p.add_argument("texts", nargs="*", help="texts to classify")
     p.add_argument("--file", default=None, help=".txt (one text per line) or CSV/TSV/JSON/JSONL with --text-column")
-    p.add_argument("--text-column", default="text")
+    add_field(p, FinetuneConfig, "text_column")
     add_encoding(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line, with every class's probability")
     p.add_argument("--batch-size", type=int, default=32)
@@ -110,22 +123,27 @@ def add_predict_parser(sub) -> None:
     p.set_defaults(func=_predict)
 
 
-def _eval(args: argparse.Namespace) -> None:
-    from minigpt.evaluation.harness import format_table, run_eval
+def prompt_format(args: argparse.Namespace) -> PromptFormat:
+    """The PromptFormat of an `eval` command line ('' for --unconditional-prompt is None)."""
     from minigpt.evaluation.prompts import PromptFormat
 
-    fmt = PromptFormat(separator=args.separator.replace("\\n", "\n"), target_delimiter=args.target_delimiter,
-                       unconditional_prompt=args.unconditional_prompt or None,
-                       stop=args.stop.replace("\\n", "\n"))
+    return config_from_args(PromptFormat, args, unconditional_prompt=args.unconditional_prompt or None)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from minigpt.evaluation.harness import format_table, run_eval
+
     results = run_eval(args.tasks, args.model, shots=args.shots, demos=args.demos, limit=args.limit,
                        out_dir=args.out, seed=args.seed, device=args.device, batch_size=args.batch_size,
-                       backend=args.backend, fmt=fmt)
+                       backend=args.backend, fmt=prompt_format(args))
     print(format_table(results))
     if args.out is not None:
         print(f"wrote {args.out}/results.json, examples.jsonl, results.md")
 
 
 def add_eval_parser(sub) -> None:
+    from minigpt.evaluation.prompts import PromptFormat
+
     p = sub.add_parser(
         "eval", help="zero-/few-shot evaluation on JSONL task files (multiple choice, cloze, free-form)",
         description="Evaluate a language model the way the GPT-3 paper does (section 2.4): K demonstrations "
@@ -140,11 +158,10 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
     p.add_argument("--out", default=None, help="folder for results.json, examples.jsonl, results.md")
     p.add_argument("--seed", type=int, default=1337, help="seed of the demonstration draw")
-    p.add_argument("--separator", default="\\n\\n", help="between demonstrations (\\n for a newline)")
-    p.add_argument("--target-delimiter", default=" ", help="between a context and its choice")
-    p.add_argument("--unconditional-prompt", default="Answer:",
-                   help="neutral context for acc_uncond ('' to skip it)")
-    p.add_argument("--stop", default="\\n", help="free-form: cut a greedy completion at this string")
+    add_field(p, PromptFormat, "separator")
+    add_field(p, PromptFormat, "target_delimiter")
+    add_field(p, PromptFormat, "unconditional_prompt", note="On the command line '' skips it.")
+    add_field(p, PromptFormat, "stop")
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
     p.add_argument("--backend", choices=BACKENDS, default="sdpa")
     p.add_argument("--device", default="cpu")

@@ -2,33 +2,41 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from minigpt.cli.common import add_threads
+from minigpt.cli.common import add_field, add_threads, config_from_args, field_help
+
+if TYPE_CHECKING:
+    from minigpt.pretrain.config import PrepareConfig
+
+
+def prepare_config(args: argparse.Namespace) -> PrepareConfig:
+    """The PrepareConfig of a `prepare` command line."""
+    from minigpt.pretrain.config import PrepareConfig
+
+    return config_from_args(PrepareConfig, args)
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from minigpt.pretrain import PrepareConfig, prepare
+    from minigpt.pretrain import prepare
 
-    prepare(PrepareConfig(
-        inputs=tuple(args.inputs), out_dir=args.out, tokenizer=args.tokenizer, chars=args.chars,
-        val_fraction=args.val_fraction, text_field=args.text_field, errors=args.errors,
-        eos=False if args.no_eos else None, shard_tokens=args.shard_tokens, num_workers=args.workers,
-    ))
+    prepare(prepare_config(args))
 
 
 def add_prepare_parser(sub) -> None:
+    from minigpt.pretrain.config import ERRORS, TOKENIZERS, PrepareConfig
+
     p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into token shards")
-    p.add_argument("inputs", nargs="+", help="text files, folders of them, or .jsonl files")
-    p.add_argument("--out", required=True, help="output folder (meta.json + shards)")
-    p.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2")
-    p.add_argument("--chars", default=None, help="the char tokenizer's alphabet (default: every character seen)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the input, at its end, held out")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--errors", choices=("strict", "replace"), default="strict",
-                   help="undecodable UTF-8: stop with file and offset, or replace with U+FFFD")
-    p.add_argument("--no-eos", action="store_true", help="do not separate documents with <|endoftext|>")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer threads (0: one per core)")
+    # A positional list, which add_field does not make; the help is the field's.
+    p.add_argument("inputs", nargs="+", help=field_help(PrepareConfig, "inputs"))
+    add_field(p, PrepareConfig, "out_dir", flag="--out")  # --out, as in every other command
+    add_field(p, PrepareConfig, "tokenizer", choices=TOKENIZERS)
+    for name in ("chars", "val_fraction", "text_field"):
+        add_field(p, PrepareConfig, name)
+    add_field(p, PrepareConfig, "errors", choices=ERRORS)
+    add_field(p, PrepareConfig, "eos", flag="--no-eos")
+    add_field(p, PrepareConfig, "shard_tokens")
+    add_field(p, PrepareConfig, "num_workers", flag="--workers")  # the shorter name the command always had
     p.set_defaults(func=_prepare)
 
 
@@ -54,6 +62,9 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def add_train_parser(sub) -> None:
+    from minigpt.pretrain.config import DataConfig
+    from minigpt.train.config import TrainConfig
+
     p = sub.add_parser(
         "train", allow_abbrev=False, help="pretrain a model (torchrun --nproc_per_node=N -m minigpt train ... for DDP)",
         description="Pretrain from a recipe (--preset), a TOML/JSON file (--config) and overrides "
@@ -62,9 +73,10 @@ def add_train_parser(sub) -> None:
     )
     p.add_argument("--preset", default=None, help="recipe or model preset to start from (default: tiny)")
     p.add_argument("--config", default=None, help="TOML or JSON file with sections model/train/data/sample")
-    p.add_argument("--data", default=None, help="prepared folder, or text/JSONL to prepare (default: download "
-                                                "tiny Shakespeare)")
-    p.add_argument("--out-dir", default=None, help="run folder (train.out_dir)")
+    # --data and --out-dir are shorthands for two overrides; their default None leaves the
+    # recipe's or the file's value, so they are not add_field's flags, but their help is the fields'.
+    p.add_argument("--data", default=None, help=f"data.path: {field_help(DataConfig, 'path')}")
+    p.add_argument("--out-dir", default=None, help=f"train.out_dir: {field_help(TrainConfig, 'out_dir')}")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that holds a run, moving that run aside to OUT.old-<time>")

@@ -77,13 +77,16 @@ class FinetuneConfig:
     max_generate: int = 50
     """completion: held-out prompts completed greedily for exact match in the final report."""
     bos: str = ""
-    """completion: special token put before every prompt, e.g. "<|startoftext|>" (added if new)."""
+    """Special token put before every prompt (completion, or classify with as_completion), e.g.
+    "<|startoftext|>"; added to the tokenizer and the model when new."""
     pad_token: str = ""
-    """completion: special token to pad batches with, e.g. "<|pad|>" (added if new); "" pads with eos."""
+    """Special token to pad batches with, e.g. "<|pad|>" (added if new); "" pads with eos."""
     sep_token: str = ""
-    """completion: special token put after every prompt, e.g. "<|sep|>" (added if new)."""
+    """Special token put after every prompt (completion, or classify with as_completion), e.g.
+    "<|sep|>"; added if new."""
     as_completion: bool = False
-    """classify: teach the label word as the completion of `template` instead of training a head."""
+    """classify: teach the label word as the completion of `template` instead of training a head
+    (the prompt masked); scored by label log-likelihood and greedy exact match."""
     template: str = "Review: {text}\nSentiment:"
     """classify with as_completion: the prompt of each row; must contain {text}."""
     label_prefix: str = " "
