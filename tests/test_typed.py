@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from minigpt.config import GPTConfig
 from minigpt.finetune.config import FinetuneConfig, train_overrides
-from minigpt.train.loop import TrainConfig
+from minigpt.train.config import TrainConfig
 from minigpt.pretrain.config import DataConfig, SampleConfig, load_config
 from minigpt.typed import BOOL_WORDS, field_types, parse_cli
 

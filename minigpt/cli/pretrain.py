@@ -109,6 +109,6 @@ def _train_epilog() -> str:
     return ("recipes (--preset): " + ", ".join(RECIPES) + "; or any model preset with GPT-2's training "
             "recipe: " + ", ".join(p for p in PRESETS if p not in RECIPES) + ".\n"
             "keys: model = GPTConfig fields (minigpt/config.py), train = TrainConfig fields "
-            "(minigpt/train/loop.py), data = DataConfig and sample = SampleConfig fields "
+            "(minigpt/train/config.py), data = DataConfig and sample = SampleConfig fields "
             "(minigpt/pretrain/config.py), each documented there; an unknown key is an error that lists the "
             "valid ones. `minigpt train --preset NAME --show-config` prints a recipe in full.")

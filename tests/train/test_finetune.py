@@ -145,7 +145,8 @@ def test_starts_from_a_minigpt_training_run(tmp_path, tokenizer):
     """init may be a run folder of the shared loop (its best checkpoint is used)."""
     from minigpt.finetune.data import CompletionExample, ShuffledBatches, collate_completion
     from minigpt.finetune.run import prepare
-    from minigpt.train.loop import TrainConfig, train
+    from minigpt.train.config import TrainConfig
+    from minigpt.train.loop import train
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=1, n_embd=8))
