@@ -101,7 +101,8 @@ def train(
         ValueError: bad arguments, a checkpoint whose config or shapes disagree, no
             checkpoint that loads on resume, or a run folder in use or already holding a run
             (`RunFolderError`).
-        NonFiniteLossError: the loss became NaN/inf and config.on_nonfinite == 'stop', or
+        NonFiniteLossError: the loss became NaN/inf and config.on_nonfinite == 'stop' (found at
+            the next log, eval or checkpoint step; see the module docstring), or
             config.max_consecutive_skips updates in a row were skipped.
     """
     info = dist_.current()
