@@ -1,8 +1,8 @@
 """The README's first hour, run as written: pretrain a GPT-2-tokenized model, then fine-tune it.
 
-The commands are read from the README's fenced block that follows the marker
-`<!-- first-hour -->`, so what the README prints, what tests/test_readme_walk.py runs and
-what this script measures are one list. Each command runs in WORK/repo, beside a
+The commands are read from the README's block marked `<!-- run: first-hour -->`
+(`scripts/readme_walk.py`), so what the README prints, what tests/test_readme_walk.py runs
+and what this script measures are one list. Each command runs in WORK/repo, beside a
 WORK/shared link to the shared data (the README's `../shared/data/...` paths), one after
 the other, and its wall time is recorded. `minigpt` lines run as `python -m minigpt` with
 this checkout first on PYTHONPATH (so the times include Python's start-up, as a user sees);
@@ -18,129 +18,17 @@ markdown table. Never asserts: it reports.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import platform
-import re
 import shlex
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
-MARKER = "<!-- first-hour -->"
-DATA = Path(os.environ.get("MINIGPT_SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def walk_commands(readme: Path = README) -> list[str]:
-    """The commands of the README's first-hour block, one per logical line (comments dropped,
-    backslash continuations joined)."""
-    text = readme.read_text(encoding="utf-8")
-    at = text.find(MARKER)
-    if at < 0:
-        raise ValueError(f"{readme} has no {MARKER} marker before its first-hour commands")
-    block = re.search(r"```bash\n(.*?)```", text[at:], re.S)
-    if block is None:
-        raise ValueError(f"{readme}: no ```bash block after {MARKER}")
-    commands, pending = [], ""
-    for line in block.group(1).splitlines():
-        line = pending + line
-        if line.endswith("\\"):
-            pending = line[:-1] + " "
-            continue
-        pending = ""
-        line = _strip_comment(line).strip()
-        if line:
-            commands.append(line)
-    return commands
-
-
-def _strip_comment(line: str) -> str:
-    """`line` without a trailing `# comment` (a # inside quotes stays)."""
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] == " "):
-            return line[:i]
-    return line
-
-
-def minigpt_argv(command: str) -> list[str] | None:
-    """The arguments after `minigpt` for a minigpt command line, else None. Bash's $'...'
-    strings (a prompt with newlines) are decoded as bash does."""
-    if not command.startswith("minigpt "):
-        return None
-    command = re.sub(r"\$'((?:[^'\\]|\\.)*)'",
-                     lambda m: shlex.quote(ast.literal_eval("'" + m.group(1) + "'")), command)
-    return shlex.split(command)[1:]
-
-
-def prepare_workdir(work: Path, data: Path = DATA) -> Path:
-    """WORK/repo to run in, with WORK/shared/data pointing at `data`; returns WORK/repo."""
-    repo = work / "repo"
-    repo.mkdir(parents=True, exist_ok=True)
-    shared = work / "shared"
-    shared.mkdir(exist_ok=True)
-    link = shared / "data"
-    if not link.exists():
-        link.symlink_to(data, target_is_directory=True)
-    return repo
-
-
-def run_walk(commands: Sequence[str], cwd: Path, extra: Callable[[list[str]], list[str]] = lambda argv: [],
-             in_process: bool = False, log: Callable[[str], None] = print) -> list[dict]:
-    """Run the commands in order in `cwd`; `export` lines set the environment of the rest.
-
-    extra(argv) gives arguments appended to a minigpt command (the test's tiny overrides).
-    in_process calls minigpt.cli.main directly instead of a child `python -m minigpt`.
-    Raises RuntimeError naming the command that failed.
-    """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    steps = []
-    for command in commands:
-        began = time.perf_counter()
-        argv = minigpt_argv(command)
-        if command.startswith("export "):
-            for item in shlex.split(command)[1:]:
-                key, _, value = item.partition("=")
-                env[key] = os.environ[key] = os.path.expandvars(value.replace("$PWD", str(cwd)))
-        elif argv is not None:
-            argv = argv + extra(argv)
-            log(f"$ minigpt {shlex.join(argv)}")
-            if in_process:
-                _main_in(cwd, argv)
-            else:
-                done = subprocess.run([sys.executable, "-m", "minigpt", *argv], cwd=cwd, env=env)
-                if done.returncode != 0:
-                    raise RuntimeError(f"`{command}` exited with {done.returncode}")
-        else:
-            log(f"$ {command}")
-            done = subprocess.run(["bash", "-c", command], cwd=cwd, env=env)
-            if done.returncode != 0:
-                raise RuntimeError(f"`{command}` exited with {done.returncode}")
-        steps.append({"command": command, "wall_s": round(time.perf_counter() - began, 1)})
-    return steps
-
-
-def _main_in(cwd: Path, argv: list[str]) -> None:
-    from minigpt.cli import main
-
-    before = Path.cwd()
-    os.chdir(cwd)
-    try:
-        main(argv)
-    except SystemExit as err:
-        if err.code not in (None, 0):
-            raise RuntimeError(f"`minigpt {shlex.join(argv)}` exited: {err.code}") from None
-    finally:
-        os.chdir(before)
+from scripts.readme_walk import minigpt_argv, prepare_workdir, run_walk, walk_commands  # noqa: E402
 
 
 def accuracies(steps: list[dict], cwd: Path) -> list[dict]:
@@ -224,7 +112,7 @@ def main() -> None:
 
     cwd = prepare_workdir(Path(args.work))
     began = time.perf_counter()
-    commands = [c for c in walk_commands() if not any(text in c for text in args.skip)]
+    commands = [c for c in walk_commands("first-hour") if not any(text in c for text in args.skip)]
     steps = run_walk(commands, cwd, extra=extra)
     for step in steps:
         argv = minigpt_argv(step["command"])

@@ -1,5 +1,6 @@
 """Reading the small JSON and TOML files users hand minigpt (configs, config.json,
-tokenizer.json), with errors that name the file, the line and the fix.
+tokenizer.json), with errors that name the file, the line and the fix; and writing
+folders, JSON files and symlinks atomically (checkpoints), so a crash never leaves half a file.
 
 Every failure here is a `BadFileError`, a ValueError, so the command line prints it as
 one paragraph without a traceback.
@@ -7,6 +8,9 @@ one paragraph without a traceback.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +73,66 @@ def read_toml(path: str | Path, what: str = "TOML file") -> dict[str, Any]:
     except tomllib.TOMLDecodeError as err:
         raise BadFileError(f"{what} {path} is not valid TOML: {err}. Fix that line (text values need quotes, "
                            f"sections are written [train], keys as key = value)") from None
+
+
+# Atomic writing ------------------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable (skipped where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_atomically(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Create folder `final` by calling `fill(tmp)` on a hidden temporary folder, then renaming it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    fill(tmp)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            _fsync_file(path)
+    fsync_dir(tmp)
+    if final.exists():  # saving the same step again (e.g. the best at the last step)
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return final
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def point(root: Path, name: str, target: Path) -> None:
+    """Make symlink root/name -> target (relative), atomically; silently skipped where unsupported."""
+    tmp = root / f".{name}.link"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(target.name, tmp)
+        os.replace(tmp, root / name)
+    except OSError:
+        tmp.unlink(missing_ok=True)

@@ -120,11 +120,15 @@ def stream_tokens(
     seed: int | None = None,
     eos_id: int | None = None,
     use_cache: bool = True,
+    vocab_limit: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) ids, one step at a time.
 
     Rows that produced `eos_id` keep yielding `eos_id`; the loop ends when every row has
-    finished or after max_new_tokens steps. The arguments are checked when this is called,
+    finished or after max_new_tokens steps. `vocab_limit`: sample only ids below it (the text
+    helpers pass the tokenizer's vocabulary, so a model with more rows than its tokenizer, such
+    as the char recipe's 65 trained on text of fewer characters or a vocabulary padded to 50304,
+    never produces an id that cannot be decoded). The arguments are checked when this is called,
     not at the first token, so a caller (the CLI printing the prompt) hears of a bad one
     before it has done anything.
     """
@@ -143,12 +147,13 @@ def stream_tokens(
         if bad:
             raise ValueError(f"prompt {i}: token id {bad[0]} is out of range for vocab_size={config.vocab_size}; "
                              f"was it encoded with this model's tokenizer?")
-    return _stream_tokens(model, rows, max_new_tokens, temperature, top_k, top_p, seed, eos_id, use_cache)
+    return _stream_tokens(model, rows, max_new_tokens, temperature, top_k, top_p, seed, eos_id, use_cache,
+                          vocab_limit)
 
 
 def _stream_tokens(model, rows: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
                    top_p: float | None, seed: int | None, eos_id: int | None,
-                   use_cache: bool) -> Iterator[torch.Tensor]:
+                   use_cache: bool, vocab_limit: int | None = None) -> Iterator[torch.Tensor]:
     config = model.config
     device = model.lm_head.weight.device
     generator = None
@@ -166,7 +171,10 @@ def _stream_tokens(model, rows: list[list[int]], max_new_tokens: int, temperatur
 
     def next_logits(idx: torch.Tensor, **kwargs) -> torch.Tensor:
         h = model.hidden(idx, **kwargs)[0][:, -1]  # (B, C): only the newest position
-        return h @ head_t if head_t is not None else model.lm_head(h)  # (B, V)
+        logits = h @ head_t if head_t is not None else model.lm_head(h)  # (B, V)
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits[:, vocab_limit:] = float("-inf")  # ids the tokenizer cannot decode
+        return logits
 
     was_training = model.training
     model.eval()
@@ -238,6 +246,7 @@ def stream_text(
     checked when this is called (ValueError), before the first token.
     """
     kwargs.setdefault("eos_id", tokenizer.eos_id)
+    kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
     stop = _check_stops(stop)
     tokens = stream_tokens(model, [_encode_prompt(tokenizer, prompt)], max_new_tokens, **kwargs)
     return _stream_text(tokens, tokenizer, stop, kwargs["eos_id"])
@@ -302,6 +311,7 @@ def generate_text(
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
     kwargs.setdefault("eos_id", tokenizer.eos_id)
+    kwargs.setdefault("vocab_limit", tokenizer.vocab_size)
     stop = _check_stops(stop)
     ids = generate(model, [_encode_prompt(tokenizer, t) for t in texts], max_new_tokens, **kwargs)
     return [_cut_at_stop(tokenizer.decode(row), stop)[0] for row in ids]

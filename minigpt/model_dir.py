@@ -57,10 +57,10 @@ def preset_model_config(name: str):
     """The GPTConfig of a model preset (minigpt.config.PRESETS) or a pretraining recipe's model
     (e.g. tiny-bpe); None when `name` is neither."""
     from minigpt.config import PRESETS, GPTConfig
-    from minigpt.train.pretrain import RECIPES
+    from minigpt.pretrain.recipes import RECIPES
 
     if name in RECIPES:
-        model = dict(RECIPES[name]["model"])
+        model = dict(RECIPES[name]()["model"])
         preset = model.pop("preset", None)
         return GPTConfig.from_preset(preset, **model) if preset else GPTConfig.from_dict(model)
     if name in PRESETS:

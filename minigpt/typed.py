@@ -8,15 +8,20 @@ a string is never a number or a boolean: ``lr = "1e-3"`` is an error that says t
 the quotes). The command line only gives strings; `parse_cli` converts them by the
 field's type, and `BOOL_WORDS` is the one list of the spellings a boolean accepts there.
 
-Path fields are annotated `PathStr`; their ``~`` is expanded.
+Path fields are annotated `PathStr`; their ``~`` is expanded. Each field is documented by the
+string right after it in the class body; `field_docs` reads those, so that the command line's
+help is the dataclass's own (`minigpt.cli.common.add_field`).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
+import textwrap
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
@@ -36,6 +41,25 @@ def field_types(cls: type) -> dict[str, Any]:
     """Field name -> resolved type hint (with `Annotated` extras) of dataclass `cls`."""
     hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its attribute docstring (the string literal right after the field in the
+    class body, cleaned like a docstring) for dataclass `cls` and the dataclasses it extends.
+    Fields without one are left out. Read once from the source, then cached."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        (class_def,) = ast.parse(textwrap.dedent(inspect.getsource(klass))).body
+        body = class_def.body
+        for statement, following in zip(body, body[1:]):
+            if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) \
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant) \
+                    and isinstance(following.value.value, str):
+                docs[statement.target.id] = inspect.cleandoc(following.value.value)
+    return docs
 
 
 def check_fields(obj: Any) -> None:
@@ -183,7 +207,7 @@ def _fix(value: Any, tp: Any, name: str, syntax: str) -> str:
     if _accepts(tp, bool) and text.lower() in BOOL_WORDS:
         word = BOOL_WORDS[text.lower()]
         return f"write {_spell(name, str(word) if syntax == 'python' else str(word).lower(), syntax)} without quotes"
-    if typing.get_origin(_bare(tp)) in (tuple, list):
+    if typing.get_origin(bare_type(tp)) in (tuple, list):
         return f"write a list, e.g. {_spell(name, json.dumps([value]), syntax)}"
     for number in (int, float):
         if _accepts(tp, number):
@@ -196,14 +220,14 @@ def _fix(value: Any, tp: Any, name: str, syntax: str) -> str:
     return ""
 
 
-def _bare(tp: Any) -> Any:
+def bare_type(tp: Any) -> Any:
     """`tp` without `Annotated` and `| None`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Annotated:
-        return _bare(args[0])
+        return bare_type(args[0])
     if origin in (Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
-        return _bare(rest[0]) if len(rest) == 1 else tp
+        return bare_type(rest[0]) if len(rest) == 1 else tp
     return tp
 
 

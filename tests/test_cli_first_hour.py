@@ -74,7 +74,7 @@ def test_help_shows_defaults_recipes_and_finetune_defaults(capsys):
         out = capsys.readouterr().out
         assert "(default:" in out
         if argv[0] == "train":
-            assert "tiny-bpe" in out and "nanogpt-cpu" in out and "minigpt/train/loop.py" in out
+            assert "tiny-bpe" in out and "nanogpt-cpu" in out and "minigpt/train/config.py" in out
         if argv[0] == "finetune":
             assert "max_steps=1000" in out and "FINETUNE_TRAIN" not in out
     with pytest.raises(SystemExit):

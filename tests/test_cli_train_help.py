@@ -1,8 +1,8 @@
 """`minigpt train --help` names each recipe once: a model preset that a recipe of the same name
 shadows (`tiny`) is not offered again as "a model preset with GPT-2's training recipe"."""
-from minigpt.cli import _train_epilog
+from minigpt.cli.pretrain import _train_epilog
 from minigpt.config import PRESETS
-from minigpt.train.pretrain import RECIPES
+from minigpt.pretrain.recipes import RECIPES
 
 
 def test_train_help_lists_each_preset_name_once():

@@ -129,3 +129,18 @@ def test_stop_strings_and_streaming_agree(monkeypatch):
     streamed = "".join(stream_text(model, tok, "Hello", 30, temperature=0, stop=[stop]))
     assert streamed == cut
     assert "".join(stream_text(model, tok, "Hello", 30, temperature=0)) == full
+
+
+def test_text_helpers_sample_only_ids_the_tokenizer_can_decode():
+    """A model with more rows than its tokenizer (the char recipe's 65 trained on text of fewer
+    characters) samples among the tokenizer's ids only; token-level generation still sees all."""
+    from minigpt.tokenizer import CharTokenizer
+
+    model = model_for(vocab=53)
+    tok = CharTokenizer("abcde")
+    with torch.no_grad():
+        model.lm_head.weight[5:] += 50.0  # make the undecodable rows the likeliest
+    texts = generate_text(model, tok, ["ab", "c"], 30, temperature=1.0, seed=0)
+    assert all(set(t) <= set("abcde") and len(t) == 30 for t in texts)
+    assert set("".join(stream_text(model, tok, "ab", 30, temperature=1.0, seed=0))) <= set("abcde")
+    assert max(max(row) for row in model.generate([[0, 1]], 30, temperature=1.0, seed=0)) >= 5

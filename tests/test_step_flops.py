@@ -70,7 +70,7 @@ def test_step_flops_default_is_full_training():
 def test_prompt_masked_loss_is_charged_the_lm_head_only_where_it_runs():
     """`masked_lm_loss` applies the LM head only at target positions; MFU counts it there only,
     which matches torch's FLOP counter on that loss."""
-    from minigpt.train.finetune import masked_lm_loss
+    from minigpt.finetune.tasks import masked_lm_loss
     from minigpt.train.observe import MetricsLog, TrainWindow
 
     model = build("lm")

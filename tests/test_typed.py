@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minigpt.config import GPTConfig
-from minigpt.train.finetune import FinetuneConfig, train_overrides
-from minigpt.train.loop import TrainConfig
-from minigpt.train.pretrain import DataConfig, SampleConfig, load_config
+from minigpt.finetune.config import FinetuneConfig, train_overrides
+from minigpt.train.config import TrainConfig
+from minigpt.pretrain.config import DataConfig, SampleConfig, load_config
 from minigpt.typed import BOOL_WORDS, field_types, parse_cli
 
 FLOAT_FIELDS = ["train.lr", "train.beta1", "train.grad_clip", "train.weight_decay", "sample.temperature",

@@ -1,5 +1,6 @@
-"""Fine-tuning: data and its checker, classification heads, LoRA, few-shot prompting, metrics.
-
-The entry point that sets a run up and hands it to the shared training loop is
-`minigpt.train.finetune`; evaluation and prediction are in `minigpt.finetune.evaluate`.
+"""Fine-tuning, all in this package: the run config and its training defaults (`config`),
+one run per task (`tasks`), the entry point that hands a run to the shared training loop
+(`run.finetune`), data readers and their checker (`data`, `records`, `check`),
+classification heads, LoRA, few-shot prompting, metrics, export, and evaluation and
+prediction (`evaluate`).
 """

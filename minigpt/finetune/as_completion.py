@@ -17,13 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch.nn as nn
 
 from minigpt.finetune.data import LabeledText, LabelMap, PromptCompletion
 from minigpt.finetune.fewshot import FewShotClassifier, FewShotPrompt
-from minigpt.finetune.metrics import ClassificationReport, classification_report, write_report
+from minigpt.finetune.metrics import ClassificationReport, classification_report
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,11 @@ class AsCompletionReport:
     def accuracy(self) -> float:
         return self.likelihood.accuracy
 
+    @property
+    def classification(self) -> ClassificationReport:
+        """The report's classification (its confusion matrix is drawn by `write_report`)."""
+        return self.likelihood
+
     def to_dict(self) -> dict:
         return {**self.likelihood.to_dict(), "exact_match": self.exact_match, "not_a_label": self.not_a_label,
                 "scored_by": "label log-likelihood"}
@@ -77,8 +81,10 @@ class AsCompletionReport:
 def likelihood_predictions(model: nn.Module, tokenizer, texts: Sequence[str], labels: LabelMap,
                            prompt: FewShotPrompt) -> list[int]:
     """Label id with the highest label-word log-likelihood after each text's prompt."""
+    from minigpt.finetune.evaluate import progress_bar
+
     scorer = FewShotClassifier(model, tokenizer, labels.labels, shots=(), prompt=prompt)
-    return [scorer.predict(t) for t in texts]
+    return [scorer.predict(t) for t in progress_bar(texts, len(texts), "score", unit="text")]
 
 
 def evaluate_as_completion(model: nn.Module, tokenizer, rows: Sequence[LabeledText], labels: LabelMap,
@@ -88,6 +94,7 @@ def evaluate_as_completion(model: nn.Module, tokenizer, rows: Sequence[LabeledTe
     rows' texts are used as given (cut them as in training); the prompt must be the one
     the model was trained with (including any bos or separator token in its template).
     """
+    from minigpt.finetune.evaluate import progress_bar
     from minigpt.generate import generate_text
 
     texts = [r.text for r in rows]
@@ -100,7 +107,7 @@ def evaluate_as_completion(model: nn.Module, tokenizer, rows: Sequence[LabeledTe
     was_training = model.training
     model.eval()
     try:
-        for i in range(0, len(rows), batch_size):
+        for i in progress_bar(range(0, len(rows), batch_size), -(-len(rows) // batch_size), "generate"):
             prompts = [prompt.template.format(text=t) for t in texts[i : i + batch_size]]
             outputs = generate_text(model, tokenizer, prompts, budget, temperature=0)
             for out, label in zip(outputs, truth[i : i + batch_size]):
@@ -109,14 +116,6 @@ def evaluate_as_completion(model: nn.Module, tokenizer, rows: Sequence[LabeledTe
     finally:
         model.train(was_training)
     return AsCompletionReport(report, hits / len(rows), strays)
-
-
-def write_as_completion_report(report: AsCompletionReport, folder: str | Path, extra: dict | None = None) -> None:
-    """The classifier's files (metrics.json, report.txt, confusion_matrix.png) for the
-    likelihood scores, with the exact match added."""
-    write_report(report.likelihood, folder, {**(extra or {}), "exact_match": report.exact_match,
-                                             "not_a_label": report.not_a_label, "scored_by": "label log-likelihood"})
-    (Path(folder) / "report.txt").write_text(report.format() + "\n")
 
 
 def is_as_completion(details: dict) -> bool:

@@ -8,7 +8,6 @@ and exact match of greedy completions on held-out prompts. Classifiers taught as
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minigpt.finetune.as_completion import evaluate_saved, is_as_completion, write_as_completion_report
+from minigpt.finetune.as_completion import evaluate_saved, is_as_completion
 from minigpt.finetune.classifier import GPTClassifier, predict_proba
 from minigpt.finetune.data import (
     IGNORE_INDEX, ClassificationExample, LabeledText, LabelMap, PromptCompletion, collate_classification,
@@ -34,12 +33,12 @@ from minigpt.finetune.metrics import ClassificationReport, classification_report
 log = logging.getLogger(__name__)
 
 
-def _progress(items, total: int, desc: str):
+def progress_bar(items, total: int, desc: str, unit: str = "batch"):
     """A tqdm bar over `items` on an interactive terminal only (disable=None), so a long
     evaluation shows progress while pipes, logs and tests stay quiet."""
     from tqdm import tqdm
 
-    return tqdm(items, total=total, desc=desc, unit="batch", disable=None, leave=False, dynamic_ncols=True)
+    return tqdm(items, total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------ classification
@@ -50,7 +49,7 @@ def classify(model: GPTClassifier, examples: Sequence[ClassificationExample], ba
     device = next(model.parameters()).device
     out = []
     batches = fixed_batches(examples, batch_size, lambda xs: collate_classification(xs, pad_id))
-    for batch in _progress(batches, math.ceil(len(examples) / batch_size), "classify"):
+    for batch in progress_bar(batches, math.ceil(len(examples) / batch_size), "classify"):
         out.append(predict_proba(model, {k: v.to(device) for k, v in batch.items()}).cpu())
     return torch.cat(out)
 
@@ -102,7 +101,7 @@ def completion_loss(model, tokenizer, pairs: Sequence[PromptCompletion], batch_s
     total, count = 0.0, 0
     try:
         batches = fixed_batches(examples, batch_size, lambda xs: collate_completion(xs, tokenizer.eos_id or 0))
-        for batch in _progress(batches, math.ceil(len(examples) / batch_size), "loss"):
+        for batch in progress_bar(batches, math.ceil(len(examples) / batch_size), "loss"):
             idx, targets = batch["idx"].to(device), batch["targets"].to(device)
             logits = model(idx).logits  # (B, T, V)
             total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
@@ -127,7 +126,7 @@ def evaluate_completion(model, tokenizer, pairs: Sequence[PromptCompletion], *, 
         return report
     stops = [stop] if stop else []
     hits = 0
-    for i in _progress(range(0, len(chosen), batch_size), math.ceil(len(chosen) / batch_size), "generate"):
+    for i in progress_bar(range(0, len(chosen), batch_size), math.ceil(len(chosen) / batch_size), "generate"):
         part = chosen[i : i + batch_size]
         budget = max(len(tokenizer.encode(p.completion)) for p in part) + 4
         budget = min(budget, model.config.block_size - max(len(tokenizer.encode(p.prompt)) for p in part))
@@ -169,16 +168,13 @@ def evaluate(model_dir: str | Path, data_file: str | Path, *, out_dir: str | Pat
                             merge_label_case=merge_label_case, known_labels=tuple(meta.details["labels"]))
         report = evaluate_saved(model, tokenizer, meta.details, rows, batch_size)
         if out_dir is not None:
-            write_as_completion_report(report, out_dir, extra)
+            write_report(report, out_dir, extra)
         return report
     pairs = read_prompt_completion(data_file, prompt_column, completion_column, encoding)
     report = evaluate_completion(model, tokenizer, pairs, stop=meta.stop,
                                  max_generate=max_generate, batch_size=batch_size)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({**report.to_dict(), **extra}, indent=2) + "\n")
-        (out / "report.txt").write_text(report.format() + "\n")
+        write_report(report, out_dir, extra)
     return report
 
 

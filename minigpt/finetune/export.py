@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from minigpt.config import reject_unknown_keys
 from minigpt.files import BadFileError, read_json
 from minigpt.finetune.classifier import GPTClassifier
+from minigpt.finetune.config import TASKS
 from minigpt.finetune.data import LabelMap
 from minigpt.finetune.lora import has_lora, merge_lora
 from minigpt.model import GPT
@@ -35,7 +36,6 @@ from minigpt.weights.common import load_safetensors
 HEAD_FILE = "classifier_head.safetensors"
 LABELS_FILE = "labels.json"
 META_FILE = "finetune.json"
-TASKS = ("classify", "completion")
 
 
 @dataclass(frozen=True)

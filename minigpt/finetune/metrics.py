@@ -141,10 +141,15 @@ def plot_confusion_matrix(report: ClassificationReport, path: str | Path, title:
     return path
 
 
-def write_report(report: ClassificationReport, folder: str | Path, extra: dict | None = None) -> None:
-    """metrics.json, report.txt and confusion_matrix.png in `folder`."""
+def write_report(report, folder: str | Path, extra: dict | None = None) -> None:
+    """The one writer of an evaluation folder, for every report kind: metrics.json
+    (`report.to_dict()` and `extra`), report.txt (`report.format()`) and, when the report
+    holds a classification (a classifier's, or an as-completion model's label scores),
+    confusion_matrix.png."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps({**report.to_dict(), **(extra or {})}, indent=2) + "\n")
     (folder / "report.txt").write_text(report.format() + "\n")
-    plot_confusion_matrix(report, folder / "confusion_matrix.png")
+    classification = getattr(report, "classification", report)
+    if isinstance(classification, ClassificationReport):
+        plot_confusion_matrix(classification, folder / "confusion_matrix.png")

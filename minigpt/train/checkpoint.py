@@ -10,9 +10,9 @@
         best.json               which step folder is the best, and its metric
         latest, best            symlinks to those folders, where the OS allows them
 
-Atomic: a checkpoint is written into a hidden temporary folder, every file is fsynced, and
-the folder is renamed to its final name (rename is atomic on POSIX) before the parent is
-fsynced. A crash at any moment leaves the previous checkpoints untouched and, at worst, a
+Atomic (`minigpt.files.write_atomically`): a checkpoint is written into a hidden temporary
+folder, every file is fsynced, and the folder is renamed to its final name (rename is
+atomic on POSIX) before the parent is fsynced. A crash at any moment leaves the previous checkpoints untouched and, at worst, a
 hidden temporary folder that readers ignore and the next save removes. Pruning renames a
 folder to a hidden `.trash-` name before deleting it, so a kill mid-delete never leaves a
 half `step_*` folder that a resume could pick.
@@ -23,8 +23,8 @@ tensors) raises a `BadFileError` naming the file and the reason (the shared read
 rest), so a resume can fall back to an older checkpoint by catching that one type.
 
 The loop's side (end of this file): `save_training_state` / `find_resumable` /
-`load_training_state` write and read a whole run (model, optimizer, scaler, RNG states,
-loader position, counters), and `check_same_run` refuses a checkpoint of another config.
+`load_training_state` write and read a whole run (model, optimizer, scaler, RNG states
+from `minigpt.train.rng`, loader position, counters), and `check_same_run` refuses a checkpoint of another config.
 """
 from __future__ import annotations
 
@@ -33,22 +33,20 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minigpt.files import BadFileError, read_json
+from minigpt.files import BadFileError, fsync_dir, point, read_json, write_atomically, write_json_atomically
 from minigpt.train import distributed as dist_
 from minigpt.train.config import RESUMABLE_FIELDS, TrainConfig
+from minigpt.train.rng import rng_state, set_rng_state
 from minigpt.weights.common import DamagedWeightsError, load_safetensors
 
 if TYPE_CHECKING:
@@ -74,68 +72,6 @@ class CheckpointError(BadFileError):
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:07d}"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames inside `path` durable (skipped where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def write_atomically(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Create folder `final` by calling `fill(tmp)` on a hidden temporary folder, then renaming it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    fill(tmp)
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            _fsync_file(path)
-    fsync_dir(tmp)
-    if final.exists():  # saving the same step again (e.g. the best at the last step)
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(final.parent)
-    return final
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def point(root: Path, name: str, target: Path) -> None:
-    """Make symlink root/name -> target (relative), atomically; silently skipped where unsupported."""
-    tmp = root / f".{name}.link"
-    try:
-        tmp.unlink(missing_ok=True)
-        os.symlink(target.name, tmp)
-        os.replace(tmp, root / name)
-    except OSError:
-        tmp.unlink(missing_ok=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -242,6 +178,14 @@ def save_model_state(model: nn.Module, folder: Path, state: dict[str, torch.Tens
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def model_weights_file(folder: Path) -> Path:
+    """The file in checkpoint `folder` that holds the trained model's state_dict: the
+    loop's own copy (trainer_model.safetensors) when `save_model` wrote another layout,
+    else model.safetensors."""
+    own = folder / RESUME_MODEL_FILE
+    return own if own.is_file() else folder / MODEL_FILE
+
+
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Raise ValueError listing every name and shape on which `state` and `model` disagree."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -295,36 +239,7 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-# The loop's state in a checkpoint: RNG states, the same-run check, saving and loading.
-
-def rng_state() -> dict:
-    """Every RNG the loop draws from (Python, NumPy, torch CPU and CUDA)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-
-def seed_rngs(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
+# The loop's state in a checkpoint: the same-run check, saving and loading.
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -364,7 +279,6 @@ def check_same_run(folder: Path, info: dict, config: TrainConfig, run_metadata: 
             + f". Use the original settings, or a new out_dir to start afresh (fields that may change: "
             f"{', '.join(sorted(RESUMABLE_FIELDS))})"
         )
-
 
 
 def save_training_state(run: Run, best: bool) -> Path:
@@ -448,10 +362,7 @@ def _read_checkpoint(folder: Path, model: nn.Module, config: TrainConfig, run_me
     (a BadFileError) leaves the model, optimizer and loader as they were."""
     saved = read_trainer_info(folder)
     check_same_run(folder, saved, config, run_metadata)
-    weights = folder / RESUME_MODEL_FILE
-    if not weights.is_file():
-        weights = folder / MODEL_FILE
-    model_state = load_state_dict_file(weights)
+    model_state = load_state_dict_file(model_weights_file(folder))
     check_state_dict(model, model_state, folder)
     trainer = read_trainer_state(folder)
     for key in ("loop", "optimizer", "rng", "loader"):

@@ -76,7 +76,10 @@ class TrainConfig:
     parallel: str = "auto"
     """'auto' (DDP under torchrun), 'none', 'ddp' or 'fsdp' (FSDP2, for models too big for one GPU)."""
     on_nonfinite: str = "stop"
-    """A NaN/inf loss or gradient: 'stop' with an error naming the step, or 'skip' the update."""
+    """A NaN/inf loss or gradient: 'stop' with an error naming the step, or 'skip' the update.
+    'stop' checks at log, eval and checkpoint steps (no device sync in between: a GPU may run up
+    to log_interval-1 updates past the bad one, and nothing from them is saved); 'skip' must
+    decide before each optimizer step, so it costs one device sync per update."""
     max_consecutive_skips: int = 20
     """With on_nonfinite='skip', stop with an error after this many skipped updates in a row:
     a model or data that only yields NaN/inf would otherwise 'train' to the end on nothing."""

@@ -1,14 +1,18 @@
 """The process group: who this process is in the job, and the collectives the loop uses.
 
-`torchrun --nproc_per_node=N -m minigpt train ...` sets RANK, WORLD_SIZE and LOCAL_RANK;
-`setup` joins the process group (NCCL on GPUs, gloo on CPUs); the collectives here are
-no-ops without one. Putting the model under DDP or FSDP is minigpt.train.parallel's job.
+`torchrun --nproc_per_node=N -m minigpt train ...` sets RANK, WORLD_SIZE and LOCAL_RANK.
+An entry point (`minigpt.pretrain.run.pretrain`, `minigpt.finetune.run.finetune`) joins the
+process group once, for the whole run, with `process_group` (NCCL on GPUs, gloo on CPUs),
+and leaves it once at the end; everything inside reads where it sits with `current`. The
+collectives here are no-ops without a group. Putting the model under DDP or FSDP is minigpt.train.parallel's job.
 Without torchrun all of this is a no-op and the run is a single process.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +40,8 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes in the environment (idempotent)."""
+def _join(device: str) -> DistInfo:
+    """Join the process group torchrun describes in the environment (idempotent); see `process_group`."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo()
@@ -51,7 +55,38 @@ def setup(device: str = "auto") -> DistInfo:
     return info
 
 
-def teardown(sync: bool = True) -> None:
+def current() -> DistInfo:
+    """Where this process sits in the job, read from torchrun's environment. Under torchrun
+    the group must already be joined (by the entry point's `process_group`)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        raise ValueError(f"WORLD_SIZE={world_size} (torchrun) but this process has not joined the process group; "
+                         f"run inside `with minigpt.train.distributed.process_group(device):`, as `pretrain` and "
+                         f"`finetune` do")
+    return DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistInfo]:
+    """Join torchrun's process group for the with-block and leave it once at its end: after
+    a barrier when the block ends normally, without one on an error (a peer may be gone,
+    and a barrier would hang). A group someone else joined is left to them. Without
+    torchrun this is a single process and does nothing."""
+    joined_here = not dist.is_initialized()
+    info = _join(device)
+    try:
+        yield info
+    except BaseException:
+        if joined_here:
+            _leave(sync=False)
+        raise
+    if joined_here:
+        _leave()
+
+
+def _leave(sync: bool = True) -> None:
     """Leave the process group. With `sync`, first wait for every rank, so none destroys
     its connections while a peer is still finishing a collective; pass sync=False on an
     error path, where a peer may be gone and a barrier would hang or fail."""

@@ -7,7 +7,8 @@ the loop supplies everything else, from the parts of this package:
     config.py      TrainConfig, the run config
     optim.py       the optimizer (AdamW, or Muon from muon.py) and the learning-rate schedule
     parallel.py    backend, activation checkpointing, torch.compile, DDP/FSDP, from outside the model
-    checkpoint.py  atomic checkpoints, exact resumption (RNG states, loader), the same-run check
+    checkpoint.py  atomic checkpoints, exact resumption (loader; RNG states in rng.py), the same-run check
+    distributed.py where this process sits (under torchrun, inside the entry's `process_group`)
     observe.py     the metrics log, throughput and MFU
     state.py       `Run`, what one run carries between these parts, and the saved counters
 
@@ -15,9 +16,17 @@ A step is one optimizer update on the global batch of
 world_size x grad_accum x batch_size sequences. `step` counts completed updates, so the
 checkpoint called step_0000100 holds the state after 100 updates.
 
-Device syncs: one per update, reading the loss and gradient norm together, because
-on_nonfinite ('stop' or 'skip') decides on every update, before the optimizer steps,
-whether to apply it; nothing else reads the device outside log, eval and checkpoint steps.
+Device syncs happen only at read points: log, eval and checkpoint steps and the last step
+(nanoGPT likewise reads the loss only when it logs). Each update leaves its loss and gradient
+norm on the device (`state.Update`); a read point fetches all of them in one transfer, then
+records them in order (train_losses, the metrics window) exactly as if read at once. With
+on_nonfinite='stop' (the default) a NaN/inf is therefore found at the next read point: the
+run raises naming the first bad update's step, lr and loss, before that step's evaluation or
+checkpoint, so no checkpoint ever holds weights from after a non-finite update. On a GPU the
+device may have run up to log_interval - 1 more updates past the bad one by then (the
+weights in memory are spoilt; nothing from them is saved). on_nonfinite='skip' must decide
+before the optimizer steps, so it reads every update (one sync per update). Under float16's
+GradScaler an infinite gradient is skipped inside scaler.step, as always.
 """
 from __future__ import annotations
 
@@ -38,16 +47,13 @@ from minigpt.train.config import RESUMABLE_FIELDS, TrainConfig
 from minigpt.train.observe import MetricsLog, TrainWindow, peak_flops
 from minigpt.train.optim import build_optimizer, lr_at
 from minigpt.train.parallel import mixed_precision, parallelize
-from minigpt.train.state import Batches, Run, TrainResult
+from minigpt.train.rng import seed_rngs
+from minigpt.train.state import Batches, NonFiniteLossError, Run, TrainResult, Update, read_updates
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RESUMABLE_FIELDS", "Batches", "NonFiniteLossError", "TrainConfig", "TrainResult", "build_optimizer",
            "language_model_loss", "lr_at", "train"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm became NaN or infinite (and on_nonfinite='stop')."""
 
 
 def language_model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -95,10 +101,11 @@ def train(
         ValueError: bad arguments, a checkpoint whose config or shapes disagree, no
             checkpoint that loads on resume, or a run folder in use or already holding a run
             (`RunFolderError`).
-        NonFiniteLossError: the loss became NaN/inf and config.on_nonfinite == 'stop', or
+        NonFiniteLossError: the loss became NaN/inf and config.on_nonfinite == 'stop' (found at
+            the next log, eval or checkpoint step; see the module docstring), or
             config.max_consecutive_skips updates in a row were skipped.
     """
-    info = dist_.setup(config.device)
+    info = dist_.current()
     parallel = dist_.resolve_parallel(config.parallel, info)
     if parallel == "fsdp" and save_model is not None:
         raise ValueError("save_model is not supported with parallel='fsdp'; the loop saves the gathered state_dict")
@@ -126,7 +133,7 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
     if info.is_main and root.is_dir():
         ckpt.clean_leftovers(root)
     if resume_from is None:
-        ckpt.seed_rngs(config.seed + info.rank)
+        seed_rngs(config.seed + info.rank)
 
     raw = model.to(device)
     with parallelize(raw, config, parallel, device) as module:
@@ -167,27 +174,28 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
     last_saved: Path | None = resume_from
     stopped_early = False
     window = TrainWindow(peak, info.world_size)
+    unread: list[Update] = []  # updates since the last read point (see the module docstring)
     run.module.train()
     try:
         with logging_redirect_tqdm():
             while state.step < config.max_steps and not stopped_early:
                 began = time.perf_counter()
-                loss, grad_norm, tokens, head_tokens, seq_len = _update(run, trainable)
-                window.add(time.perf_counter() - began, tokens, loss, raw, seq_len, head_tokens)
+                unread.append(_update(run, trainable))
+                unread[-1].seconds = time.perf_counter() - began
                 state.step += 1
                 bar.update(1)
-                if loss is None:  # a non-finite update that was skipped
-                    _count_skip(run)
-                else:
-                    state.skipped_in_a_row = 0
-                    state.train_losses.append((state.step, loss))
-
-                if state.step % config.log_interval == 0 or state.step == config.max_steps:
+                last = state.step == config.max_steps
+                log = state.step % config.log_interval == 0 or last
+                evaluate = (eval_batches is not None or extra_eval is not None) and (
+                    state.step % config.eval_interval == 0 or last)
+                due = config.checkpoint_interval and state.step % config.checkpoint_interval == 0
+                if log or evaluate or due or config.on_nonfinite == "skip":  # a read point ('skip' read already)
+                    grad_norm = _record(run, unread, window)
+                if log:
                     window.write(state.step, lr_at(state.step - 1, config), grad_norm, state.skipped, metrics, bar)
 
                 improved = False
-                if (eval_batches is not None or extra_eval is not None) and (
-                        state.step % config.eval_interval == 0 or state.step == config.max_steps):
+                if evaluate:
                     results = _evaluate(run, eval_batches, extra_eval)
                     run.module.train()
                     improved = state.record_eval(results, config)
@@ -200,8 +208,7 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
                         if info.is_main:
                             logger.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %d)",
                                         state.step, config.best_metric, state.evals_since_best, state.best, state.best_step)
-                due = config.checkpoint_interval and state.step % config.checkpoint_interval == 0
-                if due or improved or state.step == config.max_steps or stopped_early:
+                if due or improved or last or stopped_early:
                     last_saved = ckpt.save_training_state(run, improved)
     finally:
         bar.close()
@@ -211,9 +218,9 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
                        last_checkpoint=last_saved, best_checkpoint=ckpt.best_checkpoint(run.root))
 
 
-def _update(run: Run, trainable: list[nn.Parameter]) -> tuple[float | None, float, int, int, int | None]:
-    """One optimizer update: (mean loss or None if skipped, grad norm, tokens on this rank, of them
-    the positions the LM head ran on, T)."""
+def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
+    """One optimizer update. Its loss and gradient norm stay on the device, except under
+    on_nonfinite='skip', which reads them to decide whether to apply the update."""
     config, optimizer, scaler, step = run.config, run.optimizer, run.scaler, run.state.step
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
@@ -242,47 +249,41 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> tuple[float | None, floa
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0 else math.inf)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
-    # The update's one device sync (see the module docstring): both numbers in one read.
-    mean_loss, grad_norm = torch.stack([mean_loss.double(), grad_norm.to(mean_loss.device).double()]).tolist()
-    bad = None
-    if not math.isfinite(mean_loss):
-        bad = f"loss is {mean_loss}"
-    elif scaler is None and not math.isfinite(grad_norm):
-        bad = f"gradient norm is {grad_norm} (loss {mean_loss:.4f})"
-    if bad is not None:
-        optimizer.zero_grad(set_to_none=True)
-        if config.on_nonfinite == "stop":
-            raise NonFiniteLossError(
-                f"{bad} at step {step + 1} (lr {lr:.3g}); stopped without saving, so the last checkpoint in "
-                f"{run.root} is intact. Lower lr, raise warmup_steps, check the data, "
-                f"or set on_nonfinite='skip' to skip such updates"
-            )
-        if scaler is not None:
-            scaler.update()
-        logger.warning("%s at step %d; skipped this update (on_nonfinite='skip')", bad, step + 1)
-        return None, grad_norm, tokens, head_tokens, seq_len
+    update = Update(step + 1, lr, tokens, head_tokens, seq_len,
+                    unread=torch.stack([mean_loss.double(), grad_norm.to(mean_loss.device).double()]))
+    if config.on_nonfinite == "skip":  # decide before stepping: this update's one device sync
+        read_updates([update])
+        bad = update.nonfinite(scaled=scaler is not None)
+        if bad is not None:
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()
+            logger.warning("%s at step %d; skipped this update (on_nonfinite='skip')", bad, step + 1)
+            update.skipped = True
+            return update
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return mean_loss, grad_norm, tokens, head_tokens, seq_len
+    return update
 
 
-def _count_skip(run: Run) -> None:
-    """Count a skipped update; too many in a row is an error (max_consecutive_skips)."""
-    state, config = run.state, run.config
-    state.skipped += 1
-    state.skipped_in_a_row += 1
-    if state.skipped_in_a_row >= config.max_consecutive_skips:
-        raise NonFiniteLossError(
-            f"{state.skipped_in_a_row} updates in a row (steps {state.step - state.skipped_in_a_row + 1}"
-            f" to {state.step}) had a NaN/inf loss or gradient and were skipped "
-            f"(on_nonfinite='skip', max_consecutive_skips={config.max_consecutive_skips}); the "
-            f"model or data no longer yields finite values. Stopped without saving: the last "
-            f"checkpoint in {run.root} is intact. Lower lr, raise warmup_steps or check the data, then "
-            f"resume; or raise max_consecutive_skips")
+def _record(run: Run, updates: list[Update], window: TrainWindow) -> float:
+    """At a read point: read `updates` (one device sync for all), record each in order (the
+    metrics window, then `LoopState.record`, which raises on the first non-finite one under
+    'stop') and empty the list. Returns the last update's gradient norm."""
+    began = time.perf_counter()
+    read_updates(updates)
+    updates[-1].seconds += time.perf_counter() - began  # waiting for the device is the updates' time
+    for update in updates:
+        run.state.record(update, run.config, scaled=run.scaler is not None, root=run.root)
+        window.add(update.seconds, update.tokens, None if update.skipped else update.loss, run.raw,
+                   update.seq_len, update.head_tokens)
+    grad_norm = updates[-1].grad_norm
+    updates.clear()
+    return grad_norm
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """What one training run carries between the loop's parts: `Run` (built once by `train`),
-`LoopState` (the counters saved with each checkpoint) and `TrainResult` (what it returns)."""
+`LoopState` (the counters saved with each checkpoint), `Update` (what one optimizer update
+leaves to record) and `TrainResult` (what it returns)."""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,11 @@ from torch import nn
 
 from minigpt.train.config import TrainConfig
 from minigpt.train.distributed import DistInfo
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN or infinite (and on_nonfinite='stop'), or too many
+    updates in a row were skipped (on_nonfinite='skip', max_consecutive_skips)."""
 
 
 class Batches(Protocol):
@@ -54,6 +60,31 @@ class LoopState:
         self.evals_since_best, self.skipped = d["evals_since_best"], d["skipped"]
         self.skipped_in_a_row = d.get("skipped_in_a_row", 0)  # absent from older checkpoints
 
+    def record(self, update: Update, config: TrainConfig, scaled: bool, root: Path) -> None:
+        """Record one read update: keep its loss, or count it as skipped (too many in a row is
+        an error, max_consecutive_skips). A non-finite update that was not skipped (under
+        on_nonfinite='stop') raises, naming its step and lr; `root` is the checkpoints folder."""
+        bad = None if update.skipped else update.nonfinite(scaled)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"{bad} at step {update.step} (lr {update.lr:.3g}); stopped without saving, so the last "
+                f"checkpoint in {root} is intact. Lower lr, raise warmup_steps, check the data, "
+                f"or set on_nonfinite='skip' to skip such updates")
+        if not update.skipped:
+            self.skipped_in_a_row = 0
+            self.train_losses.append((update.step, update.loss))
+            return
+        self.skipped += 1
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= config.max_consecutive_skips:
+            raise NonFiniteLossError(
+                f"{self.skipped_in_a_row} updates in a row (steps {update.step - self.skipped_in_a_row + 1}"
+                f" to {update.step}) had a NaN/inf loss or gradient and were skipped "
+                f"(on_nonfinite='skip', max_consecutive_skips={config.max_consecutive_skips}); the "
+                f"model or data no longer yields finite values. Stopped without saving: the last "
+                f"checkpoint in {root} is intact. Lower lr, raise warmup_steps or check the data, then "
+                f"resume; or raise max_consecutive_skips")
+
     def record_eval(self, results: dict[str, float], config: TrainConfig) -> bool:
         """Add one evaluation; return whether it is the best so far (by config.best_metric)."""
         if config.best_metric not in results:
@@ -66,6 +97,51 @@ class LoopState:
             return True
         self.evals_since_best += 1
         return False
+
+
+@dataclass
+class Update:
+    """One optimizer update, as the loop records it. Its loss and gradient norm stay on the
+    device (`unread`) until the loop's next read point, where `read_updates` fetches those of
+    every update since the last one in a single transfer (see the loop's docstring)."""
+
+    step: int
+    """The step this update completes (1 for the first)."""
+    lr: float
+    tokens: int
+    """Tokens in this rank's batches."""
+    head_tokens: int
+    """Of them, the positions the LM head ran on."""
+    seq_len: int | None
+    """T of the batches, None when they carry no token ids."""
+    unread: torch.Tensor | None = None
+    """[mean loss over the global batch, gradient norm] in float64 on the device, until read."""
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    skipped: bool = False
+    """Not applied: its loss or gradient was NaN/inf and on_nonfinite='skip'."""
+    seconds: float = 0.0
+    """Wall time of the update, and of waiting for the device when its numbers were read."""
+
+    def nonfinite(self, scaled: bool) -> str | None:
+        """What is NaN/inf about this (read) update, or None. Under a GradScaler (`scaled`) an
+        infinite gradient is the scaler's business: scaler.step skips that update itself."""
+        if not math.isfinite(self.loss):
+            return f"loss is {self.loss}"
+        if not scaled and not math.isfinite(self.grad_norm):
+            return f"gradient norm is {self.grad_norm} (loss {self.loss:.4f})"
+        return None
+
+
+def read_updates(updates: list[Update]) -> None:
+    """Fetch the loss and gradient norm of every update not yet read, in one device-to-host
+    transfer: the loop's one device sync outside evaluation and checkpointing."""
+    unread = [u for u in updates if u.unread is not None]
+    if not unread:
+        return
+    values = torch.stack([u.unread for u in unread]).tolist()
+    for update, (loss, grad_norm) in zip(unread, values):
+        update.loss, update.grad_norm, update.unread = loss, grad_norm, None
 
 
 @dataclass

@@ -173,7 +173,8 @@ def test_duplicates_are_kept_on_one_side_of_the_held_out_split(caplog):
 def test_validation_rows_that_also_occur_in_training_are_reported_with_counts(tmp_path, monkeypatch, caplog):
     use_tiktoken_cache(monkeypatch)
     from minigpt import Tokenizer
-    from minigpt.train.finetune import FinetuneConfig, default_train_config, prepare
+    from minigpt.finetune.config import FinetuneConfig, default_train_config
+    from minigpt.finetune.run import prepare
 
     (tmp_path / "train.csv").write_text("text,label\ngood film,pos\nbad film,neg\nfine,pos\nawful,neg\n")
     (tmp_path / "val.csv").write_text("text,label\nbad film,neg\nnew one,pos\n")
@@ -192,7 +193,8 @@ def test_completion_run_reads_a_tsv_with_named_columns_and_keeps_repeated_prompt
         tmp_path, monkeypatch, caplog):
     use_tiktoken_cache(monkeypatch)
     from minigpt import Tokenizer
-    from minigpt.train.finetune import FinetuneConfig, default_train_config, prepare
+    from minigpt.finetune.config import FinetuneConfig, default_train_config
+    from minigpt.finetune.run import prepare
 
     lines = ["q\ta"] + [f"Question {i % 5} ->\t answer {i % 5}" for i in range(20)]
     (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from minigpt.data import PrepareConfig, prepare
+from minigpt.pretrain import PrepareConfig, prepare
 from tests.helpers import SHAKESPEARE, need_file
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minigpt import GPT
-from minigpt.data import FixedWindows, RandomWindows, TokenSplit
+from minigpt.pretrain import FixedWindows, RandomWindows, TokenSplit
 from minigpt.train import checkpoint as ckpt
 from minigpt.train import train
 from tests.train.common import quick_train_config, tiny_gpt_config

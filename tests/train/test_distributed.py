@@ -13,7 +13,8 @@ import torch
 from minigpt import GPT
 from minigpt.cli import main
 from minigpt.train.checkpoint import load_state_dict_file
-from minigpt.train.pretrain import load_config, pretrain
+from minigpt.pretrain.config import load_config
+from minigpt.pretrain.run import pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 

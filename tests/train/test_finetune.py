@@ -10,7 +10,8 @@ from minigpt.finetune.evaluate import completion_loss, predict
 from minigpt.finetune.export import load_finetuned
 from minigpt.finetune.lora import LoRALinear
 from minigpt.finetune.check import check_prompt_completion
-from minigpt.train.finetune import FinetuneConfig, default_train_config, finetune
+from minigpt.finetune.config import FinetuneConfig, default_train_config
+from minigpt.finetune.run import finetune
 from tests.helpers import DATA, need_file, use_tiktoken_cache
 
 
@@ -143,8 +144,9 @@ def test_cli_finetunes_with_lora_resumes_and_predicts(tmp_path, tokenizer, capsy
 def test_starts_from_a_minigpt_training_run(tmp_path, tokenizer):
     """init may be a run folder of the shared loop (its best checkpoint is used)."""
     from minigpt.finetune.data import CompletionExample, ShuffledBatches, collate_completion
-    from minigpt.train.finetune import prepare
-    from minigpt.train.loop import TrainConfig, train
+    from minigpt.finetune.run import prepare
+    from minigpt.train.config import TrainConfig
+    from minigpt.train.loop import train
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=1, n_embd=8))

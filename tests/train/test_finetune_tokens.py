@@ -7,7 +7,9 @@ import torch
 from minigpt import GPT, GPTConfig
 from minigpt.finetune.data import IGNORE_INDEX, collate_completion
 from minigpt.finetune.export import load_finetuned
-from minigpt.train.finetune import FinetuneConfig, default_train_config, finetune, masked_lm_loss, prepare
+from minigpt.finetune.config import FinetuneConfig, default_train_config
+from minigpt.finetune.run import finetune, prepare
+from minigpt.finetune.tasks import masked_lm_loss
 from minigpt.train.loop import language_model_loss
 from tests.helpers import DATA, need_file, randomize_, use_tiktoken_cache
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from minigpt import GPT
-from minigpt.data import FixedWindows, RandomWindows, TokenSplit
+from minigpt.pretrain import FixedWindows, RandomWindows, TokenSplit
 from minigpt.train import NonFiniteLossError, TrainConfig, build_optimizer, lr_at, train
 from minigpt.train.checkpoint import list_checkpoints
 from tests.train.common import quick_train_config, tiny_gpt_config

@@ -32,7 +32,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
 
 
 def test_training_with_activation_checkpointing_gives_the_same_losses(tmp_path, shakespeare_chars):
-    from minigpt.data import RandomWindows, TokenSplit
+    from minigpt.pretrain import RandomWindows, TokenSplit
     from minigpt.train import train
 
     def run(checkpointing: bool):

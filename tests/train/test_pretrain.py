@@ -8,7 +8,7 @@ import pytest
 
 from minigpt.cli import main
 from minigpt.config import GPTConfig
-from minigpt.train.pretrain import load_config
+from minigpt.pretrain.config import load_config
 from tests.helpers import SHAKESPEARE, need_file
 
 
@@ -213,8 +213,8 @@ def _with_func(parser, func):
 def test_eval_steps_beyond_the_validation_split_warns(tmp_path, caplog):
     import logging
 
-    from minigpt.train.loop import TrainConfig
-    from minigpt.train.pretrain import warn_eval_cost
+    from minigpt.train.config import TrainConfig
+    from minigpt.pretrain.run import warn_eval_cost
 
     config = TrainConfig(out_dir=str(tmp_path), max_steps=10, batch_size=4, eval_interval=5, eval_steps=1000)
     with caplog.at_level(logging.WARNING):

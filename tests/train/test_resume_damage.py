@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minigpt import GPT
-from minigpt.data import FixedWindows, RandomWindows, TokenSplit
+from minigpt.pretrain import FixedWindows, RandomWindows, TokenSplit
 from minigpt.train import NonFiniteLossError, train
 from minigpt.train import checkpoint as ckpt
 from minigpt.train.observe import read_metrics

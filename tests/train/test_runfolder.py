@@ -16,7 +16,7 @@ import torch
 
 from minigpt import GPT
 from minigpt.cli import build_parser, main
-from minigpt.data import FixedWindows, RandomWindows, TokenSplit
+from minigpt.pretrain import FixedWindows, RandomWindows, TokenSplit
 from minigpt.train import checkpoint as ckpt
 from minigpt.train import train
 from minigpt.train.observe import read_metrics
@@ -190,7 +190,8 @@ def _train_losses(run):
 
 def test_finetune_rerun_is_refused_and_overwrite_moves_it_aside(tmp_path, monkeypatch):
     from minigpt import GPTConfig, Tokenizer
-    from minigpt.train.finetune import FinetuneConfig, default_train_config, finetune
+    from minigpt.finetune.config import FinetuneConfig, default_train_config
+    from minigpt.finetune.run import finetune
     from tests.helpers import use_tiktoken_cache
 
     use_tiktoken_cache(monkeypatch)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minigpt.data import PrepareConfig, TokenSplit, prepare, read_metadata
+from minigpt.pretrain import PrepareConfig, TokenSplit, prepare, read_metadata
 from minigpt.tokenizer import tokenizer_from_dict
 from tests.helpers import SHAKESPEARE, need_file, use_tiktoken_cache
 
@@ -169,8 +169,8 @@ def test_config_is_validated():
 
 
 def test_cache_prepares_again_after_a_same_size_in_place_edit(tmp_path, caplog):
-    from minigpt.data.prepare import stale_reason
-    from minigpt.train.pretrain import _already_prepared
+    from minigpt.pretrain.prepare import stale_reason
+    from minigpt.pretrain.run import _already_prepared
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("abcdefghij" * 50)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.data import FixedWindows, PrepareConfig, RandomWindows, TokenSplit, prepare
+from minigpt.pretrain import FixedWindows, PrepareConfig, RandomWindows, TokenSplit, prepare
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,159 @@
+"""The `minigpt` command. Each subcommand parses its arguments and calls one library function."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from minigpt.cli.evaluate import add_eval_parser, add_evaluate_parser, add_fewshot_parser, add_predict_parser
+from minigpt.cli.finetune import add_finetune_parser
+from minigpt.cli.inside import (
+    add_attention_map_parser, add_heads_parser, add_inspect_parser, add_logit_lens_parser, add_patch_parser,
+    add_sample_parser,
+)
+from minigpt.cli.pretrain import add_plot_parser, add_prepare_parser, add_train_parser
+from minigpt.device import check_device
+
+# One module per group of subcommands (pretrain, finetune, evaluate, inside: running and
+# looking inside a model), each adding its parsers; a new subcommand goes into its group's
+# module and `build_parser` below. The docstring above is the command's --help description.
+
+
+def _pair_overrides(extra: list[str]) -> list[str]:
+    """['--a=1', '--b', '2', '--flag'] -> ['a=1', 'b=2', 'flag']."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            raise ValueError(f"unexpected argument {item!r}; overrides look like --train.lr=1e-3")
+        if "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            item, i = f"{item}={extra[i + 1]}", i + 1
+        out.append(item[2:])
+        i += 1
+    return out
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help that shows every option's default, and keeps the epilog's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default" in help_text:  # the help already says what the default means
+            return help_text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help (and every subcommand's) shows the defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _resolve_models(args: argparse.Namespace) -> None:
+    """Point every model argument at a model folder (`minigpt.model_dir.resolve_model_dir`):
+    a training run means its best checkpoint, a fine-tuning run its exported model."""
+    from minigpt.model_dir import resolve_model_dir
+
+    if getattr(args, "model", None) is not None:
+        args.model = str(resolve_model_dir(args.model))
+    if args.command == "inspect" and Path(args.source).is_dir():
+        args.source = str(resolve_model_dir(args.source))
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads for this command; on a busy machine fewer can be faster."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="minigpt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_sample_parser(sub)
+    add_inspect_parser(sub)
+    add_attention_map_parser(sub)
+    add_logit_lens_parser(sub)
+    add_heads_parser(sub)
+    add_patch_parser(sub)
+    add_prepare_parser(sub)
+    add_train_parser(sub)
+    add_plot_parser(sub)
+    add_finetune_parser(sub)
+    add_fewshot_parser(sub)
+    add_evaluate_parser(sub)
+    add_predict_parser(sub)
+    add_eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only `train` takes free-form --key=value overrides
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            args.overrides = args.overrides + _pair_overrides(extra)
+        except ValueError as err:
+            parser.error(str(err))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
+        _set_threads(getattr(args, "threads", None))
+        _resolve_models(args)
+        args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`minigpt ... | head`): end quietly, as Python's docs recommend
+        # (library/signal.html, "Note on SIGPIPE"): point stdout at devnull so the interpreter's
+        # final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(1) from None
+    except (ValueError, OSError, ArithmeticError) as err:  # OSError: files, downloads; ArithmeticError: NaN loss
+        # A user error is one paragraph and exit status 1; -v keeps the traceback for debugging.
+        if args.verbose:
+            logging.getLogger(__name__).exception("traceback (-v)")
+        raise SystemExit(f"minigpt {args.command}: error: {err}") from None
+    except KeyboardInterrupt:
+        # Ctrl-C is not a crash: no traceback. The run folder's lock is already released and
+        # its checkpoints are whole (they are written atomically).
+        again = "; the same command with --resume continues from the newest checkpoint" \
+            if args.command in ("train", "finetune") else ""
+        print(f"minigpt {args.command}: interrupted{again}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and not _is_out_of_memory(err):
+            raise  # a bug: keep the traceback
+        if args.verbose:
+            logging.getLogger(__name__).exception("traceback (-v)")
+        raise SystemExit(f"minigpt {args.command}: error: out of memory ({_first_line(err)}); lower the batch size, "
+                         f"the context length (block_size) or the model size, or use a device with more "
+                         f"memory") from None
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """torch's allocator failures: torch.OutOfMemoryError on a GPU, a RuntimeError saying it
+    "can't allocate memory" on the CPU."""
+    import torch
+
+    text = str(err).lower()
+    return isinstance(err, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in text \
+        or "out of memory" in text
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Pretraining subcommands: prepare, train, plot."""
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from minigpt.cli.common import add_field, add_threads, config_from_args, field_help
+
+if TYPE_CHECKING:
+    from minigpt.pretrain.config import PrepareConfig
+
+
+def prepare_config(args: argparse.Namespace) -> PrepareConfig:
+    """The PrepareConfig of a `prepare` command line."""
+    from minigpt.pretrain.config import PrepareConfig
+
+    return config_from_args(PrepareConfig, args)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from minigpt.pretrain import prepare
+
+    prepare(prepare_config(args))
+
+
+def add_prepare_parser(sub) -> None:
+    from minigpt.pretrain.config import ERRORS, TOKENIZERS, PrepareConfig
+
+    p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into token shards")
+    # A positional list, which add_field does not make; the help is the field's.
+    p.add_argument("inputs", nargs="+", help=field_help(PrepareConfig, "inputs"))
+    add_field(p, PrepareConfig, "out_dir", flag="--out")  # --out, as in every other command
+    add_field(p, PrepareConfig, "tokenizer", choices=TOKENIZERS)
+    for name in ("chars", "val_fraction", "text_field"):
+        add_field(p, PrepareConfig, name)
+    add_field(p, PrepareConfig, "errors", choices=ERRORS)
+    add_field(p, PrepareConfig, "eos", flag="--no-eos")
+    add_field(p, PrepareConfig, "shard_tokens")
+    add_field(p, PrepareConfig, "num_workers", flag="--workers")  # the shorter name the command always had
+    p.set_defaults(func=_prepare)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from minigpt.pretrain.config import load_config
+    from minigpt.pretrain.run import pretrain
+
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.path={args.data}")
+    if args.out_dir is not None:
+        overrides.append(f"train.out_dir={args.out_dir}")
+    config = load_config(args.preset, args.config, overrides)
+    if args.show_config:
+        import json
+
+        print(json.dumps(config.to_dict(), indent=2))
+        return
+    result = pretrain(config, resume=args.resume, overwrite=args.overwrite)
+    if result.sample is not None:
+        print(f"--- sample from {result.train.last_checkpoint} ---")
+        print(result.sample)
+
+
+def add_train_parser(sub) -> None:
+    from minigpt.pretrain.config import DataConfig
+    from minigpt.train.config import TrainConfig
+
+    p = sub.add_parser(
+        "train", allow_abbrev=False, help="pretrain a model (torchrun --nproc_per_node=N -m minigpt train ... for DDP)",
+        description="Pretrain from a recipe (--preset), a TOML/JSON file (--config) and overrides "
+                    "--section.key=value or --key=value (sections: model, train, data, sample).",
+        epilog=_train_epilog(),
+    )
+    p.add_argument("--preset", default=None, help="recipe or model preset to start from (default: tiny)")
+    p.add_argument("--config", default=None, help="TOML or JSON file with sections model/train/data/sample")
+    # --data and --out-dir are shorthands for two overrides; their default None leaves the
+    # recipe's or the file's value, so they are not add_field's flags, but their help is the fields'.
+    p.add_argument("--data", default=None, help=f"data.path: {field_help(DataConfig, 'path')}")
+    p.add_argument("--out-dir", default=None, help=f"train.out_dir: {field_help(TrainConfig, 'out_dir')}")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a run, moving that run aside to OUT.old-<time>")
+    p.add_argument("--show-config", action="store_true", help="print the effective config as JSON and exit")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override such as train.lr=1e-3 (repeatable); --train.lr=1e-3 works too")
+    add_threads(p)
+    p.set_defaults(func=_train, accepts_overrides=True)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from minigpt.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out, x=args.x))
+
+
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="draw a run's train/validation loss curves to a PNG")
+    p.add_argument("run_dir", help="run folder holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    p.add_argument("--x", choices=("step", "time"), default="step",
+                   help="horizontal axis: update number, or wall-clock seconds of training")
+    p.set_defaults(func=_plot)
+
+
+def _train_epilog() -> str:
+    from minigpt.config import PRESETS
+    from minigpt.pretrain.recipes import RECIPES
+
+    return ("recipes (--preset): " + ", ".join(RECIPES) + "; or any model preset with GPT-2's training "
+            "recipe: " + ", ".join(p for p in PRESETS if p not in RECIPES) + ".\n"
+            "keys: model = GPTConfig fields (minigpt/config.py), train = TrainConfig fields "
+            "(minigpt/train/config.py), data = DataConfig and sample = SampleConfig fields "
+            "(minigpt/pretrain/config.py), each documented there; an unknown key is an error that lists the "
+            "valid ones. `minigpt train --preset NAME --show-config` prints a recipe in full.")

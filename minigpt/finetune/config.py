@@ -1,0 +1,194 @@
+"""What a fine-tuning run is: the task and its data (`FinetuneConfig`), and the training
+defaults it starts from (`default_train_config`: a short run at a small learning rate).
+
+`TASKS` is the one list of fine-tuning tasks; a new task adds its name here, its run in
+`minigpt.finetune.tasks`, and its subcommand in `minigpt.cli.finetune`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from minigpt.config import reject_unknown_keys
+from minigpt.finetune.lora import LORA_TARGETS
+from minigpt.runconfig import Section, apply_overrides
+from minigpt.tokenizer import GPT2_EOS
+from minigpt.train.config import TrainConfig
+from minigpt.typed import PathStr, check_fields
+
+TASKS = ("classify", "completion")
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What to fine-tune, on what, and which parameters train; `TrainConfig` says how."""
+
+    task: str
+    """"classify" (a head on the last token) or "completion" (prompt -> completion)."""
+    train_file: PathStr
+    """CSV, TSV, JSON array or JSONL: classify: a text and a label column; completion: a prompt
+    and a completion column."""
+    init: PathStr | None = None
+    """What to start from (see `minigpt.model_dir`): a model folder (Hugging Face GPT-2/GPT-Neo
+    layout or minigpt's), a training or fine-tuning run folder, or a preset name (e.g. tiny-bpe,
+    gpt2) for a fresh random model; None when the model is passed to `finetune` directly."""
+    val_file: PathStr | None = None
+    """Validation data; None splits val_fraction off the training file (stratified by label,
+    duplicates kept on one side). Rows that also occur in the training file are reported."""
+    val_fraction: float = 0.1
+    """Share of the training file held out when no val_file is given."""
+    split_seed: int = 1337
+    """Seed of that split (and of packing's order)."""
+    text_column: str = "text"
+    """classify: column (or JSON field) holding the text."""
+    label_column: str = "label"
+    """classify: column (or JSON field) holding the label."""
+    merge_label_case: bool = False
+    """classify: treat labels that differ only by case or surrounding whitespace as one class
+    (the most frequent spelling); False makes them an error that lists the spellings."""
+    prompt_column: str = "prompt"
+    """completion: column (or JSON field) holding the prompt."""
+    completion_column: str = "completion"
+    """completion: column (or JSON field) holding the completion."""
+    encoding: str = "utf-8"
+    """Text encoding of the data files (a UTF-8 byte-order mark is always dropped)."""
+    max_length: int | None = None
+    """classify: tokens kept per text (its first ones); None means the model's block_size."""
+    class_weights: str = "none"
+    """classify: "none", or "balanced" (n / (classes * count) per class, for skewed labels)."""
+    packing: bool = False
+    """completion: pack several examples per row instead of padding each to the batch's longest."""
+    add_eos: bool = True
+    """completion: append the tokenizer's eos to every completion, so generation learns to stop."""
+    train_last_blocks: int | None = None
+    """Train only the last N blocks (+ final LayerNorm and head); 0 is the head alone; None trains all."""
+    lora_rank: int = 0
+    """LoRA rank r; 0 disables LoRA. With LoRA only the adapters (and a classifier's head) train."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the update is (alpha / r) B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """Projections in each block that get adapters."""
+    eval_batch_size: int = 32
+    """Batch size of validation passes."""
+    max_generate: int = 50
+    """completion: held-out prompts completed greedily for exact match in the final report."""
+    bos: str = ""
+    """Special token put before every prompt (completion, or classify with as_completion), e.g.
+    "<|startoftext|>"; added to the tokenizer and the model when new."""
+    pad_token: str = ""
+    """Special token to pad batches with, e.g. "<|pad|>" (added if new); "" pads with eos."""
+    sep_token: str = ""
+    """Special token put after every prompt (completion, or classify with as_completion), e.g.
+    "<|sep|>"; added if new."""
+    as_completion: bool = False
+    """classify: teach the label word as the completion of `template` instead of training a head
+    (the prompt masked); scored by label log-likelihood and greedy exact match."""
+    template: str = "Review: {text}\nSentiment:"
+    """classify with as_completion: the prompt of each row; must contain {text}."""
+    label_prefix: str = " "
+    """classify with as_completion: put between the prompt and the label word."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # every value has its field's type (minigpt.typed)
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} must be one of {TASKS}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weights={self.class_weights!r} must be one of {CLASS_WEIGHTS}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
+        if self.lora_rank and self.train_last_blocks is not None:
+            raise ValueError("choose LoRA (lora_rank > 0) or train_last_blocks, not both")
+        if self.train_last_blocks is not None and self.train_last_blocks < 0:
+            raise ValueError(f"train_last_blocks={self.train_last_blocks} must be >= 0 or None (train all)")
+        if self.as_completion and self.task != "classify":
+            raise ValueError("as_completion=True applies to task='classify' (a labeled file taught as completion)")
+        if self.as_completion and "{text}" not in self.template:
+            raise ValueError(f"template={self.template!r} must contain {{text}}, where each row's text goes")
+        for name in ("bos", "sep_token"):
+            if getattr(self, name) == GPT2_EOS:
+                raise ValueError(f"{name}={GPT2_EOS!r} is GPT-2's eos, which prompts read as plain text; "
+                                 f"name a new token such as '<|startoftext|>' or '<|sep|>' (it is added)")
+        if self.uses_completion_path and self.train_last_blocks == 0:
+            raise ValueError("train_last_blocks=0 leaves a completion model nothing to train (its head is "
+                             "tied to the embedding); use 1 or more, or LoRA")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length} must be >= 1 or None (block_size)")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
+        if self.max_generate < 0:
+            raise ValueError(f"max_generate={self.max_generate} must be >= 0 (0 skips exact match)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if self.lora_rank and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0")
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown or not self.lora_targets:
+            raise ValueError(f"lora_targets={list(self.lora_targets)} must be some of {list(LORA_TARGETS)}")
+
+    @property
+    def uses_completion_path(self) -> bool:
+        """Trains as a language model with the prompt masked (completion, or classify as completion)."""
+        return self.task == "completion" or self.as_completion
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The bos, separator and pad tokens named, in that order."""
+        return [t for t in (self.bos, self.sep_token, self.pad_token) if t]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "FinetuneConfig":
+        """Build from a plain dict; unknown keys are an error that lists the valid ones."""
+        reject_unknown_keys(cls, values)
+        return cls(**values)
+
+
+# Training defaults for fine-tuning: a short run at a small learning rate, evaluated often.
+FINETUNE_TRAIN: dict[str, Any] = dict(
+    max_steps=1000,
+    batch_size=16,
+    lr=1e-4,
+    min_lr=1e-5,
+    warmup_steps=50,
+    weight_decay=0.01,
+    beta2=0.999,
+    eval_interval=100,
+    eval_steps=100,
+    checkpoint_interval=0,
+)
+# LoRA's adapters start at zero and are few: they take a larger step (Hu et al. 2021 use 2e-4..1e-3).
+LORA_LR = 1e-3
+
+
+def default_train_config(config: FinetuneConfig, out_dir: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """FINETUNE_TRAIN for this task, then `overrides` (TrainConfig fields, validated).
+
+    Classifiers keep the checkpoint with the best val_accuracy; completion models the one
+    with the lowest val_loss. With LoRA the peak lr is LORA_LR. Warm-up is at most a tenth
+    of max_steps unless set.
+    """
+    values: dict[str, Any] = {**FINETUNE_TRAIN, "out_dir": out_dir}
+    if config.lora_rank:
+        values.update(lr=LORA_LR, min_lr=LORA_LR / 10)
+    if config.task == "classify":
+        values.update(best_metric="val_accuracy", best_mode="max")
+    values.update(overrides or {})
+    if "warmup_steps" not in (overrides or {}) and isinstance(values["max_steps"], int):
+        values["warmup_steps"] = min(values["warmup_steps"], values["max_steps"] // 10)  # short runs
+    return TrainConfig.from_dict(values)
+
+
+TRAIN_SECTION: dict[str, Section] = {"train": Section(TrainConfig)}
+"""Fine-tuning's overridable settings: the train section (its task settings are flags)."""
+
+
+def train_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """TrainConfig values from 'key=value' / 'train.key=value' items (dashes allowed in keys),
+    read by the one loader of every run config (`minigpt.runconfig.apply_override`), as in
+    `minigpt train`. Unknown keys are an error listing the valid ones."""
+    return apply_overrides(TRAIN_SECTION, {}, items).get("train", {})

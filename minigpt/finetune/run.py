@@ -1,0 +1,149 @@
+"""Fine-tuning entry point: set a run up, then hand it to the shared training loop.
+
+Pretraining and fine-tuning share `minigpt.train.loop.train` (optimizer, schedule,
+checkpoints, resume, logging, early stopping); fine-tuning differs only in setup: the
+task's run (`minigpt.finetune.tasks`), named bos/pad/separator tokens added to the
+tokenizer and the model (`minigpt.vocab.add_tokens`) when new, and which parameters train:
+all, the last N blocks (and the head), or LoRA adapters only.
+
+The best checkpoint (by `TrainConfig.best_metric`) is exported to OUT/model as a
+fine-tuned folder (LoRA merged, see `minigpt.finetune.export`) and evaluated on the
+validation data into OUT/eval.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from minigpt.finetune.config import FinetuneConfig
+from minigpt.finetune.export import save_finetuned
+from minigpt.finetune.lora import apply_lora, count_trainable, freeze_all_but_last
+from minigpt.finetune.metrics import write_report
+from minigpt.finetune.tasks import TaskRun, build_run
+from minigpt.model import GPT
+from minigpt.train.config import TrainConfig
+from minigpt.train.loop import train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    model_dir: Path
+    """The exported best model (a fine-tuned folder)."""
+    report: Any
+    """Its evaluation on the validation data (ClassificationReport or CompletionReport)."""
+    train_result: Any
+    """What the training loop returned."""
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+def _start_model(config: FinetuneConfig, model: GPT | None, tokenizer, backend: str, seed: int) -> tuple[GPT, object]:
+    from minigpt.model_dir import start_model
+    from minigpt.tokenizer import Tokenizer
+
+    if model is not None:
+        return model, tokenizer if tokenizer is not None else Tokenizer()
+    if config.init is None:
+        raise ValueError("say where to start: FinetuneConfig.init (--init) names a model or run folder, or a "
+                         "preset for a fresh random model")
+    backbone, saved = start_model(config.init, backend=backend, seed=seed)
+    return backbone, tokenizer or saved
+
+
+def _add_special_tokens(config: FinetuneConfig, backbone: GPT, tokenizer) -> None:
+    """Add the bos/separator/pad tokens the config names to the tokenizer and the model,
+    growing the embedding when they are new (logged once, by `add_tokens`)."""
+    from minigpt.tokenizer import Tokenizer
+    from minigpt.vocab import add_tokens
+
+    tokens = config.special_tokens
+    if not tokens:
+        return
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError(f"special tokens {tokens} need GPT-2's tokenizer; this model's is "
+                         f"{type(tokenizer).__name__}")
+    new = add_tokens(backbone, tokenizer, tokens)
+    if not new:
+        log.info("special tokens %s are already in the vocabulary", tokens)
+    if config.pad_token:
+        tokenizer.set_pad_token(config.pad_token)
+
+
+def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None,
+            tokenizer=None) -> tuple[TaskRun, object]:
+    """Build the model, data and hooks of a run without training (for inspection and tests)."""
+    from minigpt.device import check_device
+
+    check_device(train_config.device)
+    backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend, train_config.seed)
+    _add_special_tokens(config, backbone, tokenizer)
+    torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
+    run = build_run(config, backbone, tokenizer, train_config)
+    head = () if config.uses_completion_path else ("score.",)
+    if config.lora_rank:
+        apply_lora(run.model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                   trainable=head)
+    elif config.train_last_blocks is not None:
+        freeze_all_but_last(run.model, config.train_last_blocks, trainable=head)
+    trainable, total = count_trainable(run.model), sum(p.numel() for p in run.model.parameters())
+    log.info("training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    run.details.update(trainable_params=trainable, total_params=total)
+    run.meta = dataclasses.replace(run.meta, details={"finetune": dataclasses.asdict(config), **run.details})
+    return run, tokenizer
+
+
+def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None, tokenizer=None,
+             resume: bool = False, overwrite: bool = False) -> FinetuneResult:
+    """Fine-tune, export the best model to OUT/model and evaluate it into OUT/eval.
+
+    model/tokenizer: start from this GPT instead of `config.init` (e.g. a fresh one).
+    Every checkpoint the loop writes is itself a fine-tuned folder (LoRA merged) that
+    `minigpt evaluate`/`predict` read; `resume` continues from the newest one that loads.
+    OUT must not hold another run unless `resume`, or `overwrite` (which moves it aside).
+    Raises ValueError for bad data (naming file and line), inconsistent options, or a run
+    folder that is in use or holds another run.
+    """
+    from minigpt.train import distributed as dist_
+    from minigpt.train import runfolder
+
+    with dist_.process_group(train_config.device) as info:
+        run, tokenizer = prepare(config, train_config, model=model, tokenizer=tokenizer)
+        out = Path(train_config.out_dir)
+
+        def save_model(model: nn.Module, folder: Path) -> None:
+            save_finetuned(model, folder, tokenizer, run.meta, run.labels)
+
+        metadata = {"finetune": dataclasses.asdict(config), "model": run.model.config.to_dict(),
+                    "labels": list(run.labels.labels) if run.labels else None}
+        with runfolder.claim(out, resume=resume, overwrite=overwrite, is_main=info.is_main):
+            result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
+                           loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, resume=resume,
+                           run_metadata=metadata)
+            return _export(config, run, result, save_model, out, info)
+
+
+def _export(config: FinetuneConfig, run: TaskRun, result, save_model, out: Path, info) -> FinetuneResult:
+    """Rank 0: the best checkpoint to OUT/model, evaluated into OUT/eval."""
+    from minigpt.train import checkpoint as ckpt
+
+    if not info.is_main:
+        return FinetuneResult(out / "model", None, result, run.details["trainable_params"], run.details["total_params"])
+    best = result.best_checkpoint or result.last_checkpoint
+    run.model.load_state_dict(ckpt.load_state_dict_file(ckpt.model_weights_file(best)))
+    run.model.cpu()
+    model_dir = out / "model"
+    save_model(run.model, model_dir)
+    report = run.evaluate(run.model)
+    write_report(report, out / "eval", {"model": str(model_dir), "task": config.task, "checkpoint": str(best),
+                                        "best_step": result.best_step})
+    log.info("best checkpoint %s (step %s) exported to %s; its validation report is in %s",
+             best, result.best_step, model_dir, out / "eval")
+    return FinetuneResult(model_dir, report, result, run.details["trainable_params"], run.details["total_params"])

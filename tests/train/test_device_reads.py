@@ -1,0 +1,137 @@
+"""The loop reads the device only at read points (log, eval, checkpoint and last steps), except
+under on_nonfinite='skip', which reads every update; deferred reads give the same numbers."""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import minigpt.train
+from minigpt import GPT
+from minigpt.train import NonFiniteLossError, lr_at, train
+from minigpt.train.checkpoint import list_checkpoints
+from minigpt.train.observe import read_metrics
+from tests.train.common import quick_train_config, tiny_gpt_config
+
+TRAIN_PACKAGE = Path(minigpt.train.__file__).parent
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+"""Tensor methods that copy a value to the host: on a GPU, each one waits for the device."""
+
+
+class _Batches:
+    """Resumable random token batches, the same for every run (batch i from seed i)."""
+
+    def __init__(self) -> None:
+        self.i = 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        tokens = torch.randint(0, 65, (4, 33), generator=torch.Generator().manual_seed(self.i))
+        self.i += 1
+        return {"idx": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = state["i"]
+
+
+class _NanAtUpdate:
+    """The language-model loss, but NaN on the `bad`-th call (grad_accum=1: the `bad`-th update)."""
+
+    def __init__(self, bad: int | None = None) -> None:
+        self.calls, self.bad = 0, bad
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        loss = model(batch["idx"], batch["targets"]).loss
+        return loss * float("nan") if self.calls == self.bad else loss
+
+
+def _train(out_dir, loss_fn=None, **overrides):
+    torch.manual_seed(0)
+    model = GPT(tiny_gpt_config())
+    config = quick_train_config(out_dir, **{"max_steps": 10, "log_interval": 5, "checkpoint_interval": 0,
+                                            **overrides})
+    result = train(model, config, _Batches(), loss_fn=loss_fn or _NanAtUpdate())
+    return model, result
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts host reads of tensors made by code in minigpt/train/, outside checkpoint.py (saving
+    a checkpoint reads the weights, and checkpoint steps are read points by design)."""
+    counts: Counter[str] = Counter()
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = Path(sys._getframe(1).f_code.co_filename)
+            if caller.parent == TRAIN_PACKAGE and caller.name != "checkpoint.py":
+                counts[f"{caller.name}: {name}"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    return counts
+
+
+@pytest.mark.parametrize("on_nonfinite, reads", [("stop", 2), ("skip", 10)])
+def test_ten_updates_read_the_device_once_per_log_step_or_once_per_update_when_skipping(
+        tmp_path, host_reads, on_nonfinite, reads):
+    _, result = _train(tmp_path, on_nonfinite=on_nonfinite)
+    assert result.step == 10
+    assert sum(host_reads.values()) == reads, dict(host_reads)
+
+
+def test_deferred_reads_give_the_numbers_of_reading_every_update(tmp_path):
+    every_model, every = _train(tmp_path / "every", log_interval=1)
+    deferred_model, deferred = _train(tmp_path / "deferred")
+    skip_model, skip = _train(tmp_path / "skip", on_nonfinite="skip")  # reads before each step
+    assert [s for s, _ in deferred.train_losses] == list(range(1, 11))
+    assert deferred.train_losses == every.train_losses == skip.train_losses
+    for (name, a), b, c in zip(every_model.state_dict().items(), deferred_model.state_dict().values(),
+                               skip_model.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+    logged = {r["step"]: r for r in read_metrics(tmp_path / "deferred") if r["kind"] == "train"}
+    assert sorted(logged) == [5, 10]
+    losses = dict(deferred.train_losses)
+    assert logged[5]["loss"] == pytest.approx(sum(losses[s] for s in range(1, 6)) / 5, rel=1e-12)
+    assert logged[10]["loss"] == pytest.approx(sum(losses[s] for s in range(6, 11)) / 5, rel=1e-12)
+
+
+def test_nan_with_stop_raises_at_the_next_read_point_naming_the_first_bad_update(tmp_path):
+    loss_fn = _NanAtUpdate(bad=3)
+    config = quick_train_config(tmp_path, max_steps=10)
+    with pytest.raises(NonFiniteLossError) as raised:
+        _train(tmp_path, loss_fn=loss_fn, checkpoint_interval=2)
+    assert str(raised.value).startswith(f"loss is nan at step 3 (lr {lr_at(2, config):.3g}); stopped without saving")
+    assert loss_fn.calls == 4  # found at step 4, the next read point (a checkpoint step), before saving it
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_0000002"]
+
+
+def test_nan_with_stop_between_log_steps_saves_and_logs_nothing_after_it(tmp_path):
+    loss_fn = _NanAtUpdate(bad=3)
+    with pytest.raises(NonFiniteLossError, match=r"^loss is nan at step 3 "):
+        _train(tmp_path, loss_fn=loss_fn)
+    assert loss_fn.calls == 5  # updates 4 and 5 ran (on NaN weights) before the read at log step 5
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+    assert [r for r in read_metrics(tmp_path) if r["kind"] == "train"] == []
+
+
+def test_nan_with_skip_skips_exactly_that_update(tmp_path):
+    model, result = _train(tmp_path, loss_fn=_NanAtUpdate(bad=3), on_nonfinite="skip")
+    _, clean = _train(tmp_path / "clean")
+    assert [s for s, _ in result.train_losses] == [1, 2, *range(4, 11)]
+    assert result.train_losses[:2] == clean.train_losses[:2]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    logged = {r["step"]: r["skipped"] for r in read_metrics(tmp_path) if r["kind"] == "train"}
+    assert logged == {5: 1, 10: 1}
+    trainer = torch.load(tmp_path / "checkpoints" / "step_0000010" / "trainer.pt", weights_only=True)
+    adam_steps = {float(s["step"]) for s in trainer["optimizer"]["state"].values()}
+    assert adam_steps == {9.0}  # AdamW applied 9 of the 10 updates
