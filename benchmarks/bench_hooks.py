@@ -5,8 +5,10 @@ Run from the repository root (no GPU needed):
     python -m benchmarks.bench_hooks [--rounds 15] [--threads 1] [--out benchmarks/results]
 
 "without hook points" is `GPT.forward` of the commit this work started from (`BEFORE`,
-read with git), with the same weights; "with hook points" is `GPT.forward` with none attached (every `HookPoint` is an identity module call);
-"one observer" attaches a single reading hook. Cases are timed in interleaved rounds so
+read with git), with the same weights and today's input checks (shape, dtype and length;
+issue 16 moved the token-id range check, a min/max over the ids, out of the forward), so
+that the two forwards differ only by the hook points; "with hook points" is `GPT.forward`
+with none attached (every `HookPoint` returns its input); "one observer" attaches a single reading hook. Cases are timed in interleaved rounds so
 that load from other processes hits them alike; we report the median over rounds of the
 mean time per call within a round, and the minimum. One thread by default: on a shared
 machine two threads spend most of a small forward waiting for each other. Benchmarks never
@@ -44,6 +46,7 @@ def model_before_hooks(model: GPT) -> torch.nn.Module:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look themselves up there
     spec.loader.exec_module(module)
+    module.GPT._check_input = GPT._check_input  # today's checks, so that only the hook points differ
     before = module.GPT(model.config).eval()
     before.load_state_dict(model.state_dict())
     return before

@@ -3,10 +3,29 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:  # annotations only: config.py calls into this module, so no import back
-    from minigpt.config import GPTConfig
+
+class ModelShape(Protocol):
+    """The fields of `minigpt.config.GPTConfig` that the counts read.
+
+    A structural type, so that this module does not import config.py: config.py calls
+    into this one (`GPTConfig.num_params`), and modules should not import each other.
+    """
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    bias: bool
+    qkv_bias: bool
+    tie_embeddings: bool
+
+    @property
+    def mlp_width(self) -> int: ...
+
+    def layer_window(self, layer: int) -> int | None: ...
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 """Bytes per value of the dtypes the memory counts are given in."""
@@ -15,7 +34,7 @@ BACKENDS = ("math", "sdpa", "triton")
 """The attention backends of `minigpt.ops`, whose work the `backend=` counts follow."""
 
 
-def block_param_breakdown(config: GPTConfig) -> dict[str, int]:
+def block_param_breakdown(config: ModelShape) -> dict[str, int]:
     """Trainable parameters of one block by component, keyed by module path in `model.Block`.
 
     attn.q, attn.k and attn.v are the three equal row-slices of the fused `attn.qkv`
@@ -36,7 +55,7 @@ def block_param_breakdown(config: GPTConfig) -> dict[str, int]:
     }
 
 
-def param_breakdown(config: GPTConfig) -> dict[str, int]:
+def param_breakdown(config: ModelShape) -> dict[str, int]:
     """Trainable parameters by component, mirroring the modules in `model.py`.
 
     Keys: tok_emb, pos_emb, per_block (one block), blocks (all of them), ln_f, lm_head
@@ -55,7 +74,7 @@ def param_breakdown(config: GPTConfig) -> dict[str, int]:
     }
 
 
-def params(config: GPTConfig, non_embedding: bool = False) -> int:
+def params(config: ModelShape, non_embedding: bool = False) -> int:
     """Total trainable parameters; `non_embedding` leaves out the token and position tables."""
     parts = param_breakdown(config)
     total = parts["tok_emb"] + parts["pos_emb"] + parts["blocks"] + parts["ln_f"] + parts["lm_head"]
@@ -64,13 +83,13 @@ def params(config: GPTConfig, non_embedding: bool = False) -> int:
     return total
 
 
-def attention_context(config: GPTConfig, seq_len: int, layer: int) -> int:
+def attention_context(config: ModelShape, seq_len: int, layer: int) -> int:
     """How many keys a query of `layer` attends to, at most: T for dense, min(w, T) for banded."""
     window = config.layer_window(layer)
     return seq_len if window is None else min(window, seq_len)
 
 
-def computed_attention_context(config: GPTConfig, seq_len: int, layer: int, backend: str | None = None) -> float:
+def computed_attention_context(config: ModelShape, seq_len: int, layer: int, backend: str | None = None) -> float:
     """Keys per query that `layer` computes a score for, averaged over the T queries.
 
     backend=None is the useful work (`attention_context`: T dense, min(w, T) banded), the
@@ -100,7 +119,7 @@ def computed_attention_context(config: GPTConfig, seq_len: int, layer: int, back
     return float((window + block) * blocks * block) / seq_len
 
 
-def attention_flops_per_token(config: GPTConfig, seq_len: int | None = None, backend: str | None = None) -> float:
+def attention_flops_per_token(config: ModelShape, seq_len: int | None = None, backend: str | None = None) -> float:
     """Forward FLOPs per token of QK^T and AV: 4 * n_embd * context per layer, where context
     is seq_len for dense layers and the band width for banded ones (see `flops_per_token`);
     with `backend`, the context that backend computes (`computed_attention_context`)."""
@@ -109,7 +128,7 @@ def attention_flops_per_token(config: GPTConfig, seq_len: int | None = None, bac
 
 
 def flops_per_token(
-    config: GPTConfig, seq_len: int | None = None, training: bool = True, backend: str | None = None
+    config: ModelShape, seq_len: int | None = None, training: bool = True, backend: str | None = None
 ) -> float:
     """Matmul FLOPs per token (Kaplan et al. 2020, section 2.1; PaLM appendix B convention).
 
@@ -126,7 +145,7 @@ def flops_per_token(
     return 3.0 * forward if training else forward
 
 
-def step_flops_per_token(config: GPTConfig, seq_len: int | None = None, *, lm_head: bool = True,
+def step_flops_per_token(config: ModelShape, seq_len: int | None = None, *, lm_head: bool = True,
                          trained: Sequence[int] | None = None, adapters: Sequence[int] | None = None,
                          embeddings_trained: bool = True, head_trained: bool = True) -> float:
     """Matmul FLOPs per token of one training step as it is computed, for MFU.
@@ -180,7 +199,7 @@ def step_flops_per_token(config: GPTConfig, seq_len: int | None = None, *, lm_he
     return total
 
 
-def training_state_bytes(config: GPTConfig, dtype: str = "fp32") -> dict[str, int]:
+def training_state_bytes(config: ModelShape, dtype: str = "fp32") -> dict[str, int]:
     """Bytes of the weights, their gradients and AdamW's two moments (m, v), all in `dtype`.
 
     'fp32' is also what autocast mixed precision keeps (fp32 weights, grads and moments);
@@ -191,7 +210,7 @@ def training_state_bytes(config: GPTConfig, dtype: str = "fp32") -> dict[str, in
 
 
 def activation_bytes_per_token(
-    config: GPTConfig, seq_len: int | None = None, stored_scores: bool = True, backend: str | None = None
+    config: ModelShape, seq_len: int | None = None, stored_scores: bool = True, backend: str | None = None
 ) -> int:
     """Activation bytes per token kept for the backward pass, summed over the blocks.
 
@@ -217,7 +236,7 @@ def activation_bytes_per_token(
     return 34 * C * config.n_layer + scores
 
 
-def training_bytes_lower_bound(config: GPTConfig, batch_size: int) -> int:
+def training_bytes_lower_bound(config: ModelShape, batch_size: int) -> int:
     """Bytes that one training step of `batch_size` sequences of block_size tokens needs at
     the least: fp32 weights, gradients and AdamW moments, the activations of
     `activation_bytes_per_token` at 16 bits without stored scores (fused attention), and
@@ -229,7 +248,7 @@ def training_bytes_lower_bound(config: GPTConfig, batch_size: int) -> int:
     return state + tokens * activation_bytes_per_token(config, stored_scores=False) + tokens * config.vocab_size * 4
 
 
-def kv_cache_bytes(config: GPTConfig, seq_len: int | None = None, batch_size: int = 1, dtype: str = "bf16") -> int:
+def kv_cache_bytes(config: ModelShape, seq_len: int | None = None, batch_size: int = 1, dtype: str = "bf16") -> int:
     """Bytes of the keys and values cached for `batch_size` sequences of `seq_len` tokens.
 
     A dense layer keeps every token; a banded layer keeps at most its window (see
@@ -240,7 +259,7 @@ def kv_cache_bytes(config: GPTConfig, seq_len: int | None = None, batch_size: in
     return 2 * batch_size * config.n_embd * slots * _dtype_bytes(dtype)
 
 
-def _seq_len(config: GPTConfig, seq_len: int | None) -> int:
+def _seq_len(config: ModelShape, seq_len: int | None) -> int:
     if seq_len is None:
         return config.block_size
     if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or not 1 <= seq_len <= config.block_size:

@@ -69,8 +69,8 @@ def _as_rows(prompts: PromptLike) -> list[list[int]]:
     return rows
 
 
-# model -> ((data_ptr, version, dtype), (C, V) copy of its head). Weak, so the copy goes with
-# the model and is never deep-copied or pickled with it; GPT._apply (to, half, cuda) drops it.
+# model -> (weak reference to the head's storage, (data_ptr, version, dtype), (C, V) copy of
+# the head). Weak, so the copy goes with the model and is never deep-copied or pickled with it.
 _DECODE_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -82,22 +82,26 @@ def head_for_decoding(model) -> torch.Tensor | None:
     2 threads: 6.1 vs 14.1 ms), but making the copy costs 130-220 ms, as much as 20 tokens.
     So it is kept while the model lives and remade when the weight changes: a new tensor, an
     in-place update such as an optimizer step or load_state_dict (they bump the tensor's
-    version counter), or a dtype/device move. Writes through `weight.data` bypass the
-    version counter; call `forget_decoding_head(model)` after those. The copy holds
-    vocab x n_embd values (77 MB for GPT-2 small).
+    version counter), or a dtype/device move (`to`, `half` swap in a new storage; the kept
+    weak reference to the old one then no longer matches, even where the allocator hands
+    out the old address again). Writes through `weight.data` bypass the version counter;
+    call `forget_decoding_head(model)` after those. The copy holds vocab x n_embd values
+    (77 MB for GPT-2 small); after a move it is dropped by the next call.
     """
     weight = model.lm_head.weight
     if weight.device.type != "cpu":
+        forget_decoding_head(model)
         return None
     try:
         key = (weight.data_ptr(), weight._version, weight.dtype)
     except RuntimeError:  # an inference-mode tensor has no version counter: copy per call
         return weight.detach().t().contiguous()
+    storage = weight.untyped_storage()  # one Python object per live storage, weakly referable
     cached = _DECODE_HEADS.get(model)
-    if cached is None or cached[0] != key:
-        cached = (key, weight.detach().t().contiguous())
+    if cached is None or cached[0]() is not storage or cached[1] != key:
+        cached = (weakref.ref(storage), key, weight.detach().t().contiguous())
         _DECODE_HEADS[model] = cached
-    return cached[1]
+    return cached[2]
 
 
 def forget_decoding_head(model) -> None:
@@ -139,6 +143,10 @@ def stream_tokens(
                 f"prompt {i} has {len(row)} tokens, more than block_size={config.block_size}; "
                 f"shorten it or keep its last {config.block_size} tokens"
             )
+        bad = [t for t in row if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} is out of range for vocab_size={config.vocab_size}; "
+                             f"was it encoded with this model's tokenizer?")
     return _stream_tokens(model, rows, max_new_tokens, temperature, top_k, top_p, seed, eos_id, use_cache,
                           vocab_limit)
 

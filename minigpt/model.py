@@ -46,7 +46,7 @@ class GPTOutput:
     """n_layer tensors (B, H, T, S) of attention probabilities (from the math path)."""
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(ops.UsesBackend, nn.Module):
     """LayerNorm with an optional bias; parameter names match `torch.nn.LayerNorm`."""
 
     def __init__(self, n: int, eps: float, bias: bool) -> None:
@@ -54,14 +54,13 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n))
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
         self.eps = eps
-        self.backend = "sdpa"
         self.hook_normalized = HookPoint()  # (B, T, C), after the gain and bias as in TransformerLens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.hook_normalized(ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend))
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(ops.UsesBackend, nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.n_head = config.n_head
@@ -71,7 +70,6 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.backend = "sdpa"
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # (B, T, H, D)
         self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # (B, H, T, S)
         self.hook_z = HookPoint()  # (B, T, H, D): each head's output, before the projection
@@ -173,7 +171,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.set_backend(backend)
+        ops.use_backend(self, backend)
         bind_fast(self)
 
     @staticmethod
@@ -187,23 +185,14 @@ class GPT(nn.Module):
     def backend(self) -> str:
         return self.ln_f.backend
 
-    def _apply(self, fn, *args, **kwargs):
-        # to() / half() / cuda() may change the weights without bumping their version
-        # counters; the decoding copy of the head must not outlive them.
-        from minigpt.generate import forget_decoding_head
-
-        forget_decoding_head(self)
-        return super()._apply(fn, *args, **kwargs)
-
     def set_backend(self, backend: str) -> "GPT":
-        """Choose the attention/LayerNorm backend: 'math', 'sdpa' or 'triton' (see `ops`)."""
-        ops.check_backend(backend)
-        for module in self.modules():
-            if isinstance(module, (LayerNorm, CausalSelfAttention)):
-                module.backend = backend
-        return self
+        """Choose the attention/LayerNorm backend: 'math', 'sdpa' or 'triton'; see `ops.use_backend`."""
+        return ops.use_backend(self, backend)
 
     def _check_input(self, idx: torch.Tensor, start: int) -> None:
+        # Shape, dtype and length only: these cost no device sync and no torch.compile graph
+        # break. The ids' values are checked where they enter (the data loaders, `generate`);
+        # `_embed_tokens` names an out-of-range id that reaches the model on a CPU anyway.
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             raise ValueError(f"idx must be a (batch, seq) tensor of token ids; got {getattr(idx, 'shape', type(idx))}")
         if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -216,10 +205,19 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}; "
                 f"crop the input to the last {self.config.block_size} tokens"
             )
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= self.config.vocab_size:
+
+    def _embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C). On a CPU torch raises IndexError for an id outside the
+        table; this turns it into a ValueError that names the id, at no cost for valid ids.
+        (A GPU's kernel fails on the device instead, which is why entry points check ids.)"""
+        try:
+            return self.tok_emb(idx)
+        except IndexError:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo >= 0 and hi < self.config.vocab_size:
+                raise
             bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}")
+            raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}") from None
 
     def hidden(
         self,
@@ -246,7 +244,7 @@ class GPT(nn.Module):
         if left_pad is not None:
             pos = (pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
         pos_emb = self.pos_emb(pos).expand(B, T, -1)  # (B, T, C), a view
-        x = self.drop(self.hook_embed(self.tok_emb(idx)) + self.hook_pos_embed(pos_emb))  # (B, T, C)
+        x = self.drop(self.hook_embed(self._embed_tokens(idx)) + self.hook_pos_embed(pos_emb))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cache.layers[i] if cache is not None else None, start, left_pad)
         x = self.ln_f(x)
@@ -267,8 +265,8 @@ class GPT(nn.Module):
     ) -> GPTOutput:
         """idx: (B, T) token ids; targets: (B, T) next tokens, -100 where no loss is taken.
 
-        Raises ValueError for token ids out of range, non-integer ids, or sequences longer
-        than block_size.
+        Raises ValueError for non-integer ids, sequences longer than block_size, and (on a
+        CPU; elsewhere check ids before, as the loaders and `generate` do) ids out of range.
         """
         x, states, attentions = self.hidden(
             idx, cache=cache, left_pad=left_pad,
@@ -324,7 +322,7 @@ class GPT(nn.Module):
         """Load a GPT-2 / GPT-Neo folder in the Hugging Face layout, or one saved by minigpt."""
         from minigpt.weights import load_pretrained
 
-        return load_pretrained(path, backend=backend)
+        return load_pretrained(path, cls, backend=backend)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save in the Hugging Face layout of the family that represents this config exactly."""

@@ -24,6 +24,7 @@ import logging
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,33 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; choose one of {BACKENDS}")
     return backend
+
+
+class UsesBackend:
+    """Marks a module whose forward calls a backend-dependent op of this file (attention,
+    LayerNorm) and hands it `self.backend`. Only `use_backend` sets it on an instance."""
+
+    backend: str = "sdpa"
+
+
+def use_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Compute every attention and LayerNorm of `model` with `backend`; returns `model`.
+
+    backend: 'math', 'sdpa' or 'triton' (see the module docstring). This is the one place
+    that chooses it: `GPT(config, backend=...)`, `GPT.set_backend`, `GPT.from_pretrained`
+    and the training loop's `parallelize` all call it. The model describes the math; how it
+    is computed is applied from outside, as compile and sharding are (STYLE.md). The choice
+    lives on each `UsesBackend` module rather than in a global, so two models in one
+    process may differ and `torch.compile` sees a constant attribute. Works on any module
+    that holds GPTs (a classifier around its backbone).
+
+    Raises ValueError for an unknown backend, before changing anything.
+    """
+    check_backend(backend)
+    for module in model.modules():
+        if isinstance(module, UsesBackend):
+            module.backend = backend
+    return model
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,7 +146,18 @@ def _band_block_mask(
     return mask.repeat_interleave(n_head, dim=1)  # (n, B*H, b, w+b)
 
 
-@functools.lru_cache(maxsize=4)
+def _cached_mask(build):
+    """`build` behind a small lru_cache, except while torch.compile traces: then the mask is
+    built inside the graph (a constant there), and dynamo has no cache wrapper to warn about."""
+    cached = functools.lru_cache(maxsize=4)(build)
+
+    @functools.wraps(build)
+    def mask(*args):
+        return build(*args) if torch.compiler.is_compiling() else cached(*args)
+    return mask
+
+
+@_cached_mask
 def _band_block_bias(
     n_blocks: int, block: int, window: int, first_key: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -139,7 +178,7 @@ def scores_whole_band(seq_len: int, window: int) -> bool:
     return seq_len <= 2 * window
 
 
-@functools.lru_cache(maxsize=4)
+@_cached_mask
 def _full_band_bias(T: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # The additive form (0 / -inf) of the (T, T) band mask, cached like `_band_block_bias`.
     index = torch.arange(T, device=device)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minigpt.ops import use_backend
 from minigpt.train.config import TrainConfig
 
 
@@ -27,11 +28,7 @@ def parallelize(model: nn.Module, config: TrainConfig, parallel: str, device: to
     The model's own modules, parameters and state_dict keys are unchanged; activation
     checkpointing is undone on exit, so the caller gets back the model it passed.
     """
-    from minigpt.model import GPT
-
-    for module in model.modules():
-        if isinstance(module, GPT):
-            module.set_backend(config.backend)
+    use_backend(model, config.backend)
     blocks = _blocks(model) if config.activation_checkpointing else []
     for block in blocks:
         block.forward = functools.partial(_checkpointed_forward, block)

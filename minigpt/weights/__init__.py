@@ -3,23 +3,31 @@
 Loading is strict: every source tensor is either used or explicitly dropped (the causal
 mask buffers of old checkpoints, a head tied to the embedding), every minigpt tensor is
 filled, and every shape is checked; any mismatch is one error that lists them all.
+
+This package reads and writes files; it does not import the model. `GPT.from_pretrained`
+passes its class in (as Hugging Face's `from_pretrained` builds `cls`), so the model may
+call into weights without the two importing each other.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+import torch.nn as nn
 from safetensors.torch import save_file
 
 from minigpt.config import GPTConfig
 from minigpt.files import BadFileError, read_json
-from minigpt.model import GPT
 from minigpt.weights import gpt2, gpt_neo
 from minigpt.weights.common import DamagedWeightsError, map_from_minigpt, map_to_minigpt, read_state_dict
 
 FAMILIES = {gpt2.MODEL_TYPE: gpt2, gpt_neo.MODEL_TYPE: gpt_neo}
 NATIVE = "minigpt"
+
+Model = TypeVar("Model", bound=nn.Module)
 
 
 def read_config(path: str | Path) -> tuple[str, GPTConfig]:
@@ -81,8 +89,9 @@ def _map_to_minigpt(model_type: str, source: dict[str, torch.Tensor], config: GP
     return state
 
 
-def load_pretrained(path: str | Path, backend: str = "sdpa", dtype: torch.dtype | None = None) -> GPT:
-    """A GPT built from a checkpoint folder (config.json + weights).
+def load_pretrained(path: str | Path, model_class: Callable[..., Model], backend: str = "sdpa",
+                    dtype: torch.dtype | None = None) -> Model:
+    """`model_class(config, backend=backend)` (a GPT) filled from a checkpoint folder (config.json + weights).
 
     Raises FileNotFoundError when the folder, config.json or the weights are absent,
     `DamagedWeightsError` (a ValueError) when a weights file is empty or cut short, and
@@ -96,7 +105,7 @@ def load_pretrained(path: str | Path, backend: str = "sdpa", dtype: torch.dtype 
         raise
     except ValueError as err:
         raise BadFileError(f"{folder}: {err}; do config.json and the weights come from the same model?") from None
-    model = GPT(config, backend=backend)
+    model = model_class(config, backend=backend)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
@@ -116,7 +125,7 @@ def load_pretrained(path: str | Path, backend: str = "sdpa", dtype: torch.dtype 
     return model
 
 
-def save_pretrained(model: GPT, path: str | Path) -> str:
+def save_pretrained(model: nn.Module, path: str | Path) -> str:
     """Write config.json + model.safetensors; return the layout used.
 
     The layout is GPT-2's when the config is a GPT-2, GPT-Neo's when it is a GPT-Neo (so
