@@ -113,3 +113,9 @@ def test_the_model_side_modules_are_in_no_import_cycle(module):
 def test_model_py_imports_neither_the_training_machinery_nor_the_cli_at_any_level():
     imported = _imports(ROOT / "minigpt" / "model.py", set(_import_graph()))
     assert not {m for m in imported if m.startswith(("minigpt.train", "minigpt.cli", "minigpt.finetune"))}
+
+
+def test_no_module_under_minigpt_is_in_an_import_cycle():
+    graph = _import_graph()
+    cycles = sorted(f"{m} -> {n}" for m in graph for n in graph[m] if m in _reaches(graph, n))
+    assert not cycles, f"modules that import each other (directly or through others): {cycles}"

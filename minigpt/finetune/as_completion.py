@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from minigpt.finetune.data import LabeledText, LabelMap, PromptCompletion
+from minigpt.progress import progress_bar
 from minigpt.finetune.fewshot import FewShotClassifier, FewShotPrompt
 from minigpt.finetune.metrics import ClassificationReport, classification_report
 
@@ -81,7 +82,6 @@ class AsCompletionReport:
 def likelihood_predictions(model: nn.Module, tokenizer, texts: Sequence[str], labels: LabelMap,
                            prompt: FewShotPrompt) -> list[int]:
     """Label id with the highest label-word log-likelihood after each text's prompt."""
-    from minigpt.finetune.evaluate import progress_bar
 
     scorer = FewShotClassifier(model, tokenizer, labels.labels, shots=(), prompt=prompt)
     return [scorer.predict(t) for t in progress_bar(texts, len(texts), "score", unit="text")]
@@ -94,7 +94,6 @@ def evaluate_as_completion(model: nn.Module, tokenizer, rows: Sequence[LabeledTe
     rows' texts are used as given (cut them as in training); the prompt must be the one
     the model was trained with (including any bos or separator token in its template).
     """
-    from minigpt.finetune.evaluate import progress_bar
     from minigpt.generate import generate_text
 
     texts = [r.text for r in rows]

@@ -29,16 +29,9 @@ from minigpt.evaluation.harness import evaluate_examples
 from minigpt.evaluation.tasks import Task
 from minigpt.finetune.fewshot import FewShotPrompt, as_multiple_choice, choose, prompt_format, select_shots
 from minigpt.finetune.metrics import ClassificationReport, classification_report, write_report
+from minigpt.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-
-def progress_bar(items, total: int, desc: str, unit: str = "batch"):
-    """A tqdm bar over `items` on an interactive terminal only (disable=None), so a long
-    evaluation shows progress while pipes, logs and tests stay quiet."""
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------ classification
