@@ -126,11 +126,8 @@ def add_heads_parser(sub) -> None:
         "the second copy to the token after its first occurrence (induction, Olsson et al. 2022) and to the "
         "token before it (previous token).",
     )
-    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
-    p.add_argument("--out", default="heads.png", help="PNG file to write")
     p.add_argument("--half", type=int, default=None, help="length of each random copy (default min(block_size/2, 50))")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_heads)
+    _add_model_out_device(p, "heads.png", _heads)
 
 
 def _patch(args: argparse.Namespace) -> None:
@@ -147,14 +144,19 @@ def add_patch_parser(sub) -> None:
         "residual stream at each layer and position, each head's output) and score logit(answer) - "
         "logit(wrong): 1 = the clean run's score, 0 = the corrupted run's.",
     )
-    p.add_argument("--model", required=True, help="model folder (Hugging Face GPT-2/GPT-Neo layout or minigpt's)")
     p.add_argument("--clean", required=True, help="prompt whose activations are patched in")
     p.add_argument("--corrupt", required=True, help="prompt of the same number of tokens that is patched")
     p.add_argument("--answer", required=True, help="the clean prompt's next token, e.g. ' Mary' (one token)")
     p.add_argument("--wrong", required=True, help="the corrupted prompt's next token (one token)")
-    p.add_argument("--out", default="patch.png", help="PNG file to write")
+    _add_model_out_device(p, "patch.png", _patch)
+
+
+def _add_model_out_device(p: argparse.ArgumentParser, out: str, func) -> None:
+    """The flags the experiment commands share: the model, the PNG they write, the device."""
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--out", default=out, help="PNG file to write")
     p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_patch)
+    p.set_defaults(func=func)
 
 
 def _index_list(text: str) -> list[int] | None:
