@@ -1,5 +1,6 @@
 """minigpt: a from-scratch decoder-only transformer (GPT-2 / GPT-3 / GPT-Neo) in plain PyTorch."""
-from minigpt.config import PRESETS, GPTConfig
+from minigpt.config import GPTConfig
+from minigpt.presets import PRESETS
 from minigpt.counts import flops_per_token, params
 from minigpt.generate import generate, generate_text, stream_text
 from minigpt.model import GPT, GPTOutput

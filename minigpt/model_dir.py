@@ -54,9 +54,10 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def preset_model_config(name: str):
-    """The GPTConfig of a model preset (minigpt.config.PRESETS) or a pretraining recipe's model
+    """The GPTConfig of a model preset (minigpt.presets.PRESETS) or a pretraining recipe's model
     (e.g. tiny-bpe); None when `name` is neither."""
-    from minigpt.config import PRESETS, GPTConfig
+    from minigpt.config import GPTConfig
+    from minigpt.presets import PRESETS
     from minigpt.pretrain.recipes import RECIPES
 
     if name in RECIPES:

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from minigpt.config import GPT3_TABLE, PRESETS, PUBLISHED_PARAMS, GPTConfig
+from minigpt.config import GPTConfig
+from minigpt.presets import GPT3_TABLE, PRESETS, PUBLISHED_PARAMS
 from minigpt.counts import (
     DTYPE_BYTES,
     activation_bytes_per_token,

@@ -7,7 +7,7 @@ joined, `a && b` split into its parts), a python block one `PythonBlock`. `run_w
 in order in a folder: `minigpt` lines as `python -m minigpt` with this checkout first on
 PYTHONPATH (or in this process), python blocks in one namespace per walk, other lines in bash.
 So what the README prints, what tests/test_readme_walk.py runs and what
-benchmarks/first_hour.py times are one list.
+scripts/first_hour.py times are one list.
 
     python scripts/readme_walk.py              # the sections and their commands
 """

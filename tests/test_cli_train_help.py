@@ -1,7 +1,7 @@
 """`minigpt train --help` names each recipe once: a model preset that a recipe of the same name
 shadows (`tiny`) is not offered again as "a model preset with GPT-2's training recipe"."""
 from minigpt.cli.pretrain import _train_epilog
-from minigpt.config import PRESETS
+from minigpt.presets import PRESETS
 from minigpt.pretrain.recipes import RECIPES
 
 

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minigpt import GPT, GPTConfig, params
-from minigpt.config import GPT3_TABLE, PRESETS, PUBLISHED_PARAMS
+from minigpt.presets import GPT3_TABLE, PRESETS, PUBLISHED_PARAMS
 from minigpt.counts import flops_per_token
 
 

@@ -1,8 +1,8 @@
-"""benchmarks/first_hour.py records the figures the README quotes beside the fine-tunes': the
+"""scripts/first_hour.py records the figures the README quotes beside the fine-tunes': the
 pretraining run's last validation loss and the few-shot baseline's accuracy."""
 import json
 
-from benchmarks.first_hour import other_figures, to_markdown
+from scripts.first_hour import other_figures, to_markdown
 
 
 def test_pretraining_loss_and_fewshot_accuracy_are_recorded(tmp_path):

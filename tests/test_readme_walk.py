@@ -1,7 +1,7 @@
 """Every command of the README, run top to bottom as written, on tiny settings.
 
 The commands are read from the README's blocks marked `<!-- run: NAME -->`
-(`scripts/readme_walk.py`; benchmarks/first_hour.py runs and times the first-hour block in
+(`scripts/readme_walk.py`; scripts/first_hour.py runs and times the first-hour block in
 full). They run in order, in one scratch folder laid out as the repository root seen by a
 reader: `scripts/` (this checkout's), `../shared/data` holding the first rows of each shared
 file (GPT-2's BPE files there, as Working offline says), and the files the README's general

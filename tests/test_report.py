@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from minigpt import GPT, GPTConfig
 from minigpt.cli import main
-from minigpt.config import GPT3_TABLE, PRESETS
+from minigpt.presets import GPT3_TABLE, PRESETS
 from minigpt.counts import activation_bytes_per_token, kv_cache_bytes, params, training_state_bytes
 from minigpt.report import build_report, gpt3_table, load_config, report
 

@@ -103,7 +103,7 @@ def add_plot_parser(sub) -> None:
 
 
 def _train_epilog() -> str:
-    from minigpt.config import PRESETS
+    from minigpt.presets import PRESETS
     from minigpt.pretrain.recipes import RECIPES
 
     return ("recipes (--preset): " + ", ".join(RECIPES) + "; or any model preset with GPT-2's training "

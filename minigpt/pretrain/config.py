@@ -1,7 +1,7 @@
 """The configs of pretraining: what `minigpt prepare` does (`PrepareConfig`), and a run's
 four sections, each a frozen dataclass validated on construction:
 
-    model   GPTConfig fields, plus `preset` (a name in minigpt.config.PRESETS) to start from
+    model   GPTConfig fields, plus `preset` (a name in minigpt.presets.PRESETS) to start from
     train   TrainConfig fields (minigpt.train.config)
     data    DataConfig fields (below)
     sample  SampleConfig fields: the text generated after training

@@ -1,7 +1,7 @@
 """Pretraining recipes: each a named function that returns a run's starting sections
 (model, train, data, sample) as plain dicts, for `--preset NAME` (`RECIPES`).
 
-Any model preset (minigpt.config.PRESETS) is a recipe too: `gpt2_recipe(preset)`, GPT-2's
+Any model preset (minigpt.presets.PRESETS) is a recipe too: `gpt2_recipe(preset)`, GPT-2's
 training recipe for that model. A config file and overrides go on top
 (`minigpt.pretrain.config.load_config`).
 """
@@ -85,7 +85,7 @@ DEFAULT_RECIPE = "tiny"
 
 def recipe(name: str) -> Recipe:
     """The starting sections of `--preset name`: a tuned recipe, or a model preset with `gpt2_recipe`."""
-    from minigpt.config import PRESETS
+    from minigpt.presets import PRESETS
 
     if name in RECIPES:
         return RECIPES[name]()

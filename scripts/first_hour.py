@@ -13,7 +13,7 @@ accuracy: the from-scratch runs (`--init tiny-bpe`, a fresh random model) beside
 pretrained ones (`--init runs/tiny-bpe`) on the same validation rows. Writes JSON and a
 markdown table. Never asserts: it reports.
 
-    python benchmarks/first_hour.py --out benchmarks/results
+    python scripts/first_hour.py --out benchmarks/results
 """
 from __future__ import annotations
 
