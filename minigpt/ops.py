@@ -51,7 +51,7 @@ def use_backend(model: nn.Module, backend: str) -> nn.Module:
     backend: 'math', 'sdpa' or 'triton' (see the module docstring). This is the one place
     that chooses it: `GPT(config, backend=...)`, `GPT.set_backend`, `GPT.from_pretrained`
     and the training loop's `parallelize` all call it. The model describes the math; how it
-    is computed is applied from outside, as compile and sharding are (STYLE.md). The choice
+    is computed is applied from outside, as compile and sharding are. The choice
     lives on each `UsesBackend` module rather than in a global, so two models in one
     process may differ and `torch.compile` sees a constant attribute. Works on any module
     that holds GPTs (a classifier around its backbone).

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # only `train` takes free-form --key=value overrides
+    if extra:  # free-form --key=value overrides: `train` and `finetune classify|completion` only
         if not getattr(args, "accepts_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         try:

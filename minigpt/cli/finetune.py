@@ -35,7 +35,7 @@ def add_finetune_parser(sub) -> None:
                     "stop sequence, and leading spaces, as OpenAI's prepare_data does. Exits 1 when rows are "
                     "unusable (unless --fix wrote a cleaned copy), 0 with warnings only.")
     c.add_argument("file", help="CSV/TSV (with a header), JSON array of objects, or JSONL (one object per line)")
-    c.add_argument("--model", default=None, help="model folder whose tokenizer and context length to check against")
+    c.add_argument("--model", default=None, help=f"whose tokenizer and context length to check against: {MODEL_HELP}")
     c.add_argument("--block-size", type=int, default=None, help="context length (default: the model's, else 1024)")
     c.add_argument("--fix", action="store_true", help="write a cleaned JSONL copy; every dropped or changed row is listed")
     c.add_argument("--out", default=None, help="where --fix writes (default: ./FILE.fixed.jsonl in the current folder)")
@@ -71,10 +71,12 @@ def add_finetune_parser(sub) -> None:
             add_field(t, FinetuneConfig, "class_weights", choices=CLASS_WEIGHTS)
             for name in ("as_completion", "template", "label_prefix"):
                 add_field(t, FinetuneConfig, name)
-        else:
+        elif task == "completion":
             add_pair_columns(t)
             add_field(t, FinetuneConfig, "packing")
             add_field(t, FinetuneConfig, "add_eos", flag="--no-eos")
+        else:  # a new task in TASKS needs its data flags here
+            raise ValueError(f"no command-line flags are defined for fine-tuning task {task!r}")
         for name in ("bos", "sep_token", "pad_token", "train_last_blocks", "lora_rank", "lora_alpha", "lora_dropout"):
             add_field(t, FinetuneConfig, name)
         t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -42,16 +42,16 @@ class FinetuneConfig:
     split_seed: int = 1337
     """Seed of that split (and of packing's order)."""
     text_column: str = "text"
-    """classify: column (or JSON field) holding the text."""
+    """Column (or JSON field) holding the text of labeled rows."""
     label_column: str = "label"
-    """classify: column (or JSON field) holding the label."""
+    """Column (or JSON field) holding the label of labeled rows."""
     merge_label_case: bool = False
-    """classify: treat labels that differ only by case or surrounding whitespace as one class
+    """Labeled rows: treat labels that differ only by case or surrounding whitespace as one class
     (the most frequent spelling); False makes them an error that lists the spellings."""
     prompt_column: str = "prompt"
-    """completion: column (or JSON field) holding the prompt."""
+    """Column (or JSON field) holding the prompt of prompt/completion rows."""
     completion_column: str = "completion"
-    """completion: column (or JSON field) holding the completion."""
+    """Column (or JSON field) holding the completion of prompt/completion rows."""
     encoding: str = "utf-8"
     """Text encoding of the data files (a UTF-8 byte-order mark is always dropped)."""
     max_length: int | None = None

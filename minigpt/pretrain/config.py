@@ -52,7 +52,7 @@ class PrepareConfig:
     errors: str = "strict"
     """Undecodable UTF-8: 'strict' stops with the file and byte offset, 'replace' puts U+FFFD."""
     eos: bool | None = None
-    """Put the end-of-text token after every document; None means yes for gpt2 (char has none)."""
+    """Put the end-of-text token after every document; unset (None), yes for gpt2 (char has none)."""
     shard_tokens: int = 100_000_000
     """Tokens per shard file, at most."""
     chunk_bytes: int = 1 << 20

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from minigpt.presets import PRESETS
+
 Recipe = dict[str, dict[str, Any]]
 
 
@@ -85,8 +87,6 @@ DEFAULT_RECIPE = "tiny"
 
 def recipe(name: str) -> Recipe:
     """The starting sections of `--preset name`: a tuned recipe, or a model preset with `gpt2_recipe`."""
-    from minigpt.presets import PRESETS
-
     if name in RECIPES:
         return RECIPES[name]()
     if name in PRESETS:

@@ -20,7 +20,8 @@ from minigpt.pretrain.sources import check_outside_inputs
 from minigpt.train import distributed as dist_
 from minigpt.train import runfolder
 from minigpt.train.config import TrainConfig
-from minigpt.train.loop import TrainResult, train
+from minigpt.train.loop import train
+from minigpt.train.state import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,6 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
                          rank=info.rank, world_size=info.world_size)
     if info.is_main:
         warn_eval_cost(tc, block, len(val_split))
-    if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 

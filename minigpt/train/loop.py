@@ -43,7 +43,7 @@ from torch import nn
 from minigpt.train import checkpoint as ckpt
 from minigpt.train import distributed as dist_
 from minigpt.train import runfolder
-from minigpt.train.config import RESUMABLE_FIELDS, TrainConfig
+from minigpt.train.config import TrainConfig
 from minigpt.train.observe import MetricsLog, TrainWindow, peak_flops
 from minigpt.train.optim import build_optimizer, lr_at
 from minigpt.train.parallel import mixed_precision, parallelize
@@ -52,8 +52,7 @@ from minigpt.train.state import Batches, NonFiniteLossError, Run, TrainResult, U
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RESUMABLE_FIELDS", "Batches", "NonFiniteLossError", "TrainConfig", "TrainResult", "build_optimizer",
-           "language_model_loss", "lr_at", "train"]
+__all__ = ["language_model_loss", "train"]
 
 
 def language_model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -271,9 +270,9 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
 
 
 def _record(run: Run, updates: list[Update], window: TrainWindow) -> float:
-    """At a read point: read `updates` (one device sync for all), record each in order (the
-    metrics window, then `LoopState.record`, which raises on the first non-finite one under
-    'stop') and empty the list. Returns the last update's gradient norm."""
+    """At a read point: read `updates` (one device sync for all), record each in order
+    (`LoopState.record`, which raises on the first non-finite one under 'stop', then the
+    metrics window) and empty the list. Returns the last update's gradient norm."""
     began = time.perf_counter()
     read_updates(updates)
     updates[-1].seconds += time.perf_counter() - began  # waiting for the device is the updates' time

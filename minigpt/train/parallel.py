@@ -3,7 +3,7 @@
 In order (torchtitan's: per-block transforms first, then the whole model, then sharding):
 the attention backend on every GPT, activation checkpointing per transformer block,
 torch.compile of the whole model, then DDP or FSDP2 (`fully_shard` per block, then the
-root). The model itself stays single-device and knows none of this (STYLE.md).
+root). The model itself stays single-device and knows none of this.
 """
 from __future__ import annotations
 
@@ -91,14 +91,3 @@ def _wrap(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
         fully_shard(model)
         return model
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
