@@ -359,10 +359,7 @@ def pack_completions(examples: Sequence[CompletionExample], block_size: int,
 # ------------------------------------------------------------------------------ batches
 def collate_classification(examples: Sequence[ClassificationExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """{"idx": (B, T) right-padded ids, "lengths": (B,), "labels": (B,)}; T is the longest row.
-
-    The lengths are checked here, on the CPU, so the classifier's forward needs no device
-    read to check them. Raises ValueError for an example with no tokens.
-    """
+    Lengths are checked here, on the CPU: ValueError for an example with no tokens."""
     lengths = [len(e.ids) for e in examples]
     if min(lengths) < 1:
         raise ValueError(f"example {lengths.index(0)} of the batch has no tokens; every text needs at least one")
@@ -375,9 +372,8 @@ def collate_classification(examples: Sequence[ClassificationExample], pad_id: in
 def collate_completion(examples: Sequence[CompletionExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """{"idx": (B, T), "targets": (B, T), "target_positions": (N,)} with T = longest row - 1;
     targets are -100 on prompt tokens and padding, so `GPT(idx, targets).loss` averages over
-    completion tokens only. target_positions are the row-major indices into the flattened
-    (B*T) positions that have a target, found here on the CPU: selecting them on the device
-    by a boolean mask would wait for the device to learn how many there are."""
+    completion tokens only. target_positions: the flat (B*T) row-major indices of positions
+    with a target, found on the CPU (a boolean mask on the device would wait for its size)."""
     T = max(len(e.tokens) for e in examples) - 1
     idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)

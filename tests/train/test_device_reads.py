@@ -191,3 +191,18 @@ def test_ten_finetuning_updates_read_the_device_once_per_log_step(tmp_path, monk
     result = train(run.model, train_config, run.train_batches, loss_fn=run.loss_fn)
     assert result.step == 10
     assert sum(reads.values()) == 2, dict(reads)
+
+
+def test_collated_batches_carry_what_the_losses_would_read_from_the_device():
+    """target_positions are the flat row-major positions of the boolean target mask; a
+    classification row with no tokens is refused where the batch is built."""
+    from minigpt.finetune.data import (IGNORE_INDEX, ClassificationExample, CompletionExample,
+                                       collate_classification, collate_completion)
+
+    rows = [CompletionExample((1, 2, 3, 4), (False, False, True, True)), CompletionExample((5, 6), (False, True))]
+    batch = collate_completion(rows)
+    assert batch["target_positions"].tolist() == [1, 2, 3]
+    assert torch.equal(batch["targets"].flatten()[batch["target_positions"]],
+                       batch["targets"][batch["targets"] != IGNORE_INDEX])
+    with pytest.raises(ValueError, match="example 1 of the batch has no tokens"):
+        collate_classification([ClassificationExample((5,), 0), ClassificationExample((), 1)])
