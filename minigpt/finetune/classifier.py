@@ -39,12 +39,18 @@ class GPTClassifier(nn.Module):
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) right-padded token ids; lengths: (B,) real tokens per row (None: all T).
 
-        Returns (B, num_labels) logits. Raises ValueError for a length outside 1..T.
+        Returns (B, num_labels) logits. Raises ValueError for lengths of the wrong shape and,
+        in eval mode with lengths on the CPU, for a length outside 1..T.
+
+        Training never reads the values: that would make every step wait for the device (and
+        break a torch.compile graph); `collate_classification` checks them where batches are
+        built. A direct call in eval mode with CPU lengths (a user's own batch) costs no wait.
         """
         B, T = idx.shape
         if lengths is None:
             lengths = torch.full((B,), T, device=idx.device)
-        if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T:
+        checked = not self.training and lengths.device.type == "cpu"
+        if lengths.shape != (B,) or (checked and not bool(((lengths >= 1) & (lengths <= T)).all())):
             raise ValueError(f"lengths must be (B,)={B} values in 1..{T}; got {lengths.tolist()}")
         h, _, _ = self.backbone.hidden(idx)  # (B, T, C)
         last = h[torch.arange(B, device=idx.device), lengths - 1]  # (B, C)

@@ -358,29 +358,31 @@ def pack_completions(examples: Sequence[CompletionExample], block_size: int,
 
 # ------------------------------------------------------------------------------ batches
 def collate_classification(examples: Sequence[ClassificationExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """{"idx": (B, T) right-padded ids, "lengths": (B,), "labels": (B,)}; T is the longest row."""
-    T = max(len(e.ids) for e in examples)
-    idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    """{"idx": (B, T) right-padded ids, "lengths": (B,), "labels": (B,)}; T is the longest row.
+    Lengths are checked here, on the CPU: ValueError for an example with no tokens."""
+    lengths = [len(e.ids) for e in examples]
+    if min(lengths) < 1:
+        raise ValueError(f"example {lengths.index(0)} of the batch has no tokens; every text needs at least one")
+    idx = torch.full((len(examples), max(lengths)), pad_id, dtype=torch.long)
     for i, e in enumerate(examples):
         idx[i, : len(e.ids)] = torch.tensor(e.ids)
-    return {"idx": idx,
-            "lengths": torch.tensor([len(e.ids) for e in examples]),
-            "labels": torch.tensor([e.label for e in examples])}
+    return {"idx": idx, "lengths": torch.tensor(lengths), "labels": torch.tensor([e.label for e in examples])}
 
 
 def collate_completion(examples: Sequence[CompletionExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """{"idx": (B, T), "targets": (B, T)} with T = longest row - 1; targets are -100 on prompt
-    tokens and padding, so `GPT(idx, targets).loss` averages over completion tokens only."""
+    """{"idx": (B, T), "targets": (B, T), "target_positions": (N,)} with T = longest row - 1;
+    targets are -100 on prompt tokens and padding, so `GPT(idx, targets).loss` averages over
+    completion tokens only. target_positions: the flat (B*T) row-major indices of positions
+    with a target, found on the CPU (a boolean mask on the device would wait for its size)."""
     T = max(len(e.tokens) for e in examples) - 1
     idx = torch.full((len(examples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for i, e in enumerate(examples):
-        tokens = torch.tensor(e.tokens)
-        mask = torch.tensor(e.mask)
-        n = len(e.tokens) - 1
+        tokens, mask, n = torch.tensor(e.tokens), torch.tensor(e.mask), len(e.tokens) - 1
         idx[i, :n] = tokens[:-1]
         targets[i, :n] = torch.where(mask[1:], tokens[1:], IGNORE_INDEX)
-    return {"idx": idx, "targets": targets}
+    positions = torch.nonzero(targets.flatten() != IGNORE_INDEX).flatten()  # (N,), ascending
+    return {"idx": idx, "targets": targets, "target_positions": positions}
 
 
 class ShuffledBatches:

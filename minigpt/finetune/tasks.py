@@ -146,16 +146,23 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     if not isinstance(model, GPT):
         return language_model_loss(model, batch)
     targets = batch["targets"]
-    keep = targets != IGNORE_INDEX  # (B, T)
     x, _, _ = model.hidden(batch["idx"])  # (B, T, C)
-    logits = model.lm_head(x[keep])  # (N, V)
-    return F.cross_entropy(logits.float(), targets[keep])
+    positions = batch.get("target_positions")
+    if positions is None:  # a batch not built by `collate_completion`: the mask (a device read)
+        keep = targets != IGNORE_INDEX  # (B, T)
+        return F.cross_entropy(model.lm_head(x[keep]).float(), targets[keep])
+    # The same positions in the same (row-major) order as x[keep], with no device read.
+    logits = model.lm_head(x.flatten(0, 1).index_select(0, positions))  # (N, V)
+    return F.cross_entropy(logits.float(), targets.flatten().index_select(0, positions))
 
 
 def _lm_head_positions(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Positions at which `masked_lm_loss` runs the LM head, for MFU (on the loader's CPU batch)."""
     targets = batch["targets"]
-    return int((targets != IGNORE_INDEX).sum()) if isinstance(model, GPT) else targets.numel()
+    if not isinstance(model, GPT):
+        return targets.numel()
+    positions = batch.get("target_positions")
+    return len(positions) if positions is not None else int((targets != IGNORE_INDEX).sum())
 
 
 masked_lm_loss.lm_head_positions = _lm_head_positions

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+import minigpt.finetune
 import minigpt.train
 from minigpt import GPT
 from minigpt.train import NonFiniteLossError, lr_at, train
@@ -17,6 +19,7 @@ from minigpt.train.observe import read_metrics
 from tests.train.common import quick_train_config, tiny_gpt_config
 
 TRAIN_PACKAGE = Path(minigpt.train.__file__).parent
+FINETUNE_PACKAGE = Path(minigpt.finetune.__file__).parent
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
 """Tensor methods that copy a value to the host: on a GPU, each one waits for the device."""
 
@@ -60,25 +63,37 @@ def _train(out_dir, loss_fn=None, **overrides):
     return model, result
 
 
-@pytest.fixture
-def host_reads(monkeypatch):
-    """Counts host reads of tensors made by code in minigpt/train/, outside checkpoint.py (saving
-    a checkpoint reads the weights, and checkpoint steps are read points by design)."""
+def count_host_reads(monkeypatch, counted: Callable[[Path], bool]) -> Counter[str]:
+    """Counts host reads (`HOST_READS`, and boolean-mask indexing, whose output size is
+    device data) of tensors by code in the files `counted` accepts, from now on."""
     counts: Counter[str] = Counter()
 
-    def counting(name):
+    def counting(name, only=lambda args: True):
         original = getattr(torch.Tensor, name)
 
         def read(self, *args, **kwargs):
             caller = Path(sys._getframe(1).f_code.co_filename)
-            if caller.parent == TRAIN_PACKAGE and caller.name != "checkpoint.py":
+            if counted(caller) and only(args):
                 counts[f"{caller.name}: {name}"] += 1
             return original(self, *args, **kwargs)
         return read
 
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", counting("__getitem__", _indexes_by_mask))
     return counts
+
+
+def _indexes_by_mask(args: tuple) -> bool:
+    index = args[0]
+    return any(torch.is_tensor(i) and i.dtype == torch.bool for i in (index if isinstance(index, tuple) else (index,)))
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts host reads of tensors made by code in minigpt/train/, outside checkpoint.py (saving
+    a checkpoint reads the weights, and checkpoint steps are read points by design)."""
+    return count_host_reads(monkeypatch, lambda f: f.parent == TRAIN_PACKAGE and f.name != "checkpoint.py")
 
 
 @pytest.mark.parametrize("on_nonfinite, reads", [("stop", 2), ("skip", 10)])
@@ -135,3 +150,59 @@ def test_nan_with_skip_skips_exactly_that_update(tmp_path):
     trainer = torch.load(tmp_path / "checkpoints" / "step_0000010" / "trainer.pt", weights_only=True)
     adam_steps = {float(s["step"]) for s in trainer["optimizer"]["state"].values()}
     assert adam_steps == {9.0}  # AdamW applied 9 of the 10 updates
+
+
+class _WordTokenizer:
+    """Words to ids (1 + position in a fixed list); eos is 0."""
+
+    eos_id = 0
+    words = "good bad fine awful film plot is was ok".split()
+
+    def encode(self, text):
+        return [1 + self.words.index(w) for w in text.split()]
+
+
+@pytest.mark.parametrize("task, rows", [
+    ("classify", "text,label\n" + "".join(f"{t},{y}\n" for t, y in [
+        ("good film", "pos"), ("bad plot", "neg"), ("film was fine", "pos"), ("awful", "neg"),
+        ("plot is good", "pos"), ("was bad", "neg"), ("ok film", "pos"), ("awful plot is bad", "neg")])),
+    ("completion", "prompt,completion\n" + "".join(f"{p},{c}\n" for p, c in [
+        ("good film", " is ok"), ("bad plot", " was awful"), ("film", " was fine"),
+        ("awful plot", " is bad"), ("plot was", " good"), ("ok", " film is ok"), ("fine", " plot"),
+        ("bad", " film was bad")])),
+], ids=["classify", "completion"])
+def test_ten_finetuning_updates_read_the_device_once_per_log_step(tmp_path, monkeypatch, task, rows):
+    """The fine-tuning losses (classifier head, LM head at target positions only) add no
+    read of their own: lengths and target positions come from the loader's CPU batch."""
+    from minigpt.finetune.config import FinetuneConfig, default_train_config
+    from minigpt.finetune.run import prepare
+
+    (tmp_path / "rows.csv").write_text(rows)
+    config = FinetuneConfig(task=task, train_file=str(tmp_path / "rows.csv"), val_fraction=0.25)
+    train_config = default_train_config(config, str(tmp_path / "run"), dict(
+        max_steps=10, batch_size=3, log_interval=5, checkpoint_interval=0, device="cpu",
+        progress=False))
+    torch.manual_seed(0)
+    model = GPT(tiny_gpt_config(vocab_size=len(_WordTokenizer.words) + 1, block_size=8))
+    run, _ = prepare(config, train_config, model=model, tokenizer=_WordTokenizer())
+    # The loader (data.py) builds batches on the CPU by design; they reach the device after it.
+    reads = count_host_reads(monkeypatch, lambda f: f.parent in (TRAIN_PACKAGE, FINETUNE_PACKAGE)
+                             and f.name not in ("checkpoint.py", "data.py"))
+    result = train(run.model, train_config, run.train_batches, loss_fn=run.loss_fn)
+    assert result.step == 10
+    assert sum(reads.values()) == 2, dict(reads)
+
+
+def test_collated_batches_carry_what_the_losses_would_read_from_the_device():
+    """target_positions are the flat row-major positions of the boolean target mask; a
+    classification row with no tokens is refused where the batch is built."""
+    from minigpt.finetune.data import (IGNORE_INDEX, ClassificationExample, CompletionExample,
+                                       collate_classification, collate_completion)
+
+    rows = [CompletionExample((1, 2, 3, 4), (False, False, True, True)), CompletionExample((5, 6), (False, True))]
+    batch = collate_completion(rows)
+    assert batch["target_positions"].tolist() == [1, 2, 3]
+    assert torch.equal(batch["targets"].flatten()[batch["target_positions"]],
+                       batch["targets"][batch["targets"] != IGNORE_INDEX])
+    with pytest.raises(ValueError, match="example 1 of the batch has no tokens"):
+        collate_classification([ClassificationExample((5,), 0), ClassificationExample((), 1)])
