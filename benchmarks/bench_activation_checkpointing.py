@@ -74,7 +74,7 @@ def main() -> None:
                "peak_saved": round(1 - on["peak_rss_mib"] / off["peak_rss_mib"], 3)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "activation_checkpointing_cpu.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [f"# Activation checkpointing: peak memory of one forward+backward\n", f"{shape}; each mode in a fresh process.\n",
+    lines = ["# Activation checkpointing: peak memory of one forward+backward\n", f"{shape}; each mode in a fresh process.\n",
              "| activation checkpointing | peak RSS (MiB) | RSS before forward (MiB) | activations (MiB) | seconds |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['activation_checkpointing']} | {r['peak_rss_mib']} | {r['before_forward_mib']} | "

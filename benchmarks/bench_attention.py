@@ -1,4 +1,4 @@
-"""Attention benchmark: kernels.attention against SDPA (flash, cuDNN), FlexAttention and the math reference.
+"""Attention benchmark: minigpt_kernels.attention against SDPA (flash, cuDNN), FlexAttention and the math reference.
 
 Run from the repository root (needs CUDA):
 
@@ -47,7 +47,7 @@ def attention_flops(B: int, H: int, T: int, D: int, causal: bool, window: int | 
 
 def _providers(T: int, window: int | None, scale: float, device: str = "cuda") -> dict[str, Callable]:
     """name -> f(q, k, v) for every implementation that can run this case."""
-    from kernels import attention, attention_reference
+    from minigpt_kernels import attention, attention_reference
 
     providers: dict[str, Callable] = {
         "triton": lambda q, k, v: attention(q, k, v, causal=True, window=window, scale=scale),

@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO_ROOT, environment, markdown_table  # noqa: E402
+from scripts.checkout import child_env  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("MINIGPT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")).resolve()
@@ -88,7 +89,7 @@ def run_config(name: str, tied: bool, as_completion: bool, work: Path, threads: 
                "--out", str(out), "--max-length", "48", f"--threads={threads}", *TRAIN]
     if as_completion:
         command.append("--as-completion")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     print("$", " ".join(command[1:]), flush=True)
     status, wall, loads = run_sampling_load(command, env)
     row = {"model": name, "tied": tied, "as_completion": as_completion, "exit": status, "wall_s": round(wall, 1),

@@ -1,4 +1,4 @@
-"""LayerNorm benchmark: kernels.layer_norm against F.layer_norm (eager and torch.compile'd).
+"""LayerNorm benchmark: minigpt_kernels.layer_norm against F.layer_norm (eager and torch.compile'd).
 
 Run from the repository root (needs CUDA):
 
@@ -43,7 +43,7 @@ def layer_norm_bytes(
 
 
 def _providers() -> dict:
-    from kernels import layer_norm
+    from minigpt_kernels import layer_norm
 
     compiled = torch.compile(F.layer_norm)
     return {

@@ -5,7 +5,7 @@ Three attention backends agree within stated tolerances:
 - ``math``: the readable reference, an explicit masked softmax (and the only path that
   can return attention probabilities);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``;
-- ``triton``: the fused kernels in the standalone ``kernels`` package (attention and
+- ``triton``: the fused kernels in the standalone ``minigpt_kernels`` package, ``kernels/`` (attention and
   LayerNorm). Triton needs CUDA, or ``TRITON_INTERPRET=1`` on a CPU; otherwise the
   model falls back to ``sdpa`` and says so once in the log.
 
@@ -81,10 +81,13 @@ def _triton_usable(x: torch.Tensor) -> bool:
 
 def _kernels():
     try:
-        import kernels
+        import minigpt_kernels
     except ImportError as err:  # pragma: no cover - depends on the install
-        raise ImportError(f"backend='triton' needs the 'kernels' package and Triton: {err}") from err
-    return kernels
+        raise ImportError(
+            f"backend='triton' needs the minigpt_kernels package (the repository's kernels/ folder) and Triton: "
+            f"{err}. Install minigpt (pip install -e .), or from a checkout put its kernels/ folder on "
+            f"PYTHONPATH beside the root (PYTHONPATH=.:kernels)") from err
+    return minigpt_kernels
 
 
 def _kernel_head_dim_ok(head_dim: int) -> bool:

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # minigpt_kernels lives in kernels/ (scripts/checkout.py)
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 
 import torch  # noqa: E402
@@ -36,8 +36,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-attn = importlib.import_module("kernels.attention")  # the module; kernels.attention is also the function
-ln = importlib.import_module("kernels.layer_norm")
+attn = importlib.import_module("minigpt_kernels.attention")  # the module; minigpt_kernels.attention is also the function
+ln = importlib.import_module("minigpt_kernels.layer_norm")
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

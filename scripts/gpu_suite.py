@@ -38,6 +38,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a file: scripts/gpu_suite.py
+    sys.path.insert(0, str(REPO_ROOT))
+from scripts.checkout import IMPORT_ROOTS, child_env  # noqa: E402
 
 # Tests that exercise the Triton kernels natively: run first, the rest of the suite last.
 KERNEL_TESTS = ["tests/kernels", "tests/test_model_triton.py", "tests/test_ops_banded.py"]
@@ -237,10 +240,9 @@ def _junit_summary(path: Path) -> dict:
 
 
 def _child_env(smoke: bool, commit: str | None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = child_env()
     if commit:
         env["GPU_SUITE_COMMIT"] = commit
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
     env["PYTHONUNBUFFERED"] = "1"
     if smoke:
         env.update(TRITON_INTERPRET="1", TORCHDYNAMO_DISABLE="1", CUDA_VISIBLE_DEVICES="")
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.stage:  # a child: run one stage, save its result
-        sys.path.insert(0, str(REPO_ROOT))
+        sys.path[:0] = list(map(str, IMPORT_ROOTS))
         _save(args.out, args.stage, STAGE_FUNCTIONS[args.stage](args.out, args.smoke))
         return 0
 
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_suite: no CUDA device is visible; on a machine without a GPU run `--smoke` instead", file=sys.stderr)
         return 2
 
-    sys.path[:0] = [str(REPO_ROOT), str(Path(__file__).resolve().parent)]
+    sys.path[:0] = [*map(str, IMPORT_ROOTS), str(Path(__file__).resolve().parent)]
     from gpu_suite_report import plot, render_summary  # beside this file; imports `benchmarks`
 
     report: dict = {

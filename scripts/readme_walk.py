@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.checkout import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DATA = Path(os.environ.get("MINIGPT_SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()
@@ -171,7 +173,7 @@ def run_walk(commands: Sequence[Command], cwd: Path, extra: Callable[[list[str]]
     per command). Python blocks run in this process, in `namespace` (shared by the walk's
     blocks, as in one interpreter session). Raises RuntimeError naming the command that failed.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     namespace = {} if namespace is None else namespace
     steps = []
     for command in commands:

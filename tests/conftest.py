@@ -1,7 +1,7 @@
 """Shared test set-up.
 
 Triton decides at decoration time whether a ``@triton.jit`` function is compiled
-or interpreted, so ``TRITON_INTERPRET`` must be set before ``kernels`` is first
+or interpreted, so ``TRITON_INTERPRET`` must be set before ``minigpt_kernels`` is first
 imported. Without CUDA we always run the kernels through Triton's interpreter.
 """
 import os

@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from minigpt.pretrain.corpora import CORPUS_DIR
+
 DATA = Path(os.environ.get("MINIGPT_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
 TIKTOKEN_CACHE = DATA / "tiktoken_cache"
-SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = CORPUS_DIR / "tinyshakespeare.txt"
+"""The tiny Shakespeare that ships with minigpt (byte for byte ../shared/data/tinyshakespeare/input.txt)."""
 
 
 def need_file(path: Path) -> Path:

@@ -8,6 +8,7 @@ import pytest
 from minigpt import GPT, GPTConfig
 from minigpt.cli import main
 from minigpt.tokenizer import CharTokenizer, save_tokenizer
+from scripts.checkout import child_env
 
 ALPHABET = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -118,7 +119,6 @@ TINY_RUN = ["--n_layer=2", "--n_embd=16", "--n_head=2", "--block_size=16", "--ba
 
 
 def test_ctrl_c_mid_training_is_one_line_and_leaves_a_resumable_run(tmp_path):
-    import os
     import signal
     import subprocess
     import sys
@@ -130,7 +130,7 @@ def test_ctrl_c_mid_training_is_one_line_and_leaves_a_resumable_run(tmp_path):
     args = ["train", "--data", str(_corpus(tmp_path)), "--out-dir", str(run), "--max_steps=100000",
             "--checkpoint_interval=5", "--eval_interval=5", *TINY_RUN]
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            env=child_env())
     deadline = time.time() + 60
     while not list((run / "checkpoints").glob("step_*")) and time.time() < deadline:
         time.sleep(0.2)

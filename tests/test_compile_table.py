@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from scripts.checkout import pythonpath
+
 REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "benchmarks" / "results" / "compile_table_sm90.json"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -40,7 +42,7 @@ def test_compile_table_has_no_spills_at_preset_configurations():
 
 
 def test_compile_table_matches_the_launchers_tiles():
-    attn = importlib.import_module("kernels.attention")
+    attn = importlib.import_module("minigpt_kernels.attention")
     for r in _rows():
         if not r["kernel"].startswith("attention_") or r["kernel"] == "attention_bwd_preprocess":
             continue
@@ -71,7 +73,7 @@ def test_preset_attention_configuration_compiles_for_sm90_without_spills():
     # In a fresh interpreter: the tests run the kernels under TRITON_INTERPRET=1, which
     # Triton reads when the kernels are decorated, and compiling needs it unset.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = pythonpath()
     out = subprocess.run([sys.executable, "-c", _LIVE_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_rel_close
 
-from kernels import attention_reference
+from minigpt_kernels import attention_reference
 from minigpt import ops
 from minigpt.config import GPTConfig
 

@@ -1,6 +1,5 @@
 """Added special tokens and resized embeddings: old behaviour kept bit for bit, new rows at
 the mean, and the saved folder read the same by minigpt and by `transformers`."""
-import logging
 
 import pytest
 import torch

@@ -42,7 +42,7 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     """Assert shapes match, ``actual`` is finite everywhere, and the relative error is within REL_TOL[dtype].
 
     NaN never passes, so an output element the kernel forgot to write (poisoned
-    with NaN, see ``kernels._common.POISON_ENV``) fails here.
+    with NaN, see ``minigpt_kernels._common.POISON_ENV``) fails here.
     """
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     finite = torch.isfinite(actual)

@@ -1,6 +1,6 @@
 """Pretraining, all in this package: text -> token shards (`prepare`, reading inputs in
-`sources`, the folder format in `meta`), shards -> batches (`dataset`), corpora to
-download (`corpora`), recipes (`recipes`), the run config (`config`) and the entry that
+`sources`, the folder format in `meta`), shards -> batches (`dataset`), the corpus that
+ships with the package (`corpora`), recipes (`recipes`), the run config (`config`) and the entry that
 hands a run to the shared training loop (`run.pretrain`)."""
 from minigpt.pretrain.config import PrepareConfig
 from minigpt.pretrain.dataset import FixedWindows, RandomWindows, TokenSplit

@@ -92,7 +92,7 @@ class DataConfig:
 
     path: PathStr | None = None
     """A folder from `minigpt prepare`, or text files / a folder / JSONL to prepare into
-    out_dir/data; None downloads tiny Shakespeare (once, into ~/.cache/minigpt)."""
+    out_dir/data; None trains on the tiny Shakespeare that ships with minigpt."""
     tokenizer: str = "char"
     """Tokenizer used when `path` still has to be prepared: 'char' or 'gpt2'."""
     val_fraction: float = 0.1

@@ -48,7 +48,7 @@ from minigpt.train.observe import MetricsLog, TrainWindow, peak_flops
 from minigpt.train.optim import build_optimizer, lr_at
 from minigpt.train.parallel import mixed_precision, parallelize
 from minigpt.train.rng import seed_rngs
-from minigpt.train.state import Batches, NonFiniteLossError, Run, TrainResult, Update, read_updates
+from minigpt.train.state import Batches, Run, TrainResult, Update, read_updates
 
 logger = logging.getLogger(__name__)
 

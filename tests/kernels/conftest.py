@@ -5,7 +5,7 @@ An element a kernel forgets to write then stays NaN, and ``assert_rel_close``
 """
 import pytest
 
-from kernels._common import POISON_ENV
+from minigpt_kernels._common import POISON_ENV
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""kernels.attention against the float64 reference: forward, dQ, dK and dV.
+"""minigpt_kernels.attention against the float64 reference: forward, dQ, dK and dV.
 
 Without CUDA these run through Triton's interpreter (tests/conftest.py), with
 small tiles, so the shapes stay small; with CUDA the same tests run natively and
@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_flash_close, assert_rel_close
 
-from kernels import attention, attention_reference
-from kernels.reference import attention_mask
-from kernels._common import new_buffer
+from minigpt_kernels import attention, attention_reference
+from minigpt_kernels.reference import attention_mask
+from minigpt_kernels._common import new_buffer
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -133,7 +133,7 @@ def test_attention_bwd_matches_reference_head_dim_128():
 def test_attention_bwd_matches_reference_with_gpu_tiles(monkeypatch, dtype, head_dim, causal, window):
     # The interpreter normally uses small tiles; run the GPU's tiles (128x64 forward,
     # 32x128 dK/dV, ...) once too, so their segment arithmetic is covered on CPU.
-    module = importlib.import_module("kernels.attention")
+    module = importlib.import_module("minigpt_kernels.attention")
     gpu_tiles = module.attention_tiles
     monkeypatch.setattr(module, "attention_tiles", lambda d, dt, interpreter=None: gpu_tiles(d, dt, interpreter=False))
     q, k, v, do = _inputs((1, 1, 200, head_dim), dtype, seed=8)

@@ -14,8 +14,8 @@ import itertools
 import pytest
 import torch
 
-from kernels.attention import attention_tiles, key_tile_segments, query_tile_segments
-from kernels.reference import attention_mask
+from minigpt_kernels.attention import attention_tiles, key_tile_segments, query_tile_segments
+from minigpt_kernels.reference import attention_mask
 
 TILES = [(32, 16), (16, 32), (16, 16), (64, 32), (128, 64), (32, 128)]
 MODES = [(False, None), (True, None)] + [(True, w) for w in (1, 2, 5, 16, 17, 40, 100)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import attention
+from minigpt_kernels import attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

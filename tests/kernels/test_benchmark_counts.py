@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.reference import attention_mask
+from minigpt_kernels.reference import attention_mask
 
 from benchmarks import bench_attention, bench_layer_norm
 from benchmarks.common import add_speedups, require_cuda

@@ -1,4 +1,4 @@
-"""kernels.layer_norm and kernels.LayerNorm against the float64 reference and torch.nn.LayerNorm."""
+"""minigpt_kernels.layer_norm and minigpt_kernels.LayerNorm against the float64 reference and torch.nn.LayerNorm."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_rel_close
 
-from kernels import LayerNorm, layer_norm, layer_norm_reference
-from kernels.layer_norm import max_width
+from minigpt_kernels import LayerNorm, layer_norm, layer_norm_reference
+from minigpt_kernels.layer_norm import max_width
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # LayerNorm has no tl.dot, so bfloat16 runs correctly under the interpreter too.

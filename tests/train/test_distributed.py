@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from minigpt.cli import main
 from minigpt.train.checkpoint import load_state_dict_file
 from minigpt.pretrain.config import load_config
 from minigpt.pretrain.run import pretrain
+from scripts.checkout import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     config = tmp_path / "config.json"
     config.write_text(json.dumps(_sections(shakespeare_chars, tmp_path / "two", batch_size=2, sample_tokens=20,
                                            parallel=parallel)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "minigpt", "train", "--config", str(config)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

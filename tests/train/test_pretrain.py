@@ -15,7 +15,7 @@ from tests.helpers import SHAKESPEARE, need_file
 def test_tiny_recipe_is_the_main_job():
     config = load_config("tiny")
     assert config.model == GPTConfig.from_preset("tiny")
-    assert config.data.path is None and config.data.tokenizer == "char"  # downloads tiny Shakespeare
+    assert config.data.path is None and config.data.tokenizer == "char"  # the shipped tiny Shakespeare
     assert config.train.device == "cpu" and config.train.out_dir == "runs/tiny"
 
 

@@ -43,7 +43,7 @@ def attention_reference(
     window: int | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """softmax(scale * q k^T + mask) v with an explicit mask; see ``kernels.attention``.
+    """softmax(scale * q k^T + mask) v with an explicit mask; see ``minigpt_kernels.attention``.
 
     Args:
         q, k, v: (B, H, T, D) tensors of one floating dtype.

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_dtype, interpreter_enabled, new_buffer
+from minigpt_kernels._common import check_device, check_dtype, interpreter_enabled, new_buffer
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 # Every multiple of 8 from 16 to 256. Inside the kernels D is padded to the next power of

@@ -34,7 +34,7 @@ def check_device(name: str, t: torch.Tensor) -> None:
     raise ValueError(
         f"{name} is on device {t.device}, but the Triton kernels run on CUDA devices, or on CPU "
         f"only under Triton's interpreter (set TRITON_INTERPRET=1 before importing kernels); "
-        f"move {name} to a CUDA device or use the reference implementation in kernels.reference"
+        f"move {name} to a CUDA device or use the reference implementation in minigpt_kernels.reference"
     )
 
 

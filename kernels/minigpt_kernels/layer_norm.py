@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels._common import check_device, check_dtype, new_buffer
+from minigpt_kernels._common import check_device, check_dtype, new_buffer
 
 # A row lives in registers as one tile; past this many bytes per row it would spill.
 MAX_ROW_BYTES = 65536
@@ -228,7 +228,7 @@ def _check_layer_norm_inputs(
     if n > max_width(x.dtype):
         raise ValueError(
             f"x.shape[-1]={n} exceeds the widest row this kernel holds in registers for {x.dtype} "
-            f"({max_width(x.dtype)}); use kernels.reference.layer_norm_reference or torch.nn.functional.layer_norm"
+            f"({max_width(x.dtype)}); use minigpt_kernels.reference.layer_norm_reference or torch.nn.functional.layer_norm"
         )
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None and name == "bias":
