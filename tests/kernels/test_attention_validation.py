@@ -76,3 +76,29 @@ def test_attention_rejects_cpu_tensors_without_interpreter(monkeypatch):
     q, k, v = (torch.randn(1, 1, 4, 16) for _ in range(3))
     with pytest.raises(ValueError, match=r"q is on device cpu.*TRITON_INTERPRET=1"):
         attention(q, k, v)
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.5.2", True),   # the GPU machine's Triton and NumPy: its interpreter would break
+    ("3.6.0", "2.4.0rc1", True),  # NumPy 2.4 expired the deprecation of int(array) for ndim > 0
+    ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.5.2", False),  # Triton 3.7 converts with int(array.squeeze())
+    ("3.9.0", "2.5.0", False),
+])
+def test_interpreter_refuses_a_triton_numpy_pair_it_cannot_run(monkeypatch, triton_version, numpy_version, refused):
+    from minigpt_kernels import _common
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_common.triton, "__version__", triton_version)
+    monkeypatch.setattr(_common.importlib.metadata, "version", lambda name: numpy_version)
+    _common.interpreter_problem.cache_clear()
+    try:
+        q = torch.randn(1, 1, 4, 16)
+        if refused:
+            with pytest.raises(RuntimeError, match=rf"Triton {triton_version}'s interpreter .* NumPy {numpy_version}.*"
+                                                   r"numpy<2.4 or triton>=3.7"):
+                _common.check_device("q", q)
+        else:
+            _common.check_device("q", q)
+    finally:
+        _common.interpreter_problem.cache_clear()
