@@ -45,8 +45,10 @@ def attention_flops(B: int, H: int, T: int, D: int, causal: bool, window: int | 
     return fwd * MODE_FLOP_FACTOR[mode]
 
 
-def _providers(T: int, window: int | None, scale: float, device: str = "cuda") -> dict[str, Callable]:
-    """name -> f(q, k, v) for every implementation that can run this case."""
+def _providers(T: int, window: int | None, scale: float, device: str = "cuda", flex: bool = True,
+               math_max_t: int = MATH_MAX_T) -> dict[str, Callable]:
+    """name -> f(q, k, v) for every implementation that can run this case (FlexAttention only
+    when `flex`: it is compiled anew for every length and mask, the costliest part of a sweep)."""
     from minigpt_kernels import attention, attention_reference
 
     providers: dict[str, Callable] = {
@@ -72,7 +74,7 @@ def _providers(T: int, window: int | None, scale: float, device: str = "cuda") -
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         flex_attention = None
-    if flex_attention is not None:
+    if flex_attention is not None and flex:
         def mask_mod(b, h, q_idx, kv_idx):
             allowed = q_idx >= kv_idx
             if window is not None:
@@ -82,7 +84,7 @@ def _providers(T: int, window: int | None, scale: float, device: str = "cuda") -
         block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
         flex = torch.compile(flex_attention, dynamic=False)
         providers["flex"] = lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale)
-    if T <= MATH_MAX_T:
+    if T <= math_max_t:
         providers["math"] = lambda q, k, v: attention_reference(q, k, v, causal=True, window=window, scale=scale)
     return providers
 
@@ -110,11 +112,15 @@ def run(
     ceilings: dict | None = None,
     shapes: list[tuple[int, int, int, int]] | None = None,
     device: str = "cuda",
+    flex_lengths: set[int] | None = None,
+    math_max_t: int = MATH_MAX_T,
 ) -> list[dict]:
     """Time every provider on every (shape, mask, mode); returns one row per measurement.
 
     ``shapes`` (B, H, T, D) overrides the sweep; ``device="cpu"`` (under TRITON_INTERPRET=1)
-    only exercises the code paths, for ``scripts/gpu_suite.py --smoke``.
+    only exercises the code paths, for ``scripts/gpu_suite.py --smoke``. ``flex_lengths``
+    limits FlexAttention to those lengths (None: every one) and ``math_max_t`` the math
+    reference (the GPU suite's 7-minute command keeps both to what its targets need).
     """
     if device == "cuda":
         require_cuda()
@@ -128,7 +134,8 @@ def run(
                 torch.randn(B, H, T, D, device=device, dtype=dtype, generator=gen).requires_grad_()
                 for _ in range(3)
             )
-            for provider, f in _providers(T, window, scale, device).items():
+            flex = flex_lengths is None or T in flex_lengths
+            for provider, f in _providers(T, window, scale, device, flex, math_max_t).items():
                 for mode in MODES:
                     row = {
                         "kernel": "attention", "shape": f"{B}x{H}x{T}x{D}", "mask": mask_name, "window": window,

@@ -15,6 +15,7 @@ benchmarks never pass or fail).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ from minigpt.counts import flops_per_token  # noqa: E402
 from minigpt.ops import BACKENDS  # noqa: E402
 from minigpt.train import TrainConfig, build_optimizer  # noqa: E402
 from minigpt.train.observe import peak_flops  # noqa: E402
+from minigpt.train.parallel import parallelize  # noqa: E402
 
 # name -> (model config, batch size, sequence length) for CPU and for CUDA.
 SHAPES = {
@@ -70,9 +72,12 @@ def _step_fn(model, optimizer, autocast, hf: bool):
     return step
 
 
-def _time(step, idx, targets, device, warmup: int, iters: int) -> tuple[float, float]:
-    """(median seconds per step, first step's loss)."""
-    first = float(step(idx, targets))
+def _time(step, idx, targets, device, warmup: int, iters: int) -> tuple[float, float, float]:
+    """(median seconds per step, first step's loss, first step's seconds: with torch.compile,
+    what compiling costs)."""
+    began = time.perf_counter()
+    first = float(step(idx, targets))  # float() waits for the device
+    first_seconds = time.perf_counter() - began
     for _ in range(warmup - 1):
         step(idx, targets)
     times = []
@@ -84,11 +89,13 @@ def _time(step, idx, targets, device, warmup: int, iters: int) -> tuple[float, f
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
-    return statistics.median(times), first
+    return statistics.median(times), first, first_seconds
 
 
 def bench_shape(name: str, device: torch.device, compile_modes, backends, warmup: int, iters: int,
-                tmp: Path) -> list[dict]:
+                tmp: Path, baseline: bool = True) -> list[dict]:
+    """One row per (compile mode, backend), then transformers' model of the same weights per
+    compile mode when `baseline` (dense configs only)."""
     config, sizes = SHAPES[name]
     B, T = sizes[device.type if device.type in sizes else "cpu"]
     peak, peak_note = peak_flops(device)
@@ -100,11 +107,13 @@ def bench_shape(name: str, device: torch.device, compile_modes, backends, warmup
     targets = torch.randint(0, config.vocab_size, (B, T), generator=g).to(device)
     rows = []
 
-    def record(variant: str, backend: str, compiled: bool, seconds: float | None, loss: float | None, note: str = ""):
+    def record(variant: str, backend: str, compiled: bool, seconds: float | None, loss: float | None, note: str = "",
+               first_seconds: float | None = None):
         tok_s = B * T / seconds if seconds else None
         rows.append({
             "shape": name, "variant": variant, "backend": backend, "compile": compiled, "batch": B, "seq_len": T,
             "params": config.num_params(), "ms_per_step": seconds * 1e3 if seconds else None, "tokens_per_s": tok_s,
+            "first_step_s": first_seconds,
             "mfu": flops * tok_s / peak if tok_s else None, "first_loss": loss, "peak_rss_mb": _rss_mb(),
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "note": note,
@@ -120,21 +129,27 @@ def bench_shape(name: str, device: torch.device, compile_modes, backends, warmup
             torch.manual_seed(0)
             model = GPT(config, backend=backend).to(device)
             optimizer = build_optimizer(model, train_config, device)
-            target = torch.compile(model) if compiled else model
+            # As the training loop runs it: minigpt.train.parallel compiles each block in place.
+            run_config = dataclasses.replace(train_config, compile=compiled, backend=backend)
             try:
-                seconds, loss = _time(_step_fn(target, optimizer, autocast, hf=False), idx, targets, device, warmup, iters)
-                record("minigpt", backend, compiled, seconds, loss)
+                with parallelize(model, run_config, "none", device) as target:
+                    seconds, loss, first_s = _time(_step_fn(target, optimizer, autocast, hf=False), idx, targets,
+                                                   device, warmup, iters)
+                record("minigpt", backend, compiled, seconds, loss, first_seconds=first_s)
             except Exception as err:  # a benchmark reports, it does not fail
                 record("minigpt", backend, compiled, None, None, f"failed: {type(err).__name__}: {err}"[:200])
-            del model, optimizer, target
+            del model, optimizer
+        if not baseline:
+            continue
         if set(config.layer_kinds) == {"dense"}:
             try:
                 torch.manual_seed(0)
                 hf = _hf_model(GPT(config), tmp / name).to(device)
                 optimizer = build_optimizer(hf, train_config, device)
                 target = torch.compile(hf) if compiled else hf
-                seconds, loss = _time(_step_fn(target, optimizer, autocast, hf=True), idx, targets, device, warmup, iters)
-                record("transformers", hf.config._attn_implementation, compiled, seconds, loss)
+                seconds, loss, first_s = _time(_step_fn(target, optimizer, autocast, hf=True), idx, targets, device,
+                                               warmup, iters)
+                record("transformers", hf.config._attn_implementation, compiled, seconds, loss, first_seconds=first_s)
             except Exception as err:
                 record("transformers", "-", compiled, None, None, f"failed: {type(err).__name__}: {err}"[:200])
         else:
@@ -157,8 +172,9 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         f"- MFU peak: {rows[0]['peak_note'] if rows else '-'}",
         "- step = forward + cross-entropy + backward + AdamW; median of the timed steps; "
         "peak RSS is the process's high-water mark so far (it only grows down the table)", "",
-        "| shape | B x T | variant | backend | compile | ms/step | tokens/s | MFU | vs transformers | first loss | peak RSS MB | note |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| shape | B x T | variant | backend | compile | ms/step | tokens/s | MFU | vs transformers | first loss | "
+        "first step s | peak RSS MB | note |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     base = {(r["shape"], r["compile"]): r["tokens_per_s"] for r in rows if r["variant"] == "transformers"}
     for r in rows:
@@ -169,7 +185,7 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['shape']} | {r['batch']} x {r['seq_len']} | {r['variant']} | {r['backend']} | {r['compile']} | "
             f"{fmt(r['ms_per_step'], '{:.1f}')} | {fmt(r['tokens_per_s'], '{:,.0f}')} | "
             f"{fmt(r['mfu'] and 100 * r['mfu'], '{:.1f}%')} | {ratio} | {fmt(r['first_loss'], '{:.4f}')} | "
-            f"{r['peak_rss_mb']:.0f} | {r['note']} |"
+            f"{fmt(r.get('first_step_s'), '{:.1f}')} | {r['peak_rss_mb']:.0f} | {r['note']} |"
         )
     return "\n".join(lines) + "\n"
 

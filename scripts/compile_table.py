@@ -18,18 +18,25 @@ Works with Triton 3.6 and 3.9 (``ASTSource`` with a name -> type signature).
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # minigpt_kernels lives in kernels/ (scripts/checkout.py)
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+# A cache of its own, empty: every compile_s is a real compile, not a hit in ~/.triton/cache.
+if "TRITON_CACHE_DIR" not in os.environ:
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile-table-triton-cache-")
+    atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -89,7 +96,9 @@ def compile_one(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: in
     """Compile ``fn`` for sm_90 and return registers, spills and shared memory."""
     sig, attrs = _signature(fn, dtype, constexprs, pointer_types or {})
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    began = time.perf_counter()
     compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    compile_s = time.perf_counter() - began  # Triton's front end, its MLIR/LLVM passes and ptxas, on this CPU
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
@@ -104,7 +113,7 @@ def compile_one(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: in
         "spill_stores": int(spill.group(1)) if spill else 0,
         "spill_loads": int(spill.group(2)) if spill else 0,
         "shared_bytes": int(compiled.metadata.shared),
-        "num_warps": num_warps, "num_stages": num_stages,
+        "num_warps": num_warps, "num_stages": num_stages, "compile_s": round(compile_s, 2),
     }
 
 
@@ -157,15 +166,13 @@ def layer_norm_rows(quick: bool = False) -> list[dict]:
             block_n = triton.next_power_of_2(n)
             block_rows = min(max(4096 // block_n, 1), 16)
             wide = n > ln.WIDE_ROW
-            bwd_n = ln.WIDE_ROW_CHUNK if wide else block_n
+            bwd_kernel, bwd_n, bwd_warps = ln.bwd_dx_launch(n)
             cases = [
                 ("fwd", ln._layer_norm_fwd_kernel,
                  dict(HAS_BIAS=True, BLOCK_ROWS=block_rows, BLOCK_N=block_n, stride_xn=1),
                  ln._num_warps(block_rows * block_n), f"{block_rows}x{block_n}"),
-                ("bwd_dx_wide" if wide else "bwd_dx",
-                 ln._layer_norm_bwd_dx_wide_kernel if wide else ln._layer_norm_bwd_dx_kernel,
-                 dict(HAS_BIAS=True, BLOCK_N=bwd_n, stride_xn=1, stride_dyn=1),
-                 ln._num_warps(bwd_n), f"1x{bwd_n}"),
+                ("bwd_dx_wide" if wide else "bwd_dx", bwd_kernel,
+                 dict(HAS_BIAS=True, BLOCK_N=bwd_n, stride_xn=1, stride_dyn=1), bwd_warps, f"1x{bwd_n}"),
             ]
             for kernel, fn, consts, warps, tile in cases:
                 row = {"kernel": f"layer_norm_{kernel}", "dtype": dtype_name, "head_dim": None, "mode": f"N={n}",
@@ -197,25 +204,35 @@ def to_markdown(rows: list[dict], env: dict) -> str:
              "`preset`: a configuration a GPT preset uses on the GPU (16-bit attention at head dims 64/80/96/128, "
              "LayerNorm at the presets' widths); tests/test_compile_table.py fails on a spill there.", "",
              "| kernel | dtype | head_dim | mode | tile | warps | stages | registers | spill stores | spill loads | "
-             "shared bytes | preset |",
-             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "shared bytes | compile s | preset |",
+             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {r['mode']} | {r['tile']} | | | "
-                         f"error: {r['error'][:80]} | | | | {r['preset']} |")
+                         f"error: {r['error'][:80]} | | | | | {r['preset']} |")
             continue
         lines.append(f"| {r['kernel']} | {r['dtype']} | {r['head_dim'] or ''} | {r['mode']} | {r['tile']} | "
                      f"{r['num_warps']} | {r['num_stages']} | {r['registers']} | {r['spill_stores']} | "
-                     f"{r['spill_loads']} | {r['shared_bytes']} | {'yes' if r['preset'] else ''} |")
+                     f"{r['spill_loads']} | {r['shared_bytes']} | {r.get('compile_s', '')} | "
+                     f"{'yes' if r['preset'] else ''} |")
     spills = [r for r in rows if r.get("spill_stores")]
     lines += ["", f"Configurations that spill: {len(spills)} of {len(rows)}"
               f" ({sum(1 for r in spills if r['preset'])} at preset configurations)."]
+    timed = [r["compile_s"] for r in rows if "compile_s" in r]
+    if timed:
+        attention = [r["compile_s"] for r in rows if "compile_s" in r and r["kernel"].startswith("attention")]
+        lines += ["", f"Compile time on this CPU (`triton.compile` for sm_90, one process): {sum(timed):.0f} s for "
+                  f"{len(timed)} kernels, median {sorted(timed)[len(timed) // 2]:.2f} s; attention kernels "
+                  f"{sum(attention):.0f} s for {len(attention)}, longest {max(attention, default=0):.2f} s."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder for compile_table_sm90.json and .md")
+    parser.add_argument("--out", type=Path, default=None, help="folder for NAME.json and NAME.md")
+    parser.add_argument("--name", default="compile_table_sm90",
+                        help="file name without suffix (default: %(default)s; e.g. compile_table_sm90_triton36 for "
+                             "the GPU machine's Triton 3.6)")
     parser.add_argument("--quick", action="store_true", help="a few configurations only (a smoke run)")
     parser.add_argument("--only", choices=["attention", "layer_norm"], default=None)
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="attention dtypes, comma-separated")
@@ -232,17 +249,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.only in (None, "layer_norm"):
         rows += layer_norm_rows(args.quick)
     env = {"triton": triton.__version__, "torch": torch.__version__, "target": "sm_90 (cuda, 90, warp 32)"}
-    if args.out is not None and args.update and (args.out / "compile_table_sm90.json").exists():
+    if args.out is not None and args.update and (args.out / f"{args.name}.json").exists():
         def key(r):
             return r["kernel"].replace("_wide", ""), r["dtype"], r["head_dim"], r["mode"]
 
         new = {key(r): r for r in rows}
-        old = json.loads((args.out / "compile_table_sm90.json").read_text())["rows"]
+        old = json.loads((args.out / f"{args.name}.json").read_text())["rows"]
         rows = [new.pop(key(r), r) for r in old] + list(new.values())
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "compile_table_sm90.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
-        (args.out / "compile_table_sm90.md").write_text(to_markdown(rows, env))
+        (args.out / f"{args.name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+        (args.out / f"{args.name}.md").write_text(to_markdown(rows, env))
     return rows
 
 

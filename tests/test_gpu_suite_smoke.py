@@ -24,6 +24,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_suite.sh"), "--smoke", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    (out / "stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -59,9 +60,67 @@ def test_gpu_suite_smoke_writes_the_summary(smoke_run: Path):
     assert "Smoke run" in summary
     for name, _, _ in gpu_suite.STAGES:
         assert f"| {name} | ok |" in summary
-    for heading in ("Measured ceilings", "Issue 13's targets", "Attention", "LayerNorm", "Training"):
+    for heading in ("Measured ceilings", "The GPU issue's targets", "Attention", "LayerNorm", "Training",
+                    "Attention tile sweep"):
         assert f"## {heading}" in summary
     assert (smoke_run / "suite.log").stat().st_size > 0
+
+
+def test_gpu_suite_prints_its_plan_first_and_the_targets_last(smoke_run: Path):
+    lines = (smoke_run / "stdout.txt").read_text().splitlines()
+    assert lines[0].startswith("[gpu_suite] plan (custom) (smoke): 8 stages")
+    assert [line.split()[1] for line in lines[1:9]] == [name for name, _, _ in gpu_suite.STAGES]
+    tail = "\n".join(lines[-40:])
+    assert "figures against the targets" in tail and "| target | case | figure | goal | verdict |" in tail
+
+
+def test_gpu_suite_smoke_sweeps_tiles_and_checks_each_against_the_default(smoke_run: Path):
+    tiles = json.loads((smoke_run / "results.json").read_text())["stages"]["attention_tiles"]["result"]
+    rows = tiles["rows"]
+    assert {(r["mask"], r["pass"]) for r in rows} == {(m, p) for m in ("causal", "banded")
+                                                       for p in ("fwd", "bwd_dkdv", "bwd_dq")}
+    assert sum(r["default"] for r in rows) == 6 and len(rows) == tiles["planned"] == 12
+    assert all("ms" in r and r["max_abs_diff_vs_default"] < 1e-4 for r in rows), rows  # fp32, interpreted
+    assert len(tiles["best"]) == 6
+
+
+def test_the_two_plans_fit_a_fifteen_minute_lease():
+    # A lease: 15 minutes of device time, a 1-2 minute start, at most 10 minutes a command.
+    budgets = {name: gpu_s for name, gpu_s, _ in gpu_suite.STAGES}
+    for plan, (limit, stages) in gpu_suite.PLANS.items():
+        assert sum(budgets[s] for s in stages) <= limit, plan
+    assert gpu_suite.PLANS["first"][0] <= 7 * 60 and gpu_suite.PLANS["second"][0] <= 4 * 60
+    every = [s for _, stages in gpu_suite.PLANS.values() for s in stages]
+    assert set(every) == set(budgets)  # every stage runs in one of the two commands
+
+
+def test_gpu_suite_merge_joins_the_two_commands(tmp_path: Path):
+    script = str(ROOT / "scripts" / "gpu_suite.py")
+    for name, stage in (("first", "environment"), ("second", "ceilings")):
+        proc = subprocess.run([sys.executable, script, "--smoke", "--out", str(tmp_path / name), "--stages", stage],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, script, "--merge", str(tmp_path / "first"), str(tmp_path / "second"),
+                           "--out", str(tmp_path / "merged")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert [k for k, v in report["stages"].items() if v["status"] == "ok"] == ["environment", "ceilings"]
+    assert len(report["suite"]["merged_from"]) == 2
+    assert (tmp_path / "merged" / "suite-first.log").is_file() and (tmp_path / "merged" / "summary.md").is_file()
+
+
+def test_a_pytest_stage_past_its_budget_still_writes_its_junit(tmp_path: Path):
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                           "def test_slow():\n    time.sleep(60)\n")
+    log = tmp_path / "suite.log"
+    log.write_text("")
+    junit = tmp_path / "junit.xml"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+               str(tmp_path / "test_slow.py")]
+    code, tail = gpu_suite._run_child(command, 8.0, log, dict(os.environ))
+    assert code is None and "killed after its budget" in tail
+    summary = gpu_suite._junit_summary(junit)
+    assert summary["passed"] >= 1, (summary, tail)
 
 
 def test_gpu_suite_without_matplotlib_skips_the_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -16,8 +16,9 @@ Not run, and why:
 - `pip install ...` (Set-up): it would change this environment; instead the pinned torch is
   checked against the installed one and the `[test]` extra against pyproject.toml.
 - `python -m pytest -q` (Set-up): that is this suite.
-- `scripts/gpu_suite.sh` (On a GPU) needs CUDA: its command line is parsed (`--help` appended);
-  its code paths run on the CPU in tests/test_gpu_suite_smoke.py.
+- `scripts/gpu_suite.sh` (On a GPU) needs CUDA, and `--merge` needs what it brought back: their
+  command lines are parsed (`--help` appended); the code paths run on the CPU in
+  tests/test_gpu_suite_smoke.py.
 """
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ def tiny(argv: list[str]) -> list[str]:
         return ["--limit=6", "--threads=1"]
     if argv[:1] in (["sample"], ["evaluate"], ["predict"], ["logit-lens"]):
         return ["--threads=1"]
-    if argv[:1] == ["scripts/gpu_suite.sh"]:
-        return ["--help"]
+    if argv[:1] == ["scripts/gpu_suite.sh"] or argv[:2] == ["python", "scripts/gpu_suite.py"]:
+        return ["--help"]  # the GPU commands and the merge of what they bring back: parsed, not run
     return []
 
 

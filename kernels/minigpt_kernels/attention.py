@@ -627,17 +627,19 @@ def _resolve_scale(scale: float | None, head_dim: int) -> float:
 
 
 def _attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None, scale: float | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None, scale: float | None,
+    tiles: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate, allocate and launch the forward kernel. Returns (O, LSE2).
 
     O is (B, H, T, D) in q.dtype (laid out as (B, T, H, D)); LSE2 is the base-2
-    log-sum-exp of the scaled scores, (B, H, T) float32.
+    log-sum-exp of the scaled scores, (B, H, T) float32. ``tiles`` overrides
+    ``attention_tiles`` (benchmarks/bench_attention_tiles.py sweeps it).
     """
     _check_attention_inputs(q, k, v, causal, window)
     B, H, T, D = q.shape
     scale = _resolve_scale(scale, D)
-    tiles = attention_tiles(D, q.dtype).fwd
+    tiles = tiles or attention_tiles(D, q.dtype).fwd
     o = _new_attention_buffer(q)
     lse = new_buffer((B, H, T), torch.float32, q.device)
     grid = (triton.cdiv(T, tiles.block_m), B * H)
@@ -654,50 +656,71 @@ def _attention_fwd(
 
 def _attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    do: torch.Tensor, causal: bool, window: int | None, scale: float,
+    do: torch.Tensor, causal: bool, window: int | None, scale: float, tiles: AttentionTiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels. Returns (dQ, dK, dV), each (B, H, T, D) in q.dtype.
 
     ``do`` may have any strides (autograd hands over whatever the next op produced).
+    ``tiles`` overrides ``attention_tiles``.
     """
     if do.shape != q.shape or do.dtype != q.dtype or do.device != q.device:
         raise ValueError(
             f"grad_output has shape {tuple(do.shape)}, dtype {do.dtype}, device {do.device}; "
             f"expected {tuple(q.shape)}, {q.dtype}, {q.device} like the attention output"
         )
-    B, H, T, D = q.shape
-    tiles = attention_tiles(D, q.dtype)
-    precision = _dot_precision(q.dtype)
+    tiles = tiles or attention_tiles(q.shape[-1], q.dtype)
+    delta = _attention_bwd_preprocess(o, do, tiles.bwd_dq)
+    dk, dv = _attention_bwd_dkdv(q, k, v, do, lse, delta, causal, window, scale, tiles.bwd_dkdv)
+    dq = _attention_bwd_dq(q, k, v, do, lse, delta, causal, window, scale, tiles.bwd_dq)
+    return dq, dk, dv
 
-    delta = new_buffer((B, H, T), torch.float32, q.device)
-    pre = tiles.bwd_dq
-    _attention_bwd_preprocess_kernel[(triton.cdiv(T, pre.block_m), B * H)](
+
+def _attention_bwd_preprocess(o: torch.Tensor, do: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
+    """Delta = rowsum(O * dO), (B, H, T) float32: the dS correction both passes need."""
+    B, H, T, D = o.shape
+    delta = new_buffer((B, H, T), torch.float32, o.device)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(T, cfg.block_m), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, T,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=pre.block_m, num_warps=pre.num_warps,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, num_warps=cfg.num_warps,
     )
+    return delta
 
-    dq = _new_attention_buffer(q)
+
+def _attention_bwd_dkdv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+    causal: bool, window: int | None, scale: float, cfg: TileConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dK/dV pass, one program per key tile. Returns (dK, dV)."""
+    B, H, T, D = q.shape
     dk = _new_attention_buffer(q)
     dv = _new_attention_buffer(q)
-    cfg = tiles.bwd_dkdv
     _attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg.block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         H, T, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, WINDOW=window or 0, DOT_PRECISION=precision,
+        CAUSAL=causal, WINDOW=window or 0, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    cfg = tiles.bwd_dq
+    return dk, dv
+
+
+def _attention_bwd_dq(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+    causal: bool, window: int | None, scale: float, cfg: TileConfig,
+) -> torch.Tensor:
+    """The dQ pass, one program per query tile. Returns dQ."""
+    B, H, T, D = q.shape
+    dq = _new_attention_buffer(q)
     _attention_bwd_dq_kernel[(triton.cdiv(T, cfg.block_m), B * H)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, T, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, WINDOW=window or 0, DOT_PRECISION=precision,
+        CAUSAL=causal, WINDOW=window or 0, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return dq, dk, dv
+    return dq
 
 
 # ---------------------------------------------------------------------------

@@ -203,6 +203,10 @@ def _layer_norm_bwd_dwdb_kernel(
 # row in registers spills on sm_90 (ptxas -v, scripts/compile_table.py). 12288 is gpt3-175b's.
 WIDE_ROW = 8192
 WIDE_ROW_CHUNK = 4096
+# 8 warps (16 elements a thread), not the 16 that _num_warps gives a 4096-wide chunk: with 16
+# warps Triton 3.6 (the lent GPU machine's) caps the wide kernel at 64 registers and spills 4
+# bytes in fp16/bf16; with 8 it takes 127 registers and spills none under 3.6 or 3.9.
+WIDE_ROW_WARPS = 8
 
 
 def max_width(dtype: torch.dtype) -> int:
@@ -213,6 +217,15 @@ def max_width(dtype: torch.dtype) -> int:
 def _num_warps(tile_elems: int) -> int:
     # About 8 elements per thread (a few 16-byte vectors), between 1 and 16 warps.
     return min(max(tile_elems // 256, 1), 16)
+
+
+def bwd_dx_launch(n_cols: int) -> tuple[triton.JITFunction, int, int]:
+    """(kernel, BLOCK_N, num_warps) of the backward dx pass for rows of ``n_cols``: the whole
+    row in one tile up to WIDE_ROW, column chunks of WIDE_ROW_CHUNK above it."""
+    if n_cols > WIDE_ROW:
+        return _layer_norm_bwd_dx_wide_kernel, WIDE_ROW_CHUNK, WIDE_ROW_WARPS
+    block_n = triton.next_power_of_2(n_cols)
+    return _layer_norm_bwd_dx_kernel, block_n, _num_warps(block_n)
 
 
 def _check_layer_norm_inputs(
@@ -299,21 +312,17 @@ def _layer_norm_bwd(
     # (e.g. a permuted gradient) force reshape to copy, since there is no other option here.
     dy2 = dy.reshape(n_rows, n_cols)
     dx = new_buffer((n_rows, n_cols), x.dtype, x.device)
-    block_n = triton.next_power_of_2(n_cols)
 
     rows_per_program = triton.cdiv(n_rows, _num_partials(n_rows, x.device))
     n_partials = triton.cdiv(n_rows, rows_per_program)
     dw_partial = new_buffer((n_partials, n_cols), torch.float32, x.device)
     db_partial = new_buffer((n_partials, n_cols), torch.float32, x.device) if bias is not None else dw_partial
-    if n_cols > WIDE_ROW:
-        kernel, block_n = _layer_norm_bwd_dx_wide_kernel, WIDE_ROW_CHUNK
-    else:
-        kernel = _layer_norm_bwd_dx_kernel
+    kernel, block_n, num_warps = bwd_dx_launch(n_cols)
     kernel[(n_partials,)](
         x2, weight, dy2, mean, rstd, dx, dw_partial, db_partial,
         x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dx.stride(0),
         n_rows, n_cols, rows_per_program,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=_num_warps(block_n),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=num_warps,
     )
 
     dw = new_buffer((n_cols,), weight.dtype, x.device)

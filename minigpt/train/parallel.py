@@ -1,9 +1,14 @@
 """How the model is run, applied from outside it, in one function: `parallelize`.
 
-In order (torchtitan's: per-block transforms first, then the whole model, then sharding):
-the attention backend on every GPT, activation checkpointing per transformer block,
-torch.compile of the whole model, then DDP or FSDP2 (`fully_shard` per block, then the
-root). The model itself stays single-device and knows none of this.
+In order (torchtitan's: per-block transforms first, then sharding): the attention backend
+on every GPT, activation checkpointing per transformer block, torch.compile per
+transformer block, then DDP or FSDP2 (`fully_shard` per block, then the root). The model
+itself stays single-device and knows none of this.
+
+Compiling each block rather than the whole model is torchtitan's choice too: every block
+of a kind reuses one compiled graph, so compiling costs about one block instead of all of
+them (GPT-2 124M's training step on a 2-core CPU: 16 s before the first update instead of
+71 s, benchmarks/NOTES.md), while the blocks hold nearly all of the FLOPs.
 """
 from __future__ import annotations
 
@@ -21,23 +26,30 @@ from minigpt.train.config import TrainConfig
 
 @contextmanager
 def parallelize(model: nn.Module, config: TrainConfig, parallel: str, device: torch.device) -> Iterator[nn.Module]:
-    """Yield the module to train on `model` (already on `device`): `model` itself, compiled,
-    under DDP, or sharded in place by FSDP2, after setting config.backend on every GPT and,
-    with config.activation_checkpointing, checkpointing each transformer block.
+    """Yield the module to train on `model` (already on `device`): `model` itself, under DDP,
+    or sharded in place by FSDP2, after setting config.backend on every GPT and, with
+    config.activation_checkpointing, checkpointing each transformer block, and with
+    config.compile, compiling each transformer block in place (`nn.Module.compile`).
 
-    The model's own modules, parameters and state_dict keys are unchanged; activation
-    checkpointing is undone on exit, so the caller gets back the model it passed.
+    The model's own modules, parameters and state_dict keys are unchanged; checkpointing and
+    compiling are undone on exit, so the caller gets back the model it passed (sampling from
+    it afterwards runs eagerly, without recompiling for the KV cache's shapes).
     """
     use_backend(model, config.backend)
-    blocks = _blocks(model) if config.activation_checkpointing else []
+    blocks = _blocks(model)
     for block in blocks:
-        block.forward = functools.partial(_checkpointed_forward, block)
+        if config.activation_checkpointing:
+            block.forward = functools.partial(_checkpointed_forward, block)
+        if config.compile:
+            block.compile()
     try:
-        compiled = torch.compile(model) if config.compile else model
-        yield _wrap(compiled, parallel, device)
+        yield _wrap(model, parallel, device)
     finally:
         for block in blocks:
-            del block.forward  # the instance attribute; the class's forward shows through again
+            if config.activation_checkpointing:
+                del block.forward  # the instance attribute; the class's forward shows through again
+            if config.compile:
+                block._compiled_call_impl = None  # what nn.Module.compile set: calls run eagerly again
 
 
 def mixed_precision(device: torch.device, dtype: str) -> tuple[torch.dtype, torch.amp.GradScaler | None,

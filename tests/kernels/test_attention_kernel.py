@@ -114,6 +114,25 @@ def test_attention_bwd_matches_reference_low_precision(dtype, window):
     _check_fwd_bwd(q, k, v, do, causal=True, window=window, scale=None)
 
 
+PRESET_HEAD_DIMS = (64, 80, 96, 128)
+"""Head dims the presets run: GPT-2 and GPT-Neo 64; GPT-3 large 96, 2.7b 80, xl/6.7b/13b/175b 128."""
+PRESET_WINDOW = 256
+"""The banded layers' window in GPT-3 and GPT-Neo."""
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("head_dim", PRESET_HEAD_DIMS)
+@pytest.mark.parametrize("mask", ["dense", "banded"])
+def test_attention_matches_reference_at_every_preset_configuration(dtype, head_dim, mask):
+    # Every (dtype, head_dim, mask) the presets train with, forward and backward. Natively
+    # (the GPU suite's first command: bfloat16 has never been checked anywhere else) at the
+    # GPU launchers' tiles, with the presets' window and a length past it that no tile
+    # divides; under the interpreter at its small tiles, the window and length scaled down.
+    T, window = (2 * PRESET_WINDOW + 77, PRESET_WINDOW) if HAS_CUDA else (77, 24)
+    q, k, v, do = _inputs((1, 2, T, head_dim), dtype, seed=head_dim)
+    _check_fwd_bwd(q, k, v, do, causal=True, window=window if mask == "banded" else None, scale=None)
+
+
 def test_attention_bwd_matches_reference_head_dim_128():
     q, k, v, do = _inputs((1, 1, 40, 128), torch.float32, seed=4)
     _check_fwd_bwd(q, k, v, do, causal=True, window=9, scale=None)

@@ -43,3 +43,29 @@ def test_training_with_activation_checkpointing_gives_the_same_losses(tmp_path, 
         return train(model, config, batches).train_losses
 
     assert run(True) == run(False)
+
+
+def _compiled_loss_and_grads(compile_: bool, checkpointing: bool, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(tiny_gpt_config())
+    idx = torch.randint(0, 65, (2, 32))
+    config = quick_train_config(tmp_path, compile=compile_, activation_checkpointing=checkpointing)
+    with parallelize(model, config, "none", torch.device("cpu")) as module:
+        assert module is model  # compiled in place, block by block: no wrapper, no `_orig_mod.` keys
+        compiled = [b._compiled_call_impl is not None for b in model.blocks]
+        loss = module(idx, idx).loss
+        loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, model, compiled
+
+
+def test_compile_compiles_each_block_and_gives_the_eager_numbers(tmp_path):
+    # float32 on the CPU: inductor may fuse and reorder, so the tolerances are float32's, not zero.
+    loss, grads, _, _ = _compiled_loss_and_grads(False, False, tmp_path / "eager")
+    for checkpointing in (False, True):
+        got, got_grads, model, compiled = _compiled_loss_and_grads(True, checkpointing, tmp_path / f"c{checkpointing}")
+        assert all(compiled) and len(compiled) == len(model.blocks)
+        torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(got_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        # Undone on exit: the caller's model runs eagerly again (sampling would otherwise recompile).
+        assert all(b._compiled_call_impl is None and "forward" not in b.__dict__ for b in model.blocks)
