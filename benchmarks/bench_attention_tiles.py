@@ -97,26 +97,30 @@ class PassRunner:
         return lambda: attn._attention_bwd_dq(q, k, v, do, lse, delta, True, w, s, tile)
 
 
-def _warm(jobs: list[tuple[tuple[int, int, int, int], str, str, tuple[int, int, int, int]]], dtype_name: str) -> int:
-    """Worker process: launch each (shape, mask, pass, tile) once at T=WARM_T; Triton caches the binaries."""
+def _warm(jobs: list[tuple[tuple[int, int, int, int], str, str, tuple[int, int, int, int]]], dtype_name: str,
+          device: str, warm_t: int) -> int:
+    """Worker process: launch each (shape, mask, pass, tile) once at T=warm_t; Triton caches the binaries."""
     dtype, done = getattr(torch, dtype_name), 0
     runners: dict = {}
     for shape, mask, pass_name, cfg in jobs:
         B, H, _, D = shape
-        small = (1, H, WARM_T, D)
+        small = (1, H, warm_t, D)
         try:
             if (small, mask) not in runners:
-                runners[(small, mask)] = PassRunner(small, MASKS[mask], dtype, "cuda")
+                runners[(small, mask)] = PassRunner(small, MASKS[mask], dtype, device)
             runners[(small, mask)].launcher(pass_name, cfg)()
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
             done += 1
         except Exception:  # noqa: BLE001 - the timing process records the error for this tile
             pass
     return done
 
 
-def compile_in_parallel(jobs: list, dtype: torch.dtype, workers: int, budget_s: float) -> dict:
-    """Fill Triton's cache for `jobs` with `workers` processes, stopping at `budget_s`."""
+def compile_in_parallel(jobs: list, dtype: torch.dtype, workers: int, budget_s: float, device: str = "cuda",
+                        warm_t: int = WARM_T) -> dict:
+    """Fill Triton's cache for `jobs` with `workers` processes, stopping at `budget_s`. Returns
+    how many of the jobs the workers launched (a job that fails is left to the timing process)."""
     import concurrent.futures as cf
     import multiprocessing
 
@@ -124,15 +128,16 @@ def compile_in_parallel(jobs: list, dtype: torch.dtype, workers: int, budget_s: 
     chunks = [jobs[i::workers] for i in range(workers)]
     done = 0
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    futures = [pool.submit(_warm, chunk, str(dtype).removeprefix("torch.")) for chunk in chunks if chunk]
+    futures = [pool.submit(_warm, chunk, str(dtype).removeprefix("torch."), device, warm_t) for chunk in chunks if chunk]
     try:
         for future in cf.as_completed(futures, timeout=budget_s):
             done += future.result()
     except cf.TimeoutError:
         pass
-    finally:
+    finally:  # workers still compiling at the budget are killed: the timing process compiles what is left
+        processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for process in processes:
             process.kill()
     return {"jobs": len(jobs), "workers": workers, "compiled": done, "seconds": round(time.perf_counter() - began, 1)}
 

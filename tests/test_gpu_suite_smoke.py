@@ -172,3 +172,18 @@ def test_gpu_suite_keep_adds_the_stages_of_a_second_call(tmp_path: Path):
     report = json.loads((tmp_path / "results.json").read_text())
     assert [k for k, v in report["stages"].items() if v["status"] == "ok"] == ["environment", "ceilings"]
     assert len(report["suite"]["earlier_commands"]) == 1
+
+
+def test_tile_sweep_compiles_in_worker_processes(monkeypatch: pytest.MonkeyPatch):
+    # The sweep's first half on the GPU: spawned workers launch every planned tile once. Here
+    # the same pool runs under the interpreter (it inherits TRITON_INTERPRET and sys.path).
+    import torch
+
+    from benchmarks import bench_attention_tiles as tiles
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cells = tiles.plan(tiles.SMOKE_SHAPES, torch.float32, tiles.SMOKE_CANDIDATES, None)
+    jobs = list(tiles.round_robin(cells))
+    assert len(jobs) == 12 and jobs[0][3] == tiles.default_config(16, torch.float32, "fwd")
+    done = tiles.compile_in_parallel(jobs, torch.float32, workers=2, budget_s=120, device="cpu", warm_t=32)
+    assert done["compiled"] == done["jobs"] == 12 and done["workers"] == 2
