@@ -5,6 +5,13 @@ in place). A banded layer of width w never looks further back than w - 1 tokens,
 keeps only a ring of w slots: token index p lives in slot p % w. Softmax does not care
 about the order of keys, so the ring is never re-sorted; each slot's absolute index is
 computed to build the mask.
+
+Rows of one cache share a clock (`length`, the next token index) and each row may start
+late (`left_pad`: its first `left_pad[b]` slots are padding, masked out of attention). That
+is how prompts of different lengths decode in one batch, and how a server batches requests
+continuously (`minigpt.serve.engine`): a request prefilled on its own is `shift`ed to end at
+the batch's clock and `concat`enated to it, a finished one `select`ed away, and when the
+clock would pass block_size the batch is shifted left over the padding every row has.
 """
 from __future__ import annotations
 
@@ -124,3 +131,66 @@ class KVCache:
         new.length = self.length
         new.left_pad = None if self.left_pad is None else self.left_pad.index_select(0, rows)
         return new
+
+    def zero_(self) -> "KVCache":
+        """Fill every slot with zeros. A cache that will be `shift`ed or `concat`enated reads
+        slots no token wrote (they become padding, masked out), and an uninitialised slot
+        could hold NaN, which a zero attention weight does not cancel (0 * NaN = NaN)."""
+        for layer in self.layers:
+            layer.k.zero_()
+            layer.v.zero_()
+        return self
+
+    def pads(self) -> torch.Tensor:
+        """(B,) left padding of every row (zeros when there is none)."""
+        if self.left_pad is not None:
+            return self.left_pad
+        return torch.zeros(self.layers[0].k.shape[0], dtype=torch.long, device=self.layers[0].k.device)
+
+    def shift(self, by: int) -> None:
+        """Move every row `by` token positions later (by > 0: that much more left padding) or
+        earlier (by < 0: drop `-by` slots of padding that every row has).
+
+        A token at absolute index p sits in slot p of a dense layer and p % w of a banded
+        ring, so moving all of them by `by` is a roll of the slots by `by` in both (the ring's
+        capacity is w; a dense layer's holds the clock's whole range, which `by` must keep
+        within). Positions are index - left_pad, so no key or value changes.
+        """
+        if by == 0:
+            return
+        pads = self.pads()
+        if by < 0 and int(pads.min()) < -by:
+            raise ValueError(f"shift({by}) would drop real tokens: the least padded row has {int(pads.min())} slots")
+        capacity = min(layer.k.shape[2] for layer in self.layers if layer.window is None) \
+            if any(layer.window is None for layer in self.layers) else None
+        if by > 0 and capacity is not None and self.length + by > capacity:
+            raise ValueError(f"shift({by}) past the {capacity} slots of a dense layer (the clock is at {self.length})")
+        for layer in self.layers:
+            layer.k = torch.roll(layer.k, by, dims=2)
+            layer.v = torch.roll(layer.v, by, dims=2)
+        self.length += by
+        self.left_pad = pads + by
+
+    @staticmethod
+    def concat(caches: list["KVCache"]) -> "KVCache":
+        """One cache holding the rows of `caches` in order; they must share the clock
+        (`shift` one of them first) and the layout (the same model and max_length)."""
+        lengths = {c.length for c in caches}
+        if len(lengths) != 1:
+            raise ValueError(f"caches at clocks {sorted(lengths)} cannot be joined; shift them to one clock first")
+        new = object.__new__(KVCache)
+        new.layers = []
+        for parts in zip(*(c.layers for c in caches)):
+            joined = object.__new__(LayerCache)
+            joined.window = parts[0].window
+            joined.k = torch.cat([p.k for p in parts])  # (sum B, H, capacity, D)
+            joined.v = torch.cat([p.v for p in parts])
+            new.layers.append(joined)
+        new.length = lengths.pop()
+        pads = [c.pads() for c in caches]
+        new.left_pad = torch.cat(pads) if any(c.left_pad is not None for c in caches) else None
+        return new
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].k.shape[0]

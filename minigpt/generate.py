@@ -109,6 +109,19 @@ def forget_decoding_head(model) -> None:
     _DECODE_HEADS.pop(model, None)
 
 
+def next_token_logits(model, idx: torch.Tensor, *, cache=None, left_pad: torch.Tensor | None = None,
+                      vocab_limit: int | None = None) -> torch.Tensor:
+    """(B, V) logits of the token after each row of `idx`, only the newest position through
+    the head (by `head_for_decoding` on a CPU); ids from `vocab_limit` on get -inf, so a
+    model with more rows than its tokenizer never picks one the tokenizer cannot decode."""
+    h = model.hidden(idx, cache=cache, left_pad=left_pad)[0][:, -1]  # (B, C): only the newest position
+    head_t = head_for_decoding(model)
+    logits = h @ head_t if head_t is not None else model.lm_head(h)  # (B, V)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits[:, vocab_limit:] = float("-inf")  # ids the tokenizer cannot decode
+    return logits
+
+
 def stream_tokens(
     model,
     prompts: PromptLike,
@@ -167,14 +180,8 @@ def _stream_tokens(model, rows: list[list[int]], max_new_tokens: int, temperatur
     left_pad = torch.tensor(pad_counts, device=device) if any(pad_counts) else None
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
 
-    head_t = head_for_decoding(model)
-
     def next_logits(idx: torch.Tensor, **kwargs) -> torch.Tensor:
-        h = model.hidden(idx, **kwargs)[0][:, -1]  # (B, C): only the newest position
-        logits = h @ head_t if head_t is not None else model.lm_head(h)  # (B, V)
-        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-            logits[:, vocab_limit:] = float("-inf")  # ids the tokenizer cannot decode
-        return logits
+        return next_token_logits(model, idx, vocab_limit=vocab_limit, **kwargs)
 
     was_training = model.training
     model.eval()
@@ -252,28 +259,58 @@ def stream_text(
     return _stream_text(tokens, tokenizer, stop, kwargs["eos_id"])
 
 
+class TextStream:
+    """The text of a growing list of token ids, given out piece by piece as it becomes
+    certain: text that could still turn into a stop string, or an incomplete UTF-8
+    character, is held back; the first stop string ends the text (it is not included).
+
+    `push(id)` returns the newly certain piece ("" if none); `stopped` says a stop string
+    was hit; `finish()` returns what was held back. `text` is everything given out so far.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        full, self.stopped = _cut_at_stop(self.tokenizer.decode(self.ids), self.stop)
+        safe = len(full) if self.stopped else len(full) - self._hold
+        while not self.stopped and safe > len(self.text) and full[safe - 1] == "\ufffd":  # a split character
+            safe -= 1
+        return self._give(full, safe)
+
+    def finish(self) -> str:
+        full, _ = _cut_at_stop(self.tokenizer.decode(self.ids), self.stop)
+        return self._give(full, len(full))
+
+    def _give(self, full: str, upto: int) -> str:
+        if upto <= len(self.text):
+            return ""
+        piece = full[len(self.text):upto]
+        self.text = full[:upto]
+        return piece
+
+
 def _stream_text(tokens: Iterator[torch.Tensor], tokenizer, stop: list[str], eos_id: int | None) -> Iterator[str]:
-    ids: list[int] = []
-    emitted = 0
-    hold = max((len(s) for s in stop), default=1) - 1
+    text = TextStream(tokenizer, stop)
     for token in tokens:
         t = int(token[0])
         if t == eos_id:
             break
-        ids.append(t)
-        text, stopped = _cut_at_stop(tokenizer.decode(ids), stop)
-        if stopped:
-            yield text[emitted:]
+        piece = text.push(t)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        safe = len(text) - hold
-        while safe > emitted and text[safe - 1] == "\ufffd":  # a character split across tokens
-            safe -= 1
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text, _ = _cut_at_stop(tokenizer.decode(ids), stop)
-    if len(text) > emitted:
-        yield text[emitted:]
+    piece = text.finish()
+    if piece:
+        yield piece
 
 
 def _check_stops(stop: Sequence[str]) -> list[str]:

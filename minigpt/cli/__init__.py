@@ -14,6 +14,7 @@ from minigpt.cli.inside import (
     add_sample_parser,
 )
 from minigpt.cli.pretrain import add_plot_parser, add_prepare_parser, add_train_parser
+from minigpt.cli.serve import add_serve_parser
 from minigpt.device import check_device
 
 # One module per group of subcommands (pretrain, finetune, evaluate, inside: running and
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_predict_parser(sub)
     add_eval_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

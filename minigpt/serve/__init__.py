@@ -1,0 +1,68 @@
+"""`minigpt serve`: an OpenAI-compatible completions server with continuous batching.
+
+    pip install -e ".[serve]"
+    minigpt serve --model runs/headlines          # then: openai.OpenAI(base_url="http://127.0.0.1:8000/v1")
+
+`engine` is the decoding loop (no HTTP), `protocol` the request and error objects, `app`
+the FastAPI routes; `load_state` and `serve` below are what the command calls. Needs the
+`serve` extra (FastAPI and uvicorn); the rest of minigpt never imports this package.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def load_state(model: str | Path, *, model_name: str | None = None, api_key: str | None = None,
+               max_batch: int = 16, max_queue: int = 256, device: str = "cpu", backend: str = "sdpa",
+               raw_prompts: bool = False):
+    """The server's state for a model folder (any model argument: `resolve_model_dir`).
+
+    A fine-tuned completion model's finetune.json (bos, separator, stop) becomes the prompt
+    defaults unless `raw_prompts`; a fine-tuned classifier is refused (it answers with labels,
+    not text: `minigpt predict` serves it).
+    """
+    from minigpt.finetune.export import META_FILE, read_meta
+    from minigpt.model import GPT
+    from minigpt.model_dir import resolve_model_dir
+    from minigpt.serve.app import PromptDefaults, ServerState
+    from minigpt.serve.engine import Engine
+    from minigpt.tokenizer import load_tokenizer
+
+    folder = resolve_model_dir(model)
+    defaults = PromptDefaults()
+    if (folder / META_FILE).is_file():
+        meta = read_meta(folder)
+        if meta.task != "completion":
+            raise ValueError(f"{folder} is a fine-tuned {meta.task} model: it answers with labels, not text; "
+                             f"serve its base model, or score texts with `minigpt predict {folder} FILE`")
+        if not raw_prompts:
+            defaults = PromptDefaults(bos=meta.bos, separator=meta.separator, stop=(meta.stop,) if meta.stop else ())
+            log.info("prompts get the fine-tuning's bos %r and separator %r, and stop at %r unless a request "
+                     "says otherwise (--raw-prompts turns this off)", meta.bos, meta.separator, meta.stop)
+    net = GPT.from_pretrained(folder, backend=backend).to(device)
+    tokenizer = load_tokenizer(folder)
+    engine = Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    name = model_name or Path(model).resolve().name
+    return ServerState(engine=engine, tokenizer=tokenizer, model_name=name, api_key=api_key, defaults=defaults)
+
+
+def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Load `model` and serve it until SIGTERM or Ctrl-C (requests in flight are finished first)."""
+    import uvicorn
+
+    from minigpt.serve.app import create_app
+
+    state = load_state(model, **options)
+    log.info("serving %s as %r on http://%s:%d/v1 (max_batch=%d, max_queue=%d)%s", model, state.model_name, host,
+             port, state.engine.max_batch, state.engine.max_queue, "; an API key is required" if state.api_key else "")
+    # uvicorn finishes the requests in flight on SIGTERM, then raises the signal again with the
+    # handler it found; this one lets the process end normally (exit 0) instead of dying of it.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: log.info("stopped on SIGTERM"))
+    try:
+        uvicorn.run(create_app(state), host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,299 @@
+"""The HTTP side of `minigpt serve`: an OpenAI-compatible completions API on FastAPI.
+
+    POST /v1/completions   the legacy completions protocol (`minigpt.serve.protocol`), streamed
+                           as server-sent events ending with `data: [DONE]` when stream=true
+    GET  /v1/models        the one model served
+    GET  /health           {"status": "ok", ...}: liveness, rows decoding and requests waiting
+
+Every request becomes one `Sequence` per (prompt, choice) on the shared `Engine`; its events
+come back from the engine's thread through the request's asyncio queue. Errors are OpenAI's
+error object with 400/401/404/422/429 (never a traceback); a client that disconnects frees
+its rows at the next decoding step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from minigpt.serve.engine import Engine, QueueFull, Sampling, Sequence, TokenInfo
+from minigpt.serve.protocol import CompletionRequest, ProtocolError, error_body, validation_error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptDefaults:
+    """What a fine-tuned completion model was trained with (its finetune.json), applied to every
+    text prompt unless the server runs with --raw-prompts."""
+
+    bos: str = ""
+    """Put before a prompt that does not already start with it."""
+    separator: str = ""
+    """Put after a prompt that does not already end with it."""
+    stop: tuple[str, ...] = ()
+    """Stop sequences of a request that gives none."""
+
+    def apply(self, prompt: str) -> str:
+        if self.bos and not prompt.startswith(self.bos):
+            prompt = self.bos + prompt
+        if self.separator and not prompt.endswith(self.separator):
+            prompt = prompt + self.separator
+        return prompt
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    tokenizer: object
+    model_name: str
+    api_key: str | None = None
+    defaults: PromptDefaults = field(default_factory=PromptDefaults)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _error(err: ProtocolError) -> JSONResponse:
+    return JSONResponse(error_body(err.message, err.kind, err.param, err.code), status_code=err.status)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI app serving `state`'s model; starting and stopping it starts and stops the engine."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.engine.start()
+        yield
+        state.engine.stop(timeout=30)
+
+    app = FastAPI(title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(validation_error(exc.errors()))
+
+    @app.exception_handler(ProtocolError)
+    async def _refused(request: Request, exc: ProtocolError) -> JSONResponse:
+        return _error(exc)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if state.api_key is not None and request.url.path.startswith("/v1"):
+            header = request.headers.get("authorization", "")
+            if header != f"Bearer {state.api_key}":
+                what = "no API key was given" if not header else "the API key is wrong"
+                return _error(ProtocolError(f"{what}: send the header 'Authorization: Bearer <key>' with the key "
+                                            f"the server was started with (--api-key)", None, 401,
+                                            code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": state.model_name, "running": state.engine.busy_rows,
+                "waiting": state.engine.waiting}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "minigpt"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if body.model != state.model_name:
+            raise ProtocolError(f"the model {body.model!r} does not exist; this server serves {state.model_name!r} "
+                                f"(GET /v1/models)", "model", 404, code="model_not_found")
+        job = _Job(state, body)
+        job.submit(asyncio.get_running_loop())
+        if body.stream:
+            return StreamingResponse(job.stream(request), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await job.response(request))
+
+    return app
+
+
+class _Job:
+    """One completions request: its choices on the engine, and their answer."""
+
+    def __init__(self, state: ServerState, body: CompletionRequest) -> None:
+        self.state, self.body = state, body
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        tokenizer = state.tokenizer
+        stop = body.stops() or list(state.defaults.stop)
+        self.prompts: list[list[int]] = []
+        self.prompt_texts: list[str] = []
+        vocab = getattr(tokenizer, "vocab_size", None)
+        block_size = state.engine.model.config.block_size
+        for i, prompt in enumerate(body.prompts()):
+            if isinstance(prompt, str):
+                text = state.defaults.apply(prompt)
+                ids = tokenizer.encode(text)
+            else:
+                ids, text = prompt, None
+                bad = [t for t in ids if vocab is not None and not 0 <= t < vocab]
+                if bad:
+                    raise ProtocolError(f"prompt: token id {bad[0]} is outside the tokenizer's 0..{vocab - 1}", "prompt")
+                text = tokenizer.decode(ids)
+            if not ids:
+                raise ProtocolError("prompt: it is empty, so there is nothing to continue; give some text"
+                                    + (f" (or the end-of-text token {tokenizer.decode([tokenizer.eos_id])!r})"
+                                       if getattr(tokenizer, "eos_id", None) is not None else ""), "prompt")
+            if len(ids) + body.max_tokens > block_size:
+                raise ProtocolError(
+                    f"this model's maximum context length is {block_size} tokens, but {len(ids) + body.max_tokens} "
+                    f"were requested ({len(ids)} in prompt {i}, {body.max_tokens} for the completion); shorten the "
+                    f"prompt or lower max_tokens", "max_tokens" if len(ids) < block_size else "prompt",
+                    code="context_length_exceeded")
+            self.prompts.append(ids)
+            self.prompt_texts.append(text)
+        n = body.n
+        self.sampling = [
+            Sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                     stop=tuple(stop), seed=None if body.seed is None else body.seed + c,
+                     logprobs=body.logprobs, echo=body.echo)
+            for c in range(len(self.prompts) * n)
+        ]
+        self.sequences: list[Sequence] = []
+        self.events: asyncio.Queue | None = None
+
+    def submit(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.events = asyncio.Queue()
+        put = self.events.put_nowait
+        for c, sampling in enumerate(self.sampling):
+            ids = self.prompts[c // self.body.n]
+            seq = Sequence(ids, sampling, lambda event, c=c: loop.call_soon_threadsafe(put, (c, event)))
+            try:
+                self.state.engine.submit(seq)
+            except QueueFull as err:
+                self.cancel()
+                raise ProtocolError(f"the server is busy ({err}); retry later", None, 429,
+                                    kind="rate_limit_exceeded", code="queue_full") from None
+            except ValueError as err:
+                self.cancel()
+                raise ProtocolError(str(err), "max_tokens") from None
+            self.sequences.append(seq)
+
+    def cancel(self) -> None:
+        for seq in self.sequences:
+            seq.cancel()
+
+    async def _events(self, request) -> AsyncIterator[tuple[int, tuple]]:
+        """(choice, event) until every choice is done; cancels them all if the client goes away."""
+        open_choices = len(self.sequences)
+        try:
+            while open_choices:
+                try:
+                    c, event = await asyncio.wait_for(self.events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        self.cancel()
+                        return
+                    continue
+                if event[0] in ("done", "error"):
+                    open_choices -= 1
+                yield c, event
+        finally:
+            self.cancel()  # a client that went away, or an error: free the rows
+
+    async def response(self, request) -> dict:
+        choices = [_Choice(self, c) for c in range(len(self.sequences))]
+        async for c, event in self._events(request):
+            choices[c].add(event)
+        for choice in choices:
+            if choice.error:
+                raise ProtocolError(f"decoding failed: {choice.error}", None, 500, kind="server_error")
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.state.model_name,
+                "choices": [ch.whole() for ch in choices], "usage": self._usage(choices)}
+
+    async def stream(self, request) -> AsyncIterator[str]:
+        choices = [_Choice(self, c) for c in range(len(self.sequences))]
+        async for c, event in self._events(request):
+            piece = choices[c].add(event)
+            if piece is not None:
+                yield _sse(self._chunk([piece]))
+        if self.body.stream_options is not None and self.body.stream_options.include_usage:
+            yield _sse(self._chunk([], usage=self._usage(choices)))
+        yield "data: [DONE]\n\n"
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        chunk = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.state.model_name,
+                 "choices": choices}
+        if self.body.stream_options is not None and self.body.stream_options.include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    def _usage(self, choices: list["_Choice"]) -> dict:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(len(ch.generated) for ch in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class _Choice:
+    """One choice's text and log-probabilities, built from its engine events."""
+
+    def __init__(self, job: _Job, index: int) -> None:
+        self.job, self.index = job, index
+        self.text = ""
+        self.tokens: list[TokenInfo] = []
+        self.generated: list[int] = []
+        self.finish: str | None = None
+        self.error: str | None = None
+        self.offset = 0
+
+    def add(self, event: tuple) -> dict | None:
+        """Record `event`; return the streamed chunk's choice for it (None when there is nothing to send)."""
+        kind = event[0]
+        if kind == "prompt":
+            infos = event[1]
+            text = self.job.prompt_texts[self.index // self.job.body.n]
+            self.tokens += infos
+            self.text += text
+            return self._piece(text, infos)
+        if kind == "token":
+            info, piece = event[1], event[2]
+            self.generated.append(info.id)
+            self.tokens.append(info)
+            self.text += piece
+            return self._piece(piece, [info]) if piece or self.job.body.logprobs is not None else None
+        if kind == "done":
+            self.finish = event[1]
+            return {"index": self.index, "text": "", "logprobs": None, "finish_reason": self.finish}
+        self.error, self.finish = event[1], "error"
+        return {"index": self.index, "text": "", "logprobs": None, "finish_reason": "error"}
+
+    def _piece(self, text: str, infos: list[TokenInfo]) -> dict:
+        return {"index": self.index, "text": text, "logprobs": self._logprobs(infos), "finish_reason": None}
+
+    def _logprobs(self, infos: list[TokenInfo]) -> dict | None:
+        if self.job.body.logprobs is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for info in infos:
+            out["tokens"].append(info.text)
+            out["token_logprobs"].append(info.logprob)
+            out["top_logprobs"].append(info.top)
+            out["text_offset"].append(self.offset)
+            self.offset += len(info.text)
+        return out
+
+    def whole(self) -> dict:
+        """The choice as the non-streamed response gives it: tokens past a stop string dropped."""
+        self.offset = 0
+        logprobs = self._logprobs(self.tokens)
+        if logprobs is not None:
+            keep = sum(1 for offset in logprobs["text_offset"] if offset < len(self.text))
+            logprobs = {k: v[:keep] for k, v in logprobs.items()}
+        return {"text": self.text, "index": self.index, "logprobs": logprobs, "finish_reason": self.finish}

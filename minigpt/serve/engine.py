@@ -1,0 +1,288 @@
+"""Continuous batching: one decoding loop that every request joins and leaves on its own.
+
+The scheduling of vLLM and llama.cpp's server, on minigpt's own KV cache: each step the
+loop first admits waiting requests (up to `max_batch` rows), each prefilled on its own and
+then joined to the running batch's cache (`KVCache.shift` + `KVCache.concat`: a row that
+starts late is left-padded, which attention masks out), then samples one token for every
+row with that row's own settings, stop strings and random generator, and drops the rows
+that finished or whose client went away (`KVCache.select`). So a long request never holds
+short ones back and no request waits for a batch to fill. Banded layers keep their ring of
+w slots: shifting rolls the ring with the dense slots.
+
+A request's tokens are those `minigpt.generate` gives for the same prompt and settings:
+the logits come from the same function (`next_token_logits`) and each row samples with
+`sample_next` from a generator seeded by its own seed, whatever else is in the batch.
+
+Nothing here knows HTTP: `minigpt.serve.app` turns requests into `Sequence`s and the events
+each one receives (`Sequence.events`, filled from the loop's thread) into responses.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from minigpt.generate import TextStream, next_token_logits, sample_next
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence is sampled and when it ends."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+    """How many of the most likely tokens to report per position (None: no log-probabilities)."""
+    echo: bool = False
+    """Report the prompt's own tokens (and with `logprobs`, their log-probabilities) first."""
+
+
+@dataclass
+class TokenInfo:
+    """One token of a response: its id, text, log-probability and the most likely alternatives."""
+
+    id: int
+    text: str
+    logprob: float | None = None
+    top: dict[str, float] | None = None
+
+
+@dataclass
+class Sequence:
+    """One completion being produced: a prompt, its sampling, and what the loop hands back.
+
+    `events` receives, from the loop's thread, ("prompt", [TokenInfo]) when `echo` is set,
+    ("token", TokenInfo, text_piece) per generated token, and last ("done", finish_reason)
+    or ("error", message). `cancel()` (a client that went away) frees the row at the next step.
+    """
+
+    prompt: list[int]
+    sampling: Sampling
+    deliver: Callable[[tuple], None]
+    """Called from the loop's thread with each event (the app posts it to its event loop)."""
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class QueueFull(Exception):
+    """More requests wait than `max_queue`: the caller should answer 429."""
+
+
+class _Row:
+    """A sequence in the running batch: its text so far and its random generator."""
+
+    def __init__(self, seq: Sequence, tokenizer, device: torch.device) -> None:
+        self.seq = seq
+        self.text = TextStream(tokenizer, seq.sampling.stop)
+        self.generator = torch.Generator(device=device)
+        if seq.sampling.seed is not None:
+            self.generator.manual_seed(seq.sampling.seed)
+        else:
+            self.generator.seed()
+
+
+class Engine:
+    """The decoding loop, on a thread of its own; `submit` from any thread.
+
+    Args:
+        model: a GPT (in eval mode here), on the device it runs on.
+        tokenizer: its tokenizer (decode, eos_id, vocab_size).
+        max_batch: rows decoded together at most; more requests wait their turn.
+        max_queue: requests waiting at most; one more is refused (`QueueFull`).
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 256) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device = model.lm_head.weight.device
+        self.vocab_limit = getattr(tokenizer, "vocab_size", None)
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+        self._waiting: queue.Queue[Sequence] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.busy_rows = 0
+
+    # -- the outside ---------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        """Start the loop's thread (once; starting a running engine does nothing)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="minigpt-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the loop after its current step; sequences still running get an error event."""
+        self._stop.set()
+        self._waiting.put(None)  # wake it
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue `seq`; raises QueueFull when `max_queue` requests already wait, ValueError when
+        its prompt and max_tokens do not fit the model's context (the batch's rows share one)."""
+        block_size = self.model.config.block_size
+        if not seq.prompt or len(seq.prompt) + seq.sampling.max_tokens > block_size:
+            raise ValueError(f"a prompt of {len(seq.prompt)} tokens and max_tokens={seq.sampling.max_tokens} must "
+                             f"be 1 to {block_size} tokens together (the model's context)")
+        if self._waiting.qsize() >= self.max_queue:
+            raise QueueFull(f"{self._waiting.qsize()} requests are waiting (max_queue={self.max_queue})")
+        self._waiting.put(seq)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting.qsize()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        rows: list[_Row] = []
+        cache = None
+        logits = None  # (B, V): the next token's logits of every row
+        while not self._stop.is_set():
+            try:
+                with torch.no_grad():
+                    rows, cache, logits = self._admit(rows, cache, logits, block=not rows)
+                    if rows:
+                        rows, cache, logits = self._step(rows, cache, logits)
+            except Exception as err:  # noqa: BLE001 - a failing step ends its sequences, not the server
+                log.exception("decoding step failed")
+                for row in rows:
+                    row.seq.deliver(("error", f"{type(err).__name__}: {err}"))
+                rows, cache, logits = [], None, None
+            self.busy_rows = len(rows)
+        for row in rows:
+            row.seq.deliver(("error", "the server is shutting down"))
+
+    def _admit(self, rows: list[_Row], cache, logits, block: bool):
+        """Prefill waiting sequences one by one and join each to the batch, while rows are free."""
+        while len(rows) < self.max_batch:
+            try:
+                seq = self._waiting.get(timeout=0.5) if block else self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if seq is None or self._stop.is_set():
+                break
+            block = False
+            if seq.cancelled:
+                continue
+            row_cache, row_logits = self._prefill(seq)
+            if row_cache is None:  # finished at the prompt (max_tokens=0)
+                continue
+            rows.append(_Row(seq, self.tokenizer, self.device))
+            cache, logits = self._join(cache, logits, row_cache, row_logits)
+        return rows, cache, logits
+
+    def _prefill(self, seq: Sequence):
+        """Run the prompt; deliver its echo; return (its cache, its next logits) or (None, None)."""
+        s = seq.sampling
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+        cache = self.model.new_cache(1).zero_()
+        if s.echo:
+            out = self.model(ids, cache=cache)
+            all_logits = out.logits[0].float()  # (P, V)
+            if self.vocab_limit is not None and self.vocab_limit < all_logits.shape[-1]:
+                all_logits[:, self.vocab_limit:] = float("-inf")
+            seq.deliver(("prompt", self._prompt_tokens(seq.prompt, all_logits, s.logprobs)))
+            last = all_logits[-1:]
+        else:
+            last = next_token_logits(self.model, ids, cache=cache, vocab_limit=self.vocab_limit)
+        if s.max_tokens == 0:
+            seq.deliver(("done", "length"))
+            return None, None
+        return cache, last
+
+    def _prompt_tokens(self, prompt: list[int], logits: torch.Tensor, k: int | None) -> list[TokenInfo]:
+        """The prompt's tokens; with k, each one's log-probability given those before it (None for
+        the first, which nothing predicts) and the k most likely tokens there."""
+        out = [TokenInfo(prompt[0], self.tokenizer.decode([prompt[0]]))]
+        logp = torch.log_softmax(logits, dim=-1) if k is not None else None  # (P, V)
+        for i, token in enumerate(prompt[1:]):
+            info = TokenInfo(token, self.tokenizer.decode([token]))
+            if logp is not None:
+                info.logprob, info.top = float(logp[i, token]), self._top(logp[i], k)
+            out.append(info)
+        return out
+
+    def _top(self, logp: torch.Tensor, k: int) -> dict[str, float]:
+        if k <= 0:
+            return {}
+        values, ids = torch.topk(logp, min(k, logp.shape[-1]))
+        top: dict[str, float] = {}
+        for v, i in zip(values.tolist(), ids.tolist()):
+            top.setdefault(self.tokenizer.decode([i]), v)  # two ids may decode alike: keep the likelier
+        return top
+
+    def _join(self, cache, logits, row_cache, row_logits):
+        """The batch with one more row, aligned so both end at the same clock."""
+        if cache is None:
+            return row_cache, row_logits
+        gap = cache.length - row_cache.length
+        if gap >= 0:
+            row_cache.shift(gap)
+        else:
+            cache.shift(-gap)
+        return type(cache).concat([cache, row_cache]), torch.cat([logits, row_logits])
+
+    def _step(self, rows: list[_Row], cache, logits):
+        """Sample a token for every row, deliver it, drop finished rows, run the rest one token on."""
+        self.steps += 1
+        tokens, keep = [], []
+        wanted = any(row.seq.sampling.logprobs is not None for row in rows)
+        logp = torch.log_softmax(logits.float(), dim=-1) if wanted else None
+        for i, row in enumerate(rows):
+            s = row.seq.sampling
+            if row.seq.cancelled:
+                continue
+            token = int(sample_next(logits[i:i + 1], s.temperature, s.top_k, s.top_p, row.generator)[0])
+            finish = None
+            if token == self.eos_id:
+                finish = "stop"
+                piece = ""
+            else:
+                row.seq.generated.append(token)
+                piece = row.text.push(token)
+                if row.text.stopped:
+                    finish = "stop"
+                elif len(row.seq.generated) >= s.max_tokens:
+                    finish = "length"
+                    piece += row.text.finish()
+            if token != self.eos_id:
+                info = TokenInfo(token, self.tokenizer.decode([token]))
+                if s.logprobs is not None:
+                    info.logprob, info.top = float(logp[i, token]), self._top(logp[i], s.logprobs)
+                row.seq.deliver(("token", info, piece))
+            if finish is not None:
+                row.seq.deliver(("done", finish))
+                continue
+            keep.append(i)
+            tokens.append(token)
+        if not keep:
+            return [], None, None
+        if len(keep) < len(rows):
+            cache = cache.select(torch.tensor(keep, device=self.device))
+            rows = [rows[i] for i in keep]
+        block_size = self.model.config.block_size
+        if cache.length >= block_size:  # every row still running has padding to give back
+            cache.shift(-int(cache.pads().min()))
+        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        logits = next_token_logits(self.model, idx, cache=cache, vocab_limit=self.vocab_limit)
+        return rows, cache, logits
