@@ -189,6 +189,7 @@ class Engine:
                 continue
             rows.append(_Row(seq, self.tokenizer, self.device))
             cache, logits = self._join(cache, logits, row_cache, row_logits)
+            self.busy_rows = len(rows)  # from now on /health counts it (before its first token is out)
         return rows, cache, logits
 
     def _prefill(self, seq: Sequence):

@@ -24,7 +24,7 @@ import torch
 
 from minigpt import GPT, GPTConfig
 from minigpt.finetune.export import META_FILE, FinetuneMeta
-from minigpt.generate import generate, generate_text
+from minigpt.generate import generate_text
 from minigpt.tokenizer import CharTokenizer, load_tokenizer, save_tokenizer
 from scripts.checkout import child_env
 from tests.helpers import randomize_
