@@ -147,12 +147,10 @@ class _Job:
                 raise ProtocolError("prompt: it is empty, so there is nothing to continue; give some text"
                                     + (f" (or the end-of-text token {tokenizer.decode([tokenizer.eos_id])!r})"
                                        if getattr(tokenizer, "eos_id", None) is not None else ""), "prompt")
-            if len(ids) + body.max_tokens > block_size:
-                raise ProtocolError(
-                    f"this model's maximum context length is {block_size} tokens, but {len(ids) + body.max_tokens} "
-                    f"were requested ({len(ids)} in prompt {i}, {body.max_tokens} for the completion); shorten the "
-                    f"prompt or lower max_tokens", "max_tokens" if len(ids) < block_size else "prompt",
-                    code="context_length_exceeded")
+            if len(ids) > block_size:  # a completion may outgrow the context: it then slides, as `generate` does
+                raise ProtocolError(f"this model's maximum context length is {block_size} tokens, but prompt {i} has "
+                                    f"{len(ids)}; shorten it (or keep its last {block_size} tokens)", "prompt",
+                                    code="context_length_exceeded")
             self.prompts.append(ids)
             self.prompt_texts.append(text)
         n = body.n
@@ -179,7 +177,7 @@ class _Job:
                                     kind="rate_limit_exceeded", code="queue_full") from None
             except ValueError as err:
                 self.cancel()
-                raise ProtocolError(str(err), "max_tokens") from None
+                raise ProtocolError(str(err), "prompt") from None
             self.sequences.append(seq)
 
     def cancel(self) -> None:

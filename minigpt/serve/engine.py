@@ -138,11 +138,10 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         """Queue `seq`; raises QueueFull when `max_queue` requests already wait, ValueError when
-        its prompt and max_tokens do not fit the model's context (the batch's rows share one)."""
+        its prompt is empty or longer than the model's context."""
         block_size = self.model.config.block_size
-        if not seq.prompt or len(seq.prompt) + seq.sampling.max_tokens > block_size:
-            raise ValueError(f"a prompt of {len(seq.prompt)} tokens and max_tokens={seq.sampling.max_tokens} must "
-                             f"be 1 to {block_size} tokens together (the model's context)")
+        if not 1 <= len(seq.prompt) <= block_size:
+            raise ValueError(f"a prompt of {len(seq.prompt)} tokens must have 1 to {block_size} (the model's context)")
         if self._waiting.qsize() >= self.max_queue:
             raise QueueFull(f"{self._waiting.qsize()} requests are waiting (max_queue={self.max_queue})")
         self._waiting.put(seq)
@@ -154,27 +153,25 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        rows: list[_Row] = []
-        cache = None
-        logits = None  # (B, V): the next token's logits of every row
+        batch = _Batch()
         while not self._stop.is_set():
             try:
                 with torch.no_grad():
-                    rows, cache, logits = self._admit(rows, cache, logits, block=not rows)
-                    if rows:
-                        rows, cache, logits = self._step(rows, cache, logits)
+                    self._admit(batch, block=not batch.size)
+                    if batch.size:
+                        self._step(batch)
             except Exception as err:  # noqa: BLE001 - a failing step ends its sequences, not the server
                 log.exception("decoding step failed")
-                for row in rows:
+                for row in batch.rows + batch.sliding:
                     row.seq.deliver(("error", f"{type(err).__name__}: {err}"))
-                rows, cache, logits = [], None, None
-            self.busy_rows = len(rows)
-        for row in rows:
+                batch = _Batch()
+            self.busy_rows = batch.size
+        for row in batch.rows + batch.sliding:
             row.seq.deliver(("error", "the server is shutting down"))
 
-    def _admit(self, rows: list[_Row], cache, logits, block: bool):
+    def _admit(self, batch: "_Batch", block: bool) -> None:
         """Prefill waiting sequences one by one and join each to the batch, while rows are free."""
-        while len(rows) < self.max_batch:
+        while batch.size < self.max_batch:
             try:
                 seq = self._waiting.get(timeout=0.5) if block else self._waiting.get_nowait()
             except queue.Empty:
@@ -187,10 +184,9 @@ class Engine:
             row_cache, row_logits = self._prefill(seq)
             if row_cache is None:  # finished at the prompt (max_tokens=0)
                 continue
-            rows.append(_Row(seq, self.tokenizer, self.device))
-            cache, logits = self._join(cache, logits, row_cache, row_logits)
-            self.busy_rows = len(rows)  # from now on /health counts it (before its first token is out)
-        return rows, cache, logits
+            batch.rows.append(_Row(seq, self.tokenizer, self.device))
+            batch.cache, batch.logits = self._join(batch.cache, batch.logits, row_cache, row_logits)
+            self.busy_rows = batch.size  # from now on /health counts it (before its first token is out)
 
     def _prefill(self, seq: Sequence):
         """Run the prompt; deliver its echo; return (its cache, its next logits) or (None, None)."""
@@ -243,47 +239,77 @@ class Engine:
             cache.shift(-gap)
         return type(cache).concat([cache, row_cache]), torch.cat([logits, row_logits])
 
-    def _step(self, rows: list[_Row], cache, logits):
-        """Sample a token for every row, deliver it, drop finished rows, run the rest one token on."""
+    def _step(self, batch: "_Batch") -> None:
+        """Sample a token for every row, deliver it, drop finished rows, run the rest one token on.
+
+        A row whose sequence outgrows the context leaves the cached batch and continues, as
+        `generate` does, on its last block_size tokens, recomputed every step (`batch.sliding`,
+        all such rows in one forward without a cache)."""
         self.steps += 1
-        tokens, keep = [], []
-        wanted = any(row.seq.sampling.logprobs is not None for row in rows)
-        logp = torch.log_softmax(logits.float(), dim=-1) if wanted else None
-        for i, row in enumerate(rows):
-            s = row.seq.sampling
-            if row.seq.cancelled:
-                continue
-            token = int(sample_next(logits[i:i + 1], s.temperature, s.top_k, s.top_p, row.generator)[0])
-            finish = None
-            if token == self.eos_id:
-                finish = "stop"
-                piece = ""
-            else:
-                row.seq.generated.append(token)
-                piece = row.text.push(token)
-                if row.text.stopped:
-                    finish = "stop"
-                elif len(row.seq.generated) >= s.max_tokens:
-                    finish = "length"
-                    piece += row.text.finish()
-            if token != self.eos_id:
-                info = TokenInfo(token, self.tokenizer.decode([token]))
-                if s.logprobs is not None:
-                    info.logprob, info.top = float(logp[i, token]), self._top(logp[i], s.logprobs)
-                row.seq.deliver(("token", info, piece))
-            if finish is not None:
-                row.seq.deliver(("done", finish))
-                continue
-            keep.append(i)
-            tokens.append(token)
-        if not keep:
-            return [], None, None
-        if len(keep) < len(rows):
-            cache = cache.select(torch.tensor(keep, device=self.device))
-            rows = [rows[i] for i in keep]
         block_size = self.model.config.block_size
-        if cache.length >= block_size:  # every row still running has padding to give back
-            cache.shift(-int(cache.pads().min()))
-        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        logits = next_token_logits(self.model, idx, cache=cache, vocab_limit=self.vocab_limit)
-        return rows, cache, logits
+        keep, tokens, slide = [], [], []
+        for i, row in enumerate(batch.rows):
+            token = self._sample(row, batch.logits, i)
+            if token is None:
+                continue
+            if len(row.seq.prompt) + len(row.seq.generated) > block_size:
+                slide.append(row)
+            else:
+                keep.append(i)
+                tokens.append(token)
+        sliding = [row for i, row in enumerate(batch.sliding) if self._sample(row, batch.slide_logits, i) is not None]
+        if len(keep) < len(batch.rows):
+            batch.rows = [batch.rows[i] for i in keep]
+            batch.cache = batch.cache.select(torch.tensor(keep, device=self.device)) if keep else None
+        if keep:
+            if batch.cache.length >= block_size:  # every row still cached has padding to give back
+                batch.cache.shift(-int(batch.cache.pads().min()))
+            idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+            batch.logits = next_token_logits(self.model, idx, cache=batch.cache, vocab_limit=self.vocab_limit)
+        else:
+            batch.logits = None
+        batch.sliding = sliding + slide
+        if batch.sliding:
+            windows = torch.tensor([(row.seq.prompt + row.seq.generated)[-block_size:] for row in batch.sliding],
+                                   dtype=torch.long, device=self.device)  # (B', block_size)
+            batch.slide_logits = next_token_logits(self.model, windows, vocab_limit=self.vocab_limit)
+
+    def _sample(self, row: _Row, logits: torch.Tensor, i: int) -> int | None:
+        """Sample row `row`'s next token from logits[i] and deliver it; None when the row is done."""
+        s = row.seq.sampling
+        if row.seq.cancelled:
+            return None
+        token = int(sample_next(logits[i:i + 1], s.temperature, s.top_k, s.top_p, row.generator)[0])
+        if token == self.eos_id:
+            row.seq.deliver(("done", "stop"))
+            return None
+        row.seq.generated.append(token)
+        piece = row.text.push(token)
+        finish = "stop" if row.text.stopped else "length" if len(row.seq.generated) >= s.max_tokens else None
+        if finish == "length":
+            piece += row.text.finish()
+        info = TokenInfo(token, self.tokenizer.decode([token]))
+        if s.logprobs is not None:
+            logp = torch.log_softmax(logits[i].float(), dim=-1)
+            info.logprob, info.top = float(logp[token]), self._top(logp, s.logprobs)
+        row.seq.deliver(("token", info, piece))
+        if finish is not None:
+            row.seq.deliver(("done", finish))
+            return None
+        return token
+
+
+class _Batch:
+    """The loop's rows: those in the shared cache (with their next logits), then those decoding
+    on a sliding window past the context (with theirs)."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.logits: torch.Tensor | None = None  # (len(rows), V)
+        self.sliding: list[_Row] = []
+        self.slide_logits: torch.Tensor | None = None  # (len(sliding), V)
+
+    @property
+    def size(self) -> int:
+        return len(self.rows) + len(self.sliding)

@@ -131,17 +131,18 @@ def test_echo_reports_the_prompts_logprobs_against_a_full_forward(engine):
         assert len(info.top) == 3 and max(info.top.values()) == pytest.approx(float(logp[i].max()), abs=1e-5)
 
 
-@given(window=st.integers(1, 9), block=st.integers(24, 40), seed=st.integers(0, 1000))
-def test_rows_past_the_ring_and_the_context_match_generate(window, block, seed):
+@given(window=st.integers(1, 9), block=st.integers(24, 40), seed=st.integers(0, 1000), past=st.integers(0, 12))
+def test_rows_past_the_ring_and_the_context_match_generate(window, block, seed, past):
     # A small context makes the batch's clock reach block_size, so it is shifted left over
-    # the padding every row has; a small window makes the banded ring wrap.
+    # the padding every row has; a small window makes the banded ring wrap; `past` tokens
+    # beyond the context make rows slide on their last block_size tokens, as generate does.
     model = _model(block_size=block, window=window)
     engine = Engine(model, TOKENIZER, max_batch=3).start()
     try:
         g = torch.Generator().manual_seed(seed)
         prompts = ["".join(CHARS[int(i)] for i in torch.randint(1, len(CHARS), (int(n),), generator=g))
                    for n in torch.randint(1, 12, (5,), generator=g)]
-        lengths = [block - len(p) for p in prompts]  # each fills the context exactly
+        lengths = [block - len(p) + past * (i % 2) for i, p in enumerate(prompts)]  # fill it, or go past it
         got = _run(engine, prompts, [Sampling(max_tokens=n, temperature=0) for n in lengths], stagger=[0, 1, 4, 7, 9])
     finally:
         engine.stop(timeout=10)
@@ -163,5 +164,5 @@ def test_a_cancelled_sequence_leaves_the_batch(engine):
 
 
 def test_prompts_that_do_not_fit_the_context_are_refused_at_submit(engine):
-    with pytest.raises(ValueError, match="must be 1 to 48 tokens together"):
-        engine.submit(Sequence(TOKENIZER.encode("a" * 40), Sampling(max_tokens=9), Collector()))
+    with pytest.raises(ValueError, match="must have 1 to 48"):
+        engine.submit(Sequence(TOKENIZER.encode("a" * 49), Sampling(max_tokens=1), Collector()))

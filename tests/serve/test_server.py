@@ -161,6 +161,12 @@ def test_greedy_completions_equal_generate(server, local):
     assert out.usage.total_tokens == out.usage.prompt_tokens + 60 and out.object == "text_completion"
 
 
+def test_a_completion_longer_than_the_context_slides_as_generate_does(server, local):
+    out = server.client().completions.create(model="tiny", prompt="the cat sat on", max_tokens=90, temperature=0)
+    assert out.choices[0].text == _reference(local, "the cat sat on", 90, temperature=0)
+    assert out.usage.completion_tokens == 90
+
+
 def test_token_id_prompts_are_accepted(server, local):
     _, tokenizer = local
     ids = [tokenizer.encode("the cat"), tokenizer.encode("zz")]
@@ -278,7 +284,7 @@ def test_a_short_request_does_not_wait_for_a_long_one(slow_server):
     ({"model": "tiny", "prompt": "a", "max_token": 5}, 422, "max_token", "unknown field 'max_token'"),
     ({"model": "tiny", "prompt": 5}, 422, "prompt", "prompt"),
     ({"model": "tiny"}, 422, "prompt", "prompt is required"),
-    ({"model": "tiny", "prompt": "a" * 60, "max_tokens": 10}, 400, "max_tokens", "maximum context length is 64"),
+    ({"model": "tiny", "prompt": "a" * 65, "max_tokens": 10}, 400, "prompt", "maximum context length is 64"),
     ({"model": "tiny", "prompt": ""}, 400, "prompt", "empty"),
     ({"model": "tiny", "prompt": "a", "stop": ["", "x"]}, 400, "stop", "non-empty"),
     ({"model": "tiny", "prompt": [[1, 2], [999]]}, 400, "prompt", "token id 999"),
