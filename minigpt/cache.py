@@ -9,9 +9,8 @@ computed to build the mask.
 Rows of one cache share a clock (`length`, the next token index) and each row may start
 late (`left_pad`: its first `left_pad[b]` slots are padding, masked out of attention). That
 is how prompts of different lengths decode in one batch, and how a server batches requests
-continuously (`minigpt.serve.engine`): a request prefilled on its own is `shift`ed to end at
-the batch's clock and `concat`enated to it, a finished one `select`ed away, and when the
-clock would pass block_size the batch is shifted left over the padding every row has.
+continuously (`BatchCache`, for `minigpt.serve.engine`): rows join and leave a preallocated
+batch in place, each moved to end at the batch's clock.
 """
 from __future__ import annotations
 
@@ -132,65 +131,112 @@ class KVCache:
         new.left_pad = None if self.left_pad is None else self.left_pad.index_select(0, rows)
         return new
 
-    def zero_(self) -> "KVCache":
-        """Fill every slot with zeros. A cache that will be `shift`ed or `concat`enated reads
-        slots no token wrote (they become padding, masked out), and an uninitialised slot
-        could hold NaN, which a zero attention weight does not cancel (0 * NaN = NaN)."""
+
+class BatchCache:
+    """A KV cache that rows join and leave while the others decode (continuous batching).
+
+    Buffers for `max_rows` rows are allocated once (zeros: a slot no token wrote is read as
+    padding, and must not be NaN, which a zero attention weight would not cancel); the rows
+    in use are always 0..size-1, and `view()` is a KVCache over them for the model.
+
+    A row joins with `join()`: it is prefilled alone through `row_view(size)` (its tokens at
+    positions 0..P-1), then moved P - clock slots so that it ends at the batch's clock, left
+    padding masking the slots before it; a prompt longer than the clock moves the others
+    instead. `leave(r)` moves the last row into r. When the clock would pass the context,
+    `compact()` moves every row left over the padding all of them have. Moving a token at
+    absolute index p means copying the dense slots in use (p lives in slot p) and rolling a
+    banded ring (p lives in slot p % w); positions are index - left_pad, so no key or value
+    changes. Each move copies only what it moves: a row joining a full batch costs one row.
+    """
+
+    def __init__(self, config: GPTConfig, max_rows: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        self.config, self.max_rows = config, max_rows
+        self.layers = [LayerCache(config, i, max_rows, dtype, device) for i in range(config.n_layer)]
         for layer in self.layers:
             layer.k.zero_()
             layer.v.zero_()
-        return self
+        self.size = 0
+        self.length = 0
+        self.pads = torch.zeros(max_rows, dtype=torch.long, device=device)
 
-    def pads(self) -> torch.Tensor:
-        """(B,) left padding of every row (zeros when there is none)."""
-        if self.left_pad is not None:
-            return self.left_pad
-        return torch.zeros(self.layers[0].k.shape[0], dtype=torch.long, device=self.layers[0].k.device)
+    def _layer_view(self, layer: LayerCache, rows: slice) -> LayerCache:
+        view = object.__new__(LayerCache)
+        view.window, view.k, view.v = layer.window, layer.k[rows], layer.v[rows]  # views: writes land here
+        return view
 
-    def shift(self, by: int) -> None:
-        """Move every row `by` token positions later (by > 0: that much more left padding) or
-        earlier (by < 0: drop `-by` slots of padding that every row has).
+    def view(self) -> KVCache:
+        """A KVCache over rows 0..size-1 at the batch's clock; read `.length` back after a forward."""
+        cache = object.__new__(KVCache)
+        cache.layers = [self._layer_view(layer, slice(0, self.size)) for layer in self.layers]
+        cache.length = self.length
+        cache.left_pad = self.pads[: self.size]
+        return cache
 
-        A token at absolute index p sits in slot p of a dense layer and p % w of a banded
-        ring, so moving all of them by `by` is a roll of the slots by `by` in both (the ring's
-        capacity is w; a dense layer's holds the clock's whole range, which `by` must keep
-        within). Positions are index - left_pad, so no key or value changes.
-        """
-        if by == 0:
-            return
-        pads = self.pads()
-        if by < 0 and int(pads.min()) < -by:
-            raise ValueError(f"shift({by}) would drop real tokens: the least padded row has {int(pads.min())} slots")
-        capacity = min(layer.k.shape[2] for layer in self.layers if layer.window is None) \
-            if any(layer.window is None for layer in self.layers) else None
-        if by > 0 and capacity is not None and self.length + by > capacity:
-            raise ValueError(f"shift({by}) past the {capacity} slots of a dense layer (the clock is at {self.length})")
+    def row_view(self, row: int) -> KVCache:
+        """A one-row KVCache over row `row`, empty (clock 0): what a prompt is prefilled into."""
+        cache = object.__new__(KVCache)
+        cache.layers = [self._layer_view(layer, slice(row, row + 1)) for layer in self.layers]
+        cache.length = 0
+        cache.left_pad = None
+        return cache
+
+    def _move(self, rows: slice, used: int, by: int) -> None:
+        """Move the tokens of `rows` (slots 0..used-1 of the dense layers) `by` positions."""
         for layer in self.layers:
-            layer.k = torch.roll(layer.k, by, dims=2)
-            layer.v = torch.roll(layer.v, by, dims=2)
-        self.length += by
-        self.left_pad = pads + by
+            for buf in (layer.k, layer.v):
+                if layer.window is None:
+                    lo, hi = (0, used) if by > 0 else (-by, used)
+                    buf[rows, :, lo + by:hi + by] = buf[rows, :, lo:hi].clone()
+                else:
+                    buf[rows] = torch.roll(buf[rows], by, dims=2)
 
-    @staticmethod
-    def concat(caches: list["KVCache"]) -> "KVCache":
-        """One cache holding the rows of `caches` in order; they must share the clock
-        (`shift` one of them first) and the layout (the same model and max_length)."""
-        lengths = {c.length for c in caches}
-        if len(lengths) != 1:
-            raise ValueError(f"caches at clocks {sorted(lengths)} cannot be joined; shift them to one clock first")
-        new = object.__new__(KVCache)
-        new.layers = []
-        for parts in zip(*(c.layers for c in caches)):
-            joined = object.__new__(LayerCache)
-            joined.window = parts[0].window
-            joined.k = torch.cat([p.k for p in parts])  # (sum B, H, capacity, D)
-            joined.v = torch.cat([p.v for p in parts])
-            new.layers.append(joined)
-        new.length = lengths.pop()
-        pads = [c.pads() for c in caches]
-        new.left_pad = torch.cat(pads) if any(c.left_pad is not None for c in caches) else None
-        return new
+    def join(self, prompt_length: int) -> None:
+        """Add row `size`, prefilled through `row_view(size)` with `prompt_length` tokens."""
+        if self.size >= self.max_rows:
+            raise ValueError(f"the batch is full ({self.max_rows} rows)")
+        row, gap = self.size, self.length - prompt_length
+        if self.size == 0:
+            self.length = prompt_length
+            self.pads[row] = 0
+        elif gap >= 0:
+            self._move(slice(row, row + 1), prompt_length, gap)
+            self.pads[row] = gap
+        else:  # the prompt is longer than the clock: move the batch later instead
+            self._check_room(-gap)
+            self._move(slice(0, row), self.length, -gap)
+            self.pads[:row] -= gap
+            self.length = prompt_length
+            self.pads[row] = 0
+        self.size += 1
 
-    @property
-    def batch_size(self) -> int:
-        return self.layers[0].k.shape[0]
+    def leave(self, row: int) -> int:
+        """Drop row `row`; the last row moves into its place. Returns the index that moved there
+        (the caller reorders its rows alike), or -1 when `row` was the last."""
+        last = self.size - 1
+        self.size -= 1
+        if row == last:
+            if self.size == 0:
+                self.length = 0
+            return -1
+        for layer in self.layers:
+            used = layer.k.shape[2] if layer.window is not None else self.length
+            layer.k[row, :, :used] = layer.k[last, :, :used]
+            layer.v[row, :, :used] = layer.v[last, :, :used]
+        self.pads[row] = self.pads[last]
+        return last
+
+    def compact(self) -> None:
+        """Move every row left over the padding all of them have (the clock drops by that much)."""
+        if self.size == 0:
+            return
+        drop = int(self.pads[: self.size].min())
+        if drop:
+            self._move(slice(0, self.size), self.length, -drop)
+            self.pads[: self.size] -= drop
+            self.length -= drop
+
+    def _check_room(self, by: int) -> None:
+        if self.length + by > self.config.block_size:
+            raise ValueError(f"moving the batch {by} slots later passes the context ({self.length} + {by} > "
+                             f"{self.config.block_size})")

@@ -184,28 +184,31 @@ class _Job:
         for seq in self.sequences:
             seq.cancel()
 
-    async def _events(self, request) -> AsyncIterator[tuple[int, tuple]]:
-        """(choice, event) until every choice is done; cancels them all if the client goes away."""
+    async def _events(self, request) -> AsyncIterator[list[tuple[int, tuple]]]:
+        """Lists of (choice, event), each what has arrived since the last, until every choice is
+        done; cancels them all if the client goes away."""
         open_choices = len(self.sequences)
         try:
             while open_choices:
                 try:
-                    c, event = await asyncio.wait_for(self.events.get(), timeout=0.25)
+                    arrived = [await asyncio.wait_for(self.events.get(), timeout=0.25)]
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         self.cancel()
                         return
                     continue
-                if event[0] in ("done", "error"):
-                    open_choices -= 1
-                yield c, event
+                while not self.events.empty():
+                    arrived.append(self.events.get_nowait())
+                open_choices -= sum(event[0] in ("done", "error") for _, event in arrived)
+                yield arrived
         finally:
             self.cancel()  # a client that went away, or an error: free the rows
 
     async def response(self, request) -> dict:
         choices = [_Choice(self, c) for c in range(len(self.sequences))]
-        async for c, event in self._events(request):
-            choices[c].add(event)
+        async for arrived in self._events(request):
+            for c, event in arrived:
+                choices[c].add(event)
         for choice in choices:
             if choice.error:
                 raise ProtocolError(f"decoding failed: {choice.error}", None, 500, kind="server_error")
@@ -214,10 +217,11 @@ class _Job:
 
     async def stream(self, request) -> AsyncIterator[str]:
         choices = [_Choice(self, c) for c in range(len(self.sequences))]
-        async for c, event in self._events(request):
-            piece = choices[c].add(event)
-            if piece is not None:
-                yield _sse(self._chunk([piece]))
+        async for arrived in self._events(request):
+            # What arrived together goes out together: under load a chunk may carry several
+            # tokens of a choice (its text and logprobs joined), so the stream keeps up.
+            pieces = [piece for c, event in arrived if (piece := choices[c].add(event)) is not None]
+            yield "".join(_sse(self._chunk([piece])) for piece in _merge(pieces))
         if self.body.stream_options is not None and self.body.stream_options.include_usage:
             yield _sse(self._chunk([], usage=self._usage(choices)))
         yield "data: [DONE]\n\n"
@@ -233,6 +237,22 @@ class _Job:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(len(ch.generated) for ch in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _merge(pieces: list[dict]) -> list[dict]:
+    """Consecutive pieces of one choice, none of them final, as one piece."""
+    out: list[dict] = []
+    for piece in pieces:
+        last = out[-1] if out else None
+        if last is not None and last["index"] == piece["index"] and last["finish_reason"] is None \
+                and piece["finish_reason"] is None:
+            last["text"] += piece["text"]
+            if last["logprobs"] is not None and piece["logprobs"] is not None:
+                for key, values in piece["logprobs"].items():
+                    last["logprobs"][key] = last["logprobs"][key] + values
+            continue
+        out.append(dict(piece))
+    return out
 
 
 def _sse(payload: dict) -> str:

@@ -1,13 +1,13 @@
 """Continuous batching: one decoding loop that every request joins and leaves on its own.
 
 The scheduling of vLLM and llama.cpp's server, on minigpt's own KV cache: each step the
-loop first admits waiting requests (up to `max_batch` rows), each prefilled on its own and
-then joined to the running batch's cache (`KVCache.shift` + `KVCache.concat`: a row that
-starts late is left-padded, which attention masks out), then samples one token for every
-row with that row's own settings, stop strings and random generator, and drops the rows
-that finished or whose client went away (`KVCache.select`). So a long request never holds
-short ones back and no request waits for a batch to fill. Banded layers keep their ring of
-w slots: shifting rolls the ring with the dense slots.
+loop first admits waiting requests (up to `max_batch` rows), each prefilled on its own into
+a free row of the batch's cache and moved to end at the batch's clock (`BatchCache.join`: a
+row that starts late is left-padded, which attention masks out), then samples one token for
+every row with that row's own settings, stop strings and random generator, and drops the
+rows that finished or whose client went away (`BatchCache.leave`). So a long request never
+holds short ones back and no request waits for a batch to fill. Banded layers keep their
+ring of w slots: moving a row rolls its ring with its dense slots.
 
 A request's tokens are those `minigpt.generate` gives for the same prompt and settings:
 the logits come from the same function (`next_token_logits`) and each row samples with
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minigpt.cache import BatchCache
 from minigpt.generate import TextStream, next_token_logits, sample_next
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class Sampling:
 
 @dataclass
 class TokenInfo:
-    """One token of a response: its id, text, log-probability and the most likely alternatives."""
+    """One token of a response: its id, and with log-probabilities asked for, its text, its
+    log-probability and the most likely alternatives."""
 
     id: int
     text: str
@@ -171,6 +173,9 @@ class Engine:
 
     def _admit(self, batch: "_Batch", block: bool) -> None:
         """Prefill waiting sequences one by one and join each to the batch, while rows are free."""
+        if batch.pool is None:
+            weight = self.model.lm_head.weight
+            batch.pool = BatchCache(self.model.config, self.max_batch, dtype=weight.dtype, device=weight.device)
         while batch.size < self.max_batch:
             try:
                 seq = self._waiting.get(timeout=0.5) if block else self._waiting.get_nowait()
@@ -181,18 +186,19 @@ class Engine:
             block = False
             if seq.cancelled:
                 continue
-            row_cache, row_logits = self._prefill(seq)
-            if row_cache is None:  # finished at the prompt (max_tokens=0)
+            row_logits = self._prefill(seq, batch.pool.row_view(batch.pool.size))
+            if row_logits is None:  # finished at the prompt (max_tokens=0)
                 continue
+            batch.pool.join(len(seq.prompt))
             batch.rows.append(_Row(seq, self.tokenizer, self.device))
-            batch.cache, batch.logits = self._join(batch.cache, batch.logits, row_cache, row_logits)
+            batch.logits = row_logits if batch.logits is None else torch.cat([batch.logits, row_logits])
             self.busy_rows = batch.size  # from now on /health counts it (before its first token is out)
 
-    def _prefill(self, seq: Sequence):
-        """Run the prompt; deliver its echo; return (its cache, its next logits) or (None, None)."""
+    def _prefill(self, seq: Sequence, cache) -> torch.Tensor | None:
+        """Run the prompt into `cache`; deliver its echo; return its next logits, or None when it
+        is done at the prompt (max_tokens=0)."""
         s = seq.sampling
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
-        cache = self.model.new_cache(1).zero_()
         if s.echo:
             out = self.model(ids, cache=cache)
             all_logits = out.logits[0].float()  # (P, V)
@@ -204,8 +210,8 @@ class Engine:
             last = next_token_logits(self.model, ids, cache=cache, vocab_limit=self.vocab_limit)
         if s.max_tokens == 0:
             seq.deliver(("done", "length"))
-            return None, None
-        return cache, last
+            return None
+        return last
 
     def _prompt_tokens(self, prompt: list[int], logits: torch.Tensor, k: int | None) -> list[TokenInfo]:
         """The prompt's tokens; with k, each one's log-probability given those before it (None for
@@ -228,17 +234,6 @@ class Engine:
             top.setdefault(self.tokenizer.decode([i]), v)  # two ids may decode alike: keep the likelier
         return top
 
-    def _join(self, cache, logits, row_cache, row_logits):
-        """The batch with one more row, aligned so both end at the same clock."""
-        if cache is None:
-            return row_cache, row_logits
-        gap = cache.length - row_cache.length
-        if gap >= 0:
-            row_cache.shift(gap)
-        else:
-            cache.shift(-gap)
-        return type(cache).concat([cache, row_cache]), torch.cat([logits, row_logits])
-
     def _step(self, batch: "_Batch") -> None:
         """Sample a token for every row, deliver it, drop finished rows, run the rest one token on.
 
@@ -247,25 +242,29 @@ class Engine:
         all such rows in one forward without a cache)."""
         self.steps += 1
         block_size = self.model.config.block_size
-        keep, tokens, slide = [], [], []
+        tokens: list[int | None] = []
+        slide = []
         for i, row in enumerate(batch.rows):
             token = self._sample(row, batch.logits, i)
-            if token is None:
-                continue
-            if len(row.seq.prompt) + len(row.seq.generated) > block_size:
-                slide.append(row)
-            else:
-                keep.append(i)
-                tokens.append(token)
+            if token is not None and len(row.seq.prompt) + len(row.seq.generated) > block_size:
+                slide.append(row)  # past the context: on to the sliding window
+                token = None
+            tokens.append(token)
         sliding = [row for i, row in enumerate(batch.sliding) if self._sample(row, batch.slide_logits, i) is not None]
-        if len(keep) < len(batch.rows):
-            batch.rows = [batch.rows[i] for i in keep]
-            batch.cache = batch.cache.select(torch.tensor(keep, device=self.device)) if keep else None
-        if keep:
-            if batch.cache.length >= block_size:  # every row still cached has padding to give back
-                batch.cache.shift(-int(batch.cache.pads().min()))
+        for i in reversed(range(len(batch.rows))):  # drop finished rows; the last row moves into each gap
+            if tokens[i] is None:
+                moved = batch.pool.leave(i)
+                if moved >= 0:
+                    batch.rows[i], tokens[i] = batch.rows[moved], tokens[moved]
+                batch.rows.pop()
+                tokens.pop()
+        if batch.rows:
+            if batch.pool.length >= block_size:  # every row still cached has padding to give back
+                batch.pool.compact()
             idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-            batch.logits = next_token_logits(self.model, idx, cache=batch.cache, vocab_limit=self.vocab_limit)
+            view = batch.pool.view()
+            batch.logits = next_token_logits(self.model, idx, cache=view, vocab_limit=self.vocab_limit)
+            batch.pool.length = view.length
         else:
             batch.logits = None
         batch.sliding = sliding + slide
@@ -288,7 +287,7 @@ class Engine:
         finish = "stop" if row.text.stopped else "length" if len(row.seq.generated) >= s.max_tokens else None
         if finish == "length":
             piece += row.text.finish()
-        info = TokenInfo(token, self.tokenizer.decode([token]))
+        info = TokenInfo(token, self.tokenizer.decode([token]) if s.logprobs is not None else "")
         if s.logprobs is not None:
             logp = torch.log_softmax(logits[i].float(), dim=-1)
             info.logprob, info.top = float(logp[token]), self._top(logp, s.logprobs)
@@ -304,8 +303,8 @@ class _Batch:
     on a sliding window past the context (with theirs)."""
 
     def __init__(self) -> None:
-        self.rows: list[_Row] = []
-        self.cache = None
+        self.rows: list[_Row] = []  # row i of `pool` is rows[i]
+        self.pool: BatchCache | None = None
         self.logits: torch.Tensor | None = None  # (len(rows), V)
         self.sliding: list[_Row] = []
         self.slide_logits: torch.Tensor | None = None  # (len(sliding), V)
