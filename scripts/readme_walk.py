@@ -171,12 +171,30 @@ def run_walk(commands: Sequence[Command], cwd: Path, extra: Callable[[list[str]]
     extra(words(command)) gives arguments appended to a command (the test's tiny overrides).
     in_process runs minigpt lines as `python -m minigpt` does, but in this process (no start-up
     per command). Python blocks run in this process, in `namespace` (shared by the walk's
-    blocks, as in one interpreter session). Raises RuntimeError naming the command that failed.
+    blocks, as in one interpreter session). A line ending in `&` runs in the background, as in
+    a shell, until the walk ends (a `minigpt serve` one is waited for until it answers).
+    Raises RuntimeError naming the command that failed.
     """
     env = child_env()
     namespace = {} if namespace is None else namespace
-    steps = []
+    steps: list[dict] = []
+    background: list[subprocess.Popen] = []
+    try:
+        _walk(commands, cwd, extra, in_process, log, namespace, env, steps, background)
+    finally:
+        for proc in background:
+            proc.terminate()
+            proc.wait(60)
+    return steps
+
+
+def _walk(commands, cwd, extra, in_process, log, namespace, env, steps, background) -> None:
     for command in commands:
+        if isinstance(command, str) and command.rstrip().endswith("&"):
+            began = time.perf_counter()
+            _start_background(command.rstrip()[:-1].rstrip(), cwd, extra, log, env, background)
+            steps.append({"command": command, "wall_s": round(time.perf_counter() - began, 1)})
+            continue
         began = time.perf_counter()
         more = extra(words(command))
         argv = minigpt_argv(command)
@@ -207,7 +225,34 @@ def run_walk(commands: Sequence[Command], cwd: Path, extra: Callable[[list[str]]
                 raise RuntimeError(f"`{line}` exited with {done.returncode}")
         steps.append({"command": command if isinstance(command, str) else "python block",
                       "wall_s": round(time.perf_counter() - began, 1)})
-    return steps
+
+
+def _start_background(command: str, cwd: Path, extra, log, env: dict, background: list) -> None:
+    """Start `command` (without its `&`); for `minigpt serve`, wait until its /health answers."""
+    import urllib.request
+
+    argv = minigpt_argv(command)
+    more = extra(words(command))
+    log(f"$ {command} {shlex.join(more)} &")
+    if argv is None:
+        background.append(subprocess.Popen(["bash", "-c", " ".join([command, *map(shlex.quote, more)])], cwd=cwd,
+                                           env=env))
+        return
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt", *argv, *more], cwd=cwd, env=env)
+    background.append(proc)
+    if argv[:1] != ["serve"]:
+        return
+    port = argv[argv.index("--port") + 1] if "--port" in argv else "8000"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`{command}` exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"`{command}` did not answer on port {port} within 120 s")
 
 
 @contextmanager

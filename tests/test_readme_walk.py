@@ -70,7 +70,7 @@ def tiny(argv: list[str]) -> list[str]:
                 "--progress=false", "--threads=1"]
     if argv[:1] in (["fewshot"], ["eval"]):
         return ["--limit=6", "--threads=1"]
-    if argv[:1] in (["sample"], ["evaluate"], ["predict"], ["logit-lens"]):
+    if argv[:1] in (["sample"], ["evaluate"], ["predict"], ["logit-lens"], ["serve"]):
         return ["--threads=1"]
     if argv[:1] == ["scripts/gpu_suite.sh"] or argv[:2] == ["python", "scripts/gpu_suite.py"]:
         return ["--help"]  # the GPU commands and the merge of what they bring back: parsed, not run

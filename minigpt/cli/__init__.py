@@ -60,6 +60,7 @@ def _resolve_models(args: argparse.Namespace) -> None:
     from minigpt.model_dir import resolve_model_dir
 
     if getattr(args, "model", None) is not None:
+        args.model_given = args.model  # the name a user knows it by (`minigpt serve` serves it as that)
         args.model = str(resolve_model_dir(args.model))
     if args.command == "inspect" and Path(args.source).is_dir():
         args.source = str(resolve_model_dir(args.source))

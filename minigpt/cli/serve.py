@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from minigpt.cli.common import MODEL_HELP, add_threads
 from minigpt.ops import BACKENDS
@@ -16,7 +17,8 @@ def _serve(args: argparse.Namespace) -> None:
                          f"pip install -e \".[serve]\" (or pip install \"minigpt[serve]\")") from None
     from minigpt.serve import serve
 
-    serve(args.model, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
+    name = args.model_name or Path(getattr(args, "model_given", args.model)).resolve().name
+    serve(args.model, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, device=args.device, backend=args.backend,
           raw_prompts=args.raw_prompts)
 
@@ -30,7 +32,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None,
-                   help="the name clients pass as `model` (default: the model folder's name)")
+                   help="the name clients pass as `model` (default: the last part of --model, e.g. headlines "
+                        "for runs/headlines)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every /v1 request (as the openai client sends it)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together at most")
