@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,38 +105,48 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_server(model: Path, threads: int) -> dict:
+def _concurrent(server) -> tuple[list[dict], float]:
+    results: list[dict] = [None] * CLIENTS  # type: ignore[list-item]
+
+    def worker(i):
+        results[i] = _one(server.client(), PROMPTS[i])
+
+    threads_ = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
+    began = time.perf_counter()
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    return results, time.perf_counter() - began
+
+
+def run_server(model: Path, threads: int, repeats: int) -> dict:
+    """`repeats` rounds, each the 16 one after another, then the 16 at once; medians over rounds."""
     server = _Server(model, threads)
+    rounds = []
     try:
         client = server.client()
         _one(client, PROMPTS[0])  # warm-up: first calls pay for allocations
-        began = time.perf_counter()
-        sequential = [_one(client, p) for p in PROMPTS]
-        seq_wall = time.perf_counter() - began
-        results: list[dict] = [None] * CLIENTS  # type: ignore[list-item]
-
-        def worker(i):
-            results[i] = _one(server.client(), PROMPTS[i])
-
-        threads_ = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
-        began = time.perf_counter()
-        for t in threads_:
-            t.start()
-        for t in threads_:
-            t.join()
-        conc_wall = time.perf_counter() - began
+        for _ in range(repeats):
+            began = time.perf_counter()
+            sequential = [_one(client, p) for p in PROMPTS]
+            seq_wall = time.perf_counter() - began
+            results, conc_wall = _concurrent(server)
+            rounds.append({"sequential": sum(r["tokens"] for r in sequential) / seq_wall,
+                           "concurrent": sum(r["tokens"] for r in results) / conc_wall,
+                           "ttft": [r["ttft_s"] for r in results], "ttft_alone": [r["ttft_s"] for r in sequential],
+                           "same": all(a["text"] == b["text"] for a, b in zip(sequential, results))})
     finally:
         server.close()
-    same = all(a["text"] == b["text"] for a, b in zip(sequential, results))
-    total = sum(r["tokens"] for r in results)
+    speedups = [r["concurrent"] / r["sequential"] for r in rounds]
+    ttft = [t for r in rounds for t in r["ttft"]]
     return {
-        "sequential_tokens_per_s": sum(r["tokens"] for r in sequential) / seq_wall,
-        "concurrent_tokens_per_s": total / conc_wall,
-        "speedup": (total / conc_wall) / (sum(r["tokens"] for r in sequential) / seq_wall),
-        "ttft_p50_s": _percentile([r["ttft_s"] for r in results], 0.5),
-        "ttft_p99_s": _percentile([r["ttft_s"] for r in results], 0.99),
-        "sequential_ttft_p50_s": _percentile([r["ttft_s"] for r in sequential], 0.5),
-        "tokens": total, "same_text_both_ways": same,
+        "sequential_tokens_per_s": statistics.median(r["sequential"] for r in rounds),
+        "concurrent_tokens_per_s": statistics.median(r["concurrent"] for r in rounds),
+        "speedup": statistics.median(speedups), "speedup_min": min(speedups), "speedup_max": max(speedups),
+        "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p99_s": _percentile(ttft, 0.99),
+        "sequential_ttft_p50_s": _percentile([t for r in rounds for t in r["ttft_alone"]], 0.5),
+        "rounds": len(rounds), "same_text_both_ways": all(r["same"] for r in rounds),
     }
 
 
@@ -197,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--main-job", type=Path, default=None, help="a trained main-job run (default: train one)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the server")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (one after another, all at once)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         models = {"main job (tiny recipe, 4 x 128, char)": resolve_model_dir(main_job),
                   "GPT-2 shape (6 x 384, 50257 vocab)": _gpt2_shaped(Path(tmp) / "gpt2-6x384")}
         for name, folder in models.items():
-            row = {"model": name, **run_server(folder, args.threads),
+            row = {"model": name, **run_server(folder, args.threads, args.repeats),
                    "engine_alone_tokens_per_s": run_engine(folder, args.threads)}
             hf = run_transformers(folder, args.threads)
             row["transformers_generate_tokens_per_s"] = hf["tokens_per_s"] if hf else None
@@ -220,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["# `minigpt serve` on a CPU: 16 streaming clients x 64 new tokens", "",
              f"{env.get('device', 'cpu')}, torch {env['torch']}, server threads {args.threads}, commit "
              f"{env['commit']}, load average {load[0]:.2f} after the run. Greedy; the official openai client over "
-             "HTTP on 127.0.0.1; tokens/s counts completion tokens over the wall time of all 16.", "",
+             "HTTP on 127.0.0.1; tokens/s counts completion tokens over the wall time of all 16; medians of "
+             f"{args.repeats} rounds (each: the 16 one after another, then all at once), the speedup's range "
+             "in brackets; TTFT percentiles over every request of every round.", "",
              "| model | 16 concurrent (tok/s) | 16 one after another (tok/s) | speedup | TTFT p50 / p99 (s) | "
              "TTFT alone p50 (s) | the engine alone, no HTTP (tok/s) | transformers generate, one batch of 16 "
              "(tok/s) | same text |",
@@ -229,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         hf = f"{r['transformers_generate_tokens_per_s']:.0f}" if r["transformers_generate_tokens_per_s"] else \
             "no equivalent (banded layers, minigpt's layout)"
         lines.append(f"| {r['model']} | {r['concurrent_tokens_per_s']:.0f} | {r['sequential_tokens_per_s']:.0f} | "
-                     f"{r['speedup']:.1f}x | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
+                     f"{r['speedup']:.1f}x ({r['speedup_min']:.1f}-{r['speedup_max']:.1f}) | "
+                     f"{r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
                      f"{r['sequential_ttft_p50_s']:.3f} | {r['engine_alone_tokens_per_s']:.0f} | {hf} | "
                      f"{r['same_text_both_ways']} |")
     (args.out / "serve_cpu.md").write_text("\n".join(lines) + "\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -61,6 +62,33 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+class _Mailbox:
+    """Events from the engine's thread to the event loop's queues, one wake-up per batch.
+
+    The engine delivers every row's token each step; waking the event loop once per event
+    (`call_soon_threadsafe`, a write to its self-pipe each) costs more than the tokens of a
+    small model. Events are queued here under a lock, and the loop is woken only when the
+    box goes from empty to not empty; one callback then hands out all that came."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, tuple]] = []
+
+    def post(self, queue: asyncio.Queue, item: tuple) -> None:
+        with self._lock:
+            self._pending.append((queue, item))
+            wake = len(self._pending) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self._hand_out)
+
+    def _hand_out(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
 def _error(err: ProtocolError) -> JSONResponse:
     return JSONResponse(error_body(err.message, err.kind, err.param, err.code), status_code=err.status)
 
@@ -70,6 +98,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.mailbox = _Mailbox(asyncio.get_running_loop())
         state.engine.start()
         yield
         state.engine.stop(timeout=30)
@@ -111,7 +140,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise ProtocolError(f"the model {body.model!r} does not exist; this server serves {state.model_name!r} "
                                 f"(GET /v1/models)", "model", 404, code="model_not_found")
         job = _Job(state, body)
-        job.submit(asyncio.get_running_loop())
+        job.submit(request.app.state.mailbox)
         if body.stream:
             return StreamingResponse(job.stream(request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -163,12 +192,11 @@ class _Job:
         self.sequences: list[Sequence] = []
         self.events: asyncio.Queue | None = None
 
-    def submit(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.events = asyncio.Queue()
-        put = self.events.put_nowait
+    def submit(self, mailbox: _Mailbox) -> None:
+        self.events = queue = asyncio.Queue()
         for c, sampling in enumerate(self.sampling):
             ids = self.prompts[c // self.body.n]
-            seq = Sequence(ids, sampling, lambda event, c=c: loop.call_soon_threadsafe(put, (c, event)))
+            seq = Sequence(ids, sampling, lambda event, c=c: mailbox.post(queue, (c, event)))
             try:
                 self.state.engine.submit(seq)
             except QueueFull as err:
