@@ -13,6 +13,7 @@ The last reading is therefore exactly the model's own next-token distribution.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,6 +34,13 @@ def lens_logits(model: GPT, idx: torch.Tensor, position: int | None = None) -> t
     `position` (negative counts from the end). Raises ValueError for a position outside
     the sequence (and whatever `GPT.forward` raises for bad ids).
     """
+    return torch.stack(list(iter_lens_logits(model, idx, position)))  # (L+1, B, [T,] V)
+
+
+@torch.no_grad()
+def iter_lens_logits(model: GPT, idx: torch.Tensor, position: int | None = None) -> Iterator[torch.Tensor]:
+    """`lens_logits` one reading at a time, (B, [T,] V) float32 each: n_layer + 1 of them
+    together would hold (n_layer + 1) x T x V values (360 MB for 256 tokens of a GPT-2)."""
     states = model(idx, output_hidden_states=True).hidden_states  # n_layer + 1 x (B, T, C)
     if position is not None:
         T = idx.shape[1]
@@ -40,8 +48,8 @@ def lens_logits(model: GPT, idx: torch.Tensor, position: int | None = None) -> t
             raise ValueError(f"position={position} is outside the prompt of {T} tokens; use -{T} .. {T - 1}")
         states = tuple(h[:, position] for h in states)  # n_layer + 1 x (B, C)
     # hidden_states[:-1] are residual streams before ln_f; the last one already went through it.
-    normed = [model.ln_f(h) for h in states[:-1]] + [states[-1]]
-    return torch.stack([model.lm_head(h) for h in normed]).float()  # (L+1, B, [T,] V)
+    for i, h in enumerate(states):
+        yield model.lm_head(h if i == len(states) - 1 else model.ln_f(h)).float()
 
 
 @dataclass

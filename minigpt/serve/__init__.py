@@ -47,7 +47,8 @@ def load_state(model: str | Path, *, model_name: str | None = None, api_key: str
     tokenizer = load_tokenizer(folder)
     engine = Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue)
     name = model_name or Path(model).resolve().name
-    return ServerState(engine=engine, tokenizer=tokenizer, model_name=name, api_key=api_key, defaults=defaults)
+    return ServerState(engine=engine, tokenizer=tokenizer, model_name=name, source=str(folder), api_key=api_key,
+                       defaults=defaults)
 
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:

@@ -2,8 +2,12 @@
 
     POST /v1/completions   the legacy completions protocol (`minigpt.serve.protocol`), streamed
                            as server-sent events ending with `data: [DONE]` when stream=true
+    POST /v1/inspect       minigpt's own: one layer's attention per head, the logit lens and the
+                           model card for a text (`minigpt.serve.inside`)
     GET  /v1/models        the one model served
     GET  /health           {"status": "ok", ...}: liveness, rows decoding and requests waiting
+    GET  /                 the playground (static/index.html): sample, see each token's
+                           probability and alternatives, look inside
 
 Every request becomes one `Sequence` per (prompt, choice) on the shared `Engine`; its events
 come back from the engine's thread through the request's asyncio queue. Errors are OpenAI's
@@ -22,12 +26,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from minigpt.serve.engine import Engine, QueueFull, Sampling, Sequence, TokenInfo
-from minigpt.serve.protocol import CompletionRequest, ProtocolError, error_body, validation_error
+from minigpt.serve.inside import inside_view, model_card
+from minigpt.serve.protocol import CompletionRequest, InspectRequest, ProtocolError, error_body, validation_error
+
+STATIC = Path(__file__).parent / "static"
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,8 @@ class ServerState:
     engine: Engine
     tokenizer: object
     model_name: str
+    source: str = ""
+    """Where the model came from (the folder served), for the model card."""
     api_key: str | None = None
     defaults: PromptDefaults = field(default_factory=PromptDefaults)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -124,6 +136,30 @@ def create_app(state: ServerState) -> FastAPI:
                                             code="invalid_api_key"))
         return await call_next(request)
 
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.post("/v1/inspect")
+    async def inspect(body: InspectRequest) -> dict:
+        _check_model(state, body.model)
+        tokenizer, engine = state.tokenizer, state.engine
+        ids = _encode(tokenizer, body.prompt) if isinstance(body.prompt, str) else body.prompt  # as the model saw it
+        context, layers = engine.model.config.block_size, engine.model.config.n_layer
+        if not 1 <= len(ids) <= context:
+            raise ProtocolError(f"prompt: the text has {len(ids)} tokens; the inside view takes 1 to {context} "
+                                f"(the model's context)", "prompt", code="context_length_exceeded")
+        if body.layer >= layers:
+            raise ProtocolError(f"layer: {body.layer} is out of range; this model has layers 0..{layers - 1}", "layer")
+        vocab = getattr(tokenizer, "vocab_size", None)
+        if vocab is not None and any(not 0 <= t < vocab for t in ids):
+            raise ProtocolError(f"prompt: token ids must be in 0..{vocab - 1}", "prompt")
+        # On the engine's thread, between steps: the view attaches hook points for its forward.
+        view = await asyncio.wrap_future(engine.call(lambda: inside_view(engine.model, tokenizer, ids, body.layer)))
+        return {**view, "model": {"name": state.model_name, **model_card(engine.model, state.source, tokenizer)}}
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": state.model_name, "running": state.engine.busy_rows,
@@ -131,14 +167,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
+        # OpenAI's model object, plus minigpt's model card (clients ignore fields they do not know).
+        card = model_card(state.engine.model, state.source, state.tokenizer)
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "minigpt"}]}
+                                            "owned_by": "minigpt", "minigpt": card}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        if body.model != state.model_name:
-            raise ProtocolError(f"the model {body.model!r} does not exist; this server serves {state.model_name!r} "
-                                f"(GET /v1/models)", "model", 404, code="model_not_found")
+        _check_model(state, body.model)
         job = _Job(state, body)
         job.submit(request.app.state.mailbox)
         if body.stream:
@@ -147,6 +183,20 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(await job.response(request))
 
     return app
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """`text`'s ids; text the tokenizer cannot encode (a character a char model never saw) is a 400."""
+    try:
+        return tokenizer.encode(text)
+    except ValueError as err:
+        raise ProtocolError(f"prompt: {err}", "prompt") from None
+
+
+def _check_model(state: ServerState, name: str) -> None:
+    if name != state.model_name:
+        raise ProtocolError(f"the model {name!r} does not exist; this server serves {state.model_name!r} "
+                            f"(GET /v1/models)", "model", 404, code="model_not_found")
 
 
 class _Job:
@@ -165,7 +215,7 @@ class _Job:
         for i, prompt in enumerate(body.prompts()):
             if isinstance(prompt, str):
                 text = state.defaults.apply(prompt)
-                ids = tokenizer.encode(text)
+                ids = _encode(tokenizer, text)
             else:
                 ids, text = prompt, None
                 bad = [t for t in ids if vocab is not None and not 0 <= t < vocab]
@@ -249,7 +299,8 @@ class _Job:
             # What arrived together goes out together: under load a chunk may carry several
             # tokens of a choice (its text and logprobs joined), so the stream keeps up.
             pieces = [piece for c, event in arrived if (piece := choices[c].add(event)) is not None]
-            yield "".join(_sse(self._chunk([piece])) for piece in _merge(pieces))
+            yield "".join(_sse(self._chunk([{k: v for k, v in piece.items() if k != "_echo"}]))
+                          for piece in _merge(pieces))
         if self.body.stream_options is not None and self.body.stream_options.include_usage:
             yield _sse(self._chunk([], usage=self._usage(choices)))
         yield "data: [DONE]\n\n"
@@ -268,12 +319,13 @@ class _Job:
 
 
 def _merge(pieces: list[dict]) -> list[dict]:
-    """Consecutive pieces of one choice, none of them final, as one piece."""
+    """Consecutive pieces of one choice, none of them final, as one piece; the echoed prompt
+    always goes out alone, first (a client tells it from the completion by that)."""
     out: list[dict] = []
     for piece in pieces:
         last = out[-1] if out else None
         if last is not None and last["index"] == piece["index"] and last["finish_reason"] is None \
-                and piece["finish_reason"] is None:
+                and piece["finish_reason"] is None and not last.get("_echo") and not piece.get("_echo"):
             last["text"] += piece["text"]
             if last["logprobs"] is not None and piece["logprobs"] is not None:
                 for key, values in piece["logprobs"].items():
@@ -307,7 +359,7 @@ class _Choice:
             text = self.job.prompt_texts[self.index // self.job.body.n]
             self.tokens += infos
             self.text += text
-            return self._piece(text, infos)
+            return {**self._piece(text, infos), "_echo": True}
         if kind == "token":
             info, piece = event[1], event[2]
             self.generated.append(info.id)

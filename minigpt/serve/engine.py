@@ -18,6 +18,7 @@ each one receives (`Sequence.events`, filled from the loop's thread) into respon
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -116,7 +117,8 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.vocab_limit = getattr(tokenizer, "vocab_size", None)
         self.eos_id = getattr(tokenizer, "eos_id", None)
-        self._waiting: queue.Queue[Sequence] = queue.Queue()
+        self._waiting: queue.Queue[Sequence | None] = queue.Queue()
+        self._calls: queue.Queue[tuple[Callable, concurrent.futures.Future]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -144,19 +146,42 @@ class Engine:
         block_size = self.model.config.block_size
         if not 1 <= len(seq.prompt) <= block_size:
             raise ValueError(f"a prompt of {len(seq.prompt)} tokens must have 1 to {block_size} (the model's context)")
-        if self._waiting.qsize() >= self.max_queue:
+        if self.waiting >= self.max_queue:
             raise QueueFull(f"{self._waiting.qsize()} requests are waiting (max_queue={self.max_queue})")
         self._waiting.put(seq)
 
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn` on the loop's thread between two steps; its result comes in the Future.
+
+        For work that uses the model another way (the inside view attaches hook points for
+        one forward): run beside the loop, it would see, and disturb, the batch's forward."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        self._waiting.put(None)  # wake an idle loop
+        return future
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                with torch.no_grad():
+                    future.set_result(fn())
+            except Exception as err:  # noqa: BLE001 - the caller gets it
+                future.set_exception(err)
+
     @property
     def waiting(self) -> int:
-        return self._waiting.qsize()
+        return self._waiting.qsize() - self._calls.qsize()
 
     # -- the loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
         batch = _Batch()
         while not self._stop.is_set():
+            self._run_calls()
             try:
                 with torch.no_grad():
                     self._admit(batch, block=not batch.size)

@@ -86,6 +86,17 @@ class CompletionRequest(BaseModel):
         return list(p)
 
 
+class InspectRequest(BaseModel):
+    """POST /v1/inspect (minigpt's own): the inside view of a text at one layer
+    (`minigpt.serve.inside.inside_view`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    prompt: StrictStr | list[StrictInt]
+    layer: StrictInt = Field(0, ge=0)
+
+
 class ProtocolError(Exception):
     """A request the server refuses: the message, the offending field, the HTTP status."""
 

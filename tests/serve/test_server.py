@@ -378,3 +378,20 @@ def test_fine_tuned_defaults_a_full_queue_and_sigterm_with_requests_in_flight(tm
             client.completions.create(model="ft", prompt="a", max_tokens=1)
     finally:
         server.close()
+
+
+def test_text_the_tokenizer_cannot_encode_is_a_400_naming_the_character(server):
+    response = _http("POST", f"{server.url}/v1/completions", {"model": "tiny", "prompt": "ROMEO:"}, key=KEY)
+    assert response.status_code == 400, response.text
+    assert "character 'R' is not in this tokenizer's alphabet" in response.json()["error"]["message"]
+    response = _http("POST", f"{server.url}/v1/inspect", {"model": "tiny", "prompt": "ROMEO:"}, key=KEY)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_a_streamed_echo_comes_alone_in_the_first_chunk(server):
+    raw = _http("POST", f"{server.url}/v1/completions", {"model": "tiny", "prompt": "the cat", "max_tokens": 5,
+                                                          "stream": True, "echo": True, "logprobs": 1}, key=KEY).text
+    chunks = [json.loads(e.removeprefix("data: ")) for e in raw.split("\n\n") if e and e != "data: [DONE]"]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == "the cat" and first["logprobs"]["tokens"] == list("the cat")
+    assert "".join(c["choices"][0]["text"] for c in chunks[1:]) and "_echo" not in raw
