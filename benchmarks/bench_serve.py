@@ -57,7 +57,7 @@ def _gpt2_shaped(folder: Path) -> Path:
 
 
 class _Server:
-    def __init__(self, model: Path, threads: int) -> None:
+    def __init__(self, model: Path, threads: int, name: str = "m") -> None:
         import socket
         import urllib.request
 
@@ -66,7 +66,7 @@ class _Server:
             self.port = s.getsockname()[1]
         self.proc = subprocess.Popen([sys.executable, "-m", "minigpt", "serve", "--model", str(model), "--port",
                                       str(self.port), "--max-batch", str(CLIENTS), f"--threads={threads}",
-                                      "--model-name", "m"], env=child_env(), stdout=subprocess.DEVNULL,
+                                      "--model-name", name], env=child_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         for _ in range(600):
             try:

@@ -6,7 +6,6 @@ the order of the top alternatives, and its attention heatmap, cell by cell, agai
 `math` backend's attention probabilities of a model loaded here from the same folder."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from minigpt.generate import generate_text
 from minigpt.tokenizer import load_tokenizer
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -e '.[test]'")
+pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -e '.[test]'")
 
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -25,8 +24,8 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from tests.serve.test_server import Server, _model_folder  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+from scripts.playground_shot import CHROMEDRIVER, CHROMIUM, chromium  # noqa: E402
+
 if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
     pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; "
                 ".ci/run installs them)", allow_module_level=True)
@@ -36,13 +35,7 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
 def site(tmp_path_factory):
     folder = _model_folder(tmp_path_factory.mktemp("playground") / "tiny")
     server = Server(folder)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver = chromium(tmp_path_factory.mktemp("chromium"))
     driver.get(server.url + "/")
     try:
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model-name").text == "tiny"
