@@ -156,3 +156,19 @@ def test_errors_are_shown_on_the_page(site):
     _set(driver, "temperature", "5")
     driver.find_element(By.ID, "generate").click()
     WebDriverWait(driver, 30).until(lambda d: "temperature" in d.find_element(By.ID, "error").text)
+
+
+def test_a_server_that_went_away_is_said_on_the_page(tmp_path):
+    server = Server(_model_folder(tmp_path / "gone"))
+    driver = chromium(tmp_path / "profile")
+    try:
+        driver.get(server.url + "/")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model-name").text == "gone")
+        server.close()
+        _set(driver, "prompt", "the cat")
+        driver.find_element(By.ID, "generate").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        assert "the server is not answering" in driver.find_element(By.ID, "error").text
+    finally:
+        driver.quit()
+        server.close()
