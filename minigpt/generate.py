@@ -8,6 +8,7 @@ the cache off), so both paths give identical greedy output.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -19,8 +20,8 @@ PromptLike = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 and finite (0 means greedy)")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} must be a positive integer or None")
     if top_p is not None and not 0.0 < top_p <= 1.0:

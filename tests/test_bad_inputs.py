@@ -155,3 +155,8 @@ def test_resume_past_max_steps_says_there_is_nothing_to_train(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         main(args + ["--max_steps=2", "--resume"])
     assert "already at max_steps=2: there is nothing to train; raise --train.max_steps" in caplog.text
+
+
+def test_a_thread_count_below_one_is_refused_with_the_default_named(capsys):
+    with pytest.raises(SystemExit, match=r"--threads=-1 must be at least 1 \(leave it out for torch's default"):
+        main(["sample", "--model", "nowhere", "--threads", "-1"])

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minigpt import GPT, GPTConfig, Tokenizer, generate_text, stream_text
-from minigpt.generate import sample_next
+from minigpt.generate import generate, sample_next
 from tests.helpers import randomize_, use_tiktoken_cache
 
 
@@ -144,3 +144,10 @@ def test_text_helpers_sample_only_ids_the_tokenizer_can_decode():
     assert all(set(t) <= set("abcde") and len(t) == 30 for t in texts)
     assert set("".join(stream_text(model, tok, "ab", 30, temperature=1.0, seed=0))) <= set("abcde")
     assert max(max(row) for row in model.generate([[0, 1]], 30, temperature=1.0, seed=0)) >= 5
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(temperature):
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match="must be >= 0 and finite"):
+        generate(model, [1, 2], 3, temperature=temperature)

@@ -68,6 +68,8 @@ def _resolve_models(args: argparse.Namespace) -> None:
 
 def _set_threads(threads: int | None) -> None:
     """torch's CPU threads for this command; on a busy machine fewer can be faster."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads={threads} must be at least 1 (leave it out for torch's default, one per core)")
     if threads:
         import torch
 
