@@ -160,3 +160,15 @@ def test_resume_past_max_steps_says_there_is_nothing_to_train(tmp_path, caplog):
 def test_a_thread_count_below_one_is_refused_with_the_default_named(capsys):
     with pytest.raises(SystemExit, match=r"--threads=-1 must be at least 1 \(leave it out for torch's default"):
         main(["sample", "--model", "nowhere", "--threads", "-1"])
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["sample", "--model", "m", "--temprature", "0.5"], "--temprature: did you mean --temperature?"),
+    (["serve", "--model", "m", "--max_batch", "4"], "--max_batch: did you mean --max-batch?"),
+    (["finetune", "check", "a.csv", "--fixx"], "--fixx: did you mean --fix?"),
+])
+def test_a_misspelled_flag_gets_the_subcommands_usage_and_the_closest_flag(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert says in err and f"usage: minigpt {' '.join(argv[:2 if argv[0] == 'finetune' else 1])}" in err

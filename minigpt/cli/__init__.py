@@ -66,6 +66,34 @@ def _resolve_models(args: argparse.Namespace) -> None:
         args.source = str(resolve_model_dir(args.source))
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.ArgumentParser:
+    """The parser of the innermost subcommand named in `argv` (its usage is the one to show)."""
+    words = sys.argv[1:] if argv is None else argv
+    current = parser
+    for word in words:
+        actions = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if actions and word in actions[0].choices:
+            current = actions[0].choices[word]
+    return current
+
+
+def _suggestions(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """'; did you mean --temperature?' for each unknown flag close to one the command has."""
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for word in extra:
+        flag = word.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) or \
+            difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{flag}: did you mean {close[0]}?")
+    return ("; " + "; ".join(hints)) if hints else ""
+
+
 def _set_threads(threads: int | None) -> None:
     """torch's CPU threads for this command; on a busy machine fewer can be faster."""
     if threads is not None and threads < 1:
@@ -103,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
     if extra:  # free-form --key=value overrides: `train` and `finetune classify|completion` only
         if not getattr(args, "accepts_overrides", False):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            command = _subcommand_parser(parser, argv)
+            command.error(f"unrecognized arguments: {' '.join(extra)}{_suggestions(command, extra)}")
         try:
             args.overrides = args.overrides + _pair_overrides(extra)
         except ValueError as err:
