@@ -20,7 +20,7 @@ def _serve(args: argparse.Namespace) -> None:
     name = args.model_name or Path(getattr(args, "model_given", args.model)).resolve().name
     serve(args.model, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, device=args.device, backend=args.backend,
-          raw_prompts=args.raw_prompts)
+          raw_prompts=args.raw_prompts, max_tokens_limit=args.max_tokens_limit)
 
 
 def add_serve_parser(sub) -> None:
@@ -38,6 +38,9 @@ def add_serve_parser(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on every /v1 request (as the openai client sends it)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together at most")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; one more gets 429")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the most tokens one completion may ask for (a completion may outgrow the context and "
+                        "slide on, so this bounds how long one request can hold a row)")
     p.add_argument("--raw-prompts", action="store_true",
                    help="do not add a fine-tuned model's bos and separator to prompts, nor default to its stop")
     p.add_argument("--backend", choices=BACKENDS, default="sdpa")

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def load_state(model: str | Path, *, model_name: str | None = None, api_key: str | None = None,
                max_batch: int = 16, max_queue: int = 256, device: str = "cpu", backend: str = "sdpa",
-               raw_prompts: bool = False):
+               raw_prompts: bool = False, max_tokens_limit: int = 4096):
     """The server's state for a model folder (any model argument: `resolve_model_dir`).
 
     A fine-tuned completion model's finetune.json (bos, separator, stop) becomes the prompt
@@ -48,7 +48,7 @@ def load_state(model: str | Path, *, model_name: str | None = None, api_key: str
     engine = Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue)
     name = model_name or Path(model).resolve().name
     return ServerState(engine=engine, tokenizer=tokenizer, model_name=name, source=str(folder), api_key=api_key,
-                       defaults=defaults)
+                       defaults=defaults, max_tokens_limit=max_tokens_limit)
 
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:

@@ -17,6 +17,7 @@ its rows at the next decoding step.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -28,16 +29,19 @@ from dataclasses import dataclass, field
 
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minigpt.serve.engine import Engine, QueueFull, Sampling, Sequence, TokenInfo
 from minigpt.serve.inside import inside_view, model_card
 from minigpt.serve.protocol import CompletionRequest, InspectRequest, ProtocolError, error_body, validation_error
 
 STATIC = Path(__file__).parent / "static"
+DISCONNECT_CHECK_S = 0.25
+"""How often a request looks whether its client went away (its rows are then freed)."""
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ class ServerState:
     source: str = ""
     """Where the model came from (the folder served), for the model card."""
     api_key: str | None = None
+    max_tokens_limit: int = 4096
+    """The most tokens one completion may ask for (it may outgrow the context and slide on)."""
     defaults: PromptDefaults = field(default_factory=PromptDefaults)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -119,22 +125,31 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(validation_error(exc.errors()))
+        model = InspectRequest if request.url.path == "/v1/inspect" else CompletionRequest
+        return _error(validation_error(exc.errors(), list(model.model_fields)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(ProtocolError(f"{request.method} {request.url.path}: {exc.detail}", None, exc.status_code,
+                                    kind=kind))
 
     @app.exception_handler(ProtocolError)
     async def _refused(request: Request, exc: ProtocolError) -> JSONResponse:
         return _error(exc)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if state.api_key is not None and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {state.api_key}":
-                what = "no API key was given" if not header else "the API key is wrong"
-                return _error(ProtocolError(f"{what}: send the header 'Authorization: Bearer <key>' with the key "
-                                            f"the server was started with (--api-key)", None, 401,
-                                            code="invalid_api_key"))
-        return await call_next(request)
+    # The key is checked by a dependency of every /v1 route, not by an HTTP middleware:
+    # Starlette's BaseHTTPMiddleware would hide a client's disconnect from the endpoint.
+    async def require_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not hmac.compare_digest(header.encode(), f"Bearer {state.api_key}".encode()):
+            what = "no API key was given" if not header else "the API key is wrong"
+            raise ProtocolError(f"{what}: send the header 'Authorization: Bearer <key>' with the key the server "
+                                f"was started with (--api-key)", None, 401, code="invalid_api_key")
+
+    keyed = [Depends(require_key)]
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -142,15 +157,16 @@ def create_app(state: ServerState) -> FastAPI:
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.post("/v1/inspect")
+    @app.post("/v1/inspect", dependencies=keyed)
     async def inspect(body: InspectRequest) -> dict:
         _check_model(state, body.model)
         tokenizer, engine = state.tokenizer, state.engine
         ids = _encode(tokenizer, body.prompt) if isinstance(body.prompt, str) else body.prompt  # as the model saw it
         context, layers = engine.model.config.block_size, engine.model.config.n_layer
-        if not 1 <= len(ids) <= context:
-            raise ProtocolError(f"prompt: the text has {len(ids)} tokens; the inside view takes 1 to {context} "
-                                f"(the model's context)", "prompt", code="context_length_exceeded")
+        if not ids:
+            raise ProtocolError("prompt: it is empty; give the text to look inside", "prompt")
+        dropped = max(0, len(ids) - context)
+        ids = ids[dropped:]  # a text past the context: its last `context` tokens, what the model sees
         if body.layer >= layers:
             raise ProtocolError(f"layer: {body.layer} is out of range; this model has layers 0..{layers - 1}", "layer")
         vocab = getattr(tokenizer, "vocab_size", None)
@@ -158,21 +174,22 @@ def create_app(state: ServerState) -> FastAPI:
             raise ProtocolError(f"prompt: token ids must be in 0..{vocab - 1}", "prompt")
         # On the engine's thread, between steps: the view attaches hook points for its forward.
         view = await asyncio.wrap_future(engine.call(lambda: inside_view(engine.model, tokenizer, ids, body.layer)))
-        return {**view, "model": {"name": state.model_name, **model_card(engine.model, state.source, tokenizer)}}
+        return {**view, "dropped": dropped,
+                "model": {"name": state.model_name, **model_card(engine.model, state.source, tokenizer)}}
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": state.model_name, "running": state.engine.busy_rows,
                 "waiting": state.engine.waiting}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed)
     async def models() -> dict:
         # OpenAI's model object, plus minigpt's model card (clients ignore fields they do not know).
         card = model_card(state.engine.model, state.source, state.tokenizer)
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
                                             "owned_by": "minigpt", "minigpt": card}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request):
         _check_model(state, body.model)
         job = _Job(state, body)
@@ -207,14 +224,18 @@ class _Job:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         tokenizer = state.tokenizer
-        stop = body.stops() or list(state.defaults.stop)
+        if body.max_tokens > state.max_tokens_limit:
+            raise ProtocolError(f"max_tokens: {body.max_tokens} is more than this server allows "
+                                f"({state.max_tokens_limit}, its --max-tokens-limit)", "max_tokens")
+        defaults = state.defaults if body.apply_defaults else PromptDefaults()
+        stop = body.stops() or list(defaults.stop)
         self.prompts: list[list[int]] = []
         self.prompt_texts: list[str] = []
         vocab = getattr(tokenizer, "vocab_size", None)
         block_size = state.engine.model.config.block_size
         for i, prompt in enumerate(body.prompts()):
             if isinstance(prompt, str):
-                text = state.defaults.apply(prompt)
+                text = defaults.apply(prompt)
                 ids = _encode(tokenizer, text)
             else:
                 ids, text = prompt, None
@@ -266,14 +287,16 @@ class _Job:
         """Lists of (choice, event), each what has arrived since the last, until every choice is
         done; cancels them all if the client goes away."""
         open_choices = len(self.sequences)
+        checked = time.monotonic()
         try:
             while open_choices:
-                try:
-                    arrived = [await asyncio.wait_for(self.events.get(), timeout=0.25)]
-                except asyncio.TimeoutError:
+                if time.monotonic() - checked > DISCONNECT_CHECK_S:  # also while tokens keep coming
+                    checked = time.monotonic()
                     if await request.is_disconnected():
-                        self.cancel()
                         return
+                try:
+                    arrived = [await asyncio.wait_for(self.events.get(), timeout=DISCONNECT_CHECK_S)]
+                except asyncio.TimeoutError:
                     continue
                 while not self.events.empty():
                     arrived.append(self.events.get_nowait())
@@ -301,6 +324,11 @@ class _Job:
             pieces = [piece for c, event in arrived if (piece := choices[c].add(event)) is not None]
             yield "".join(_sse(self._chunk([{k: v for k, v in piece.items() if k != "_echo"}]))
                           for piece in _merge(pieces))
+            failed = next((ch.error for ch in choices if ch.error), None)
+            if failed is not None:  # as OpenAI streams an error: the client raises APIError
+                self.cancel()
+                yield _sse(error_body(f"decoding failed: {failed}", "server_error"))
+                return
         if self.body.stream_options is not None and self.body.stream_options.include_usage:
             yield _sse(self._chunk([], usage=self._usage(choices)))
         yield "data: [DONE]\n\n"
@@ -340,16 +368,22 @@ def _sse(payload: dict) -> str:
 
 
 class _Choice:
-    """One choice's text and log-probabilities, built from its engine events."""
+    """One choice's text and log-probabilities, built from its engine events.
+
+    Log-probabilities cover every token the model produced, the one that completed a stop
+    string and an end-of-text token included (as OpenAI's did, and as lm-evaluation-harness's
+    `[ctxlen:-1]` slices expect); `text_offset` is where each token starts in the returned
+    text, read off a running decode, so a character split across tokens does not shift it."""
 
     def __init__(self, job: _Job, index: int) -> None:
         self.job, self.index = job, index
         self.text = ""
         self.tokens: list[TokenInfo] = []
+        self.ids: list[int] = []  # what the offsets are read from: the echoed prompt's, then the generated
         self.generated: list[int] = []
         self.finish: str | None = None
         self.error: str | None = None
-        self.offset = 0
+        self.offsets: list[int] = []
 
     def add(self, event: tuple) -> dict | None:
         """Record `event`; return the streamed chunk's choice for it (None when there is nothing to send)."""
@@ -357,20 +391,18 @@ class _Choice:
         if kind == "prompt":
             infos = event[1]
             text = self.job.prompt_texts[self.index // self.job.body.n]
-            self.tokens += infos
             self.text += text
             return {**self._piece(text, infos), "_echo": True}
         if kind == "token":
             info, piece = event[1], event[2]
             self.generated.append(info.id)
-            self.tokens.append(info)
             self.text += piece
             return self._piece(piece, [info]) if piece or self.job.body.logprobs is not None else None
         if kind == "done":
             self.finish = event[1]
             return {"index": self.index, "text": "", "logprobs": None, "finish_reason": self.finish}
         self.error, self.finish = event[1], "error"
-        return {"index": self.index, "text": "", "logprobs": None, "finish_reason": "error"}
+        return None
 
     def _piece(self, text: str, infos: list[TokenInfo]) -> dict:
         return {"index": self.index, "text": text, "logprobs": self._logprobs(infos), "finish_reason": None}
@@ -378,20 +410,20 @@ class _Choice:
     def _logprobs(self, infos: list[TokenInfo]) -> dict | None:
         if self.job.body.logprobs is None:
             return None
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        decode = self.job.state.tokenizer.decode
+        start = len(self.tokens)
         for info in infos:
-            out["tokens"].append(info.text)
-            out["token_logprobs"].append(info.logprob)
-            out["top_logprobs"].append(info.top)
-            out["text_offset"].append(self.offset)
-            self.offset += len(info.text)
-        return out
+            self.offsets.append(len(decode(self.ids)) if self.ids else 0)
+            self.ids.append(info.id)
+            self.tokens.append(info)
+        return self._arrays(start)
+
+    def _arrays(self, start: int = 0) -> dict:
+        tokens = self.tokens[start:]
+        return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [t.top for t in tokens], "text_offset": self.offsets[start:]}
 
     def whole(self) -> dict:
-        """The choice as the non-streamed response gives it: tokens past a stop string dropped."""
-        self.offset = 0
-        logprobs = self._logprobs(self.tokens)
-        if logprobs is not None:
-            keep = sum(1 for offset in logprobs["text_offset"] if offset < len(self.text))
-            logprobs = {k: v[:keep] for k, v in logprobs.items()}
+        """The choice as the non-streamed response gives it."""
+        logprobs = self._arrays() if self.job.body.logprobs is not None else None
         return {"text": self.text, "index": self.index, "logprobs": logprobs, "finish_reason": self.finish}

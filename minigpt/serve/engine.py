@@ -82,6 +82,10 @@ class Sequence:
         self.cancelled = True
 
 
+IDLE_POLL_S = 0.05
+"""How often an idle loop looks for work other than requests (a request wakes it at once)."""
+
+
 class QueueFull(Exception):
     """More requests wait than `max_queue`: the caller should answer 429."""
 
@@ -91,12 +95,19 @@ class _Row:
 
     def __init__(self, seq: Sequence, tokenizer, device: torch.device) -> None:
         self.seq = seq
+        self.ended = False
         self.text = TextStream(tokenizer, seq.sampling.stop)
         self.generator = torch.Generator(device=device)
         if seq.sampling.seed is not None:
             self.generator.manual_seed(seq.sampling.seed)
         else:
             self.generator.seed()
+
+    def end(self, event: tuple) -> None:
+        """Deliver the sequence's last event ("done" or "error"), once."""
+        if not self.ended:
+            self.ended = True
+            self.seq.deliver(event)
 
 
 class Engine:
@@ -156,8 +167,7 @@ class Engine:
         For work that uses the model another way (the inside view attaches hook points for
         one forward): run beside the loop, it would see, and disturb, the batch's forward."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.put((fn, future))
-        self._waiting.put(None)  # wake an idle loop
+        self._calls.put((fn, future))  # an idle loop looks every IDLE_POLL_S
         return future
 
     def _run_calls(self) -> None:
@@ -174,7 +184,7 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return self._waiting.qsize() - self._calls.qsize()
+        return self._waiting.qsize()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -190,11 +200,11 @@ class Engine:
             except Exception as err:  # noqa: BLE001 - a failing step ends its sequences, not the server
                 log.exception("decoding step failed")
                 for row in batch.rows + batch.sliding:
-                    row.seq.deliver(("error", f"{type(err).__name__}: {err}"))
+                    row.end(("error", f"{type(err).__name__}: {err}"))
                 batch = _Batch()
             self.busy_rows = batch.size
         for row in batch.rows + batch.sliding:
-            row.seq.deliver(("error", "the server is shutting down"))
+            row.end(("error", "the server is shutting down"))
 
     def _admit(self, batch: "_Batch", block: bool) -> None:
         """Prefill waiting sequences one by one and join each to the batch, while rows are free."""
@@ -203,7 +213,7 @@ class Engine:
             batch.pool = BatchCache(self.model.config, self.max_batch, dtype=weight.dtype, device=weight.device)
         while batch.size < self.max_batch:
             try:
-                seq = self._waiting.get(timeout=0.5) if block else self._waiting.get_nowait()
+                seq = self._waiting.get(timeout=IDLE_POLL_S) if block else self._waiting.get_nowait()
             except queue.Empty:
                 break
             if seq is None or self._stop.is_set():
@@ -211,11 +221,17 @@ class Engine:
             block = False
             if seq.cancelled:
                 continue
-            row_logits = self._prefill(seq, batch.pool.row_view(batch.pool.size))
+            try:  # a request that cannot start ends alone, with its error; the batch goes on
+                row = _Row(seq, self.tokenizer, self.device)
+                row_logits = self._prefill(seq, batch.pool.row_view(batch.pool.size))
+            except Exception as err:  # noqa: BLE001
+                log.exception("a request failed at its prompt")
+                seq.deliver(("error", f"{type(err).__name__}: {err}"))
+                continue
             if row_logits is None:  # finished at the prompt (max_tokens=0)
                 continue
             batch.pool.join(len(seq.prompt))
-            batch.rows.append(_Row(seq, self.tokenizer, self.device))
+            batch.rows.append(row)
             batch.logits = row_logits if batch.logits is None else torch.cat([batch.logits, row_logits])
             self.busy_rows = batch.size  # from now on /health counts it (before its first token is out)
 
@@ -304,21 +320,21 @@ class Engine:
         if row.seq.cancelled:
             return None
         token = int(sample_next(logits[i:i + 1], s.temperature, s.top_k, s.top_p, row.generator)[0])
-        if token == self.eos_id:
-            row.seq.deliver(("done", "stop"))
-            return None
         row.seq.generated.append(token)
-        piece = row.text.push(token)
-        finish = "stop" if row.text.stopped else "length" if len(row.seq.generated) >= s.max_tokens else None
-        if finish == "length":
-            piece += row.text.finish()
+        if token == self.eos_id:  # a token like any other in logprobs and usage, but no text
+            piece, finish = row.text.finish(), "stop"
+        else:
+            piece = row.text.push(token)
+            finish = "stop" if row.text.stopped else "length" if len(row.seq.generated) >= s.max_tokens else None
+            if finish == "length":
+                piece += row.text.finish()
         info = TokenInfo(token, self.tokenizer.decode([token]) if s.logprobs is not None else "")
         if s.logprobs is not None:
             logp = torch.log_softmax(logits[i].float(), dim=-1)
             info.logprob, info.top = float(logp[token]), self._top(logp, s.logprobs)
         row.seq.deliver(("token", info, piece))
         if finish is not None:
-            row.seq.deliver(("done", finish))
+            row.end(("done", finish))
             return None
         return token
 

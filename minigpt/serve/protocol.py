@@ -16,7 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 MAX_N = 16
 MAX_LOGPROBS = 20
-MAX_STOPS = 4
+MAX_STOPS = 16  # OpenAI allows 4; lm-evaluation-harness sends its `until` strings and the eos text, uncut
+SEED_RANGE = (0, 2**63 - 1 - MAX_N)  # a generator's seed; choice c uses seed + c
+NULLABLE = ("max_tokens", "temperature", "top_p", "n", "echo", "stream", "logprobs", "seed", "stop", "top_k",
+            "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "suffix", "user", "stream_options")
+"""Fields OpenAI documents as nullable: null means the default."""
 
 
 class StreamOptions(BaseModel):
@@ -25,8 +29,8 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. Ranges as OpenAI documents them (temperature 0-2, top_p (0, 1],
-    up to 4 stop strings); n up to 16 and logprobs up to 20 here."""
+    """POST /v1/completions. Ranges as OpenAI documents them (temperature 0-2, top_p (0, 1]);
+    n up to 16, logprobs up to 20 and up to 16 stop strings here; null means a field's default."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -38,18 +42,28 @@ class CompletionRequest(BaseModel):
     top_k: StrictInt | None = Field(None, ge=1)
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     echo: StrictBool = False
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     user: StrictStr | None = None
+    apply_defaults: StrictBool = True
+    """minigpt's extension: false sends a string prompt as it is, without a fine-tuned model's bos
+    and separator (the playground's continuations already hold them)."""
     # Documented fields minigpt does not implement: accepted at their neutral values only.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     best_of: StrictInt | None = None
     logit_bias: dict[str, float] | None = None
     suffix: StrictStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in NULLABLE)}
+        return data
 
     @model_validator(mode="after")
     def _neutral_unsupported(self) -> "CompletionRequest":
@@ -116,15 +130,16 @@ _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
                  "value_error"}
 
 
-def validation_error(errors: list[dict]) -> ProtocolError:
+def validation_error(errors: list[dict], fields: list[str] | None = None) -> ProtocolError:
     """pydantic's errors as one ProtocolError: the first error's field, what it needs and what
-    came; 400 for a value out of range, 422 for a missing, unknown or mistyped field."""
+    came; 400 for a value out of range, 422 for a missing, unknown or mistyped field (`fields`:
+    the request's own, named for an unknown one)."""
     first = errors[0]
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     field = loc[0] if loc else None  # the request's own field (a union's member names come after it)
     kind = first.get("type", "")
     if kind == "extra_forbidden":
-        allowed = ", ".join(CompletionRequest.model_fields)
+        allowed = ", ".join(fields or CompletionRequest.model_fields)
         return ProtocolError(f"unknown field {field!r}; the completions API takes: {allowed}", field, 422)
     if kind == "missing":
         return ProtocolError(f"{field} is required", field, 422)

@@ -174,3 +174,48 @@ def test_a_cancelled_sequence_leaves_the_batch(engine):
 def test_prompts_that_do_not_fit_the_context_are_refused_at_submit(engine):
     with pytest.raises(ValueError, match="must have 1 to 48"):
         engine.submit(Sequence(TOKENIZER.encode("a" * 49), Sampling(max_tokens=1), Collector()))
+
+
+class _WithEos:
+    """The character tokenizer with one of its characters taken as end-of-text."""
+
+    def __init__(self, eos: str) -> None:
+        self.eos_id = TOKENIZER.encode(eos)[0]
+        self.vocab_size = TOKENIZER.vocab_size
+        self.encode, self.decode = TOKENIZER.encode, TOKENIZER.decode
+
+
+def test_end_of_text_is_a_token_and_the_held_back_text_still_comes():
+    model = _model()
+    prompt = TOKENIZER.encode("the cat")
+    free = generate(model, prompt, 30, temperature=0, vocab_limit=TOKENIZER.vocab_size)[0]
+    eos = TOKENIZER.decode([free[6]])  # the model's 7th greedy token becomes end-of-text
+    tokenizer = _WithEos(eos)
+    engine = Engine(model, tokenizer, max_batch=2).start()
+    try:
+        c = Collector()  # a stop string longer than the text holds all of it back until the end
+        engine.submit(Sequence(prompt, Sampling(max_tokens=30, temperature=0, stop=("QQQQQQQQ",)), c))
+        c.wait()
+    finally:
+        engine.stop(10)
+    want = generate(model, prompt, 30, temperature=0, eos_id=tokenizer.eos_id, vocab_limit=TOKENIZER.vocab_size)[0]
+    assert c.tokens == want + [tokenizer.eos_id] and c.finish == "stop"
+    assert c.text == TOKENIZER.decode(want)
+
+
+def test_a_request_that_fails_at_its_prompt_ends_alone(engine):
+    bad, good = Collector(), Collector()
+    engine.submit(Sequence([len(CHARS) + 5], Sampling(max_tokens=5), bad))  # an id past the model's vocabulary
+    engine.submit(Sequence(TOKENIZER.encode("the cat"), Sampling(max_tokens=5, temperature=0), good))
+    bad.wait()
+    assert bad.events[-1][0] == "error" and "out of range" in bad.events[-1][1]
+    assert good.wait().finish == "length" and len(good.tokens) == 5
+
+
+def test_calls_between_steps_leave_no_phantom_requests_in_the_queue(engine):
+    c = Collector()
+    engine.submit(Sequence(TOKENIZER.encode("a"), Sampling(max_tokens=40, temperature=0), c))
+    results = [engine.call(lambda i=i: i * i).result(timeout=10) for i in range(5)]
+    assert results == [0, 1, 4, 9, 16]
+    c.wait()
+    assert engine.waiting == 0

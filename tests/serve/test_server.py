@@ -395,3 +395,35 @@ def test_a_streamed_echo_comes_alone_in_the_first_chunk(server):
     first = chunks[0]["choices"][0]
     assert first["text"] == "the cat" and first["logprobs"]["tokens"] == list("the cat")
     assert "".join(c["choices"][0]["text"] for c in chunks[1:]) and "_echo" not in raw
+
+
+def test_a_seed_out_of_range_and_a_null_field(server, local):
+    response = _http("POST", f"{server.url}/v1/completions", {"model": "tiny", "prompt": "a", "seed": 2**64}, key=KEY)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "seed"
+    out = _http("POST", f"{server.url}/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 4,
+                                                          "temperature": 0, "n": None, "echo": None}, key=KEY)
+    assert out.status_code == 200 and out.json()["choices"][0]["text"] == _reference(local, "a", 4, temperature=0)
+
+
+def test_unknown_routes_and_the_max_tokens_limit_get_openai_error_bodies(server):
+    response = _http("GET", f"{server.url}/v1/nothing", key=KEY)
+    assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
+    response = _http("POST", f"{server.url}/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 5000},
+                     key=KEY)
+    assert response.status_code == 400 and "--max-tokens-limit" in response.json()["error"]["message"]
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_row(slow_server):
+    server = slow_server
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("POST", "/v1/completions", json.dumps({"model": "slow", "prompt": "a", "max_tokens": 3000}),
+                       {"Content-Type": "application/json"})
+    deadline = time.time() + 10
+    while _health(server)["running"] == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert _health(server)["running"] == 1
+    connection.close()  # gone before the answer: tokens keep coming, the row must still go
+    deadline = time.time() + 10
+    while _health(server)["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert _health(server)["running"] == 0
