@@ -275,19 +275,29 @@ class TextStream:
         self.text = ""
         self.stopped = False
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+        # Decoding every id at every token would be quadratic: ids[:_fixed] decode to _fixed_text,
+        # which ends on a whole character, so the whole text is _fixed_text + decode(ids[_fixed:]).
+        self._fixed, self._fixed_text = 0, ""
+
+    def _decode(self) -> str:
+        tail = self.tokenizer.decode(self.ids[self._fixed:])
+        full = self._fixed_text + tail
+        if len(self.ids) - self._fixed >= 32 and not tail.endswith("\ufffd"):
+            self._fixed, self._fixed_text = len(self.ids), full
+        return full
 
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""
         self.ids.append(token_id)
-        full, self.stopped = _cut_at_stop(self.tokenizer.decode(self.ids), self.stop)
+        full, self.stopped = _cut_at_stop(self._decode(), self.stop)
         safe = len(full) if self.stopped else len(full) - self._hold
         while not self.stopped and safe > len(self.text) and full[safe - 1] == "\ufffd":  # a split character
             safe -= 1
         return self._give(full, safe)
 
     def finish(self) -> str:
-        full, _ = _cut_at_stop(self.tokenizer.decode(self.ids), self.stop)
+        full, _ = _cut_at_stop(self._decode(), self.stop)
         return self._give(full, len(full))
 
     def _give(self, full: str, upto: int) -> str:

@@ -151,3 +151,25 @@ def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(tempe
     model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(ValueError, match="must be >= 0 and finite"):
         generate(model, [1, 2], 3, temperature=temperature)
+
+
+@given(text=st.text(alphabet="ab日本語\u00e9 \n", min_size=0, max_size=120), stop=st.sampled_from([(), ("語\n",), ("ab", "é")]))
+def test_text_stream_gives_the_whole_decode_cut_at_the_first_stop(text, stop):
+    # Byte-level BPE splits the multi-byte characters across tokens; the stream decodes in
+    # pieces (a fixed prefix and a tail) and must give exactly what one decode of all ids gives.
+    import os
+
+    from minigpt.generate import TextStream, _cut_at_stop
+    from tests.helpers import TIKTOKEN_CACHE, need_file
+
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(need_file(TIKTOKEN_CACHE)))
+    tokenizer = Tokenizer()
+    ids = tokenizer.encode(text)
+    stream = TextStream(tokenizer, stop)
+    pieces = []
+    for t in ids:
+        pieces.append(stream.push(t))
+        if stream.stopped:
+            break
+    pieces.append(stream.finish())
+    assert "".join(pieces) == _cut_at_stop(tokenizer.decode(ids), list(stop))[0]

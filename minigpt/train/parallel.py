@@ -7,8 +7,8 @@ itself stays single-device and knows none of this.
 
 Compiling each block rather than the whole model is torchtitan's choice too: every block
 of a kind reuses one compiled graph, so compiling costs about one block instead of all of
-them (GPT-2 124M's training step on a 2-core CPU: 16 s before the first update instead of
-71 s, benchmarks/NOTES.md), while the blocks hold nearly all of the FLOPs.
+them (GPT-2 124M's training step on a 2-core CPU, an empty inductor cache: 28 s before the
+first update instead of 71 s, benchmarks/NOTES.md), while the blocks hold nearly all of the FLOPs.
 """
 from __future__ import annotations
 

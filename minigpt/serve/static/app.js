@@ -48,9 +48,12 @@ function numberOrNull(id) {
   return v === "" ? null : Number(v);
 }
 
+let rawNext = false;      // the next prompt is a continuation that already holds the model's bos/separator
+
 function settings() {
   const body = {
     model: modelName, prompt: $("prompt").value, stream: true, echo: true, logprobs: TOP,
+    apply_defaults: !rawNext,
     temperature: numberOrNull("temperature") ?? 1, top_p: numberOrNull("top_p") ?? 1,
     max_tokens: numberOrNull("max_tokens") ?? 64,
   };
@@ -84,7 +87,10 @@ function tokenSpan(text, logprob, top, isPrompt) {
 async function generate() {
   showError("");
   if (controller) controller.abort();
-  controller = new AbortController();
+  const mine = new AbortController();  // this run's: an older run that ends later must not touch the page
+  controller = mine;
+  const body = settings();
+  rawNext = false;
   const out = $("output");
   out.textContent = "";
   shownText = "";
@@ -92,14 +98,14 @@ async function generate() {
   $("stop-button").disabled = false;
   let text = "";           // the completion's text, as the server cuts it (stop strings)
   try {
-    const response = await post("/v1/completions", settings(), controller.signal);
+    const response = await post("/v1/completions", body, mine.signal);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
     let first = true;
     for (;;) {
       const { value, done } = await reader.read();
-      if (done) break;
+      if (done || controller !== mine) break;
       buffer += decoder.decode(value, { stream: true });
       let cut;
       while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -109,6 +115,7 @@ async function generate() {
         const data = event.slice(6);
         if (data === "[DONE]") continue;
         const chunk = JSON.parse(data);
+        if (chunk.error) { showError(chunk.error.message); continue; }
         for (const choice of chunk.choices) {
           const lp = choice.logprobs;
           if (first && lp) {  // the echoed prompt comes first
@@ -120,25 +127,31 @@ async function generate() {
           first = false;
           text += choice.text;
           if (lp) lp.tokens.forEach((t, i) => out.appendChild(tokenSpan(t, lp.token_logprobs[i], lp.top_logprobs[i], false)));
-          if (choice.finish_reason === "error") showError("decoding failed on the server");
         }
       }
     }
-    trimToText(text);
-    shownText += text;
-    inspect();  // the inside view follows the text
+    if (controller === mine) {
+      trimToText(text);
+      shownText += text;
+      inspect();  // the inside view follows the text
+    }
   } catch (e) {
-    if (e.name !== "AbortError") showError(e.message);
-    trimToText(text);
-    shownText += text;
+    if (controller === mine) {
+      if (e.name !== "AbortError") showError(e.message);
+      trimToText(text);
+      shownText += text;
+    }
   } finally {
-    controller = null;
-    $("generate").disabled = false;
-    $("stop-button").disabled = true;
+    if (controller === mine) {
+      controller = null;
+      $("generate").disabled = false;
+      $("stop-button").disabled = true;
+    }
   }
 }
 
-// Tokens after a stop string came with their log-probabilities but are not in the text: drop them.
+// The token that completed a stop string, or end-of-text, comes with its log-probabilities but
+// is not in the text: drop the spans past the text (an end-of-text span has no text at all).
 function trimToText(text) {
   let offset = 0;
   for (const span of Array.from(document.querySelectorAll("#output .generated"))) {
@@ -190,6 +203,7 @@ function continueWith(span, token) {
     before += s.textContent;
   }
   $("prompt").value = before + token;
+  rawNext = true;  // `before` came from the echo: it already holds the fine-tuning's bos and separator
   hidePopover();
   generate();
 }
@@ -201,6 +215,8 @@ async function inspect() {
     const response = await post("/v1/inspect", { model: modelName, prompt: text, layer: Number($("layer").value || 0) });
     view = await response.json();
     drawInside();
+    if (view.dropped) showError(`the inside view shows the last ${view.tokens.length} tokens (the model's context); `
+                                + `${view.dropped} before them are not seen by the model`);
   } catch (e) {
     showError(e.message);
   }
