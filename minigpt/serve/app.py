@@ -245,8 +245,9 @@ class _Job:
                 text = tokenizer.decode(ids)
             if not ids:
                 raise ProtocolError("prompt: it is empty, so there is nothing to continue; give some text"
-                                    + (f" (or the end-of-text token {tokenizer.decode([tokenizer.eos_id])!r})"
-                                       if getattr(tokenizer, "eos_id", None) is not None else ""), "prompt")
+                                    + (f" (or, to sample from nothing, the end-of-text token as token ids: "
+                                       f"[{tokenizer.eos_id}])" if getattr(tokenizer, "eos_id", None) is not None
+                                       else ""), "prompt")
             if len(ids) > block_size:  # a completion may outgrow the context: it then slides, as `generate` does
                 raise ProtocolError(f"this model's maximum context length is {block_size} tokens, but prompt {i} has "
                                     f"{len(ids)}; shorten it (or keep its last {block_size} tokens)", "prompt",
