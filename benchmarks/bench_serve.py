@@ -163,7 +163,7 @@ def run_engine(model: Path, threads: int) -> float:
     net, tokenizer = GPT.from_pretrained(model).eval(), load_tokenizer(model)
     engine = Engine(net, tokenizer, max_batch=CLIENTS).start()
     try:
-        for attempt in range(2):  # the first is a warm-up
+        for _ in range(2):  # the first is a warm-up
             done = [threading.Event() for _ in PROMPTS]
             began = time.perf_counter()
             for prompt, event in zip(PROMPTS, done):

@@ -117,9 +117,14 @@ def next_token_logits(model, idx: torch.Tensor, *, cache=None, left_pad: torch.T
     model with more rows than its tokenizer never picks one the tokenizer cannot decode."""
     h = model.hidden(idx, cache=cache, left_pad=left_pad)[0][:, -1]  # (B, C): only the newest position
     head_t = head_for_decoding(model)
-    logits = h @ head_t if head_t is not None else model.lm_head(h)  # (B, V)
+    return mask_undecodable(h @ head_t if head_t is not None else model.lm_head(h), vocab_limit)  # (B, V)
+
+
+def mask_undecodable(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
+    """`logits` (..., V) with -inf, in place, for the ids from `vocab_limit` on: those a
+    tokenizer smaller than the model's vocabulary cannot decode."""
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits[:, vocab_limit:] = float("-inf")  # ids the tokenizer cannot decode
+        logits[..., vocab_limit:] = float("-inf")
     return logits
 
 

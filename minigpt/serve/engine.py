@@ -22,14 +22,13 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from minigpt.cache import BatchCache
-from minigpt.generate import TextStream, next_token_logits, sample_next
+from minigpt.generate import TextStream, mask_undecodable, next_token_logits, sample_next
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,6 @@ class Sequence:
     """Called from the loop's thread with each event (the app posts it to its event loop)."""
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
-    submitted: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -242,9 +240,7 @@ class Engine:
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
         if s.echo:
             out = self.model(ids, cache=cache)
-            all_logits = out.logits[0].float()  # (P, V)
-            if self.vocab_limit is not None and self.vocab_limit < all_logits.shape[-1]:
-                all_logits[:, self.vocab_limit:] = float("-inf")
+            all_logits = mask_undecodable(out.logits[0].float(), self.vocab_limit)  # (P, V)
             seq.deliver(("prompt", self._prompt_tokens(seq.prompt, all_logits, s.logprobs)))
             last = all_logits[-1:]
         else:

@@ -10,7 +10,7 @@ refused naming it: a typo never silently changes nothing.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
@@ -150,6 +150,3 @@ def validation_error(errors: list[dict], fields: list[str] | None = None) -> Pro
         return ProtocolError(f"the body is not valid JSON: {first.get('msg')}", None, 400)
     return ProtocolError(message, field, 400 if kind in _RANGE_ERRORS else 422)
 
-
-
-FinishReason = Literal["stop", "length"]
