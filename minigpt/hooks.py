@@ -1,24 +1,46 @@
 """Hook points with TransformerLens's names: read, replace or differentiate any activation.
 
 Every activation of `minigpt.model` passes through an identity `HookPoint`. This module
-names them as TransformerLens (Nanda & Bloom 2022) does, so that its tutorials read the
-same here, and runs the model with hooks attached:
+names them as TransformerLens (Nanda & Bloom 2022; its `HookedTransformer`, version 3)
+does, with the values it gives them, so that its tutorials' hook code runs here unchanged
+(tests/peers checks every shared name against TransformerLens itself):
 
     hook_embed, hook_pos_embed                                      (B, T, C)
     blocks.{i}.hook_resid_pre, .hook_resid_mid, .hook_resid_post    (B, T, C)
+    blocks.{i}.ln1.hook_scale, .ln2.hook_scale                      (B, T, 1)
     blocks.{i}.ln1.hook_normalized, .ln2.hook_normalized            (B, T, C)
     blocks.{i}.attn.hook_q, .hook_k, .hook_v, .hook_z               (B, T, H, D)
     blocks.{i}.attn.hook_attn_scores, .hook_pattern                 (B, H, T, S)
     blocks.{i}.hook_attn_out, .hook_mlp_out                         (B, T, C)
     blocks.{i}.mlp.hook_pre, .mlp.hook_post                         (B, T, mlp_width)
-    ln_final.hook_normalized                                        (B, T, C)
+    ln_final.hook_scale, ln_final.hook_normalized                   (B, T, 1), (B, T, C)
+    unembed.hook_in, unembed.hook_out                               (B, T, C), (B, T, V)
 
-The model's own module names differ in three places (`ln_1`, `ln_2`, `ln_f`, kept so that
+A LayerNorm's `hook_scale` is sqrt(var + eps) of each position and its `hook_normalized`
+is (x - mean) / scale, before the gain and bias, as TransformerLens records them since
+version 3. What the LayerNorm returns, after gain and bias (minigpt's `hook_normalized`
+before, see CHANGELOG.md), is its `hook_out`; TransformerLens has no such point.
+
+Optional points fire only after their switch, as in TransformerLens, because they cost
+memory (an H-fold copy of the residual stream per layer, or of each head's output):
+
+    model.set_use_attn_result(True)     blocks.{i}.attn.hook_result    (B, T, H, C)
+    model.set_use_attn_in(True)         blocks.{i}.hook_attn_in        (B, T, H, C)
+    model.set_use_split_qkv_input(True) blocks.{i}.hook_q_input, .hook_k_input, .hook_v_input  (B, T, H, C)
+    model.set_use_hook_mlp_in(True)     blocks.{i}.hook_mlp_in         (B, T, C)
+    model.set_use_hook_tokens(True)     hook_tokens                    (B, T) token ids
+
+With attn_in or split inputs on, ln1 normalizes each head's copy (its hooks gain the H
+axis) and q, k, v are computed head by head, so a hook can change one head's input alone.
+
+The model's own module names differ in four places (`ln_1`, `ln_2`, `ln_f`, and the
+unembedding's points, which live on the model as `hook_unembed_in` / `_out`; kept so that
 checkpoints do not change); `hook_points` translates them. A hook is `fn(activation, hook)`
-and may return a replacement. Scores and pattern exist only on the math path: while one of
-them is hooked, that layer computes its attention there, whatever the backend (logged once);
-every other hook point leaves the fused `sdpa` / `triton` path in place. With no hook
-attached a `HookPoint` returns its input object unchanged, so logits are bit-identical.
+and may return a replacement. Scores and pattern exist only on the math path, and a
+LayerNorm's scale and normalized input only on its spelled-out path: while one of them is
+hooked, that layer computes there, whatever the backend (logged once for attention); every
+other hook point leaves the fused `sdpa` / `triton` path in place. With no hook attached a
+`HookPoint` returns its input object unchanged, so logits are bit-identical.
 
 With the KV cache, each call sees only its new tokens (T = 1 when decoding); the key axis
 S of scores and pattern holds the cached keys in position order (a banded layer keeps only
@@ -45,8 +67,12 @@ HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
 NameSpec = Union[str, Callable[[str], bool], Sequence[str]]
 """A hook name, a list of them, or a predicate over names (e.g. `lambda n: n.endswith("hook_z")`)."""
 
-# Module names of minigpt -> TransformerLens's, one path segment at a time.
+# Module names of minigpt -> TransformerLens's, one path segment at a time, and the two
+# points whose whole path differs (TransformerLens's unembedding is a module of its own).
 _TL_SEGMENTS = {"ln_1": "ln1", "ln_2": "ln2", "ln_f": "ln_final"}
+_TL_PATHS = {"hook_unembed_in": "unembed.hook_in", "hook_unembed_out": "unembed.hook_out"}
+OPTIONS = ("use_attn_result", "use_attn_in", "use_split_qkv_input", "use_hook_mlp_in", "use_hook_tokens")
+"""The switches of the optional hook points, by TransformerLens's config names."""
 _MATH_ONLY = ("hook_attn_scores", "hook_pattern")
 
 
@@ -66,14 +92,23 @@ def _marks_hooked(register: Callable) -> Callable:
 
 
 class HookPoint(nn.Module):
-    """An identity module at one activation: the place where hooks read or replace it."""
+    """An identity module at one activation: the place where hooks read or replace it.
 
-    def __init__(self) -> None:
+    `option` names the switch (one of `OPTIONS`) of a point that fires only when asked for;
+    such a point starts disabled and its owner computes it only while `enabled`.
+    """
+
+    def __init__(self, option: str | None = None) -> None:
         super().__init__()
+        if option is not None and option not in OPTIONS:
+            raise ValueError(f"option={option!r} is not one of {OPTIONS}")
         self.name: str | None = None
         """The TransformerLens name, set by `hook_points` (None until the model is named)."""
         self.maybe_hooked = False
         """True from any hook registration on this point until a call finds none left."""
+        self.option = option
+        self.enabled = option is None
+        """Whether the forward passes through this point (always, unless it is optional)."""
 
     # Every way to put a hook in this module's own dicts goes through one of these.
     register_forward_hook = _marks_hooked(nn.Module.register_forward_hook)
@@ -136,14 +171,33 @@ def bind_fast(model: nn.Module) -> None:
                 parent.__dict__[name] = child
 
 
+def _tl_name(path: str) -> str:
+    return _TL_PATHS.get(path) or ".".join(_TL_SEGMENTS.get(part, part) for part in path.split("."))
+
+
 def hook_points(model: nn.Module) -> dict[str, HookPoint]:
-    """Every hook point of `model` by its TransformerLens name, in forward order."""
+    """Every hook point of `model` by its TransformerLens name, in module order (a cache
+    keeps the order of the forward); disabled optional points included."""
     points = {}
     for path, module in model.named_modules():
         if isinstance(module, HookPoint):
-            module.name = ".".join(_TL_SEGMENTS.get(part, part) for part in path.split("."))
+            module.name = _tl_name(path)
             points[module.name] = module
     return points
+
+
+def set_option(model: nn.Module, option: str, enabled: bool) -> nn.Module:
+    """Switch the optional hook points of `option` (one of `OPTIONS`) on or off; returns `model`."""
+    if option not in OPTIONS:
+        close = difflib.get_close_matches(option, OPTIONS, n=1)
+        raise ValueError(f"{option!r} is not a hook option{'; did you mean ' + close[0] + '?' if close else ''} "
+                         f"(options: {', '.join(OPTIONS)})")
+    if not isinstance(enabled, bool):
+        raise ValueError(f"{option} takes True or False; got {enabled!r}")
+    for module in model.modules():
+        if isinstance(module, HookPoint) and module.option == option:
+            module.enabled = enabled
+    return model
 
 
 def resolve(model: nn.Module, spec: NameSpec) -> list[HookPoint]:
@@ -157,13 +211,18 @@ def resolve(model: nn.Module, spec: NameSpec) -> list[HookPoint]:
 
 def _select(points: dict[str, HookPoint], spec: NameSpec) -> list[HookPoint]:
     if isinstance(spec, str):
+        point = points.get(spec)
+        if point is not None and not point.enabled:
+            raise ValueError(f"{spec} fires only after model.set_{point.option}(True) (an optional hook point, "
+                             f"as in TransformerLens: it costs memory, so it is off until asked for)")
         if spec not in points:
             close = difflib.get_close_matches(spec, list(points), n=5, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; valid names look like {next(iter(points))!r}"
             raise ValueError(f"no hook point named {spec!r}{hint} (all names: minigpt.hooks.hook_points(model))")
         return [points[spec]]
     if callable(spec):
-        chosen = [p for name, p in points.items() if spec(name)]
+        # A predicate selects among the points that fire; a disabled optional one never would.
+        chosen = [p for name, p in points.items() if p.enabled and spec(name)]
         if not chosen:
             raise ValueError(f"the predicate {spec!r} selects none of the {len(points)} hook points")
         return chosen
@@ -217,7 +276,14 @@ class ActivationCache(dict):
 
     Besides full names, `cache["z", 3]` means `blocks.3.attn.hook_z` and
     `cache["normalized", 3, "ln1"]` means `blocks.3.ln1.hook_normalized`, as in TransformerLens.
+    A name TransformerLens only has behind a switch (`hook_result`, ...) that is missing
+    says which switch turns it on.
     """
+
+    def __init__(self, *args, disabled: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.disabled = disabled or {}
+        """Names of the model's optional hook points that were off, with their switch."""
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
@@ -228,6 +294,10 @@ class ActivationCache(dict):
                 raise KeyError(f"{key!r} names {len(found)} cached activations {found}; use a full name")
             key = found[0]
         if key not in self:
+            option = self.disabled.get(str(key).removesuffix("_grad"))
+            if option is not None:
+                raise KeyError(f"{key!r} is not in the cache: it is an optional hook point; call "
+                               f"model.set_{option}(True) before run_with_cache")
             close = difflib.get_close_matches(str(key), list(self), n=5, cutoff=0.5)
             raise KeyError(f"{key!r} is not in the cache{'; did you mean ' + ', '.join(close) + '?' if close else ''}")
         return super().__getitem__(key)
@@ -244,8 +314,9 @@ def run_with_cache(model: nn.Module, idx: torch.Tensor, names_filter: NameSpec |
     hook switches its layer to the math path for this call. `kwargs` go to `GPT.forward`.
     Raises ValueError for unknown names or `incl_bwd` without a scalar to differentiate.
     """
-    points = list(hook_points(model).values()) if names_filter is None else resolve(model, names_filter)
-    cache = ActivationCache()
+    every = hook_points(model)
+    points = [p for p in every.values() if p.enabled] if names_filter is None else resolve(model, names_filter)
+    cache = ActivationCache(disabled={name: p.option for name, p in every.items() if not p.enabled})
 
     def keep(act: torch.Tensor, hook: HookPoint) -> None:
         cache[hook.name] = act.detach()
@@ -268,9 +339,9 @@ def run_with_cache(model: nn.Module, idx: torch.Tensor, names_filter: NameSpec |
 def run_with_views(model: nn.Module, run: Callable[[], torch.Tensor], hidden_states: bool,
                    attentions: bool) -> tuple[torch.Tensor, tuple | None, tuple | None]:
     """What `output_hidden_states` / `output_attentions` return, read from the hook points:
-    hook_resid_pre of each block then ln_final.hook_normalized; each block's hook_pattern."""
+    hook_resid_pre of each block then ln_final.hook_out; each block's hook_pattern."""
     n = model.config.n_layer
-    state_names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + ["ln_final.hook_normalized"]
+    state_names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + ["ln_final.hook_out"]
     pattern_names = [f"blocks.{i}.attn.hook_pattern" for i in range(n)]
     seen: dict[str, torch.Tensor] = {}
 

@@ -54,10 +54,24 @@ class LayerNorm(ops.UsesBackend, nn.Module):
         self.weight = nn.Parameter(torch.ones(n))
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
         self.eps = eps
-        self.hook_normalized = HookPoint()  # (B, T, C), after the gain and bias as in TransformerLens
+        # As TransformerLens (>= 3) defines them: the scale sqrt(var + eps) (..., 1) and the
+        # normalized input (x - mean) / scale (..., C), both before the gain and bias; then
+        # the output after them (..., C), which TransformerLens does not hook.
+        self.hook_scale, self.hook_normalized, self.hook_out = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hook_normalized(ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend))
+        if self.hook_scale.active or self.hook_normalized.active:
+            return self.hook_out(self._spelled_out(x))
+        return self.hook_out(ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend))
+
+    def _spelled_out(self, x: torch.Tensor) -> torch.Tensor:
+        # TransformerLens's LayerNorm step by step (statistics in float32), so that the scale
+        # and the normalized input pass through their hook points; taken only while one of
+        # them is hooked, as the fused path has neither.
+        centred = x.float() - x.float().mean(-1, keepdim=True)
+        scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        normalized = self.hook_normalized(centred / scale).to(x.dtype)
+        return normalized * self.weight if self.bias is None else normalized * self.weight + self.bias
 
 
 class CausalSelfAttention(ops.UsesBackend, nn.Module):
@@ -73,14 +87,21 @@ class CausalSelfAttention(ops.UsesBackend, nn.Module):
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # (B, T, H, D)
         self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # (B, H, T, S)
         self.hook_z = HookPoint()  # (B, T, H, D): each head's output, before the projection
+        self.hook_result = HookPoint("use_attn_result")  # (B, T, H, C): each head's share of the output
 
-    def forward(self, x: torch.Tensor, cache=None, start: int = 0, left_pad: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        H, D = self.n_head, C // self.n_head
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = self.hook_q(q.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
-        k = self.hook_k(k.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
-        v = self.hook_v(v.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor], cache=None, start: int = 0,
+                left_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """x: the normed input (B, T, C), or one per head for q, k and v, 3 x (B, T, H, C)."""
+        if isinstance(x, tuple):
+            q, k, v = self._qkv_by_head(*x)  # 3 x (B, T, H, D)
+            B, T, H, D = q.shape
+        else:
+            B, T, C = x.shape
+            H, D = self.n_head, C // self.n_head
+            q, k, v = (t.view(B, T, H, D) for t in self.qkv(x).split(C, dim=2))  # 3 x (B, T, H, D)
+        q = self.hook_q(q).transpose(1, 2)  # (B, H, T, D)
+        k = self.hook_k(k).transpose(1, 2)  # (B, H, T, D)
+        v = self.hook_v(v).transpose(1, 2)  # (B, H, T, D)
 
         if self.hook_attn_scores.active or self.hook_pattern.active:
             y = self._attention_with_pattern(q, k, v, cache, start, left_pad)
@@ -98,8 +119,27 @@ class CausalSelfAttention(ops.UsesBackend, nn.Module):
                 q, k, v, start=start, k_index=k_index, window=self.window, left_pad=left_pad,
                 scale=self.scale, backend=self.backend,
             )
-        y = self.hook_z(y.transpose(1, 2)).reshape(B, T, C)  # (B, T, H, D) -> (B, T, C)
-        return self.resid_dropout(self.proj(y))
+        z = self.hook_z(y.transpose(1, 2))  # (B, T, H, D)
+        if self.hook_result.enabled:
+            return self.resid_dropout(self._project_by_head(z))
+        return self.resid_dropout(self.proj(z.reshape(B, T, H * D)))
+
+    def _qkv_by_head(self, q_in, k_in, v_in) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, T, H, D), head h's from its own input [:, :, h] (B, T, H, C) through
+        its rows of the fused projection (TransformerLens's split inputs)."""
+        C = q_in.shape[-1]
+        weight = self.qkv.weight.view(3, self.n_head, -1, C)  # (3, H, D, C); LoRA's merged matrix
+        bias = self.qkv.bias.view(3, self.n_head, -1) if self.qkv.bias is not None else None  # (3, H, D)
+        out = [torch.einsum("bthc,hdc->bthd", inp, weight[j]) for j, inp in enumerate((q_in, k_in, v_in))]
+        return tuple(o + bias[j] for j, o in enumerate(out)) if bias is not None else tuple(out)
+
+    def _project_by_head(self, z: torch.Tensor) -> torch.Tensor:
+        """The output projection as a sum over heads, each head's term (B, T, H, C) through
+        `hook_result` (TransformerLens's attention result); then the bias."""
+        H, D = z.shape[2], z.shape[3]
+        weight = self.proj.weight.view(-1, H, D)  # (C, H, D)
+        out = self.hook_result(torch.einsum("bthd,chd->bthc", z, weight)).sum(dim=2)  # (B, T, C)
+        return out if self.proj.bias is None else out + self.proj.bias
 
     def _attention_with_pattern(self, q, k, v, cache, start, left_pad) -> torch.Tensor:
         # The math path, spelled out so that the scores and the pattern pass through their
@@ -143,11 +183,31 @@ class Block(nn.Module):
         # branch's contribution to it; all (B, T, C).
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
+        # Optional, as in TransformerLens: the stream copied once per head (B, T, H, C), for
+        # all of q, k, v or for each; and the MLP's input (B, T, C), a copy of resid_mid.
+        self.hook_attn_in = HookPoint("use_attn_in")
+        self.hook_q_input, self.hook_k_input = HookPoint("use_split_qkv_input"), HookPoint("use_split_qkv_input")
+        self.hook_v_input = HookPoint("use_split_qkv_input")
+        self.hook_mlp_in = HookPoint("use_hook_mlp_in")
 
     def forward(self, x, cache=None, start=0, left_pad=None):
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln_1(x), cache, start, left_pad)))
-        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln_2(x))))
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self._attention_input(x), cache, start, left_pad)))
+        mlp_in = self.hook_mlp_in(x.clone()) if self.hook_mlp_in.enabled else x
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln_2(mlp_in))))
+
+    def _attention_input(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ln_1(x) (B, T, C); with per-head inputs switched on, ln_1 of a copy of x for each
+        head, for q, k and v (3 x (B, T, H, C)), as TransformerLens computes them."""
+        split, shared = self.hook_q_input.enabled, self.hook_attn_in.enabled
+        if not (split or shared):
+            return self.ln_1(x)
+        copy = lambda: x[:, :, None, :].expand(-1, -1, self.attn.n_head, -1).clone()  # noqa: E731 (B, T, H, C)
+        attn_in = self.hook_attn_in(copy()) if shared else None
+        if split:  # TransformerLens takes these from the stream itself, even with attn_in on
+            return tuple(self.ln_1(hook(copy())) for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input))
+        normed = self.ln_1(attn_in)
+        return normed, normed, normed
 
 
 class GPT(nn.Module):
@@ -165,6 +225,9 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()  # (B, T, C) each
+        self.hook_tokens = HookPoint("use_hook_tokens")  # (B, T) the ids, optional as in TransformerLens
+        # TransformerLens's unembed.hook_in (B, T, C) and .hook_out (B, T, V), named so by minigpt.hooks.
+        self.hook_unembed_in, self.hook_unembed_out = HookPoint(), HookPoint()
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at init: each block
         # adds two branches to the residual stream (Radford et al. 2019, section 2.3).
@@ -239,6 +302,8 @@ class GPT(nn.Module):
         self._check_input(idx, start)
         if cache is not None:
             left_pad = cache.left_pad
+        if self.hook_tokens.enabled:
+            idx = self.hook_tokens(idx)
         B, T = idx.shape
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         if left_pad is not None:
@@ -274,7 +339,7 @@ class GPT(nn.Module):
         )
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): decoding needs only the newest position
-        logits = self.lm_head(x)  # (B, T, V)
+        logits = self.hook_unembed_out(self.lm_head(self.hook_unembed_in(x)))  # (B, T, V)
         loss = None
         if targets is not None:
             if targets.shape != idx.shape:
@@ -293,6 +358,26 @@ class GPT(nn.Module):
     def hooks(self, fwd_hooks=(), bwd_hooks=()):
         """Context manager that attaches hooks and always removes them; see `minigpt.hooks.hooks`."""
         return hookpoints.hooks(self, fwd_hooks, bwd_hooks)
+
+    def set_use_attn_result(self, enabled: bool) -> "GPT":
+        """Compute the output projection head by head, through `blocks.{i}.attn.hook_result`."""
+        return hookpoints.set_option(self, "use_attn_result", enabled)
+
+    def set_use_attn_in(self, enabled: bool) -> "GPT":
+        """Give each head its own copy of the attention input, through `blocks.{i}.hook_attn_in`."""
+        return hookpoints.set_option(self, "use_attn_in", enabled)
+
+    def set_use_split_qkv_input(self, enabled: bool) -> "GPT":
+        """Give each head's q, k and v their own inputs, through `hook_q_input` / `_k_` / `_v_`."""
+        return hookpoints.set_option(self, "use_split_qkv_input", enabled)
+
+    def set_use_hook_mlp_in(self, enabled: bool) -> "GPT":
+        """Pass a copy of each MLP's input through `blocks.{i}.hook_mlp_in`."""
+        return hookpoints.set_option(self, "use_hook_mlp_in", enabled)
+
+    def set_use_hook_tokens(self, enabled: bool) -> "GPT":
+        """Pass the token ids through `hook_tokens` (TransformerLens's `use_hook_tokens`)."""
+        return hookpoints.set_option(self, "use_hook_tokens", enabled)
 
     def new_cache(self, batch_size: int, left_pad: torch.Tensor | None = None,
                   max_length: int | None = None) -> KVCache:

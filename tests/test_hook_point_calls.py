@@ -56,9 +56,12 @@ def test_global_module_hooks_still_run_at_every_hook_point_the_forward_passes():
         model(idx)
     finally:
         handle.remove()
-    math_only = ("hook_attn_scores", "hook_pattern")  # called only on the math path, when hooked
-    assert sorted(seen) == sorted(name for name in hook_points(model) if not name.endswith(math_only))
-    assert len(seen) == 2 + 2 * 13 + 1  # embeddings, 13 of the 15 per block, ln_final
+    # Called only on the math path or a LayerNorm's spelled-out path, when hooked; optional
+    # points only when switched on.
+    when_hooked = ("hook_attn_scores", "hook_pattern", "hook_scale", "hook_normalized")
+    assert sorted(seen) == sorted(name for name, p in hook_points(model).items()
+                                  if p.enabled and not name.endswith(when_hooked))
+    assert len(seen) == 2 + 2 * 13 + 1 + 2  # embeddings, 13 per block, ln_final.hook_out, unembed in/out
 
 
 def test_global_forward_pre_hook_can_replace_a_hook_points_input():

@@ -36,13 +36,24 @@ def tokens(B=2, T=11, seed=1) -> torch.Tensor:
 
 
 # TransformerLens's hook names for GPT-2 (HookedTransformer, default settings), written out
-# here rather than imported. minigpt has every one except the LayerNorms' hook_scale.
+# here rather than imported (tests/peers compares the values with TransformerLens itself).
+# minigpt has every one, plus each LayerNorm's output after its gain and bias (`hook_out`).
 TL_GPT2_PER_BLOCK = [
     "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
     "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
     "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
 ]
-TL_GPT2_TOP = ["hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
+TL_GPT2_TOP = ["hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized",
+               "unembed.hook_in", "unembed.hook_out"]
+
+
+SPELLED_OUT = ("hook_scale", "hook_normalized")
+"""LayerNorm hook points that exist only on its spelled-out path, taken while they are hooked."""
+
+
+def with_ln_out(names: list[str]) -> list[str]:
+    """`names` with minigpt's `hook_out` after each LayerNorm's `hook_normalized`."""
+    return [m for n in names for m in ([n, n.replace("hook_normalized", "hook_out")] if "hook_normalized" in n else [n])]
 
 
 def tl_shape(name: str, B: int, T: int, cfg: GPTConfig) -> tuple:
@@ -53,6 +64,10 @@ def tl_shape(name: str, B: int, T: int, cfg: GPTConfig) -> tuple:
         return (B, cfg.n_head, T, T)  # batch head_index query_pos key_pos
     if name.endswith(("mlp.hook_pre", "mlp.hook_post")):
         return (B, T, 4 * cfg.n_embd)  # batch pos d_mlp
+    if name.endswith("hook_scale"):
+        return (B, T, 1)  # batch pos 1
+    if name == "unembed.hook_out":
+        return (B, T, cfg.vocab_size)  # batch pos d_vocab
     return (B, T, cfg.n_embd)  # batch pos d_model
 
 
@@ -61,12 +76,9 @@ def test_names_and_shapes_match_transformer_lens_for_gpt2():
     model = model_for(cfg)
     idx = tokens(2, 7)
     logits, cache = model.run_with_cache(idx)
-    expected = ["hook_embed", "hook_pos_embed"]
-    expected += [f"blocks.{i}.{n}" for i in range(cfg.n_layer) for n in TL_GPT2_PER_BLOCK if "hook_scale" not in n]
-    expected += ["ln_final.hook_normalized"]
-    tl_names = set(TL_GPT2_TOP) | {f"blocks.{i}.{n}" for i in range(cfg.n_layer) for n in TL_GPT2_PER_BLOCK}
-    assert set(expected) <= tl_names
-    assert list(cache) == expected  # every name, in forward order
+    tl_order = TL_GPT2_TOP[:2] + [f"blocks.{i}.{n}" for i in range(cfg.n_layer) for n in TL_GPT2_PER_BLOCK]
+    tl_order += TL_GPT2_TOP[2:]
+    assert list(cache) == with_ln_out(tl_order)  # every name, in forward order
     for name, act in cache.items():
         assert tuple(act.shape) == tl_shape(name, 2, 7, cfg), name
     assert torch.equal(cache["z", 1], cache["blocks.1.attn.hook_z"])
@@ -79,13 +91,19 @@ def test_cache_views_equal_output_hidden_states_and_attentions(backend):
     model = model_for(banded(), backend)
     idx = tokens()
     out = model(idx, output_hidden_states=True, output_attentions=True)
-    _, cache = model.run_with_cache(idx)
+    # Everything but the LayerNorms' scale and normalized input, which move a LayerNorm to
+    # its spelled-out path (equal within float32 rounding, checked below).
+    _, cache = model.run_with_cache(idx, names_filter=lambda n: not n.endswith(SPELLED_OUT))
     n = model.config.n_layer
     assert len(out.hidden_states) == n + 1 and len(out.attentions) == n
     for i in range(n):
         assert torch.equal(cache[f"blocks.{i}.hook_resid_pre"], out.hidden_states[i])
         assert torch.equal(cache[f"blocks.{i}.attn.hook_pattern"], out.attentions[i])
-    assert torch.equal(cache["ln_final.hook_normalized"], out.hidden_states[-1])
+    assert torch.equal(cache["ln_final.hook_out"], out.hidden_states[-1])
+    _, everything = model.run_with_cache(idx)
+    for i in range(n):
+        torch.testing.assert_close(everything[f"blocks.{i}.hook_resid_pre"], out.hidden_states[i], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(everything["ln_final.hook_out"], out.hidden_states[-1], rtol=1e-5, atol=1e-5)
 
 
 def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
@@ -111,7 +129,7 @@ def test_no_hook_attached_logits_are_bit_identical_to_the_forward_without_hook_p
     idx = tokens(2, 13)
     with torch.no_grad():
         assert torch.equal(model(idx).logits, reference_logits(model, idx))
-        observe = [(lambda n: not n.endswith(("hook_attn_scores", "hook_pattern")), lambda act, hook: None)]
+        observe = [(lambda n: not n.endswith(("hook_attn_scores", "hook_pattern") + SPELLED_OUT), lambda act, hook: None)]
         with model.hooks(observe):  # hooks that only read change nothing either
             assert torch.equal(model(idx).logits, reference_logits(model, idx))
 
@@ -214,10 +232,14 @@ def test_backward_hooks_give_gradients_and_can_replace_them():
     idx = tokens()
     targets = tokens(seed=3)
     logits, cache = model.run_with_cache(idx, incl_bwd=True, targets=targets)
-    # d loss / d (final normed stream) = d loss / d logits @ W_U, by hand.
+    # d loss / d (final normed stream) = d loss / d logits @ W_U, by hand; and through the
+    # gain, the gradient of the pre-affine normalized stream.
     dlogits = (torch.softmax(logits, -1) - F.one_hot(targets, V)) / targets.numel()
-    torch.testing.assert_close(cache["ln_final.hook_normalized_grad"], dlogits @ model.lm_head.weight,
-                               rtol=1e-4, atol=1e-6)
+    for name in ("ln_final.hook_out_grad", "unembed.hook_in_grad"):
+        torch.testing.assert_close(cache[name], dlogits @ model.lm_head.weight, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cache["ln_final.hook_normalized_grad"],
+                               dlogits @ model.lm_head.weight * model.ln_f.weight, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cache["unembed.hook_out_grad"], dlogits, rtol=1e-4, atol=1e-7)
     model.zero_grad()
     out = model.run_with_hooks(idx, return_type="output", targets=targets,
                                bwd_hooks=[("blocks.1.hook_resid_pre", lambda g, hook: torch.zeros_like(g))])
@@ -279,7 +301,7 @@ def test_hooks_context_removes_what_it_added_even_when_the_body_raises():
     model = model_for(gpt2_like())
     with pytest.raises(RuntimeError):
         with model.hooks([(lambda n: True, lambda a, h: None)], [("hook_embed", lambda g, h: None)]):
-            assert all(p.active for p in hook_points(model).values())
+            assert all(p.active for p in hook_points(model).values() if p.enabled)
             raise RuntimeError("boom")
     assert not any(p.active for p in hook_points(model).values())
 

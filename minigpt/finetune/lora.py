@@ -47,6 +47,16 @@ class LoRALinear(nn.Module):
         update = self.dropout(x) @ self.lora_A.T @ self.lora_B.T  # (..., r) then (..., out)
         return self.base(x) + self.scaling * update
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """(out, in): the matrix this layer applies, as `nn.Linear.weight` (the model's
+        head-by-head paths for TransformerLens's optional hooks read it)."""
+        return self.base.weight + self.delta_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def delta_weight(self) -> torch.Tensor:
         """(out, in): the update this adapter adds to base.weight."""
         return self.scaling * (self.lora_B @ self.lora_A)
