@@ -133,7 +133,8 @@ def prompt_format(args: argparse.Namespace) -> PromptFormat:
 def _eval(args: argparse.Namespace) -> None:
     from minigpt.evaluation.harness import format_table, run_eval
 
-    results = run_eval(args.tasks, args.model, shots=args.shots, demos=args.demos, limit=args.limit,
+    results = run_eval(args.tasks, args.model, shots=args.shots, demos=args.demos,
+                       fewshot_file=args.fewshot_file, limit=args.limit,
                        out_dir=args.out, seed=args.seed, device=args.device, batch_size=args.batch_size,
                        backend=args.backend, fmt=prompt_format(args))
     print(format_table(results))
@@ -154,7 +155,11 @@ def add_eval_parser(sub) -> None:
     p.add_argument("tasks", nargs="+", metavar="TASK.jsonl", help="task files (one type per file)")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--shots", type=int, default=0, help="demonstrations per example (K)")
-    p.add_argument("--demos", default=None, help="JSONL of demonstrations (default: the task's other examples)")
+    p.add_argument("--demos", default=None, help="JSONL of demonstrations, K drawn per example "
+                   "(default: the task's other examples)")
+    p.add_argument("--fewshot-file", default=None, metavar="DEMOS.jsonl",
+                   help="fixed demonstrations instead: the file's first K rows (--shots K), in order, for every "
+                   "example, as lm-evaluation-harness's first_n sampler gives them")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
     p.add_argument("--out", default=None, help="folder for results.json, examples.jsonl, results.md")
     p.add_argument("--seed", type=int, default=1337, help="seed of the demonstration draw")

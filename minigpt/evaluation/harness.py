@@ -44,9 +44,40 @@ def _encode(tokenizer, text: str) -> list[int]:
     ids = tokenizer.encode(text)
     if ids:
         return ids
+    return [_eos(tokenizer)]
+
+
+def _eos(tokenizer) -> int:
     if getattr(tokenizer, "eos_id", None) is None:
         raise ValueError("an empty prompt (zero-shot with an empty context) needs a tokenizer with an eos token")
-    return [tokenizer.eos_id]
+    return tokenizer.eos_id
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness encodes a pair for scoring.
+
+    Whitespace that ends the context moves to the front of the continuation (so "Answer: "
+    + "yes" scores the token " yes", not " " then "yes"); the pair is encoded whole and the
+    continuation is what follows the context's own encoding. An empty context is the
+    end-of-text token (or, when the continuation starts with it, that first token).
+    """
+    if not context:
+        cont = tokenizer.encode(continuation)
+        eos = _eos(tokenizer)
+        return ([eos], cont) if not cont or cont[0] != eos else (cont[:1], cont[1:])
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids):]
+
+
+def _encode_choices(tokenizer, context: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """One request: the context's ids and each continuation's, by `encode_pair`. Moving the
+    context's trailing whitespace changes the context alike for every continuation."""
+    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
+    return pairs[0][0], [cont for _, cont in pairs]
 
 
 def _mean_into(result: EvalResult, name: str, values: Sequence[float]) -> None:
@@ -54,15 +85,13 @@ def _mean_into(result: EvalResult, name: str, values: Sequence[float]) -> None:
 
 
 def _multiple_choice(model, tokenizer, examples, prompts, fmt, result: EvalResult, **kw) -> None:
-    requests = [(_encode(tokenizer, p), [tokenizer.encode(c) for c in fmt.continuations(e)])
-                for p, e in zip(prompts, examples)]
+    requests = [_encode_choices(tokenizer, p, fmt.continuations(e)) for p, e in zip(prompts, examples)]
     scored = score_continuations(model, requests, desc=result.task, **kw)
     uncond: dict[str, float] = {}
     if fmt.unconditional_prompt is not None:
         # One score per distinct continuation: a label set (SST-2's two words) costs two.
         distinct = sorted({c for e in examples for c in fmt.continuations(e)})
-        answer = _encode(tokenizer, fmt.unconditional_prompt)
-        totals = score_continuations(model, [(answer, [tokenizer.encode(c) for c in distinct])], **kw)[0]
+        totals = score_continuations(model, [_encode_choices(tokenizer, fmt.unconditional_prompt, distinct)], **kw)[0]
         uncond = {c: s.total for c, s in zip(distinct, totals)}
     for prompt, e, (ctx, conts), scores in zip(prompts, examples, requests, scored):
         ll = [s.total for s in scores]
@@ -80,7 +109,7 @@ def _multiple_choice(model, tokenizer, examples, prompts, fmt, result: EvalResul
 
 
 def _cloze(model, tokenizer, examples, prompts, fmt, result: EvalResult, **kw) -> None:
-    requests = [(_encode(tokenizer, p), [tokenizer.encode(e.target)]) for p, e in zip(prompts, examples)]
+    requests = [_encode_choices(tokenizer, p, [e.target]) for p, e in zip(prompts, examples)]
     scored = score_continuations(model, requests, desc=result.task, **kw)
     for prompt, e, (_, (target,)), (s,) in zip(prompts, examples, requests, scored):
         result.examples.append({"line": e.line, "prompt": prompt, "target": e.target, "tokens": len(target),
@@ -176,29 +205,51 @@ def write_results(results: Sequence[EvalResult], out_dir: str | Path, extra: dic
 
 
 def run_eval(task_files: Sequence[str | Path], model_dir: str | Path, *, shots: int = 0,
-             demos: str | Path | None = None, limit: int | None = None, out_dir: str | Path | None = None,
-             seed: int = 1337, device: str = "cpu", batch_size: int = 16, backend: str = "sdpa",
-             fmt: PromptFormat = PromptFormat(), progress: bool = True) -> list[EvalResult]:
+             demos: str | Path | None = None, fewshot_file: str | Path | None = None, limit: int | None = None,
+             out_dir: str | Path | None = None, seed: int = 1337, device: str = "cpu", batch_size: int = 16,
+             backend: str = "sdpa", fmt: PromptFormat = PromptFormat(), progress: bool = True) -> list[EvalResult]:
     """Load a model folder and evaluate each task file (its first `limit` examples) with
-    `shots` demonstrations drawn from `demos` (default: the file's other examples)."""
+    `shots` demonstrations: drawn per example from `demos` (default: the file's other
+    examples), or with `fewshot_file` the first `shots` rows of that file, in order, the
+    same for every example (lm-evaluation-harness's `first_n` sampler over a fixed split)."""
     from minigpt.model import GPT
     from minigpt.tokenizer import load_tokenizer
 
+    fixed = _first_demonstrations(fewshot_file, shots, demos) if fewshot_file is not None else None
     model = GPT.from_pretrained(model_dir, backend=backend).to(device)
     tokenizer = load_tokenizer(model_dir)
     pool = read_examples(demos) if demos is not None else None
     results = []
     for path in task_files:
         task = read_task(path, limit)
-        if pool is not None and type(pool[0]) is not type(task.examples[0]):
-            raise ValueError(f"--demos {demos} holds {type(pool[0]).__name__} rows but {path} holds "
+        given = pool or fixed
+        if given is not None and type(given[0]) is not type(task.examples[0]):
+            flag = f"--demos {demos}" if pool else f"--fewshot-file {fewshot_file}"
+            raise ValueError(f"{flag} holds {type(given[0]).__name__} rows but {path} holds "
                              f"{type(task.examples[0]).__name__} rows; give demonstrations of the same type")
-        results.append(evaluate_examples(model, tokenizer, task, shots=shots, demos=pool, seed=seed, fmt=fmt,
-                                         batch_size=batch_size, progress=progress))
+        results.append(evaluate_examples(model, tokenizer, task, shots=shots, demos=pool, fixed_demos=fixed,
+                                         seed=seed, fmt=fmt, batch_size=batch_size, progress=progress))
         log.info("%s: %s", task.name, ", ".join(f"{k}={v:.4f}" for k, v in results[-1].metrics.items()))
     if out_dir is not None:
         write_results(results, out_dir, {"model": str(model_dir), "shots": shots, "seed": seed,
-                                         "demos": None if demos is None else str(demos), "limit": limit,
-                                         "separator": fmt.separator, "target_delimiter": fmt.target_delimiter,
+                                         "demos": None if demos is None else str(demos),
+                                         "fewshot_file": None if fewshot_file is None else str(fewshot_file),
+                                         "limit": limit, "separator": fmt.separator,
+                                         "target_delimiter": fmt.target_delimiter,
                                          "unconditional_prompt": fmt.unconditional_prompt, "stop": fmt.stop})
     return results
+
+
+def _first_demonstrations(path: str | Path, shots: int, demos: str | Path | None) -> list[Example]:
+    """The first `shots` examples of `path`: fixed demonstrations, in the file's order."""
+    if demos is not None:
+        raise ValueError("--fewshot-file and --demos both give demonstrations; use one (--fewshot-file: the same "
+                         "first K rows for every example; --demos: K drawn per example)")
+    if shots < 1:
+        raise ValueError(f"--fewshot-file takes its first --shots rows as demonstrations; got --shots {shots} "
+                         f"(give --shots K, K >= 1)")
+    rows = read_examples(path)
+    if len(rows) < shots:
+        raise ValueError(f"--fewshot-file {path} holds {len(rows)} examples, fewer than --shots {shots}; "
+                         f"lower --shots or add demonstrations")
+    return rows[:shots]

@@ -12,6 +12,12 @@ position predicts each continuation's first token, so a continuation of n tokens
 n - 1 positions. The uncached path (`use_cache=False`) is kept as the slow twin that the
 tests and the benchmark compare with.
 
+A context too long for the model is cut from the left for each continuation by
+lm-evaluation-harness's rule: context + continuation keep their last block_size + 1
+tokens (the last continuation token is never an input), so a continuation of n tokens sees
+the last block_size + 1 - n context tokens. Choices of different lengths can so see
+different contexts; each distinct cut is scored as its own request.
+
 For continuation tokens c_1..c_n after context x the score is
     log p(c | x) = sum_j log p(c_j | x, c_<j),
 and the continuation is "greedy" when every c_j is the argmax of its distribution, i.e.
@@ -46,20 +52,36 @@ class Scored:
         return sum(self.logprobs)
 
 
-def _fit(context: Sequence[int], continuations: Sequence[Sequence[int]], block_size: int) -> list[int]:
-    """The context, cut from the left so that it and its longest continuation fit in the
-    block (as lm-evaluation-harness does: the end of the context is what conditions the answer)."""
-    if not context or any(len(c) == 0 for c in continuations):
+def _fitted(context: Sequence[int], continuation: Sequence[int], block_size: int) -> tuple[int, ...]:
+    """The context as lm-evaluation-harness cuts it for this continuation: the end of
+    context + continuation, block_size + 1 tokens, keeps its last block_size + 1 - n
+    context tokens (the end of the context is what conditions the answer)."""
+    if not context or len(continuation) == 0:
         raise ValueError("the context and every continuation need at least one token")
-    longest = max(len(c) for c in continuations)
-    if longest >= block_size:
-        raise ValueError(f"a continuation of {longest} tokens leaves no room for its context in "
+    room = block_size + 1 - len(continuation)
+    if room < 1:
+        raise ValueError(f"a continuation of {len(continuation)} tokens leaves no room for its context in "
                          f"block_size={block_size}; shorten the choices")
-    room = block_size - longest
-    if len(context) > room:
-        log.debug("context of %d tokens cut to its last %d to fit block_size=%d", len(context), room, block_size)
-        return list(context[-room:])
-    return list(context)
+    return tuple(context[-room:])
+
+
+def _split_by_cut(requests: Sequence[Request], block_size: int) -> tuple[list[Request], list[list[tuple[int, int]]]]:
+    """The requests with contexts cut per continuation (`_fitted`), one request per distinct
+    cut; and for each original request, where each continuation went: (request, index)."""
+    fitted: list[Request] = []
+    where: list[list[tuple[int, int]]] = []
+    for context, continuations in requests:
+        groups: dict[tuple[int, ...], int] = {}
+        spots = []
+        for cont in continuations:
+            cut = _fitted(context, cont, block_size)
+            if cut not in groups:
+                groups[cut] = len(fitted)
+                fitted.append((list(cut), []))
+            spots.append((groups[cut], len(fitted[groups[cut]][1])))
+            fitted[groups[cut]][1].append(list(cont))
+        where.append(spots)
+    return fitted, where
 
 
 def _score_rows(model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,15 +189,16 @@ def score_continuations(model, requests: Sequence[Request], *, batch_size: int =
 
     model: a GPT (its `hidden`, `lm_head` and `new_cache` are used), on any device and
     backend. requests: (context ids, [continuation ids, ...]); contexts too long for the
-    block are cut from the left. batch_size counts requests (contexts) per forward pass.
+    block are cut from the left for each continuation, as lm-evaluation-harness cuts them
+    (see the module docstring). batch_size counts contexts per forward pass.
     Returns, per request, one `Scored` per continuation, in order. Raises ValueError for an
     empty context or continuation, or a continuation that leaves no room for a context.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     requests = list(requests)
-    fitted = [(_fit(c, cs, model.config.block_size), [list(x) for x in cs]) for c, cs in requests]
-    cut = sum(len(f) < len(c) for (f, _), (c, _) in zip(fitted, requests))
+    fitted, where = _split_by_cut(requests, model.config.block_size)
+    cut = sum(any(len(fitted[r][0]) < len(c) for r, _ in spots) for (c, _), spots in zip(requests, where))
     if cut:  # correct by the harness's convention, but it changes what K-shot means: say so
         log.warning("%d of %d contexts did not fit block_size=%d with their answers and were cut from the left "
                     "(their earliest tokens, first demonstrations included, are not seen); lower --shots to keep "
@@ -194,4 +217,4 @@ def score_continuations(model, requests: Sequence[Request], *, batch_size: int =
                 results[i] = scored
     finally:
         model.train(was_training)
-    return results  # type: ignore[return-value]
+    return [[results[r][j] for r, j in spots] for spots in where]  # type: ignore[index]

@@ -234,3 +234,58 @@ def test_cache_truncate_refuses_a_wrapped_banded_ring():
         model.hidden(torch.tensor([[3, 4, 5]]), cache=cache)
     with pytest.raises(ValueError, match="has wrapped"):
         cache.truncate(2)
+
+
+def test_a_long_context_is_cut_for_each_choice_as_lm_evaluation_harness_cuts_it():
+    # The harness feeds (context + continuation)[-(block_size + 1):][:-1]: a choice of n tokens
+    # sees the last block_size + 1 - n context tokens, so choices of different lengths see
+    # different contexts.
+    torch.manual_seed(0)
+    model = randomize_(GPT(GPTConfig(vocab_size=23, block_size=8, n_layer=2, n_head=2, n_embd=16)), 0, 0.5).eval()
+    context, choices = list(range(1, 15)), [[3], [4, 5, 6], [7] * 8]
+    (scored,) = score_continuations(model, [(context, choices)])
+    for choice, got in zip(choices, scored):
+        inp = (context + choice)[-(8 + 1):][:-1]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([inp])).logits[0], dim=-1)
+        n = len(choice)
+        expected = [logp[len(inp) - n + j, t].item() for j, t in enumerate(choice)]
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(expected), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="leaves no room"):
+        score_continuations(model, [(context, [[1] * 9])])
+
+
+def test_trailing_whitespace_of_a_context_moves_into_the_continuation():
+    from minigpt.evaluation.harness import encode_pair
+
+    class Words:  # a word-level tokenizer where " yes" and " " + "yes" differ, as in GPT-2's BPE
+        vocab = {"Answer:": 0, " yes": 1, " ": 2, "yes": 3, "\n": 4, "\n yes": 5}
+        eos_id = 9
+
+        def encode(self, text):
+            ids = []
+            while text:
+                piece = max((p for p in self.vocab if text.startswith(p)), key=len)
+                ids.append(self.vocab[piece])
+                text = text[len(piece):]
+            return ids
+
+    words = Words()
+    assert encode_pair(words, "Answer: ", "yes") == ([0], [1])  # not [0, 2] and [3]
+    assert encode_pair(words, "Answer:", " yes") == ([0], [1])
+    assert encode_pair(words, "Answer:\n", " yes") == ([0], [5])
+    assert encode_pair(words, "", " yes") == ([9], [1])  # an empty context is end-of-text
+
+
+def test_fewshot_file_gives_its_first_k_rows_in_order_and_refuses_what_it_cannot_do(tmp_path):
+    from minigpt.evaluation.harness import _first_demonstrations
+
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"context": f"q{i}", "choices": ["a", "b"], "label": i % 2}
+                                                     for i in range(3)])
+    assert [d.context for d in _first_demonstrations(demos, 2, None)] == ["q0", "q1"]
+    with pytest.raises(ValueError, match="use one"):
+        _first_demonstrations(demos, 2, demos)
+    with pytest.raises(ValueError, match="give --shots K"):
+        _first_demonstrations(demos, 0, None)
+    with pytest.raises(ValueError, match="holds 3 examples, fewer than --shots 4"):
+        _first_demonstrations(demos, 4, None)
