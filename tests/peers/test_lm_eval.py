@@ -26,7 +26,7 @@ import transformers
 from minigpt.cli import main
 from tests.helpers import DATA, need_file, use_tiktoken_cache
 
-lm_eval = pytest.importorskip("lm_eval")  # an extra of [test]: installed by the README's test command
+lm_eval = pytest.importorskip("lm_eval")  # an extra of [test] (the README's test command); the GPU machine skips
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
@@ -50,7 +50,11 @@ def rows() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("peer")
+    return make_workspace(tmp_path_factory.mktemp("peer"))
+
+
+def make_workspace(folder):
+    """The model folder, the task and demonstration files, and the harness's task YAML."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=BLOCK)
     model = transformers.GPT2LMHeadModel(config)
@@ -110,6 +114,7 @@ def harness(folder, shots: int, monkeypatch) -> list[dict]:
 
 
 def ours(folder, shots: int, tmp_path, monkeypatch) -> list[dict]:
+    """minigpt eval's per-example records (examples.jsonl), in file order."""
     use_tiktoken_cache(monkeypatch)
     out = tmp_path / f"eval{shots}"
     fewshot = ["--fewshot-file", str(folder / "train.jsonl"), "--shots", str(shots)] if shots else []

@@ -24,6 +24,9 @@ from minigpt import GPT
 
 with warnings.catch_warnings():  # its import warns about optional packages it does not need here
     warnings.simplefilter("ignore")
+    # An extra of [test], installed by the README's test command; the GPU machine, which
+    # installs nothing, skips these.
+    pytest.importorskip("transformer_lens")
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_neo_weights
 
