@@ -39,7 +39,7 @@ COMMANDS = {
                     {"model", "data", "out", "overwrite", "batch_size", "max_generate", "device", "threads"}),
     ("predict",): (["model"], (FinetuneConfig,), {"model", "texts", "file", "json", "batch_size", "device", "threads"}),
     ("eval",): (["t.jsonl", "--model", "lm"], (PromptFormat,),
-                {"tasks", "model", "shots", "demos", "limit", "out", "seed", "batch_size", "backend", "device",
+                {"tasks", "model", "shots", "demos", "fewshot_file", "limit", "out", "seed", "batch_size", "backend", "device",
                  "threads"}),
 }
 
