@@ -97,8 +97,11 @@ class CausalSelfAttention(ops.UsesBackend, nn.Module):
             B, T, H, D = q.shape
         else:
             B, T, C = x.shape
-            H, D = self.n_head, C // self.n_head
-            q, k, v = (t.view(B, T, H, D) for t in self.qkv(x).split(C, dim=2))  # 3 x (B, T, H, D)
+            D = C // self.n_head
+            # H is this rank's heads: all of them, or n_head / tp under tensor parallelism,
+            # where the projection gives this rank's q, k and v columns (minigpt.train.parallel).
+            q, k, v = (t.view(B, T, -1, D) for t in self.qkv(x).chunk(3, dim=2))  # 3 x (B, T, H, D)
+            H = q.shape[2]
         q = self.hook_q(q).transpose(1, 2)  # (B, H, T, D)
         k = self.hook_k(k).transpose(1, 2)  # (B, H, T, D)
         v = self.hook_v(v).transpose(1, 2)  # (B, H, T, D)
@@ -308,7 +311,7 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         if left_pad is not None:
             pos = (pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
-        pos_emb = self.pos_emb(pos).expand(B, T, -1)  # (B, T, C), a view
+        pos_emb = self.pos_emb(pos).expand(B, -1, -1)  # (B, T, C), a view
         x = self.drop(self.hook_embed(self._embed_tokens(idx)) + self.hook_pos_embed(pos_emb))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cache.layers[i] if cache is not None else None, start, left_pad)

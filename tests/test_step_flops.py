@@ -96,7 +96,7 @@ def test_prompt_masked_loss_is_charged_the_lm_head_only_where_it_runs():
         def set_postfix(self, *args, **kwargs):
             pass
 
-    window = TrainWindow(peak=1.0, world_size=1)
+    window = TrainWindow(peak=1.0, dp_size=1)
     window.add(1.0, B * T, 1.0, model, T, head_tokens)
     metrics = Recorder()
     window.write(1, 1e-3, 1.0, 0, metrics, Bar())

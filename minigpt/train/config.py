@@ -15,6 +15,7 @@ from minigpt.typed import PathStr, check_fields
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
+CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,20 @@ class TrainConfig:
     backend: str = "sdpa"
     """Attention backend set on every GPT in the model: 'math', 'sdpa' or 'triton'."""
     parallel: str = "auto"
-    """'auto' (DDP under torchrun), 'none', 'ddp' or 'fsdp' (FSDP2, for models too big for one GPU)."""
+    """'auto' (DDP under torchrun; 'fsdp' when tp, dp_replicate or dp_shard is set), 'none', 'ddp', or
+    'fsdp': FSDP2 over dp_shard (HSDP with dp_replicate) and tensor parallelism over tp (minigpt.train.mesh)."""
+    dp_replicate: int = 1
+    """Mesh: replicas of the sharded model, each reading its own data (HSDP's outer dimension)."""
+    dp_shard: int = -1
+    """Mesh: ranks FSDP2 shards parameters, gradients and optimizer state over; -1 takes the ranks
+    that dp_replicate and tp leave."""
+    tp: int = 1
+    """Mesh: tensor-parallel degree; each block's matrices split across this many ranks (Megatron-LM),
+    with sequence parallelism and a loss-parallel head. Must divide n_head and the MLP width."""
+    checkpoint_format: str = "auto"
+    """'full': one safetensors model folder gathered on rank 0; 'sharded': every rank writes its own
+    shards (torch.distributed.checkpoint), resumable on another mesh, `minigpt export` makes a model
+    folder of it; 'auto' is 'sharded' under tensor parallelism and 'full' otherwise."""
     on_nonfinite: str = "stop"
     """A NaN/inf loss or gradient: 'stop' with an error naming the step, or 'skip' the update.
     'stop' checks at log, eval and checkpoint steps (no device sync in between: a GPU may run up
@@ -131,6 +145,17 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
         need(self.parallel in PARALLEL, "parallel", f"must be one of {PARALLEL}")
+        for name in ("dp_replicate", "tp"):
+            need(is_int(name) and getattr(self, name) >= 1, name, "must be a positive integer")
+        need(is_int("dp_shard") and (self.dp_shard >= 1 or self.dp_shard == -1), "dp_shard",
+             "must be a positive integer, or -1 for the ranks that dp_replicate and tp leave")
+        need(not (self.parallel == "ddp" and (self.tp > 1 or self.dp_replicate > 1 or self.dp_shard > 1)), "parallel",
+             f"'ddp' cannot use a mesh (tp={self.tp}, dp_replicate={self.dp_replicate}, dp_shard={self.dp_shard}): "
+             f"DDP replicates the whole model; use parallel='fsdp' (or 'auto') for a device mesh")
+        need(not (self.optimizer == "muon" and self.tp > 1), "optimizer",
+             "cannot be used with tp > 1: Muon orthogonalizes whole matrices and tensor parallelism splits them; "
+             "use optimizer='adamw'")
+        need(self.checkpoint_format in CHECKPOINT_FORMATS, "checkpoint_format", f"must be one of {CHECKPOINT_FORMATS}")
         need(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be 'stop' or 'skip'")
         need(self.best_mode in ("min", "max"), "best_mode", "must be 'min' or 'max'")
         need(self.early_stopping_patience is None or (
@@ -139,6 +164,11 @@ class TrainConfig:
         need(self.peak_flops is None or self.peak_flops > 0, "peak_flops", "must be > 0 or None (estimated)")
         device = self.device.split(":")[0]
         need(device in ("auto", "cpu", "cuda", "mps"), "device", "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+    @property
+    def uses_mesh(self) -> bool:
+        """Whether a degree of the device mesh is set (then 'auto' means FSDP2 over it)."""
+        return self.tp > 1 or self.dp_replicate > 1 or self.dp_shard > 1
 
     @property
     def decay_steps(self) -> int:
@@ -159,5 +189,7 @@ RESUMABLE_FIELDS = frozenset({
     "out_dir", "max_steps", "eval_interval", "eval_steps", "log_interval", "checkpoint_interval", "keep_last",
     "device", "dtype", "compile", "backend", "parallel", "on_nonfinite", "max_consecutive_skips", "early_stopping_patience",
     "tensorboard", "progress", "peak_flops", "cpu_threads", "activation_checkpointing",
+    # Another mesh reads the same global batch (the loaders check it) and reshards the checkpoint.
+    "batch_size", "dp_replicate", "dp_shard", "tp", "checkpoint_format",
 })
 

@@ -10,6 +10,7 @@ Without torchrun all of this is a no-op and the run is a single process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -30,10 +31,28 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    tp: int = 1
+    """Tensor-parallel degree (minigpt.train.mesh): the ranks of one tp group read the same data."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """Which share of the global batch this rank reads (tp is the mesh's innermost dimension)."""
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        """How many shares the global batch is divided into."""
+        return self.world_size // self.tp
+
+    def with_tp(self, tp: int) -> "DistInfo":
+        """This process with the job's tensor-parallel degree known (train.tp)."""
+        if self.world_size % tp:
+            raise ValueError(f"train.tp={tp} must divide the world size {self.world_size}")
+        return dataclasses.replace(self, tp=tp)
 
     @property
     def distributed(self) -> bool:
@@ -106,9 +125,11 @@ def resolve_device(device: str, info: DistInfo | None = None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_parallel(parallel: str, info: DistInfo) -> str:
+def resolve_parallel(parallel: str, info: DistInfo, uses_mesh: bool = False) -> str:
+    """'none', 'ddp' or 'fsdp' for a run of `info`'s size; `uses_mesh`: a mesh degree is set
+    (TrainConfig.uses_mesh), so 'auto' is FSDP2 over the mesh rather than DDP."""
     if parallel == "auto":
-        return "ddp" if info.distributed else "none"
+        return ("fsdp" if uses_mesh else "ddp") if info.distributed else "none"
     if parallel != "none" and not info.distributed:
         logger.info("parallel=%r in a single process: training without it", parallel)
         return "none"
@@ -121,6 +142,14 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= dist.get_world_size()
+    return value
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; `value` itself is left as it was)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 
 

@@ -13,8 +13,16 @@ the loop supplies everything else, from the parts of this package:
     state.py       `Run`, what one run carries between these parts, and the saved counters
 
 A step is one optimizer update on the global batch of
-world_size x grad_accum x batch_size sequences. `step` counts completed updates, so the
+dp_size x grad_accum x batch_size sequences (dp_size is the world size, less tensor
+parallelism's share: minigpt.train.mesh). `step` counts completed updates, so the
 checkpoint called step_0000100 holds the state after 100 updates.
+
+The loss of an update is the mean over every item of the global batch (each target token of
+a language-model loss, each row of a classifier's, weighted as its loss weighs them), not the
+mean of per-micro-batch means: each micro-batch's mean is weighted by its share of the
+global batch's items (`loss_items`, counted on the loader's CPU batches and summed over the
+data-parallel ranks), so the gradients do not depend on how the batch is split into ranks
+and micro-batches (torchtitan normalises by the global count of target tokens likewise).
 
 Device syncs happen only at read points: log, eval and checkpoint steps and the last step
 (nanoGPT likewise reads the loss only when it logs). Each update leaves its loss and gradient
@@ -46,18 +54,39 @@ from minigpt.train import runfolder
 from minigpt.train.config import TrainConfig
 from minigpt.train.observe import MetricsLog, TrainWindow, peak_flops
 from minigpt.train.optim import build_optimizer, lr_at
-from minigpt.train.parallel import mixed_precision, parallelize
+from minigpt.train.mesh import MeshShape
+from minigpt.train.parallel import loss_context, mixed_precision, parallelize
 from minigpt.train.rng import seed_rngs
 from minigpt.train.state import Batches, Run, TrainResult, Update, read_updates
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["language_model_loss", "train"]
+__all__ = ["language_model_loss", "loss_items", "train"]
 
 
 def language_model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy; targets of -100 are ignored."""
     return model(batch["idx"], batch["targets"]).loss
+
+
+def loss_items(loss_fn: Callable, batch: dict[str, torch.Tensor]) -> float:
+    """What `loss_fn`'s mean on `batch` (a loader's CPU batch) is a mean over: the loss's own
+    `items(batch)` when it has one (a class-weighted loss: the sum of its rows' weights), else
+    the target tokens that are not -100, else the rows of batch["labels"], else 1 (then each
+    micro-batch weighs the same)."""
+    own = getattr(loss_fn, "items", None)
+    if own is not None:
+        return float(own(batch))
+    if "targets" in batch:
+        return float((batch["targets"] != -100).sum())
+    if "labels" in batch:
+        return float(len(batch["labels"]))
+    return 1.0
+
+
+def _plain(value: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor (a loss-parallel loss is a replicated DTensor)."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def train(
@@ -104,8 +133,8 @@ def train(
             the next log, eval or checkpoint step; see the module docstring), or
             config.max_consecutive_skips updates in a row were skipped.
     """
-    info = dist_.current()
-    parallel = dist_.resolve_parallel(config.parallel, info)
+    info = dist_.current().with_tp(config.tp)
+    parallel = dist_.resolve_parallel(config.parallel, info, config.uses_mesh)
     if parallel == "fsdp" and save_model is not None:
         raise ValueError("save_model is not supported with parallel='fsdp'; the loop saves the gathered state_dict")
     if config.early_stopping_patience and eval_batches is None and extra_eval is None:
@@ -135,10 +164,17 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
         seed_rngs(config.seed + info.rank)
 
     raw = model.to(device)
-    with parallelize(raw, config, parallel, device) as module:
+    mesh = None
+    if parallel == "fsdp":
+        mesh = MeshShape.resolve(info.world_size, config.dp_replicate, config.dp_shard, config.tp)
+        gpt = getattr(raw, "backbone", raw)  # a classifier's transformer
+        if hasattr(gpt, "config") and hasattr(gpt.config, "mlp_width"):
+            mesh.check_model(gpt.config.n_head, gpt.config.mlp_width)
+    with parallelize(raw, config, parallel, device, mesh) as module:
         optimizer = build_optimizer(raw, config, device)
         amp_dtype, scaler, autocast = mixed_precision(device, config.dtype)
-        run = Run(config, info, parallel, device, raw, module, optimizer, scaler, autocast, batches, root=root, **parts)
+        run = Run(config, info, parallel, device, raw, module, optimizer, scaler, autocast, batches, root=root,
+                  mesh=mesh, **parts)
         if resume_from is not None:
             ckpt.load_training_state(saved, run)
             if info.is_main:
@@ -159,9 +195,10 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
     peak, peak_note = (config.peak_flops, "set by peak_flops") if config.peak_flops else peak_flops(run.device)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        layout = run.parallel if run.mesh is None else f"{run.parallel}, mesh {run.mesh}"
         logger.info("training %s parameters (%s trainable) on %s x %d (%s, %s), global batch %d x %d sequences",
                     f"{n_params:,}", f"{n_train:,}", run.device, info.world_size, str(amp_dtype).removeprefix("torch."),
-                    run.parallel, info.world_size * config.grad_accum, config.batch_size)
+                    layout, info.dp_size * config.grad_accum, config.batch_size)
         logger.info("MFU assumes a peak of %.3g FLOP/s per device: %s", peak, peak_note)
     metrics = MetricsLog(out_dir, state.step if resume_from else None, config.tensorboard, info.is_main)
 
@@ -172,7 +209,7 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
                disable=not (config.progress and info.is_main))
     last_saved: Path | None = resume_from
     stopped_early = False
-    window = TrainWindow(peak, info.world_size)
+    window = TrainWindow(peak, info.dp_size, info.world_size)
     unread: list[Update] = []  # updates since the last read point (see the module docstring)
     run.module.train()
     try:
@@ -227,22 +264,30 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
     total = torch.zeros((), device=run.device)
     tokens, head_tokens, seq_len = 0, 0, None
     head_positions = getattr(run.loss_fn, "lm_head_positions", None)  # a loss that skips the LM head somewhere
-    for micro in range(config.grad_accum):
-        loaded = run.batches.next_batch()
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in loaded.items()}
+    loaded = [run.batches.next_batch() for _ in range(config.grad_accum)]
+    items = [loss_items(run.loss_fn, batch) for batch in loaded]
+    # Each micro-batch's mean weighs its share of the global batch's items; x dp_size because
+    # DDP and FSDP average gradients over the data-parallel ranks (see the module docstring).
+    if run.info.distributed:  # summed on the device, never read: no sync here
+        global_items = dist_.all_reduce_sum(torch.tensor(sum(items), device=run.device, dtype=torch.float64))
+        shares = [(n * run.info.dp_size * run.info.tp / global_items).float() for n in items]
+    else:
+        shares = [n / sum(items) if sum(items) else 1.0 / len(items) for n in items]
+    for micro, (cpu_batch, share) in enumerate(zip(loaded, shares)):
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in cpu_batch.items()}
         if "idx" in batch:
             tokens += batch["idx"].numel()
-            head_tokens += head_positions(run.module, loaded) if head_positions else batch["idx"].numel()
+            head_tokens += head_positions(run.module, cpu_batch) if head_positions else batch["idx"].numel()
             seq_len = batch["idx"].shape[-1]
         last = micro == config.grad_accum - 1
         sync = nullcontext() if last or run.parallel != "ddp" else run.module.no_sync()
-        with sync:
+        with sync, loss_context(run.raw):
             with run.autocast:
                 loss = run.loss_fn(run.module, batch)
-            scaled = loss / config.grad_accum
+            scaled = loss * share
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += loss.detach().float()
-    mean_loss = dist_.all_reduce_mean(total / config.grad_accum)
+        total += _plain(loss.detach()).float() * share
+    mean_loss = dist_.all_reduce_mean(total)
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0 else math.inf)
@@ -295,8 +340,8 @@ def _evaluate(run: Run, eval_batches, extra_eval) -> dict[str, float]:
             if i == run.config.eval_steps:
                 break
             batch = {k: v.to(run.device) for k, v in batch.items()}
-            with run.autocast:
-                total += run.loss_fn(run.module, batch).float()
+            with run.autocast, loss_context(run.raw):
+                total += _plain(run.loss_fn(run.module, batch)).float()
             count += 1
         if count == 0:
             raise ValueError("eval_batches() yielded no batches")

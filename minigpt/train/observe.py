@@ -208,8 +208,11 @@ def _parse(path: Path) -> list[tuple[str, dict]]:
 class TrainWindow:
     """Loss, throughput and MFU over the updates since the last log step."""
 
-    def __init__(self, peak: float, world_size: int) -> None:
-        self.peak, self.world_size = peak, world_size
+    def __init__(self, peak: float, dp_size: int, world_size: int | None = None) -> None:
+        """`dp_size` ranks read different tokens (a tensor-parallel group shares its batch);
+        MFU is against the peak of all `world_size` devices (default dp_size)."""
+        self.peak, self.dp_size = peak, dp_size
+        self.world_size = dp_size if world_size is None else world_size
         self.flops: float | None = None
         """Model FLOPs per token with the LM head at every position, from the first batch with token ids."""
         self.head_flops = 0.0
@@ -221,8 +224,8 @@ class TrainWindow:
         """One update: its seconds, the tokens of this rank, its loss (None if skipped), and how
         many of the tokens the LM head ran on (None: all; a prompt-masked loss skips the rest)."""
         self.time += seconds
-        self.tokens += tokens * self.world_size
-        self.head_tokens += (tokens if head_tokens is None else head_tokens) * self.world_size
+        self.tokens += tokens * self.dp_size
+        self.head_tokens += (tokens if head_tokens is None else head_tokens) * self.dp_size
         if self.flops is None and seq_len:
             self.flops = model_flops_per_token(model, seq_len)
             self.head_flops = lm_head_flops_per_position(model)

@@ -1,9 +1,29 @@
 """How the model is run, applied from outside it, in one function: `parallelize`.
 
-In order (torchtitan's: per-block transforms first, then sharding): the attention backend
-on every GPT, activation checkpointing per transformer block, torch.compile per
-transformer block, then DDP or FSDP2 (`fully_shard` per block, then the root). The model
-itself stays single-device and knows none of this.
+In order (torchtitan's: tensor parallelism, then per-block transforms, then sharding): the
+attention backend on every GPT, tensor parallelism over the mesh's 'tp' dimension,
+activation checkpointing per transformer block, torch.compile per transformer block, then
+DDP, or FSDP2 (`fully_shard` per block, then the root) over the mesh's data-parallel
+dimensions (HSDP when dp_replicate > 1). The model itself stays single-device and knows none of this.
+
+Tensor parallelism (Megatron-LM, Shoeybi et al. 2019; sequence parallelism, Korthikanti et
+al. 2022) uses torch's own `parallelize_module`:
+
+    tok_emb, pos_emb   rows (vocabulary, positions) split; output split along the sequence
+    ln_1, ln_2, ln_f   sequence parallel: each rank normalises its share of the positions
+    attn, mlp          input gathered along the sequence (all-gather) on entry
+    attn.qkv.{q,k,v}   columns split: each rank computes whole heads, n_head / tp of them
+    mlp.fc             columns split
+    attn.proj, mlp.proj  rows split; output reduce-scattered along the sequence
+    lm_head            columns (vocabulary) split, the logits left sharded for a loss-parallel
+                       cross-entropy (`loss_parallel`), so no rank holds (B, T, V) whole
+
+The fused qkv projection cannot be split by columns without mixing q, k and v across ranks,
+so on the mesh path (parallel='fsdp') it is replaced by three projections holding the same
+rows (`QKVColumns`); `fuse_qkv` / `split_qkv` translate state dicts between the two
+spellings, so every checkpoint and model folder keeps the single-device names. The tied
+head and token embedding are split the same way (rows of one (V, C) matrix) and re-tied
+after distribution.
 
 Compiling each block rather than the whole model is torchtitan's choice too: every block
 of a kind reuses one compiled graph, so compiling costs about one block instead of all of
@@ -13,6 +33,7 @@ first update instead of 71 s, benchmarks/NOTES.md), while the blocks hold nearly
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
@@ -22,20 +43,30 @@ from torch.utils.checkpoint import checkpoint
 
 from minigpt.ops import use_backend
 from minigpt.train.config import TrainConfig
-
+from minigpt.train.mesh import MeshShape
 
 @contextmanager
-def parallelize(model: nn.Module, config: TrainConfig, parallel: str, device: torch.device) -> Iterator[nn.Module]:
+def parallelize(model: nn.Module, config: TrainConfig, parallel: str, device: torch.device,
+                mesh: MeshShape | None = None) -> Iterator[nn.Module]:
     """Yield the module to train on `model` (already on `device`): `model` itself, under DDP,
-    or sharded in place by FSDP2, after setting config.backend on every GPT and, with
-    config.activation_checkpointing, checkpointing each transformer block, and with
+    or, with parallel='fsdp', split by tensor parallelism over `mesh`'s tp ranks and sharded
+    in place by FSDP2 over its data-parallel ranks; after setting config.backend on every GPT
+    and, with config.activation_checkpointing, checkpointing each transformer block, and with
     config.compile, compiling each transformer block in place (`nn.Module.compile`).
 
-    The model's own modules, parameters and state_dict keys are unchanged; checkpointing and
-    compiling are undone on exit, so the caller gets back the model it passed (sampling from
-    it afterwards runs eagerly, without recompiling for the KV cache's shapes).
+    Without a mesh the model's own modules, parameters and state_dict keys are unchanged;
+    checkpointing and compiling are undone on exit, so the caller gets back the model it
+    passed (sampling from it afterwards runs eagerly, without recompiling for the KV cache's
+    shapes). On the mesh path the model stays distributed.
     """
     use_backend(model, config.backend)
+    device_mesh = None
+    if parallel == "fsdp":
+        mesh = mesh or MeshShape(dp_shard=torch.distributed.get_world_size())
+        device_mesh = mesh.build(device.type)
+        split_fused_qkv(model)
+        if mesh.tp > 1:
+            apply_tensor_parallel(model, device_mesh["tp"])
     blocks = _blocks(model)
     for block in blocks:
         if config.activation_checkpointing:
@@ -43,13 +74,152 @@ def parallelize(model: nn.Module, config: TrainConfig, parallel: str, device: to
         if config.compile:
             block.compile()
     try:
-        yield _wrap(model, parallel, device)
+        yield _wrap(model, parallel, device, device_mesh)
     finally:
         for block in blocks:
             if config.activation_checkpointing:
                 del block.forward  # the instance attribute; the class's forward shows through again
             if config.compile:
                 block._compiled_call_impl = None  # what nn.Module.compile set: calls run eagerly again
+
+
+class QKVColumns(nn.Module):
+    """The fused `attn.qkv` projection as three (q, k and v, each C -> C), whose outputs are
+    concatenated as the fused one's are; under tensor parallelism each is split by columns,
+    so a rank's output is its heads' q, then k, then v, as the attention expects."""
+
+    def __init__(self, fused: nn.Linear) -> None:
+        super().__init__()
+        width = fused.out_features // 3
+        bias = fused.bias is not None
+        factory = {"device": fused.weight.device, "dtype": fused.weight.dtype}
+        self.q, self.k, self.v = (nn.Linear(fused.in_features, width, bias=bias, **factory) for _ in range(3))
+        with torch.no_grad():
+            for i, part in enumerate((self.q, self.k, self.v)):
+                part.weight.copy_(fused.weight[i * width:(i + 1) * width])
+                part.weight.requires_grad_(fused.weight.requires_grad)
+                if bias:
+                    part.bias.copy_(fused.bias[i * width:(i + 1) * width])
+                    part.bias.requires_grad_(fused.bias.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)  # (B, T, 3 x this rank's H x D)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fused (3C, C) matrix, for code that reads it (the per-head hook paths)."""
+        return torch.cat([self.q.weight, self.k.weight, self.v.weight])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.q.bias is None else torch.cat([self.q.bias, self.k.bias, self.v.bias])
+
+
+def split_fused_qkv(model: nn.Module) -> None:
+    """Replace each plain `nn.Linear` attn.qkv of `model` by its `QKVColumns` (a LoRA-wrapped
+    one stays fused: tensor parallelism refuses LoRA, see `apply_tensor_parallel`)."""
+    from minigpt.model import CausalSelfAttention
+
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention) and type(module.qkv) is nn.Linear:
+            module.qkv = QKVColumns(module.qkv)
+
+
+_SPLIT_KEY = re.compile(r"^(.*\.qkv)\.([qkv])\.(weight|bias)$")
+
+
+def fuse_qkv(state: dict) -> dict:
+    """A state dict (or a per-parameter dict, e.g. optimizer state) of a model whose qkv
+    was split by `split_fused_qkv`, with each q/k/v triple concatenated back under the
+    single-device name ('blocks.0.attn.qkv.weight'). Other entries pass through."""
+    out, parts = {}, {}
+    for key, value in state.items():
+        match = _SPLIT_KEY.match(key)
+        if match is None:
+            out[key] = value
+        else:
+            parts.setdefault(f"{match.group(1)}.{match.group(3)}", {})[match.group(2)] = value
+    for key, triple in parts.items():
+        out[key] = torch.cat([triple["q"], triple["k"], triple["v"]])
+    return out
+
+
+def split_qkv(state: dict) -> dict:
+    """The inverse of `fuse_qkv`: each '*.qkv.weight' / '*.qkv.bias' as its q, k and v rows."""
+    out = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix.endswith(".qkv") and leaf in ("weight", "bias") and value.shape[0] % 3 == 0:
+            for name, rows in zip("qkv", value.chunk(3)):
+                out[f"{prefix}.{name}.{leaf}"] = rows
+        else:
+            out[key] = value
+    return out
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Split `model` (a GPT whose qkv is already split) over `tp_mesh` with torch's
+    `parallelize_module`, as the module docstring lays out; re-tie the head to the token
+    embedding. Raises ValueError for what cannot be split (LoRA, a wrapped GPT)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    from minigpt.model import GPT
+
+    if not isinstance(model, GPT):
+        raise ValueError(f"tensor parallelism (train.tp > 1) splits a GPT; this run trains a {type(model).__name__} "
+                         f"(a classifier or another wrapper); set train.tp=1 and shard it with FSDP (dp_shard)")
+    if any(not isinstance(m.attn.qkv, QKVColumns) or type(m.mlp.fc) is not nn.Linear for m in model.blocks):
+        raise ValueError("tensor parallelism (train.tp > 1) cannot split LoRA adapters; set train.tp=1 (FSDP "
+                         "shards a LoRA run over dp_shard)")
+    def gathered(extra_inputs: int = 0) -> PrepareModuleInput:
+        """The first input, split along the sequence, gathered whole; the others (the KV cache,
+        start, left padding: None, 0, None in training) passed as they are."""
+        rest = (None,) * extra_inputs
+        return PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest),
+                                  use_local_output=True)
+
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, {
+            "ln_1": SequenceParallel(),
+            "attn": gathered(extra_inputs=3),
+            "attn.qkv.q": ColwiseParallel(),
+            "attn.qkv.k": ColwiseParallel(),
+            "attn.qkv.v": ColwiseParallel(),
+            "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
+            "ln_2": SequenceParallel(),
+            "mlp": gathered(),
+            "mlp.fc": ColwiseParallel(),
+            "mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
+        })
+    parallelize_module(model, tp_mesh, {
+        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "pos_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),
+        "ln_f": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    })
+    if model.config.tie_embeddings:  # both are Shard(0) of the same (V, C) matrix: one parameter again
+        model.lm_head.weight = model.tok_emb.weight
+
+
+def is_tensor_parallel(model: nn.Module) -> bool:
+    """Whether `model`'s head was split by `apply_tensor_parallel` (its logits are then
+    sharded along the vocabulary and the loss must run under `loss_parallel`)."""
+    from torch.distributed.tensor import DTensor
+
+    head = getattr(model, "lm_head", None)
+    return head is not None and isinstance(head.weight, DTensor) and "tp" in (head.weight.device_mesh.mesh_dim_names or ())
+
+
+def loss_context(model: nn.Module) -> AbstractContextManager:
+    """`loss_parallel()` for a tensor-parallel model (cross-entropy on vocabulary-sharded
+    logits, forward and backward), else nothing."""
+    if is_tensor_parallel(model):
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+    return nullcontext()
 
 
 def mixed_precision(device: torch.device, dtype: str) -> tuple[torch.dtype, torch.amp.GradScaler | None,
@@ -84,8 +254,9 @@ def _checkpointed_forward(block: nn.Module, *args, **kwargs):
     return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
 
 
-def _wrap(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
-    """The module to train: `model` itself, under DDP, or sharded in place by FSDP2."""
+def _wrap(model: nn.Module, parallel: str, device: torch.device, device_mesh=None) -> nn.Module:
+    """The module to train: `model` itself, under DDP, or sharded in place by FSDP2 over
+    `device_mesh`'s data-parallel dimensions (left unsharded when there is one such rank)."""
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -96,10 +267,14 @@ def _wrap(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
 
         from minigpt.model import Block
 
+        replicate, shard = device_mesh["dp_replicate"].size(), device_mesh["dp_shard"].size()
+        if replicate * shard == 1:  # tensor parallelism alone
+            return model
+        dp_mesh = device_mesh["dp_replicate", "dp_shard"] if replicate > 1 else device_mesh["dp_shard"]
         # Shard each transformer block, then the root (embeddings, final norm, head).
         for module in model.modules():
             if isinstance(module, Block):
-                fully_shard(module)
-        fully_shard(model)
+                fully_shard(module, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
         return model
     return model

@@ -15,6 +15,7 @@ from torch import nn
 
 from minigpt.train.config import TrainConfig
 from minigpt.train.distributed import DistInfo
+from minigpt.train.mesh import MeshShape
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -169,6 +170,8 @@ class Run:
     run_metadata: dict | None = None
     save_model: Callable[[nn.Module, Path], None] | None = None
     checkpoint_files: dict[str, str] | None = None
+    mesh: MeshShape | None = None
+    """The device mesh's degrees on the mesh path (parallel='fsdp'), else None."""
     state: LoopState = field(default_factory=LoopState)
 
 
