@@ -79,6 +79,14 @@ class ClassificationLoss:
     def __call__(self, model: GPTClassifier, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return classification_loss(model, batch, self.class_weights)
 
+    def items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the loss on `batch` (a CPU batch) is a mean over: its rows, each weighing its
+        class's weight (the training loop weighs micro-batches by it, `loop.loss_items`)."""
+        labels = batch["labels"]
+        if self.class_weights is None:
+            return torch.tensor(labels.shape[0], dtype=torch.float64)
+        return self.class_weights[labels].double().sum()
+
 
 def balanced_class_weights(label_ids: Sequence[int], num_labels: int) -> list[float]:
     """n / (num_labels * count_c) per class (the usual "balanced" heuristic); a class absent

@@ -431,15 +431,17 @@ class ShuffledBatches:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": len(self.examples),
-                "rank": self.rank, "world_size": self.world_size}
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        differs = [k for k in ("n", "seed", "world_size") if state.get(k) != mine[k]]
+        state = {"batch_size": self.batch_size, **state}  # older checkpoints do not record it
+        differs = [k for k in ("n", "seed", "world_size", "batch_size") if state.get(k) != mine[k]]
         if differs:
             raise ValueError(f"batch state is for {state.get('n')} examples, seed {state.get('seed')}, "
-                             f"{state.get('world_size')} ranks; this run has {len(self.examples)}, {self.seed}, "
-                             f"{self.world_size}. Resume with the same data, seed and world size")
+                             f"{state.get('world_size')} data-parallel ranks of batch {state.get('batch_size')}; "
+                             f"this run has {len(self.examples)}, {self.seed}, {self.world_size}, "
+                             f"{self.batch_size}. Resume with the same data, seed, data-parallel ranks and batch size")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
 

@@ -53,12 +53,13 @@ class TaskRun:
     details: dict = field(default_factory=dict)
 
 
-def _batches(examples, batch_size: int, collate, seed: int) -> ShuffledBatches:
-    """Shuffled batches of this rank's share (the run's process group is joined by `finetune`)."""
+def _batches(examples, train_config: TrainConfig, collate) -> ShuffledBatches:
+    """Shuffled batches of this rank's share (the run's process group is joined by `finetune`;
+    the ranks of a tensor-parallel group share one)."""
     from minigpt.train import distributed as dist_
 
-    info = dist_.current()
-    return ShuffledBatches(examples, batch_size, collate, seed, info.rank, info.world_size)
+    share = dist_.current().with_tp(train_config.tp)
+    return ShuffledBatches(examples, train_config.batch_size, collate, train_config.seed, share.dp_rank, share.dp_size)
 
 
 def _labeled_split(config: FinetuneConfig) -> tuple[list[LabeledText], list[LabeledText], LabelMap, int]:
@@ -110,7 +111,7 @@ def classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config:
     counts = {label: sum(r.label == label for r in rows) for label in labels.labels}
     return TaskRun(
         model=GPTClassifier(backbone, len(labels)),
-        train_batches=_batches(train_examples, train_config.batch_size, collate, train_config.seed),
+        train_batches=_batches(train_examples, train_config, collate),
         eval_batches=lambda: fixed_batches(val_examples, config.eval_batch_size, collate),
         loss_fn=ClassificationLoss(weights),
         extra_eval=extra_eval,
@@ -208,7 +209,7 @@ def completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_confi
     stop = common_suffix([p.completion for p in pairs])
     return TaskRun(
         model=backbone,
-        train_batches=_batches(train_examples, train_config.batch_size, collate, train_config.seed),
+        train_batches=_batches(train_examples, train_config, collate),
         eval_batches=lambda: fixed_batches(val_examples, config.eval_batch_size, collate),
         loss_fn=masked_lm_loss,
         extra_eval=None,

@@ -94,13 +94,26 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
         from minigpt.generate import generate_text
         from minigpt.model import GPT
 
-        if dist_.resolve_parallel(config.train.parallel, info) == "fsdp":  # sharded: read the gathered copy
-            model = GPT.from_pretrained(result.last_checkpoint)
+        if dist_.resolve_parallel(config.train.parallel, info, config.train.uses_mesh) == "fsdp":
+            model = _trained_model(result.last_checkpoint, config.model)  # sharded in memory: read the checkpoint
         model.eval()
         s = config.sample
         text = s.prompt + generate_text(model, tokenizer, s.prompt, s.tokens, temperature=s.temperature,
                                         top_k=s.top_k, seed=s.seed)[0]
     return PretrainResult(train=result, run_dir=run_dir, data_dir=data_dir, sample=text)
+
+
+def _trained_model(checkpoint: Path, model_config) -> torch.nn.Module:
+    """The model of a checkpoint written on the mesh path: a gathered model folder, or
+    sharded (read whole in this process, `checkpoint.consolidate`)."""
+    from minigpt.model import GPT
+    from minigpt.train.checkpoint import consolidate, is_sharded
+
+    if not is_sharded(checkpoint):
+        return GPT.from_pretrained(checkpoint)
+    model = GPT(model_config)
+    consolidate(checkpoint, model)
+    return model
 
 
 def warn_eval_cost(tc: TrainConfig, block_size: int, val_tokens: int) -> None:
@@ -161,10 +174,11 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
                if train_split.vocab_size == 50257 else "")
         )
     block, tc = config.model.block_size, config.train
-    batches = RandomWindows(train_split, block, tc.batch_size, seed=tc.seed, rank=info.rank,
-                            world_size=info.world_size)
+    share = info.with_tp(tc.tp)  # a tensor-parallel group reads one share of the batch
+    batches = RandomWindows(train_split, block, tc.batch_size, seed=tc.seed, rank=share.dp_rank,
+                            world_size=share.dp_size)
     evals = FixedWindows(val_split, block, tc.batch_size, tc.eval_steps, seed=config.data.eval_seed,
-                         rank=info.rank, world_size=info.world_size)
+                         rank=share.dp_rank, world_size=share.dp_size)
     if info.is_main:
         warn_eval_cost(tc, block, len(val_split))
         run_dir.mkdir(parents=True, exist_ok=True)

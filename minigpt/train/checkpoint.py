@@ -10,6 +10,14 @@
         best.json               which step folder is the best, and its metric
         latest, best            symlinks to those folders, where the OS allows them
 
+A sharded checkpoint (train.checkpoint_format, the default under tensor parallelism) holds
+`sharded/` instead of model.safetensors: torch.distributed.checkpoint's files, one per rank
+with that rank's shards of the model and optimizer state plus `.metadata`, written by every
+rank at once (no rank gathers the whole model), under the single-device parameter names, so
+that a job on another mesh loads it (DCP reshards on load). `consolidate` reads it back
+whole in one process; `minigpt export` makes a model folder of it. The ranks must share the
+file system the run folder is on.
+
 Atomic (`minigpt.files.write_atomically`): a checkpoint is written into a hidden temporary
 folder, every file is fsynced, and the folder is renamed to its final name (rename is
 atomic on POSIX) before the parent is fsynced. A crash at any moment leaves the previous checkpoints untouched and, at worst, a
@@ -57,6 +65,7 @@ TRAINER_STATE = "trainer.pt"
 TRAINER_INFO = "trainer.json"
 MODEL_FILE = "model.safetensors"
 RESUME_MODEL_FILE = "trainer_model.safetensors"
+SHARDED_DIR = "sharded"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _LEFTOVERS = (".tmp-*", ".old-*", ".trash-*")  # interrupted writes, replacements and prunes
 
@@ -170,12 +179,8 @@ def save_model_state(model: nn.Module, folder: Path, state: dict[str, torch.Tens
     config.json in minigpt's layout, so `GPT.from_pretrained(folder)` and `minigpt sample
     --model folder` load the checkpoint. `state` replaces `model.state_dict()` (FSDP: the
     gathered full state of a sharded model)."""
-    from minigpt.model import GPT
-
     save_state_dict(model.state_dict() if state is None else state, folder / MODEL_FILE)
-    if isinstance(model, GPT):
-        config = {"model_type": "minigpt", "config": model.config.to_dict()}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_model_config(model, folder)
 
 
 def model_weights_file(folder: Path) -> Path:
@@ -281,31 +286,46 @@ def check_same_run(folder: Path, info: dict, config: TrainConfig, run_metadata: 
         )
 
 
+def writes_sharded(run: Run) -> bool:
+    """Whether `run` saves sharded checkpoints (train.checkpoint_format; 'auto' is sharded under
+    tensor parallelism)."""
+    fmt = run.config.checkpoint_format
+    return fmt == "sharded" or (fmt == "auto" and run.mesh is not None and run.mesh.tp > 1)
+
+
 def save_training_state(run: Run, best: bool) -> Path:
     """Write the step checkpoint of `run` (model, optimizer, scaler, RNGs, loader, counters)
     atomically; point 'latest' (and 'best' when `best`) at it and prune. Returns its folder."""
+    from minigpt.train.parallel import fuse_qkv
+
     raw, optimizer, scaler, state, config, info = run.raw, run.optimizer, run.scaler, run.state, run.config, run.info
     root, save_model = run.root, run.save_model
     rng = dist_.all_gather_objects(rng_state())  # every rank's dropout RNG, for exact resumption
-    if run.parallel == "fsdp":
+    folder = step_dir(root, state.step)
+    model_state, optim_state, shards = None, None, None
+    if writes_sharded(run):
+        shards = _save_shards(run, folder)
+    elif run.parallel == "fsdp":
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(raw, options=options)
+        model_state = fuse_qkv(get_model_state_dict(raw, options=options))  # the single-device names
         optim_state = get_optimizer_state_dict(raw, optimizer, options=options)
     else:
-        model_state, optim_state = None, optimizer.state_dict()
-    folder = step_dir(root, state.step)
+        optim_state = optimizer.state_dict()
     if info.is_main:
         def fill(tmp: Path) -> None:
-            if model_state is not None:  # FSDP: the gathered full state, with config.json like any GPT
+            if shards is not None:  # every rank's files, moved in whole
+                os.replace(shards, tmp / SHARDED_DIR)
+                save_model_config(raw, tmp)
+            elif model_state is not None:  # FSDP: the gathered full state, with config.json like any GPT
                 save_model_state(raw, tmp, model_state)
             elif save_model is not None:
                 save_model(raw, tmp)
             else:
                 save_model_state(raw, tmp)
-            if not is_state_dict_file(tmp / MODEL_FILE):
+            if shards is None and not is_state_dict_file(tmp / MODEL_FILE):
                 save_state_dict(raw.state_dict(), tmp / RESUME_MODEL_FILE)
             for name, text in (run.checkpoint_files or {}).items():
                 (tmp / name).write_text(text)
@@ -315,7 +335,8 @@ def save_training_state(run: Run, best: bool) -> Path:
                 "rng": rng, "loader": run.batches.state_dict(), "world_size": info.world_size,
             }, tmp / TRAINER_STATE)
             readable = {"step": state.step, "train_config": config.to_dict(), "run_metadata": run.run_metadata,
-                        "world_size": info.world_size, "last_eval": state.evals[-1] if state.evals else None,
+                        "world_size": info.world_size, "mesh": None if run.mesh is None else str(run.mesh),
+                        "last_eval": state.evals[-1] if state.evals else None,
                         "best": {"metric": config.best_metric, "value": state.best, "step": state.best_step}}
             (tmp / TRAINER_INFO).write_text(json.dumps(readable, indent=2) + "\n")
 
@@ -328,6 +349,81 @@ def save_training_state(run: Run, best: bool) -> Path:
         prune(root, config.keep_last)
     dist_.barrier()
     return folder
+
+
+def _save_shards(run: Run, folder: Path) -> Path:
+    """Every rank writes its shards of the model and optimizer state (DCP) into one hidden
+    folder beside `folder`, which rank 0 then moves into the checkpoint (`save_training_state`):
+    a kill before that rename leaves only a leftover that the next start removes."""
+    import torch.distributed.checkpoint as dcp
+
+    shards = folder.parent / f".tmp-{folder.name}-shards"
+    if run.info.is_main:
+        shutil.rmtree(shards, ignore_errors=True)
+        shards.mkdir(parents=True)
+    dist_.barrier()
+    dcp.save(_distributed_state(run), checkpoint_id=shards)
+    return shards
+
+
+def _distributed_state(run: Run) -> dict:
+    """{"model": ..., "optimizer": ...} of `run` as DCP saves and loads them: each rank's
+    shards, keyed by parameter name (the split qkv's names; `consolidate` fuses them)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(run.raw),
+            "optimizer": get_optimizer_state_dict(run.raw, run.optimizer)}
+
+
+def save_model_config(model: nn.Module, folder: Path) -> None:
+    """config.json in minigpt's layout, for a GPT (what `save_model_state` writes beside the weights)."""
+    from minigpt.model import GPT
+
+    if isinstance(model, GPT):
+        config = {"model_type": "minigpt", "config": model.config.to_dict()}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def is_sharded(folder: Path) -> bool:
+    """Whether checkpoint `folder` holds its model as DCP shards (see the module docstring)."""
+    return (folder / SHARDED_DIR).is_dir()
+
+
+def consolidate(folder: Path, model: nn.Module) -> None:
+    """Fill `model` (built whole, e.g. on the CPU from the folder's config.json) from the
+    sharded checkpoint `folder`, in this one process: the inverse of every rank's save.
+    Raises CheckpointError when the shards are missing or incomplete."""
+    import torch.distributed.checkpoint as dcp
+
+    from minigpt.train.parallel import split_fused_qkv
+
+    metadata = folder / SHARDED_DIR / ".metadata"
+    if not metadata.is_file():
+        raise CheckpointError(f"{metadata} is missing; the sharded checkpoint {folder} is incomplete")
+    split_fused_qkv(model)  # the names the shards were saved under
+    state = {"model": model.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=folder / SHARDED_DIR, no_dist=True)
+    except Exception as err:  # DCP raises its own types for a missing or cut-short shard file
+        raise CheckpointError(f"the sharded checkpoint {folder} cannot be read ({_first_line(err)}); it is "
+                              f"damaged or incomplete") from None
+    _fuse_in_place(model)
+
+
+def _fuse_in_place(model: nn.Module) -> None:
+    """Put each `QKVColumns` of `model` back as the fused nn.Linear it came from."""
+    from minigpt.model import CausalSelfAttention
+    from minigpt.train.parallel import QKVColumns
+
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention) and isinstance(module.qkv, QKVColumns):
+            split = module.qkv
+            fused = nn.Linear(split.q.in_features, 3 * split.q.out_features, bias=split.q.bias is not None)
+            with torch.no_grad():
+                fused.weight.copy_(split.weight)
+                if split.q.bias is not None:
+                    fused.bias.copy_(split.bias)
+            module.qkv = fused
 
 
 def find_resumable(root: Path, model: nn.Module, config: TrainConfig, run_metadata: dict | None,
@@ -362,25 +458,49 @@ def _read_checkpoint(folder: Path, model: nn.Module, config: TrainConfig, run_me
     (a BadFileError) leaves the model, optimizer and loader as they were."""
     saved = read_trainer_info(folder)
     check_same_run(folder, saved, config, run_metadata)
-    model_state = load_state_dict_file(model_weights_file(folder))
-    check_state_dict(model, model_state, folder)
+    if is_sharded(folder):  # read by every rank at once, later (`load_training_state`)
+        if not (folder / SHARDED_DIR / ".metadata").is_file():
+            raise CheckpointError(f"{folder / SHARDED_DIR / '.metadata'} is missing; the sharded checkpoint is incomplete")
+        model_state = None
+    else:
+        model_state = load_state_dict_file(model_weights_file(folder))
+        check_state_dict(model, model_state, folder)
     trainer = read_trainer_state(folder)
     for key in ("loop", "optimizer", "rng", "loader"):
         if key not in trainer:
             raise CheckpointError(f"{folder / TRAINER_STATE} has no {key!r} entry; it is damaged")
-    return {"model": model_state, "trainer": trainer}
+    return {"model": model_state, "trainer": trainer, "folder": folder}
+
+
+def _load_shards(run: Run, folder: Path) -> None:
+    """Load the sharded checkpoint `folder` into `run` on any mesh (DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if run.parallel != "fsdp":
+        raise ValueError(f"{folder} is a sharded checkpoint; resume it under torchrun on the mesh path "
+                         f"(train.parallel='fsdp' or a mesh degree, any mesh), or make a model folder of it with "
+                         f"`minigpt export {folder} --out DIR` and fine-tune or sample from that")
+    state = _distributed_state(run)
+    dcp.load(state, checkpoint_id=folder / SHARDED_DIR)
+    set_model_state_dict(run.raw, state["model"])
+    set_optimizer_state_dict(run.raw, run.optimizer, state["optimizer"])
 
 
 def load_training_state(saved: dict, run: Run) -> None:
     """Put what `find_resumable` read into `run`: model, optimizer, scaler, loader, RNGs, counters."""
+    from minigpt.train.parallel import split_qkv
+
     raw, optimizer, scaler, info = run.raw, run.optimizer, run.scaler, run.info
     model_state, trainer = saved["model"], saved["trainer"]
-    if run.parallel == "fsdp":
+    if model_state is None:  # sharded: every rank reads its shards, resharded to this run's mesh
+        _load_shards(run, saved["folder"])
+    elif run.parallel == "fsdp":
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
         options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(raw, model_state, options=options)
+        set_model_state_dict(raw, split_qkv(model_state, raw.state_dict().keys()), options=options)
         set_optimizer_state_dict(raw, optimizer, trainer["optimizer"], options=options)
     else:
         raw.load_state_dict(model_state)

@@ -69,19 +69,20 @@ def language_model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
     return model(batch["idx"], batch["targets"]).loss
 
 
-def loss_items(loss_fn: Callable, batch: dict[str, torch.Tensor]) -> float:
-    """What `loss_fn`'s mean on `batch` (a loader's CPU batch) is a mean over: the loss's own
-    `items(batch)` when it has one (a class-weighted loss: the sum of its rows' weights), else
-    the target tokens that are not -100, else the rows of batch["labels"], else 1 (then each
-    micro-batch weighs the same)."""
+def loss_items(loss_fn: Callable, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What `loss_fn`'s mean on `batch` (a loader's CPU batch) is a mean over, as a float64
+    CPU scalar: the loss's own `items(batch)` when it has one (a class-weighted loss: the sum
+    of its rows' weights), else the target tokens that are not -100, else the rows of
+    batch["labels"], else 1 (then each micro-batch weighs the same). Tensors all the way: a
+    count is never read into Python, so nothing here waits for anything."""
     own = getattr(loss_fn, "items", None)
     if own is not None:
-        return float(own(batch))
+        return torch.as_tensor(own(batch), dtype=torch.float64)
     if "targets" in batch:
-        return float((batch["targets"] != -100).sum())
+        return (batch["targets"] != -100).sum().double()
     if "labels" in batch:
-        return float(len(batch["labels"]))
-    return 1.0
+        return torch.tensor(batch["labels"].shape[0], dtype=torch.float64)
+    return torch.ones((), dtype=torch.float64)
 
 
 def _plain(value: torch.Tensor) -> torch.Tensor:
@@ -135,6 +136,9 @@ def train(
     """
     info = dist_.current().with_tp(config.tp)
     parallel = dist_.resolve_parallel(config.parallel, info, config.uses_mesh)
+    if config.checkpoint_format == "sharded" and parallel != "fsdp":
+        raise ValueError(f"train.checkpoint_format='sharded' is written on the mesh path (train.parallel='fsdp' "
+                         f"under torchrun); this run is {parallel!r}: use checkpoint_format='full' or 'auto'")
     if parallel == "fsdp" and save_model is not None:
         raise ValueError("save_model is not supported with parallel='fsdp'; the loop saves the gathered state_dict")
     if config.early_stopping_patience and eval_batches is None and extra_eval is None:
@@ -265,14 +269,15 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
     tokens, head_tokens, seq_len = 0, 0, None
     head_positions = getattr(run.loss_fn, "lm_head_positions", None)  # a loss that skips the LM head somewhere
     loaded = [run.batches.next_batch() for _ in range(config.grad_accum)]
-    items = [loss_items(run.loss_fn, batch) for batch in loaded]
+    items = torch.stack([loss_items(run.loss_fn, batch) for batch in loaded])  # (grad_accum,) float64, CPU
     # Each micro-batch's mean weighs its share of the global batch's items; x dp_size because
     # DDP and FSDP average gradients over the data-parallel ranks (see the module docstring).
-    if run.info.distributed:  # summed on the device, never read: no sync here
-        global_items = dist_.all_reduce_sum(torch.tensor(sum(items), device=run.device, dtype=torch.float64))
-        shares = [(n * run.info.dp_size * run.info.tp / global_items).float() for n in items]
+    if run.info.distributed:  # summed on the device and never read: no sync here
+        # Every rank of a tensor-parallel group counted the same batch: / tp.
+        global_items = dist_.all_reduce_sum(items.sum().to(run.device)) / run.info.tp
+        shares = (items.to(run.device) * run.info.dp_size / global_items).float()
     else:
-        shares = [n / sum(items) if sum(items) else 1.0 / len(items) for n in items]
+        shares = (items / items.sum()).float()
     for micro, (cpu_batch, share) in enumerate(zip(loaded, shares)):
         batch = {k: v.to(run.device, non_blocking=True) for k, v in cpu_batch.items()}
         if "idx" in batch:

@@ -144,12 +144,14 @@ def fuse_qkv(state: dict) -> dict:
     return out
 
 
-def split_qkv(state: dict) -> dict:
-    """The inverse of `fuse_qkv`: each '*.qkv.weight' / '*.qkv.bias' as its q, k and v rows."""
+def split_qkv(state: dict, names) -> dict:
+    """The inverse of `fuse_qkv`, for a model whose state_dict has `names`: each
+    '*.qkv.weight' / '*.qkv.bias' whose split names it has, as its q, k and v rows."""
+    names = set(names)
     out = {}
     for key, value in state.items():
         prefix, _, leaf = key.rpartition(".")
-        if prefix.endswith(".qkv") and leaf in ("weight", "bias") and value.shape[0] % 3 == 0:
+        if f"{prefix}.q.{leaf}" in names:
             for name, rows in zip("qkv", value.chunk(3)):
                 out[f"{prefix}.{name}.{leaf}"] = rows
         else:

@@ -125,8 +125,10 @@ def test_shuffled_batches_cover_each_epoch_and_resume_exactly():
     resumed.load_state_dict(state)
     for want in expected:
         assert torch.equal(resumed.next_batch()["x"], want)
-    with pytest.raises(ValueError, match="same data, seed and world size"):
+    with pytest.raises(ValueError, match="same data, seed, data-parallel ranks and batch size"):
         ShuffledBatches(examples[:5], 4, lambda xs: xs, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="of batch 4; this run has 10, 1, 1, 2"):  # batch_size may change on resume
+        ShuffledBatches(examples, 2, lambda xs: xs, seed=1).load_state_dict(state)
 
 
 def test_classification_batch_is_right_padded_with_lengths():
