@@ -13,7 +13,7 @@ from minigpt.cli.inside import (
     add_attention_map_parser, add_heads_parser, add_inspect_parser, add_logit_lens_parser, add_patch_parser,
     add_sample_parser,
 )
-from minigpt.cli.pretrain import add_plot_parser, add_prepare_parser, add_train_parser
+from minigpt.cli.pretrain import add_export_parser, add_plot_parser, add_prepare_parser, add_train_parser
 from minigpt.cli.serve import add_serve_parser
 from minigpt.device import check_device
 
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(sub)
     add_train_parser(sub)
     add_plot_parser(sub)
+    add_export_parser(sub)
     add_finetune_parser(sub)
     add_fewshot_parser(sub)
     add_evaluate_parser(sub)

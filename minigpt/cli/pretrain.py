@@ -87,6 +87,25 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=_train, accepts_overrides=True)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from minigpt.train.export import export_checkpoint
+
+    layout = export_checkpoint(args.run, args.out)
+    print(f"wrote {args.out} ({layout} layout)")
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a training checkpoint (sharded or not) as a model folder",
+                       description="Consolidate a checkpoint of `minigpt train` (the newest of a run folder, or the "
+                                   "checkpoint folder given) into a model folder: Hugging Face's GPT-2 or GPT-Neo "
+                                   "layout where one represents the model, minigpt's own otherwise, with the "
+                                   "tokenizer's files. A sharded checkpoint (written by every rank of a mesh) is "
+                                   "read whole in this process.")
+    p.add_argument("run", metavar="RUN|CHECKPOINT", help="run folder (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True, help="new folder to write the model into")
+    p.set_defaults(func=_export)
+
+
 def _plot(args: argparse.Namespace) -> None:
     from minigpt.plot import plot_run
 

@@ -1,0 +1,128 @@
+"""The device mesh end to end: real torchrun jobs of 2 and 4 CPU processes (gloo), each
+layout giving the per-step losses of one process on the same global batch, a sharded
+checkpoint resumed on other meshes, and its export loaded by `transformers`.
+
+fp32 throughout. The layouts sum in other orders than one process (the tensor-parallel
+row projections add partial products across ranks, FSDP averages gradients across ranks),
+so losses agree to fp32 rounding carried through ten AdamW updates: rtol 1e-5, atol 1e-5.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt import GPT
+from minigpt.pretrain.config import load_config
+from minigpt.pretrain.run import pretrain
+from scripts.checkout import child_env
+
+# GPT-Neo's shape (dense and banded layers, no attention scaling, no q/k/v bias), so that
+# `transformers` can load the export; 4 heads split over tp=2; 65 symbols split unevenly.
+MODEL = {"vocab_size": 65, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32, "dropout": 0.0,
+         "attention_pattern": ["dense", "banded"], "attention_window": 8, "attention_scale": 1.0,
+         "qkv_bias": False}
+GLOBAL_BATCH = 8
+LOSS_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def _config(data: Path, out_dir: Path, dp: int, max_steps: int = 10, sample_tokens: int = 0, **train) -> dict:
+    return {
+        "model": MODEL,
+        "train": {"out_dir": str(out_dir), "max_steps": max_steps, "batch_size": GLOBAL_BATCH // dp, "optimizer": "adamw", "lr": 3e-3, "lr_decay_steps": 10,
+                  "warmup_steps": 1, "eval_interval": 5, "eval_steps": 1, "log_interval": 1,
+                  "checkpoint_interval": 5, "device": "cpu", "progress": False, **train},
+        "data": {"path": str(data)},
+        "sample": {"tokens": sample_tokens, "seed": 0},
+    }
+
+
+def _torchrun(tmp_path: Path, name: str, nproc: int, config: dict, *extra: str) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "minigpt", "train", "--config", str(path), *extra]
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]  # torchrun: every rank exited 0
+    return done
+
+
+def _losses(run_dir: Path) -> list[float]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, shakespeare_chars) -> Path:
+    """The reference: one process, the global batch of 8, ten updates."""
+    out = tmp_path_factory.mktemp("mesh") / "single"
+    path = out.parent / "single.json"
+    path.write_text(json.dumps(_config(shakespeare_chars, out, dp=1)))
+    pretrain(load_config(file=path))
+    return out
+
+
+@pytest.mark.parametrize("nproc, mesh", [
+    (4, {"dp_shard": 2, "tp": 2}),
+    (2, {"tp": 2}),
+    (2, {"dp_shard": 2, "checkpoint_format": "sharded"}),
+], ids=["2x2", "tp2", "dp_shard2"])
+def test_each_mesh_gives_the_losses_of_one_process(tmp_path, shakespeare_chars, single, nproc, mesh):
+    dp = nproc // mesh.get("tp", 1)
+    done = _torchrun(tmp_path, "run", nproc, _config(shakespeare_chars, tmp_path / "run", dp=dp, **mesh))
+    shape = f"dp_replicate=1 x dp_shard={dp} x tp={mesh.get('tp', 1)}"
+    assert f"mesh {shape}), global batch {dp} x {GLOBAL_BATCH // dp} sequences" in done.stderr
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 10
+    torch.testing.assert_close(losses, _losses(single), **LOSS_TOLERANCE)
+    latest = (tmp_path / "run" / "checkpoints" / "latest").resolve()
+    assert (latest / "sharded" / ".metadata").is_file() and not (latest / "model.safetensors").exists()
+    shard_files = sorted(p.name for p in (latest / "sharded").glob("*.distcp"))
+    assert len(shard_files) == nproc  # every rank wrote its own shards; none gathered the model
+
+
+def test_a_sharded_checkpoint_resumes_on_other_meshes_with_the_uninterrupted_losses(
+        tmp_path, shakespeare_chars, single):
+    """Saved on 2x2 after 5 updates; resumed on 4x1 (FSDP alone) and 1x2 (tp alone) for 5
+    more, each equal to the uninterrupted one-process run's updates 6-10."""
+    first = tmp_path / "first"
+    _torchrun(tmp_path, "first", 4, _config(shakespeare_chars, first, dp=2, max_steps=5, dp_shard=2, tp=2))
+    assert (first / "checkpoints" / "step_0000005" / "sharded" / ".metadata").is_file()
+    expected = _losses(single)[5:]
+    for name, nproc, mesh in (("4x1", 4, {"dp_shard": 4}), ("1x2", 2, {"tp": 2})):
+        run = tmp_path / name
+        shutil.copytree(first, run)
+        dp = nproc // mesh.get("tp", 1)
+        done = _torchrun(tmp_path, name, nproc, _config(shakespeare_chars, run, dp=dp, **mesh), "--resume")
+        assert "resumed from" in done.stderr and "(step 5)" in done.stderr
+        torch.testing.assert_close(_losses(run)[5:], expected, **LOSS_TOLERANCE,
+                                   msg=lambda m: f"resumed on {name}: {m}")
+
+
+def test_export_of_a_sharded_checkpoint_loads_in_transformers_with_the_models_logits(
+        tmp_path, shakespeare_chars, single):
+    """The 2x2 run's last (sharded) checkpoint, exported, is a GPT-Neo folder: `transformers`
+    gives the logits of minigpt's single-process model after the same updates (fp32, 1e-4:
+    ten updates apart in summation order), and the end-of-run sample read the shards."""
+    from transformers import GPTNeoForCausalLM
+
+    from minigpt.cli import main
+
+    run = tmp_path / "run"
+    done = _torchrun(tmp_path, "run", 4, _config(shakespeare_chars, run, dp=2, sample_tokens=20, dp_shard=2, tp=2))
+    assert "--- sample from" in done.stdout and len(done.stdout.split("---\n")[1]) > 20
+    out = tmp_path / "exported"
+    main(["export", str(run), "--out", str(out)])
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt_neo"
+    assert (out / "tokenizer.json").is_file() or any(out.glob("*.json"))
+    hf = GPTNeoForCausalLM.from_pretrained(out).eval()
+    reference = GPT.from_pretrained(single / "checkpoints" / "latest").eval()
+    idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, reference(idx).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(GPT.from_pretrained(out)(idx).logits, hf(idx).logits, rtol=1e-5, atol=1e-5)
