@@ -140,11 +140,13 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     With prompts masked, most positions carry no loss (a classification row has two
     targets, the label word and eos, among ~50 positions), yet the (B, T, V) logits and
     their gradient dominate a small model's step (V = 50257 against n_embd = 32). A
-    wrapped model (DDP, compile) must run through its own forward, so it gets the plain loss.
+    wrapped model (DDP) or a sharded one (FSDP2 gathers its parameters in its forward's
+    hooks; tensor parallelism splits the head) must run through its own forward, so it gets
+    the plain loss.
     """
     from minigpt.train.loop import language_model_loss
 
-    if not isinstance(model, GPT):
+    if not _runs_its_parts_directly(model):
         return language_model_loss(model, batch)
     targets = batch["targets"]
     x, _, _ = model.hidden(batch["idx"])  # (B, T, C)
@@ -160,13 +162,19 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 def _lm_head_positions(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Positions at which `masked_lm_loss` runs the LM head, for MFU (on the loader's CPU batch)."""
     targets = batch["targets"]
-    if not isinstance(model, GPT):
+    if not _runs_its_parts_directly(model):
         return targets.numel()
     positions = batch.get("target_positions")
     return len(positions) if positions is not None else int((targets != IGNORE_INDEX).sum())
 
 
 masked_lm_loss.lm_head_positions = _lm_head_positions
+
+
+def _runs_its_parts_directly(model: nn.Module) -> bool:
+    """Whether `masked_lm_loss` may call `model.hidden` and `model.lm_head` itself: a GPT
+    whose parameters are whole tensors on this rank (not DTensors of FSDP2 or tensor parallelism)."""
+    return isinstance(model, GPT) and not hasattr(model.lm_head.weight, "device_mesh")
 
 
 def completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config: TrainConfig,
