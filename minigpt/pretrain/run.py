@@ -188,7 +188,11 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
     from minigpt.tokenizer import tokenizer_files, tokenizer_from_dict
 
     torch.manual_seed(tc.seed)  # the initial weights
-    model = GPT(config.model)
+    if dist_.resolve_parallel(tc.parallel, info, tc.uses_mesh) == "fsdp":
+        with torch.device("meta"):  # never whole: each rank fills its shards (minigpt.train.materialize)
+            model = GPT(config.model)
+    else:
+        model = GPT(config.model)
     tokenizer = tokenizer_from_dict(train_split.tokenizer)
     if config.sample.tokens > 0:  # find out now, not after the whole run
         try:
@@ -202,5 +206,5 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
                              "train_tokens": meta["splits"]["train"]["tokens"],
                              "val_tokens": meta["splits"]["val"]["tokens"]}}
     result = train(model, tc, batches, eval_batches=evals, resume=resume, run_metadata=run_metadata,
-                   checkpoint_files=tokenizer_files(tokenizer, config.model.block_size))
+                   checkpoint_files=tokenizer_files(tokenizer, config.model.block_size), init_seed=tc.seed)
     return result, model, tokenizer, data_dir

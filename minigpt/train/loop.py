@@ -54,6 +54,7 @@ from minigpt.train import runfolder
 from minigpt.train.config import TrainConfig
 from minigpt.train.observe import MetricsLog, TrainWindow, peak_flops
 from minigpt.train.optim import build_optimizer, lr_at
+from minigpt.train.materialize import materialize, on_meta
 from minigpt.train.mesh import MeshShape
 from minigpt.train.parallel import loss_context, mixed_precision, parallelize
 from minigpt.train.rng import seed_rngs
@@ -103,6 +104,7 @@ def train(
     run_metadata: dict | None = None,
     checkpoint_files: dict[str, str] | None = None,
     overwrite: bool = False,
+    init_seed: int | None = None,
 ) -> TrainResult:
     """Train `model` in place and return its history. See the module docstring.
 
@@ -125,6 +127,8 @@ def train(
             checkpoint and compared on resume.
         checkpoint_files: small text files written into every checkpoint (name -> text),
             e.g. the tokenizer.
+        init_seed: for a model built on the meta device (never allocated whole): the seed its
+            shards are filled from after it is distributed (`minigpt.train.materialize`).
 
     Raises:
         ValueError: bad arguments, a checkpoint whose config or shapes disagree, no
@@ -143,13 +147,16 @@ def train(
         raise ValueError("save_model is not supported with parallel='fsdp'; the loop saves the gathered state_dict")
     if config.early_stopping_patience and eval_batches is None and extra_eval is None:
         raise ValueError("early_stopping_patience needs evaluations: pass eval_batches or extra_eval")
+    if on_meta(model) and init_seed is None:
+        raise ValueError("the model is on the meta device (built without memory); pass init_seed so that the "
+                         "loop can fill its shards after distributing it (minigpt.train.materialize)")
     with runfolder.claim(config.out_dir, resume=resume, overwrite=overwrite, is_main=info.is_main):
         return _train(model, config, train_batches, info, parallel, resume, eval_batches, extra_eval,
                       dict(loss_fn=loss_fn, run_metadata=run_metadata, save_model=save_model,
-                           checkpoint_files=checkpoint_files))
+                           checkpoint_files=checkpoint_files), init_seed)
 
 
-def _train(model, config, batches, info, parallel, resume, eval_batches, extra_eval, parts) -> TrainResult:
+def _train(model, config, batches, info, parallel, resume, eval_batches, extra_eval, parts, init_seed) -> TrainResult:
     """Build the `Run` (device, parallel module, optimizer, precision), resume into it, then loop."""
     device = dist_.resolve_device(config.device, info)
     if config.cpu_threads:
@@ -167,7 +174,9 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
     if resume_from is None:
         seed_rngs(config.seed + info.rank)
 
-    raw = model.to(device)
+    if on_meta(model) and parallel != "fsdp":  # nothing to shard it over: allocate it whole here
+        materialize(model, device, init_seed)
+    raw = model if on_meta(model) else model.to(device)
     mesh = None
     if parallel == "fsdp":
         mesh = MeshShape.resolve(info.world_size, config.dp_replicate, config.dp_shard, config.tp)
@@ -175,6 +184,8 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
         if hasattr(gpt, "config") and hasattr(gpt.config, "mlp_width"):
             mesh.check_model(gpt.config.n_head, gpt.config.mlp_width)
     with parallelize(raw, config, parallel, device, mesh) as module:
+        if on_meta(raw):  # distributed while empty: each rank now allocates and fills its shards alone
+            materialize(raw, device, init_seed)
         optimizer = build_optimizer(raw, config, device)
         amp_dtype, scaler, autocast = mixed_precision(device, config.dtype)
         run = Run(config, info, parallel, device, raw, module, optimizer, scaler, autocast, batches, root=root,

@@ -15,6 +15,7 @@ from minigpt.train.checkpoint import load_state_dict_file
 from minigpt.pretrain.config import load_config
 from minigpt.pretrain.run import pretrain
 from scripts.checkout import child_env
+from tests.train.common import train_as_pretrain_from_init_by_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +50,10 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     single = tmp_path / "single"
     single_config = tmp_path / "single.json"
     single_config.write_text(json.dumps(_sections(shakespeare_chars, single, batch_size=4)))
-    pretrain(load_config(file=single_config))  # both runs start from the default recipe, as `--config` does
+    if parallel == "ddp":  # every rank builds the model whole, as one process does
+        pretrain(load_config(file=single_config))  # both runs start from the default recipe, as `--config` does
+    else:  # FSDP2 on the mesh path: each rank fills its shards from (seed, name)
+        train_as_pretrain_from_init_by_name(single_config)
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(_sections(shakespeare_chars, tmp_path / "two", batch_size=2, sample_tokens=20,

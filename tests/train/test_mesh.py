@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from minigpt import GPT
-from minigpt.pretrain.config import load_config
-from minigpt.pretrain.run import pretrain
 from scripts.checkout import child_env
+from tests.train.common import train_as_pretrain_from_init_by_name
 
 # GPT-Neo's shape (dense and banded layers, no attention scaling, no q/k/v bias), so that
 # `transformers` can load the export; 4 heads split over tp=2; 65 symbols split unevenly.
@@ -59,11 +58,12 @@ def _losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, shakespeare_chars) -> Path:
-    """The reference: one process, the global batch of 8, ten updates."""
+    """The reference: one process, the global batch of 8, ten updates, from the weights every
+    mesh starts from (each rank fills its shards by `init_by_name`)."""
     out = tmp_path_factory.mktemp("mesh") / "single"
     path = out.parent / "single.json"
     path.write_text(json.dumps(_config(shakespeare_chars, out, dp=1)))
-    pretrain(load_config(file=path))
+    train_as_pretrain_from_init_by_name(path)
     return out
 
 
@@ -126,3 +126,54 @@ def test_export_of_a_sharded_checkpoint_loads_in_transformers_with_the_models_lo
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, reference(idx).logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(GPT.from_pretrained(out)(idx).logits, hf(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+START_WORKER = """
+import json, sys, torch
+from torch.distributed._tools.mem_tracker import MemTracker
+from minigpt import GPT
+from minigpt.config import GPTConfig
+from minigpt.train import distributed as dist_
+from minigpt.train.config import TrainConfig
+from minigpt.train.materialize import materialize
+from minigpt.train.mesh import MeshShape
+from minigpt.train.parallel import parallelize
+
+config = GPTConfig(vocab_size=1024, block_size=64, n_layer=4, n_head=4, n_embd=256, dropout=0.0)
+with dist_.process_group("cpu") as info:
+    mesh = MeshShape.resolve(info.world_size, 1, -1, 2)
+    train = TrainConfig(out_dir=sys.argv[1], max_steps=1, batch_size=1, tp=2, device="cpu")
+    tracker = MemTracker()
+    with tracker:
+        with torch.device("meta"):
+            model = GPT(config)
+        with parallelize(model, train, "fsdp", torch.device("cpu"), mesh):
+            materialize(model, torch.device("cpu"), seed=0)
+            shard = sum(p.to_local().numel() * 4 for p in model.parameters())
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    print(json.dumps({"rank": info.rank, "shard": shard, "peak": peak}))
+"""
+
+
+def test_a_rank_starts_with_its_shard_never_the_whole_model(tmp_path):
+    """On a 2x2 mesh, building, distributing and filling the model costs each rank its shard
+    (a quarter) plus transients of about the largest single parameter, as torch's allocation
+    tracker (`MemTracker`) counts the CPU bytes: well under the whole model's size."""
+    from minigpt.config import GPTConfig
+
+    config = GPTConfig(vocab_size=1024, block_size=64, n_layer=4, n_head=4, n_embd=256, dropout=0.0)
+    whole_model = GPT(config)
+    whole = sum(p.numel() * 4 for p in whole_model.parameters())
+    largest = max(p.numel() * 4 for p in whole_model.parameters())
+    script = tmp_path / "start.py"
+    script.write_text(START_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(script),
+           str(tmp_path / "run")]
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 4
+    for rank in ranks:
+        assert rank["shard"] == pytest.approx(whole / 4, rel=0.02)
+        assert rank["peak"] < 0.5 * whole, rank
+        assert rank["peak"] <= rank["shard"] + 3 * largest, rank
