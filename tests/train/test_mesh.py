@@ -177,3 +177,58 @@ def test_a_rank_starts_with_its_shard_never_the_whole_model(tmp_path):
         assert rank["shard"] == pytest.approx(whole / 4, rel=0.02)
         assert rank["peak"] < 0.5 * whole, rank
         assert rank["peak"] <= rank["shard"] + 3 * largest, rank
+
+
+KILL_WORKER = """
+import os, signal, sys
+import torch.distributed.checkpoint as dcp
+from minigpt.cli import main
+
+save = dcp.save
+def save_or_die(state, checkpoint_id, **kwargs):
+    if "step_0000010" in str(checkpoint_id) and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies as the sharded save of step 10 begins
+    return save(state, checkpoint_id=checkpoint_id, **kwargs)
+dcp.save = save_or_die
+main(["train", "--config", sys.argv[1], *sys.argv[2:]])
+"""
+
+
+def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint_to_resume(
+        tmp_path, shakespeare_chars, single):
+    run = tmp_path / "run"
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(_config(shakespeare_chars, run, dp=1, tp=2)))
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(config)]
+    killed = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and "Signal 9" in killed.stderr + killed.stdout
+    checkpoints = run / "checkpoints"
+    assert [p.name for p in checkpoints.glob("step_*")] == ["step_0000005"]  # step 10 never appeared
+    assert (checkpoints / "latest").resolve().name == "step_0000005"
+    done = _torchrun(tmp_path, "resume", 2, json.loads(config.read_text()), "--resume")
+    assert "(step 5)" in done.stderr and not list(checkpoints.glob(".tmp-*"))  # the leftover is cleared
+    losses = _losses(run)
+    torch.testing.assert_close(losses[-5:], _losses(single)[5:], **LOSS_TOLERANCE)
+
+
+def test_a_two_node_launch_on_localhost_trains(tmp_path, shakespeare_chars, single):
+    """torchrun --nnodes=2, one process per 'node', a c10d rendezvous on 127.0.0.1: FSDP2
+    across the two nodes gives the one-process losses."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "nodes.json"
+    config.write_text(json.dumps(_config(shakespeare_chars, tmp_path / "run", dp=2, max_steps=3, dp_shard=2)))
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=minigpt-test",
+         "-m", "minigpt", "train", "--config", str(config)],
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    torch.testing.assert_close(_losses(tmp_path / "run"), _losses(single)[:3], **LOSS_TOLERANCE)
