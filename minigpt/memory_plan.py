@@ -137,8 +137,8 @@ class MemoryPlan:
     optimizer: int
     """AdamW's exp_avg and exp_avg_sq, float32, two per parameter."""
     activations: int
-    """What the forward keeps for backward at the start of the backward pass, with the loss's
-    log-softmax and its two gradients: the peak of the activations."""
+    """What the forward keeps for backward, with the loss's log-softmax and its two gradients
+    (and the autocast weight casts, see `activation_parts`): the peak of the activations."""
     recompute: int
     """With activation checkpointing, one block's activations, live again while the block is
     recomputed (the first block last, when the gradients exist); 0 without."""
@@ -178,7 +178,7 @@ def param_shard_numel(config: ModelShape, mesh: Mesh) -> int:
 
 def memory_plan(
     config: ModelShape, mesh: Mesh, batch_size: int, seq_len: int | None = None, dtype: str = "bf16",
-    activation_checkpointing: bool = False, backend: str = "sdpa",
+    activation_checkpointing: bool = False, backend: str = "sdpa", autocast_cache: bool = True,
 ) -> MemoryPlan:
     """Bytes per rank of one AdamW training step of `batch_size` sequences of `seq_len`
     tokens (default block_size) per data-parallel rank (the tp ranks of a group share them).
@@ -189,6 +189,8 @@ def memory_plan(
     a time (`minigpt.train.parallel`'s per-block checkpointing).
     backend: the attention backend ('sdpa' and 'triton' keep O(T) per head, 'math' the
     T x context probabilities).
+    autocast_cache: whether bf16 autocast keeps its weight casts until the forward ends, as
+    `minigpt.train.parallel.mixed_precision`'s torch.autocast does (see `activation_parts`).
 
     Raises ValueError for a bad mesh for this config (`check_mesh`), batch_size < 1,
     seq_len outside [1, block_size], an unknown dtype or backend.
@@ -202,7 +204,7 @@ def memory_plan(
     _check_backend(backend)
     check_mesh(config, mesh, T)
     n = param_shard_numel(config, mesh)
-    parts = activation_parts(config, mesh.tp, batch_size, T, dtype, activation_checkpointing, backend)
+    parts = activation_parts(config, mesh.tp, batch_size, T, dtype, activation_checkpointing, backend, autocast_cache)
     recompute = parts.pop("recompute", 0)
     return MemoryPlan(
         mesh=mesh, batch_size=batch_size, seq_len=T, dtype=dtype, activation_checkpointing=activation_checkpointing,
@@ -212,7 +214,8 @@ def memory_plan(
 
 
 def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int, dtype: str,
-                     activation_checkpointing: bool, backend: str = "sdpa") -> dict[str, int]:
+                     activation_checkpointing: bool, backend: str = "sdpa",
+                     autocast_cache: bool = True) -> dict[str, int]:
     """Activation bytes per rank at the start of the backward pass, by part, and with
     checkpointing 'recompute': one block's, live while it is recomputed.
 
@@ -229,8 +232,10 @@ def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int,
     - the math backend's float32 softmax output 4H x context, and its bf16 copy under autocast;
     - with dropout > 0, 1-byte masks after attention and the MLP (the math backend's
       attention dropout: a mask and the dropped copy of the probabilities);
-    - under bf16 autocast, the bf16 copies of the block's four weight matrices that the
-      matmuls save.
+    - under bf16 autocast, the bf16 copies of the block's four weight matrices (and their
+      biases) that the matmuls save: of the whole tp shard, since FSDP2 gathers the block
+      before the cast (torchtitan avoids these with FSDP2's MixedPrecisionPolicy, whose
+      gathered bf16 parameters are freed after forward and gathered again for backward).
 
     That is 16C floats per token and layer in fp32 with mlp_width = 4C (Korthikanti et al.'s
     34 bytes of 16-bit activations per sbh include the dropout masks and a separate
@@ -243,10 +248,19 @@ def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int,
 
     With activation checkpointing each block keeps its input (4C per token, float32); one
     block's activations live again while it is recomputed, after the loss's tensors are
-    gone ('recompute', which `MemoryPlan.total` sets against the gradients).
+    gone ('recompute', which `MemoryPlan.total` sets against the gradients). Under bf16
+    autocast the bf16 weight copies still pile up: torch.autocast caches the cast of every
+    parameter (FSDP2's gathered ones included) until the autocast region ends with the
+    forward ('autocast weight copies'; measured on CPU, one process and FSDP2). They are
+    counted with the loss's tensors, which come after them, as a bound.
+    `autocast_cache=False` leaves them out: the plan of ``torch.autocast(cache_enabled=False)``
+    or of FSDP2's MixedPrecisionPolicy(param_dtype=bfloat16).
     """
     C, H, M, L = config.n_embd, config.n_head, config.mlp_width, config.n_layer
     a = 4 if dtype == "fp32" else 2
+    linear = sum(math.prod(s) for k, s in _local_shapes(config, tp).items() if k.startswith(("blocks.0.attn.",
+                                                                                          "blocks.0.mlp.")))
+    weight_copies = 2 * linear if a == 2 else 0  # one block's bf16 weights and biases, unsharded over dp
     tokens = batch_size * seq_len
     dropout = getattr(config, "dropout", 0.0) > 0
 
@@ -259,22 +273,22 @@ def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int,
             per_token += round(H * context * (4 + (2 if a == 2 else 0) + ((1 + a) if dropout else 0)))
         if dropout:
             per_token += 2 * C
-        weights = 2 * (4 * C * C + 2 * C * M) if a == 2 else 0
-        return (tokens * per_token + weights) // tp
+        return tokens * per_token // tp + weight_copies
 
     head_input = tokens * (4 * C + a * C + 2 * 4) // tp + (2 * config.vocab_size * C // tp if a == 2 else 0)
     loss = 12 * tokens * config.vocab_size // tp
     embedding = tokens * C // tp if dropout else 0  # the embedding dropout's mask
     if not activation_checkpointing:
         return {"blocks": sum(block(i) for i in range(L)), "head and loss": head_input + loss + embedding}
-    inputs = L * tokens * 4 * C // tp
-    recompute = max(block(i) for i in range(L))
-    return {"block inputs": inputs, "head and loss": head_input + loss + embedding, "recompute": recompute}
+    parts = {"block inputs": L * tokens * 4 * C // tp, "head and loss": head_input + loss + embedding}
+    if a == 2 and autocast_cache:
+        parts["autocast weight copies"] = L * weight_copies
+    return {**parts, "recompute": max(block(i) for i in range(L))}
 
 
 def smallest_mesh(config: ModelShape, gpu_memory_gib: float, batch_size: int, seq_len: int | None = None,
                   dtype: str = "bf16", activation_checkpointing: bool = True, backend: str = "sdpa",
-                  max_world_size: int = 4096, max_tp: int = 8) -> MemoryPlan | None:
+                  autocast_cache: bool = True, max_world_size: int = 4096, max_tp: int = 8) -> MemoryPlan | None:
     """The plan of the smallest world size (then the smallest tp) whose rank fits in
     `gpu_memory_gib`, over meshes (dp_shard, tp) with tp <= max_tp (one node's NVLink domain)
     that `check_mesh` accepts; None when none up to max_world_size fits. dp_replicate is
@@ -289,7 +303,7 @@ def smallest_mesh(config: ModelShape, gpu_memory_gib: float, batch_size: int, se
                 check_mesh(config, mesh, T)
             except ValueError:
                 continue
-            plan = memory_plan(config, mesh, batch_size, T, dtype, activation_checkpointing, backend)
+            plan = memory_plan(config, mesh, batch_size, T, dtype, activation_checkpointing, backend, autocast_cache)
             if plan.fits(gpu_memory_gib):
                 return plan
     return None
@@ -311,7 +325,7 @@ def format_memory_plan(plans: list[MemoryPlan], gpu_memory_gib: float, name: str
     rows.append(["  parameters (fp32 shards)", *(_gib(p.params) for p in plans)])
     rows.append(["  gradients (fp32 shards)", *(_gib(p.gradients) for p in plans)])
     rows.append(["  AdamW state (m, v: fp32 shards)", *(_gib(p.optimizer) for p in plans)])
-    rows.append(["  activations at backward start", *(_gib(p.activations) for p in plans)])
+    rows.append(["  activations", *(_gib(p.activations) for p in plans)])
     for key in dict.fromkeys(k for p in plans for k in p.activation_parts):
         rows.append([f"    {key}", *(_gib(p.activation_parts[key]) if key in p.activation_parts else "" for p in plans)])
     rows.append(["  one block recomputed", *(_gib(p.recompute) if p.activation_checkpointing else "" for p in plans)])
@@ -319,8 +333,10 @@ def format_memory_plan(plans: list[MemoryPlan], gpu_memory_gib: float, name: str
     rows.append(["  peak", *(_gib(p.total) for p in plans)])
     rows.append([f"  fits {gpu_memory_gib:g} GiB", *(("yes" if p.fits(gpu_memory_gib) else "no") for p in plans)])
     lines += text_table(rows, right=set(range(1, len(header))))
-    lines += ["", "  peak = parameters + AdamW + FSDP copies + the larger of: activations at backward start, or "
-              "gradients + one block recomputed", "  (no allowance for the CUDA context, communication buffers or "
+    lines += ["", "  activations: what the forward keeps for backward, with the loss's logits and gradients (and under "
+              "bf16 autocast with checkpointing, the weight casts autocast caches until the forward ends)",
+              "  peak = parameters + AdamW + FSDP copies + the larger of: activations, or gradients + one block "
+              "recomputed", "  (no allowance for the CUDA context, communication buffers or "
               "allocator fragmentation: leave a few GiB)"]
     return "\n".join(lines)
 
