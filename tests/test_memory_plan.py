@@ -59,7 +59,7 @@ def test_single_rank_state_matches_adamw_after_a_real_step():
     assert plan.optimizer == nbytes(moments)
 
 
-def _tracked_peak(config: GPTConfig, batch: int, seq: int, checkpointing: bool) -> int:
+def _tracked_peak(config: GPTConfig, batch: int, seq: int, checkpointing: bool, dtype: str) -> int:
     """Peak live tensor bytes of a training step (after one that allocates AdamW's moments)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -74,7 +74,9 @@ def _tracked_peak(config: GPTConfig, batch: int, seq: int, checkpointing: bool) 
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
 
         def step():
-            module(idx, idx).loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                loss = module(idx, idx).loss
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -87,11 +89,12 @@ def _tracked_peak(config: GPTConfig, batch: int, seq: int, checkpointing: bool) 
     return int(next(iter(snapshot.values()))["Total"])
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_single_process_plan_is_within_15_percent_of_the_tracked_peak(checkpointing):
+def test_single_process_plan_is_within_15_percent_of_the_tracked_peak(checkpointing, dtype):
     config = GPTConfig(vocab_size=512, block_size=64, n_layer=3, n_head=4, n_embd=64)
-    peak = _tracked_peak(config, batch=4, seq=64, checkpointing=checkpointing)
-    plan = memory_plan(config, Mesh(), batch_size=4, seq_len=64, dtype="fp32", activation_checkpointing=checkpointing)
+    peak = _tracked_peak(config, batch=4, seq=64, checkpointing=checkpointing, dtype=dtype)
+    plan = memory_plan(config, Mesh(), batch_size=4, seq_len=64, dtype=dtype, activation_checkpointing=checkpointing)
     assert 0.85 <= plan.total / peak <= 1.15, (plan.total, peak)
 
 
