@@ -216,8 +216,8 @@ def memory_plan(
 def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int, dtype: str,
                      activation_checkpointing: bool, backend: str = "sdpa",
                      autocast_cache: bool = True) -> dict[str, int]:
-    """Activation bytes per rank at the start of the backward pass, by part, and with
-    checkpointing 'recompute': one block's, live while it is recomputed.
+    """Activation bytes per rank at their peak (the start of the backward pass), by part, and
+    with checkpointing 'recompute': one block's, live while it is recomputed.
 
     What one of minigpt's blocks keeps for backward, per token (a = 4 bytes in fp32, 2 under
     bf16 autocast; the residual stream and LayerNorm stay float32 under autocast, and a
@@ -231,7 +231,8 @@ def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int,
     - LayerNorm mean and rstd (2 x 2 x 4 bytes) and attention's log-sum-exp (4H);
     - the math backend's float32 softmax output 4H x context, and its bf16 copy under autocast;
     - with dropout > 0, 1-byte masks after attention and the MLP (the math backend's
-      attention dropout: a mask and the dropped copy of the probabilities);
+      attention dropout: a mask and the dropped copy of the probabilities; not measured, the
+      benchmark trains without dropout);
     - under bf16 autocast, the bf16 copies of the block's four weight matrices (and their
       biases) that the matmuls save: of the whole tp shard, since FSDP2 gathers the block
       before the cast (torchtitan avoids these with FSDP2's MixedPrecisionPolicy, whose
@@ -240,7 +241,8 @@ def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int,
     That is 16C floats per token and layer in fp32 with mlp_width = 4C (Korthikanti et al.'s
     34 bytes of 16-bit activations per sbh include the dropout masks and a separate
     reshape copy that minigpt does not make). With tp, every part is divided by tp
-    (sequence parallelism outside the branches, heads or columns inside them).
+    (sequence parallelism outside the branches, heads or columns inside them; modelled after
+    Korthikanti et al., not measured: minigpt has no tensor parallelism yet).
 
     After the blocks: ln_f's input and output, the bf16 head weight under autocast, and the
     loss: its float32 log-softmax (B, T, V / tp) kept for backward and, at the peak, two
