@@ -65,25 +65,50 @@ def add_sample_parser(sub) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from minigpt.report import report
+    if args.mesh is None:
+        plan_only = [flag for flag, value in (("--gpu-memory", args.gpu_memory), ("--dtype", args.dtype))
+                     if value is not None]
+        if plan_only:
+            raise ValueError(f"{' and '.join(plan_only)} only apply to the memory plan, which --mesh asks "
+                             f"for; add --mesh (e.g. --mesh dp_shard=1 for one GPU) or leave them out")
+        from minigpt.report import report
 
-    print(report(args.source, seq_len=args.seq_len, batch_size=args.batch_size, as_json=args.json,
-                 backend=args.backend))
+        print(report(args.source, seq_len=args.seq_len, batch_size=args.batch_size, as_json=args.json,
+                     backend=args.backend))
+        return
+    from minigpt.memory_plan import plan_report
+
+    print(plan_report(args.source, args.mesh, batch_size=args.batch_size, seq_len=args.seq_len,
+                      dtype=args.dtype or "bf16", gpu_memory_gib=80.0 if args.gpu_memory is None else args.gpu_memory,
+                      backend=args.backend, as_json=args.json))
 
 
 def add_inspect_parser(sub) -> None:
     p = sub.add_parser(
         "inspect",
-        help="parameters by component, FLOPs and memory of a preset, config file or model folder",
+        help="parameters by component, FLOPs and memory of a preset, config file or model folder; "
+        "with --mesh, the training memory per rank",
         description="Parameters by component, FLOPs per token and memory, computed from the config alone "
         "(nothing is allocated: gpt3-175b is instant). SOURCE 'gpt3' prints the GPT-3 paper's Table 2.1 "
-        "beside minigpt's eight GPT-3 presets.",
+        "beside minigpt's eight GPT-3 presets. With --mesh, instead, the memory plan: per rank of a device mesh "
+        "(FSDP2 over dp_shard, tensor and sequence parallelism over tp), parameters, gradients, AdamW state and "
+        "activations without and with activation checkpointing, their total and whether it fits --gpu-memory.",
     )
     p.add_argument("source", metavar="PRESET|CONFIG_JSON|MODEL_DIR|gpt3")
-    p.add_argument("--seq-len", type=int, default=None, help="context for attention FLOPs, activations, KV cache (default block_size)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per batch for activation and KV totals")
+    p.add_argument("--seq-len", "--seq", type=int, default=None,
+                   help="context for attention FLOPs, activations, KV cache (default block_size)")
+    p.add_argument("--batch-size", "--batch", type=int, default=1,
+                   help="sequences per batch for activation and KV totals (with --mesh: per data-parallel rank)")
     p.add_argument("--backend", default="sdpa", choices=["math", "sdpa", "triton"],
                    help="attention backend whose work the 'computed' FLOPs and activations follow (default: sdpa)")
+    p.add_argument("--mesh", default=None, metavar="dp_replicate=R,dp_shard=N,tp=M",
+                   help="print the memory plan per rank of this mesh (a missing degree is 1; the product is the "
+                   "world size), e.g. dp_shard=8,tp=2; dp_shard=1 is one GPU")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="memory of one GPU in GiB that the plan must fit (default 80; needs --mesh)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                   help="training precision of the plan: fp32, or bf16 autocast over fp32 master weights "
+                   "(default bf16; needs --mesh)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=_inspect)
 

@@ -1,0 +1,224 @@
+"""The memory plan (`minigpt.memory_plan`) against tracked peaks of real training steps on CPU.
+
+Each case trains minigpt's GPT for three AdamW steps (forward under the training dtype's
+autocast, backward, gradient clipping, step, zero_grad(set_to_none)), the blocks
+checkpointed or not by `minigpt.train.parallel.parallelize`, and records the peak of
+steps 2 and 3 (step 1, untracked, allocates AdamW's moments) with torch's allocation tracker:
+`MemTracker` in one process, `FSDPMemTracker` on each of two gloo processes under FSDP2
+(`parallelize(..., "fsdp")`, mesh dp_shard=2). The trackers attribute every live tensor
+storage to parameters, gradients, optimizer state, activations and temporaries; RSS would
+add the allocator's and the interpreter's own memory.
+
+AdamW is the fused one (`fused=True`), as the trainer uses on CUDA: the plan models a GPU
+step, and the CPU's default foreach AdamW adds parameter-sized temporaries.
+
+    python -m benchmarks.bench_memory_plan            # writes results/memory_plan_cpu.{md,json}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import REPO_ROOT
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+MIB = 2**20
+
+SHAPES = {
+    "4L-256-v8k": dict(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256, batch=8, seq=256),
+    "6L-512-v2k": dict(vocab_size=2048, block_size=256, n_layer=6, n_head=8, n_embd=512, batch=4, seq=256),
+    "4L-1024-v256": dict(vocab_size=256, block_size=64, n_layer=4, n_head=8, n_embd=1024, batch=2, seq=64),
+}
+"""Activations and the loss dominate the first, the blocks the second, the weights the third."""
+CASES = [  # (mesh, dtype, activation checkpointing)
+    ("dp_shard=1", "fp32", False), ("dp_shard=1", "fp32", True),
+    ("dp_shard=1", "bf16", False), ("dp_shard=1", "bf16", True),
+    ("dp_shard=2", "fp32", False), ("dp_shard=2", "fp32", True),
+    ("dp_shard=2", "bf16", False), ("dp_shard=2", "bf16", True),
+]
+
+
+def _config(shape: str):
+    from minigpt.config import GPTConfig
+
+    values = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "seq")}
+    return GPTConfig(**values, dropout=0.0)
+
+
+def _train_and_track(shape: str, dtype: str, checkpointing: bool, parallel: str) -> dict:
+    """Three training steps in this process (rank of a process group under FSDP); the tracked
+    peak of steps 2 and 3, by category, in bytes."""
+    from minigpt.model import GPT
+    from minigpt.train.config import TrainConfig
+    from minigpt.train.parallel import parallelize
+
+    torch.manual_seed(0)
+    B, T = SHAPES[shape]["batch"], SHAPES[shape]["seq"]
+    config = _config(shape)
+    model = GPT(config)
+    train = TrainConfig(out_dir="unused", max_steps=3, batch_size=B, activation_checkpointing=checkpointing)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    idx = torch.randint(0, config.vocab_size, (B, T))
+    targets = torch.randint(0, config.vocab_size, (B, T))
+    with parallelize(model, train, parallel, torch.device("cpu")) as module:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
+
+        def step() -> None:
+            with autocast:
+                loss = module(idx, targets).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # untracked: it allocates AdamW's moments; the tracked steps run with them
+        if parallel == "fsdp":
+            from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+            tracker = FSDPMemTracker(module, optimizer)
+            tracker.track_inputs((idx, targets))
+        else:
+            from torch.distributed._tools.mem_tracker import MemTracker
+
+            tracker = MemTracker()
+            tracker.track_external(module, optimizer)
+        began = time.perf_counter()
+        with tracker:
+            for _ in range(2):
+                step()
+                tracker.reset_mod_stats()  # per-module statistics only; the peak stays
+        seconds = time.perf_counter() - began
+    snapshot = tracker.get_tracker_snapshot("peak")
+    by_kind = next(iter(v for k, v in snapshot.items() if torch.device(k).type == "cpu"))
+    kinds = {str(getattr(k, "value", k)): int(v) for k, v in by_kind.items()}
+    return {"kinds": kinds, "seconds": round(seconds, 2)}
+
+
+def _categories(kinds: dict[str, int]) -> dict[str, int]:
+    """The plan's categories from a tracker's kinds (MemTracker's or FSDPMemTracker's names)."""
+    get = lambda *names: sum(kinds.get(n, 0) for n in names)  # noqa: E731
+    return {
+        "params": get("Parameter", "Sharded Param"),
+        "gradients": get("Gradient", "Sharded Grad"),
+        "optimizer": get("Optstate", "OptState"),
+        "activations": get("Activation", "Temp", "Inputs"),
+        "gathered": get("Unsharded Param", "Unsharded Grad", "All Gather", "Reduce Scatter"),
+        "other": get("Buffer", "Other"),
+        "total": kinds.get("Total", 0),
+    }
+
+
+def _fsdp_worker(rank: int, world: int, port: int, shape: str, dtype: str, checkpointing: bool, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = _train_and_track(shape, dtype, checkpointing, "fsdp")
+        Path(f"{out}.{rank}").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(shape: str, mesh: str, dtype: str, checkpointing: bool) -> dict:
+    """Tracked peak per rank (the largest over ranks) of one case."""
+    if mesh == "dp_shard=1":
+        return _train_and_track(shape, dtype, checkpointing, "none")
+    import torch.multiprocessing as mp
+
+    world = int(mesh.split("=")[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result")
+        port = 29500 + os.getpid() % 1000
+        mp.spawn(_fsdp_worker, args=(world, port, shape, dtype, checkpointing, out), nprocs=world)
+        results = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
+    return max(results, key=lambda r: r["kinds"].get("Total", 0))
+
+
+def plan_for(shape: str, mesh: str, dtype: str, checkpointing: bool) -> dict:
+    from minigpt.memory_plan import memory_plan, parse_mesh
+
+    s = SHAPES[shape]
+    plan = memory_plan(_config(shape), parse_mesh(mesh), s["batch"], s["seq"], dtype, checkpointing)
+    return {"params": plan.params, "gradients": plan.gradients, "optimizer": plan.optimizer,
+            "activations": plan.activations, "recompute": plan.recompute, "gathered": plan.gathered,
+            "total": plan.total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--out", default=str(RESULTS / "memory_plan_cpu"), help="path without suffix")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    for shape in args.shapes:
+        for mesh, dtype, checkpointing in CASES:
+            measured = measure(shape, mesh, dtype, checkpointing)
+            row = {"shape": shape, **SHAPES[shape], "mesh": mesh, "dtype": dtype,
+                   "activation_checkpointing": checkpointing, "seconds": measured["seconds"],
+                   "tracked_kinds": measured["kinds"], "measured": _categories(measured["kinds"]),
+                   "plan": plan_for(shape, mesh, dtype, checkpointing)}
+            rows.append(row)
+            print(_row_line(row), file=sys.stderr, flush=True)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    Path(args.out + ".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    Path(args.out + ".md").write_text(_markdown(rows, env))
+    print(f"wrote {args.out}.md and .json")
+
+
+def _row_line(row: dict) -> str:
+    m, p = row["measured"], row["plan"]
+    return (f"{row['shape']} {row['mesh']} {row['dtype']} ac={row['activation_checkpointing']}: measured "
+            f"{m['total'] / MIB:.1f} MiB, plan {p['total'] / MIB:.1f} MiB ({p['total'] / m['total']:.3f})")
+
+
+def _markdown(rows: list[dict], env: dict) -> str:
+    mib = lambda n: f"{n / MIB:.1f}"  # noqa: E731
+    lines = [
+        "# Memory plan vs tracked peak, CPU",
+        "",
+        "`python -m benchmarks.bench_memory_plan`: three AdamW (fused) training steps of minigpt's GPT per case, "
+        "the peak of steps 2-3 as torch's allocation trackers attribute it (`MemTracker`; `FSDPMemTracker` on "
+        "each of two gloo processes for dp_shard=2, the larger rank shown), beside "
+        "`minigpt.memory_plan.memory_plan` for the same shape, mesh, dtype and checkpointing. "
+        "Each cell is plan / measured in MiB. The measured categories are the ones live at the moment of the "
+        "peak; the plan's peak is parameters + AdamW + FSDP copies + the larger of its activations and its "
+        "gradients + one recomputed block (column 'recompute'), so the plan's gradients are not live at a peak "
+        "set by the activations (the start of the backward pass: zero_grad set them to None), nor its "
+        "activations at one set by the gradients (the end of the backward pass). Under dp_shard=2 the tracker "
+        "files the gathered blocks as 'All Gather' / 'Reduce Scatter' buffers and the root's parameters as "
+        "'Unsharded Param': together the column 'FSDP unsharded'.",
+        "",
+        f"torch {env['torch']}, Python {env['python']}, {env['processor']}, {env['threads']} threads, {env['date']}.",
+        "",
+        "| shape | B x T | mesh | dtype | ckpt | params | grads | AdamW | activations | recompute (plan) "
+        "| FSDP unsharded | peak | plan / measured |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        m, p = r["measured"], r["plan"]
+        cell = lambda k: f"{mib(p[k])} / {mib(m[k])}"  # noqa: E731
+        lines.append(
+            f"| {r['shape']} | {r['batch']} x {r['seq']} | {r['mesh']} | {r['dtype']} | "
+            f"{'yes' if r['activation_checkpointing'] else 'no'} | {cell('params')} | {cell('gradients')} | "
+            f"{cell('optimizer')} | {cell('activations')} | {mib(p['recompute'])} | {cell('gathered')} | "
+            f"{cell('total')} | "
+            f"{p['total'] / m['total']:.3f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
