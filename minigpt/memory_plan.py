@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from minigpt.counts import ModelShape, _check_backend, _seq_len
+from minigpt.train.mesh import DIM_NAMES as MESH_DIMS
+from minigpt.train.mesh import MeshShape
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
-"""The mesh's degrees, outermost first (torchtitan's ParallelDims order)."""
 
 TRAIN_DTYPES = ("fp32", "bf16")
 """Training precisions: plain float32, or bfloat16 autocast over float32 master weights
@@ -45,34 +45,8 @@ TRAIN_DTYPES = ("fp32", "bf16")
 GIB = 2**30
 
 
-@dataclass(frozen=True)
-class Mesh:
-    """Degrees of a device mesh; their product is the world size."""
-
-    dp_replicate: int = 1
-    """Data-parallel replicas (HSDP's outer dimension): each holds full parameter shards."""
-    dp_shard: int = 1
-    """Data-parallel ranks that FSDP2 shards parameters, gradients and optimizer state over."""
-    tp: int = 1
-    """Tensor- (and sequence-) parallel ranks that split each block's matrices and activations."""
-
-    def __post_init__(self) -> None:
-        for name in MESH_DIMS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"mesh {name}={value!r} must be a positive integer (1 means that dimension "
-                                 f"is not used); e.g. --mesh dp_shard=8,tp=1")
-
-    @property
-    def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp
-
-    def __str__(self) -> str:
-        return ",".join(f"{name}={getattr(self, name)}" for name in MESH_DIMS)
-
-
-def parse_mesh(text: str) -> Mesh:
-    """'dp_shard=8,tp=2' -> Mesh(dp_replicate=1, dp_shard=8, tp=2); a missing degree is 1.
+def parse_mesh(text: str) -> MeshShape:
+    """'dp_shard=8,tp=2' -> MeshShape(dp_replicate=1, dp_shard=8, tp=2); a missing degree is 1.
 
     Raises ValueError for a part that is not key=value, an unknown or repeated key, or a
     degree that is not a positive integer; the message names the valid form.
@@ -94,37 +68,27 @@ def parse_mesh(text: str) -> Mesh:
         if degree < 1:
             raise ValueError(f"mesh {key}={degree} must be a positive integer (1 means that dimension is not used)")
         degrees[key] = degree
-    return Mesh(**degrees)
+    return MeshShape(**degrees)
 
 
-def check_mesh(config: ModelShape, mesh: Mesh, seq_len: int | None = None) -> None:
-    """Raise ValueError unless tp divides what it splits: n_head (heads per rank), the MLP
-    width (columns per rank), vocab_size (the vocabulary-parallel embedding and loss) and,
-    with sequence parallelism, seq_len (positions per rank). Each message names the fix."""
-    tp = mesh.tp
-    if tp == 1:
+def check_mesh(config: ModelShape, mesh: MeshShape, seq_len: int | None = None) -> None:
+    """Raise ValueError unless tp splits what the training loop splits: whole heads and
+    equal MLP columns per rank (`MeshShape.check_model`, the loop's own check) and, with
+    sequence parallelism, seq_len (positions per rank). The vocabulary may split unevenly
+    (rank 0 holds the rounded-up share). Each message names the fix."""
+    if mesh.tp == 1:
         return
-    if config.n_head % tp:
-        raise ValueError(f"mesh tp={tp} must divide n_head={config.n_head} (each rank holds whole heads); "
-                         f"use tp in {_divisors(config.n_head)}")
-    if config.mlp_width % tp:
-        raise ValueError(f"mesh tp={tp} must divide the MLP width {config.mlp_width} (n_inner or 4 * n_embd); "
-                         f"use tp in {_divisors(config.mlp_width, config.n_head)}")
-    if config.vocab_size % tp:
-        padded = -(-config.vocab_size // 64) * 64 if 64 % tp == 0 else -(-config.vocab_size // tp) * tp
-        raise ValueError(f"mesh tp={tp} must divide vocab_size={config.vocab_size} (the embedding and the loss are "
-                         f"split along the vocabulary); pad the vocabulary, e.g. vocab_size={padded} in a config "
-                         f"file, or use tp=1")
-    if seq_len is not None and seq_len % tp:
-        raise ValueError(f"seq_len={seq_len} must be a multiple of mesh tp={tp} (sequence parallelism splits the "
-                         f"positions); use seq_len={-(-seq_len // tp) * tp}")
+    mesh.check_model(config.n_head, config.mlp_width)
+    if seq_len is not None and seq_len % mesh.tp:
+        raise ValueError(f"seq_len={seq_len} must be a multiple of mesh tp={mesh.tp} (sequence parallelism splits the "
+                         f"positions); use seq_len={-(-seq_len // mesh.tp) * mesh.tp}")
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
     """Bytes per rank of one training step (see `memory_plan`)."""
 
-    mesh: Mesh
+    mesh: MeshShape
     batch_size: int
     seq_len: int
     dtype: str
@@ -170,14 +134,14 @@ class MemoryPlan:
         return out
 
 
-def param_shard_numel(config: ModelShape, mesh: Mesh) -> int:
+def param_shard_numel(config: ModelShape, mesh: MeshShape) -> int:
     """Parameters on one rank: each tensor's tensor-parallel shard (see the module docstring),
     then FSDP2's dim-0 chunk of it, rounded up (rank 0's chunk, the largest)."""
     return sum(_fsdp_chunk(shape, mesh.dp_shard) for shape in _local_shapes(config, mesh.tp).values())
 
 
 def memory_plan(
-    config: ModelShape, mesh: Mesh, batch_size: int, seq_len: int | None = None, dtype: str = "bf16",
+    config: ModelShape, mesh: MeshShape, batch_size: int, seq_len: int | None = None, dtype: str = "bf16",
     activation_checkpointing: bool = False, backend: str = "sdpa", autocast_cache: bool = True,
 ) -> MemoryPlan:
     """Bytes per rank of one AdamW training step of `batch_size` sequences of `seq_len`
@@ -204,7 +168,8 @@ def memory_plan(
     _check_backend(backend)
     check_mesh(config, mesh, T)
     n = param_shard_numel(config, mesh)
-    parts = activation_parts(config, mesh.tp, batch_size, T, dtype, activation_checkpointing, backend, autocast_cache)
+    parts = activation_parts(config, mesh.tp, batch_size, T, dtype, activation_checkpointing, backend, autocast_cache,
+                             fsdp_mixed_precision=mesh.dp_size > 1)
     recompute = parts.pop("recompute", 0)
     return MemoryPlan(
         mesh=mesh, batch_size=batch_size, seq_len=T, dtype=dtype, activation_checkpointing=activation_checkpointing,
@@ -215,7 +180,7 @@ def memory_plan(
 
 def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int, dtype: str,
                      activation_checkpointing: bool, backend: str = "sdpa",
-                     autocast_cache: bool = True) -> dict[str, int]:
+                     autocast_cache: bool = True, fsdp_mixed_precision: bool = False) -> dict[str, int]:
     """Activation bytes per rank at their peak (the start of the backward pass), by part, and
     with checkpointing 'recompute': one block's, live while it is recomputed.
 
@@ -255,14 +220,19 @@ def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int,
     parameter (FSDP2's gathered ones included) until the autocast region ends with the
     forward ('autocast weight copies'; measured on CPU, one process and FSDP2). They are
     counted with the loss's tensors, which come after them, as a bound.
-    `autocast_cache=False` leaves them out: the plan of ``torch.autocast(cache_enabled=False)``
-    or of FSDP2's MixedPrecisionPolicy(param_dtype=bfloat16).
+    `autocast_cache=False` leaves them out: the plan of ``torch.autocast(cache_enabled=False)``.
+
+    `fsdp_mixed_precision`: FSDP2 gathers the parameters in bf16 itself
+    (MixedPrecisionPolicy(param_dtype=bfloat16), what `minigpt.train.parallel` sets under
+    bf16 whenever FSDP2 shards), so the matmuls save those gathered copies, which FSDP2 frees
+    after each block's forward and gathers again for its backward: no weight copies stay
+    (the transient ones are among `_gathered_bytes`).
     """
     C, H, M, L = config.n_embd, config.n_head, config.mlp_width, config.n_layer
     a = 4 if dtype == "fp32" else 2
     linear = sum(math.prod(s) for k, s in _local_shapes(config, tp).items() if k.startswith(("blocks.0.attn.",
                                                                                           "blocks.0.mlp.")))
-    weight_copies = 2 * linear if a == 2 else 0  # one block's bf16 weights and biases, unsharded over dp
+    weight_copies = 2 * linear if a == 2 and not fsdp_mixed_precision else 0  # one block's bf16 weights, unsharded
     tokens = batch_size * seq_len
     dropout = getattr(config, "dropout", 0.0) > 0
 
@@ -283,7 +253,7 @@ def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int,
     if not activation_checkpointing:
         return {"blocks": sum(block(i) for i in range(L)), "head and loss": head_input + loss + embedding}
     parts = {"block inputs": L * tokens * 4 * C // tp, "head and loss": head_input + loss + embedding}
-    if a == 2 and autocast_cache:
+    if a == 2 and autocast_cache and weight_copies:
         parts["autocast weight copies"] = L * weight_copies
     return {**parts, "recompute": max(block(i) for i in range(L))}
 
@@ -300,7 +270,7 @@ def smallest_mesh(config: ModelShape, gpu_memory_gib: float, batch_size: int, se
         for tp in range(1, min(max_tp, world) + 1):
             if world % tp:
                 continue
-            mesh = Mesh(dp_shard=world // tp, tp=tp)
+            mesh = MeshShape(dp_shard=world // tp, tp=tp)
             try:
                 check_mesh(config, mesh, T)
             except ValueError:
@@ -358,7 +328,7 @@ def _local_shapes(config: ModelShape, tp: int) -> dict[str, tuple[int, ...]]:
     """Each parameter's tensor-parallel shard shape, keyed by the name in `model.GPT`."""
     C, M, V = config.n_embd, config.mlp_width, config.vocab_size
     shapes: dict[str, tuple[int, ...]] = {
-        "tok_emb.weight": (V // tp, C),  # vocabulary-parallel
+        "tok_emb.weight": (-(-V // tp), C),  # vocabulary-parallel (rank 0's share, rounded up)
         "pos_emb.weight": (-(-config.block_size // tp), C),  # split along the positions
     }
     norm = {"weight": (C,), **({"bias": (C,)} if config.bias else {})}
@@ -378,7 +348,7 @@ def _local_shapes(config: ModelShape, tp: int) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}mlp.proj.bias"] = (C,)
     shapes.update({f"ln_f.{k}": s for k, s in norm.items()})
     if not config.tie_embeddings:
-        shapes["lm_head.weight"] = (V // tp, C)
+        shapes["lm_head.weight"] = (-(-V // tp), C)
     return shapes
 
 
@@ -387,7 +357,7 @@ def _fsdp_chunk(shape: tuple[int, ...], dp_shard: int) -> int:
     return -(-shape[0] // dp_shard) * math.prod(shape[1:])
 
 
-def _gathered_bytes(config: ModelShape, mesh: Mesh) -> int:
+def _gathered_bytes(config: ModelShape, mesh: MeshShape) -> int:
     """FSDP2's unsharded float32 working copies (0 when dp_shard is 1): the root module's
     parameters (embeddings, ln_f, an untied head), which FSDP2 keeps unsharded from forward
     to backward, and their gradient (the tied embedding's arrives with the head's backward
@@ -413,14 +383,14 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 100 else f"{n / 2**20:.1f} MiB"
 
 
-def plan_report(source: str, mesh: str | Mesh, batch_size: int = 1, seq_len: int | None = None,
+def plan_report(source: str, mesh: str | MeshShape, batch_size: int = 1, seq_len: int | None = None,
                 dtype: str = "bf16", gpu_memory_gib: float = 80.0, backend: str = "sdpa",
                 as_json: bool = False) -> str:
     """What ``minigpt inspect SOURCE --mesh ...`` prints: the plans without and with
     activation checkpointing, side by side (JSON with `as_json`).
 
     source: a preset, a config JSON file or a model folder (`minigpt.report.load_config`).
-    mesh: a `Mesh` or its text, e.g. 'dp_shard=8,tp=2' (`parse_mesh`).
+    mesh: a `MeshShape` or its text, e.g. 'dp_shard=8,tp=2' (`parse_mesh`).
     Raises ValueError for a bad source, mesh, size or gpu_memory_gib <= 0.
     """
     from minigpt.report import GPT3_FAMILY, load_config

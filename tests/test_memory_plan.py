@@ -8,7 +8,8 @@ import torch
 
 from minigpt import GPT, GPTConfig
 from minigpt.cli import main
-from minigpt.memory_plan import GIB, Mesh, check_mesh, memory_plan, parse_mesh, smallest_mesh
+from minigpt.train.mesh import MeshShape
+from minigpt.memory_plan import GIB, check_mesh, memory_plan, parse_mesh, smallest_mesh
 
 TINY = dict(vocab_size=96, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
@@ -19,7 +20,7 @@ ROW_PARALLEL = ("attn.proj.weight", "mlp.proj.weight")  # dim 1
 VOCAB_PARALLEL = ("tok_emb.weight", "lm_head.weight", "pos_emb.weight")  # dim 0 (rows)
 
 
-def _local_numel(name: str, p: torch.Tensor, mesh: Mesh) -> int:
+def _local_numel(name: str, p: torch.Tensor, mesh: MeshShape) -> int:
     """Elements of rank 0's piece of `p`: its tp shard (torch.chunk, as DTensor's Shard), then
     FSDP2's dim-0 chunk of that shard (torch.chunk's first chunk, the rounded-up one)."""
     shard = p
@@ -31,8 +32,8 @@ def _local_numel(name: str, p: torch.Tensor, mesh: Mesh) -> int:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"bias": False, "qkv_bias": False}, {"tie_embeddings": False, "n_inner": 48}])
-@pytest.mark.parametrize("mesh", [Mesh(), Mesh(dp_shard=2), Mesh(dp_replicate=2, dp_shard=3), Mesh(tp=2),
-                                  Mesh(dp_shard=5, tp=4), Mesh(dp_replicate=3, dp_shard=7, tp=2)])
+@pytest.mark.parametrize("mesh", [MeshShape(), MeshShape(dp_shard=2), MeshShape(dp_replicate=2, dp_shard=3), MeshShape(tp=2),
+                                  MeshShape(dp_shard=5, tp=4), MeshShape(dp_replicate=3, dp_shard=7, tp=2)])
 def test_plan_counts_every_local_parameter_gradient_and_moment_of_a_real_model(mesh, overrides):
     config = GPTConfig(**{**TINY, **overrides})
     model = GPT(config)
@@ -51,7 +52,7 @@ def test_single_rank_state_matches_adamw_after_a_real_step():
     idx = torch.randint(0, config.vocab_size, (2, 16))
     model(idx, idx).loss.backward()
     optimizer.step()
-    plan = memory_plan(config, Mesh(), batch_size=2, seq_len=16, dtype="fp32")
+    plan = memory_plan(config, MeshShape(), batch_size=2, seq_len=16, dtype="fp32")
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     assert plan.params == nbytes(model.parameters())
     assert plan.gradients == nbytes(p.grad for p in model.parameters())
@@ -94,14 +95,14 @@ def _tracked_peak(config: GPTConfig, batch: int, seq: int, checkpointing: bool, 
 def test_single_process_plan_is_within_15_percent_of_the_tracked_peak(checkpointing, dtype):
     config = GPTConfig(vocab_size=512, block_size=64, n_layer=3, n_head=4, n_embd=64)
     peak = _tracked_peak(config, batch=4, seq=64, checkpointing=checkpointing, dtype=dtype)
-    plan = memory_plan(config, Mesh(), batch_size=4, seq_len=64, dtype=dtype, activation_checkpointing=checkpointing)
+    plan = memory_plan(config, MeshShape(), batch_size=4, seq_len=64, dtype=dtype, activation_checkpointing=checkpointing)
     assert 0.85 <= plan.total / peak <= 1.15, (plan.total, peak)
 
 
 def test_checkpointing_keeps_one_input_per_block_instead_of_every_activation():
     config = GPTConfig.from_preset("gpt3-xl")
-    full = memory_plan(config, Mesh(dp_shard=8), 1, 2048, "fp32")
-    ckpt = memory_plan(config, Mesh(dp_shard=8), 1, 2048, "fp32", activation_checkpointing=True)
+    full = memory_plan(config, MeshShape(dp_shard=8), 1, 2048, "fp32")
+    ckpt = memory_plan(config, MeshShape(dp_shard=8), 1, 2048, "fp32", activation_checkpointing=True)
     assert ckpt.activation_parts["block inputs"] == config.n_layer * 2048 * config.n_embd * 4
     assert ckpt.activations < full.activations / 4
     assert ckpt.recompute == full.activation_parts["blocks"] // config.n_layer
@@ -114,27 +115,29 @@ def test_bf16_autocast_with_checkpointing_counts_the_cached_weight_casts_of_ever
     # in benchmarks/results/memory_plan_cpu.md): all blocks' linear weights and biases, tp-sharded.
     config = GPTConfig(**{**TINY, "vocab_size": 128})
     model = GPT(config)
-    linear = sum(_local_numel(n, p, Mesh(tp=tp)) for n, p in model.named_parameters()
+    linear = sum(_local_numel(n, p, MeshShape(tp=tp)) for n, p in model.named_parameters()
                  if n.startswith("blocks.") and (".attn." in n or ".mlp." in n))
-    plan = memory_plan(config, Mesh(dp_shard=4, tp=tp), 1, 16, "bf16", activation_checkpointing=True)
-    assert plan.activation_parts["autocast weight copies"] == 2 * linear  # unsharded over dp_shard
-    for kwargs in ({"dtype": "fp32"}, {"autocast_cache": False}):
-        other = memory_plan(config, Mesh(dp_shard=4, tp=tp), 1, 16, activation_checkpointing=True, **kwargs)
+    plan = memory_plan(config, MeshShape(tp=tp), 1, 16, "bf16", activation_checkpointing=True)
+    assert plan.activation_parts["autocast weight copies"] == 2 * linear
+    for mesh, kwargs in ((MeshShape(tp=tp), {"dtype": "fp32"}), (MeshShape(tp=tp), {"autocast_cache": False}),
+                         # FSDP2 gathers in bf16 itself (MixedPrecisionPolicy): no copies stay
+                         (MeshShape(dp_shard=4, tp=tp), {})):
+        other = memory_plan(config, mesh, 1, 16, activation_checkpointing=True, **kwargs)
         assert "autocast weight copies" not in other.activation_parts
 
 
 def test_tensor_parallelism_divides_the_activations_and_the_loss():
     config = GPTConfig(**{**TINY, "vocab_size": 128})
-    one = memory_plan(config, Mesh(), 4, 16, "fp32")
-    four = memory_plan(config, Mesh(tp=4), 4, 16, "fp32")
+    one = memory_plan(config, MeshShape(), 4, 16, "fp32")
+    four = memory_plan(config, MeshShape(tp=4), 4, 16, "fp32")
     for key, value in one.activation_parts.items():
         assert four.activation_parts[key] == pytest.approx(value / 4, abs=4)
 
 
 @pytest.mark.parametrize("text, mesh", [
-    ("dp_shard=8", Mesh(dp_shard=8)),
-    ("dp_shard=4,tp=2", Mesh(dp_shard=4, tp=2)),
-    (" tp = 2 , dp_replicate=3 ", Mesh(dp_replicate=3, tp=2)),
+    ("dp_shard=8", MeshShape(dp_shard=8)),
+    ("dp_shard=4,tp=2", MeshShape(dp_shard=4, tp=2)),
+    (" tp = 2 , dp_replicate=3 ", MeshShape(dp_replicate=3, tp=2)),
 ])
 def test_parse_mesh_reads_degrees_and_a_missing_one_is_1(text, mesh):
     assert parse_mesh(text) == mesh
@@ -158,15 +161,14 @@ def test_parse_mesh_refuses_what_it_cannot_read_and_names_the_form(text, message
 
 
 @pytest.mark.parametrize("overrides, mesh, seq, message", [
-    ({}, Mesh(tp=3), 16, r"tp=3 must divide n_head=4 .* use tp in \[1, 2, 4\]"),
-    ({"n_inner": 36}, Mesh(tp=8), 16, None),  # n_head=4 first
-    ({"n_head": 8, "n_inner": 36}, Mesh(tp=8), 16, r"tp=8 must divide the MLP width 36 .* use tp in \[1, 2, 4\]"),
-    ({"vocab_size": 97}, Mesh(tp=2), 16, r"tp=2 must divide vocab_size=97 .* e.g. vocab_size=128 in a config file, or use tp=1"),
-    ({"vocab_size": 128, "block_size": 20}, Mesh(tp=4), 18, r"seq_len=18 must be a multiple of mesh tp=4 .* use seq_len=20"),
+    ({}, MeshShape(tp=3), 16, r"tp=3 must divide model.n_head=4: .* choose tp from \[1, 2, 4\]"),
+    ({"n_inner": 36}, MeshShape(tp=8), 16, None),  # n_head=4 first
+    ({"n_head": 8, "n_inner": 36}, MeshShape(tp=8), 16, r"tp=8 must divide the MLP width 36 .* choose tp from \[1, 2, 4\]"),
+    ({"vocab_size": 128, "block_size": 20}, MeshShape(tp=4), 18, r"seq_len=18 must be a multiple of mesh tp=4 .* use seq_len=20"),
 ])
 def test_check_mesh_refuses_a_tp_that_does_not_divide_what_it_splits(overrides, mesh, seq, message):
     config = GPTConfig(**{**TINY, "vocab_size": 128, **overrides})
-    with pytest.raises(ValueError, match=message or "tp=8 must divide n_head=4"):
+    with pytest.raises(ValueError, match=message or "tp=8 must divide model.n_head=4"):
         check_mesh(config, mesh, seq)
     with pytest.raises(ValueError):
         memory_plan(config, mesh, 1, seq)
@@ -175,23 +177,23 @@ def test_check_mesh_refuses_a_tp_that_does_not_divide_what_it_splits(overrides, 
 def test_plan_refuses_bad_sizes_and_dtypes():
     config = GPTConfig(**TINY)
     with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
-        memory_plan(config, Mesh(), 0)
+        memory_plan(config, MeshShape(), 0)
     with pytest.raises(ValueError, match=r"seq_len=17 must be an integer in \[1, block_size=16\]"):
-        memory_plan(config, Mesh(), 1, 17)
+        memory_plan(config, MeshShape(), 1, 17)
     with pytest.raises(ValueError, match=r"dtype='fp16' is not supported; choose one of \('fp32', 'bf16'\)"):
-        memory_plan(config, Mesh(), 1, dtype="fp16")
+        memory_plan(config, MeshShape(), 1, dtype="fp16")
     with pytest.raises(ValueError, match="mesh tp=0 must be a positive integer"):
-        Mesh(tp=0)
+        MeshShape(tp=0)
 
 
 def test_smallest_mesh_fits_and_one_rank_fewer_does_not():
     config = GPTConfig(**{**TINY, "vocab_size": 128})
-    budget = 0.9 * memory_plan(config, Mesh(), 1, 16, activation_checkpointing=True).total / GIB
+    budget = 0.9 * memory_plan(config, MeshShape(), 1, 16, activation_checkpointing=True).total / GIB
     plan = smallest_mesh(config, budget, 1, 16)
     assert plan is not None and plan.fits(budget) and plan.mesh.world_size > 1
     fewer = plan.mesh.world_size - 1
     for tp in (t for t in range(1, fewer + 1) if fewer % t == 0 and 4 % t == 0):
-        assert not memory_plan(config, Mesh(dp_shard=fewer // tp, tp=tp), 1, 16, activation_checkpointing=True).fits(budget)
+        assert not memory_plan(config, MeshShape(dp_shard=fewer // tp, tp=tp), 1, 16, activation_checkpointing=True).fits(budget)
 
 
 def test_cli_inspect_mesh_prints_the_plan_and_its_json(capsys):
@@ -220,8 +222,8 @@ def test_cli_inspect_without_mesh_is_the_report_and_plan_flags_need_a_mesh(capsy
         (["inspect", "gpt3-small", "--gpu-memory", "40"], "--gpu-memory only apply to the memory plan"),
         (["inspect", "gpt3-small", "--dtype", "fp32"], "add --mesh (e.g. --mesh dp_shard=1 for one GPU)"),
         (["inspect", "gpt3-small", "--mesh", "pp=2"], "mesh key 'pp' is unknown"),
-        (["inspect", "gpt3-small", "--mesh", "tp=5"], "tp=5 must divide n_head=12"),
-        (["inspect", "gpt3-small", "--mesh", "tp=2"], "pad the vocabulary, e.g. vocab_size=50304"),
+        (["inspect", "gpt3-small", "--mesh", "tp=5"], "tp=5 must divide model.n_head=12"),
+        (["inspect", "gpt3-small", "--mesh", "tp=2", "--seq", "101"], "seq_len=101 must be a multiple of mesh tp=2"),
         (["inspect", "gpt3", "--mesh", "tp=1"], "name a preset, e.g. gpt3-175b"),
         (["inspect", "gpt3-small", "--mesh", "tp=1", "--gpu-memory", "0"], "gpu_memory_gib=0.0 must be a positive"),
     ]
@@ -231,15 +233,17 @@ def test_cli_inspect_without_mesh_is_the_report_and_plan_flags_need_a_mesh(capsy
         assert info.value.code.startswith("minigpt inspect: error: ") and message in info.value.code, info.value.code
 
 
-def test_gpt3_175b_fits_no_mesh_while_autocast_caches_its_weight_casts_and_does_without():
-    # The preset's vocabulary (50257) allows tp=1 only, and the bf16 casts of every block,
-    # 2 bytes x 174B parameters, exceed 80 GiB on every rank whatever dp_shard is.
+def test_gpt3_175b_fits_80_gib_gpus_once_fsdp_gathers_in_bf16_and_not_in_one():
+    # One GPU: 16 bytes per parameter of weights, gradients and AdamW state alone. Sharded,
+    # FSDP2 gathers in bf16 (MixedPrecisionPolicy), so no rank keeps bf16 copies of every
+    # block; the smallest mesh is the smallest world whose shards, activations and gathered
+    # blocks fit, and one fewer data-parallel rank does not.
     config = GPTConfig.from_preset("gpt3-175b")
-    assert not memory_plan(config, Mesh(), 1, 2048, activation_checkpointing=True).fits(80)
-    assert smallest_mesh(config, 80, 1, 2048, max_world_size=256) is None
-    plan = smallest_mesh(config, 80, 1, 2048, autocast_cache=False, max_world_size=256)
-    assert plan is not None and plan.fits(80) and plan.mesh.tp == 1
+    assert not memory_plan(config, MeshShape(), 1, 2048, activation_checkpointing=True).fits(80)
+    plan = smallest_mesh(config, 80, 1, 2048, max_world_size=256)
+    assert plan is not None and plan.fits(80) and "autocast weight copies" not in plan.activation_parts
     assert plan.mesh.world_size * 80 * GIB >= 16 * config.num_params()  # AdamW state alone needs this much
-    assert math.isclose(plan.params * plan.mesh.dp_shard, 4 * config.num_params(), rel_tol=0.01)
-    assert not memory_plan(config, Mesh(dp_shard=plan.mesh.dp_shard - 1), 1, 2048, activation_checkpointing=True,
-                           autocast_cache=False).fits(80)
+    shards = plan.mesh.dp_shard * plan.mesh.tp
+    assert math.isclose(plan.params * shards, 4 * config.num_params(), rel_tol=0.02)
+    fewer = MeshShape(dp_shard=plan.mesh.dp_shard - 1, tp=plan.mesh.tp)
+    assert not memory_plan(config, fewer, 1, 2048, activation_checkpointing=True).fits(80)

@@ -183,11 +183,11 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
         gpt = getattr(raw, "backbone", raw)  # a classifier's transformer
         if hasattr(gpt, "config") and hasattr(gpt.config, "mlp_width"):
             mesh.check_model(gpt.config.n_head, gpt.config.mlp_width)
-    with parallelize(raw, config, parallel, device, mesh) as module:
+    amp_dtype, scaler, autocast = mixed_precision(device, config.dtype)
+    with parallelize(raw, config, parallel, device, mesh, amp_dtype) as module:
         if on_meta(raw):  # distributed while empty: each rank now allocates and fills its shards alone
             materialize(raw, device, init_seed)
         optimizer = build_optimizer(raw, config, device)
-        amp_dtype, scaler, autocast = mixed_precision(device, config.dtype)
         run = Run(config, info, parallel, device, raw, module, optimizer, scaler, autocast, batches, root=root,
                   mesh=mesh, **parts)
         if resume_from is not None:

@@ -28,8 +28,18 @@ class MeshShape:
     """The three degrees of a job's device mesh; see the module docstring."""
 
     dp_replicate: int = 1
+    """Data-parallel replicas (HSDP's outer dimension): each holds full parameter shards."""
     dp_shard: int = 1
+    """Data-parallel ranks that FSDP2 shards parameters, gradients and optimizer state over."""
     tp: int = 1
+    """Tensor- (and sequence-) parallel ranks that split each block's matrices and activations."""
+
+    def __post_init__(self) -> None:
+        for name in DIM_NAMES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"mesh {name}={value!r} must be a positive integer (1 means that dimension "
+                                 f"is not used); e.g. dp_shard=8,tp=2")
 
     @classmethod
     def resolve(cls, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1) -> MeshShape:
@@ -80,8 +90,8 @@ class MeshShape:
             raise ValueError(f"train.tp={self.tp} must divide model.n_head={n_head}: each rank computes whole "
                              f"heads; choose tp from {_divisors(n_head)}")
         if mlp_width % self.tp:
-            raise ValueError(f"train.tp={self.tp} must divide the MLP width {mlp_width}; choose tp from "
-                             f"{_divisors(mlp_width)}")
+            raise ValueError(f"train.tp={self.tp} must divide the MLP width {mlp_width} (n_inner or 4 * n_embd); "
+                             f"choose tp from {[d for d in _divisors(n_head) if mlp_width % d == 0]}")
 
     def build(self, device_type: str) -> DeviceMesh:
         """The `DeviceMesh` over every rank, its dimensions named by `DIM_NAMES`, with the
@@ -93,7 +103,8 @@ class MeshShape:
         return mesh
 
     def __str__(self) -> str:
-        return f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp}"
+        """'dp_replicate=1,dp_shard=8,tp=2': what `minigpt inspect --mesh` takes."""
+        return ",".join(f"{name}={getattr(self, name)}" for name in DIM_NAMES)
 
 
 def _divisors(n: int) -> list[int]:

@@ -47,7 +47,7 @@ from minigpt.train.mesh import MeshShape
 
 @contextmanager
 def parallelize(model: nn.Module, config: TrainConfig, parallel: str, device: torch.device,
-                mesh: MeshShape | None = None) -> Iterator[nn.Module]:
+                mesh: MeshShape | None = None, compute_dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
     """Yield the module to train on `model` (already on `device`): `model` itself, under DDP,
     or, with parallel='fsdp', split by tensor parallelism over `mesh`'s tp ranks and sharded
     in place by FSDP2 over its data-parallel ranks; after setting config.backend on every GPT
@@ -57,7 +57,10 @@ def parallelize(model: nn.Module, config: TrainConfig, parallel: str, device: to
     Without a mesh the model's own modules, parameters and state_dict keys are unchanged;
     checkpointing and compiling are undone on exit, so the caller gets back the model it
     passed (sampling from it afterwards runs eagerly, without recompiling for the KV cache's
-    shapes). On the mesh path the model stays distributed.
+    shapes). On the mesh path the model stays distributed. Under a 16-bit `compute_dtype`
+    FSDP2 gathers the parameters in that dtype (MixedPrecisionPolicy, gradients reduced in
+    float32, as torchtitan does): the copies autocast would make of every gathered block
+    would otherwise stay alive, saved for backward, and hold the whole model in 16 bits on every rank.
     """
     use_backend(model, config.backend)
     device_mesh = None
@@ -74,7 +77,7 @@ def parallelize(model: nn.Module, config: TrainConfig, parallel: str, device: to
         if config.compile:
             block.compile()
     try:
-        yield _wrap(model, parallel, device, device_mesh)
+        yield _wrap(model, parallel, device, device_mesh, compute_dtype)
     finally:
         for block in blocks:
             if config.activation_checkpointing:
@@ -256,7 +259,8 @@ def _checkpointed_forward(block: nn.Module, *args, **kwargs):
     return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
 
 
-def _wrap(model: nn.Module, parallel: str, device: torch.device, device_mesh=None) -> nn.Module:
+def _wrap(model: nn.Module, parallel: str, device: torch.device, device_mesh=None,
+          compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """The module to train: `model` itself, under DDP, or sharded in place by FSDP2 over
     `device_mesh`'s data-parallel dimensions (left unsharded when there is one such rank)."""
     if parallel == "ddp":
@@ -265,7 +269,7 @@ def _wrap(model: nn.Module, parallel: str, device: torch.device, device_mesh=Non
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from minigpt.model import Block
 
@@ -273,10 +277,12 @@ def _wrap(model: nn.Module, parallel: str, device: torch.device, device_mesh=Non
         if replicate * shard == 1:  # tensor parallelism alone
             return model
         dp_mesh = device_mesh["dp_replicate", "dp_shard"] if replicate > 1 else device_mesh["dp_shard"]
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
+                                      reduce_dtype=torch.float32)
         # Shard each transformer block, then the root (embeddings, final norm, head).
         for module in model.modules():
             if isinstance(module, Block):
-                fully_shard(module, mesh=dp_mesh)
-        fully_shard(model, mesh=dp_mesh)
+                fully_shard(module, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
         return model
     return model

@@ -75,7 +75,7 @@ def single(tmp_path_factory, shakespeare_chars) -> Path:
 def test_each_mesh_gives_the_losses_of_one_process(tmp_path, shakespeare_chars, single, nproc, mesh):
     dp = nproc // mesh.get("tp", 1)
     done = _torchrun(tmp_path, "run", nproc, _config(shakespeare_chars, tmp_path / "run", dp=dp, **mesh))
-    shape = f"dp_replicate=1 x dp_shard={dp} x tp={mesh.get('tp', 1)}"
+    shape = f"dp_replicate=1,dp_shard={dp},tp={mesh.get('tp', 1)}"
     assert f"mesh {shape}), global batch {dp} x {GLOBAL_BATCH // dp} sequences" in done.stderr
     losses = _losses(tmp_path / "run")
     assert len(losses) == 10
