@@ -172,3 +172,79 @@ def test_a_misspelled_flag_gets_the_subcommands_usage_and_the_closest_flag(argv,
         main(argv)
     err = capsys.readouterr().err
     assert says in err and f"usage: minigpt {' '.join(argv[:2 if argv[0] == 'finetune' else 1])}" in err
+
+
+def _no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_in_the_shared_writer_names_the_folder_and_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    from minigpt import files
+
+    final = tmp_path / "checkpoints" / "step_0000002"
+    files.write_atomically(final, lambda tmp: (tmp / "weights").write_text("old"))
+    monkeypatch.setattr(files, "_fsync_file", _no_space)
+    with pytest.raises(files.WriteError) as err:
+        files.write_atomically(final, lambda tmp: (tmp / "weights").write_text("new"))
+    assert str(err.value).startswith(f"cannot write {final}: the disk is full (No space left on device); free space")
+    assert "--resume" in str(err.value)
+    assert (final / "weights").read_text() == "old"  # the previous folder is untouched
+    assert [p.name for p in final.parent.iterdir()] == [final.name]  # the half-written temporary is gone
+    with pytest.raises(files.WriteError, match=f"cannot write {tmp_path / 'report.txt'}: the file system is read-only"):
+        monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+        files.write_text(tmp_path / "report.txt", "text")
+    assert not list(tmp_path.glob(".report.txt*"))
+
+
+def test_a_full_disk_while_training_is_one_line_and_the_last_checkpoint_resumes(tmp_path, monkeypatch, capsys):
+    from minigpt import files
+
+    run = tmp_path / "run"
+    args = ["train", "--data", str(_corpus(tmp_path)), "--out-dir", str(run), "--checkpoint_interval=2",
+            "--eval_interval=2", *TINY_RUN]
+    main(args + ["--max_steps=2"])
+    monkeypatch.setattr(files, "_fsync_file", _no_space)
+    message = _error(args + ["--max_steps=4", "--resume"], capsys)
+    assert f"cannot write {run / 'checkpoints'}" in message and "the disk is full" in message
+    assert "then run the same command again; a training run continues from its newest whole checkpoint with " \
+           "--resume" in message
+    monkeypatch.undo()
+    main(args + ["--max_steps=4", "--resume"])  # step 2's checkpoint is whole, and the run goes on from it
+    assert (run / "checkpoints" / "step_0000004").is_dir()
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_damaged_metadata_minigpt_wrote_names_the_file_the_line_or_key_and_the_fix(tmp_path, capsys):
+    import json
+
+    from minigpt.files import BadFileError
+    from minigpt.finetune.data import LabelMap
+
+    prepared = tmp_path / "prepared"
+    main(["prepare", str(_corpus(tmp_path)), "--out", str(prepared), "--tokenizer=char"])
+    meta = prepared / "meta.json"
+    good = json.loads(meta.read_text())
+    meta.write_text(meta.read_text()[:40])  # cut off mid-write
+    message = _error(["train", "--data", str(prepared), "--out-dir", str(tmp_path / "run"), "--max_steps=1"], capsys)
+    assert f"prepared-data metadata {meta} is not valid JSON" in message and "line 3" in message
+    assert "re-run `minigpt prepare`" in message
+    meta.write_text(json.dumps({k: v for k, v in good.items() if k != "dtype"}))
+    assert f"{meta} lacks the key 'dtype'" in _error(
+        ["train", "--data", str(prepared), "--out-dir", str(tmp_path / "run"), "--max_steps=1"], capsys)
+    del good["splits"]["train"]["shards"][0]["tokens"]
+    meta.write_text(json.dumps(good))
+    assert f"{meta}: the 'train' split lacks the key 'tokens'" in _error(
+        ["train", "--data", str(prepared), "--out-dir", str(tmp_path / "run"), "--max_steps=1"], capsys)
+
+    labels = tmp_path / "labels.json"
+    LabelMap(("neg", "pos", "mixed")).save(labels)
+    data = json.loads(labels.read_text())
+    del data["id2label"]["1"]
+    labels.write_text(json.dumps(data))
+    with pytest.raises(BadFileError, match=r"label file .*labels.json lacks the key 'id2label.1'.*re-export the model"):
+        LabelMap.load(labels)
+    labels.write_text("{}")
+    with pytest.raises(BadFileError, match=r"lacks the key 'id2label' \(it holds nothing\)"):
+        LabelMap.load(labels)

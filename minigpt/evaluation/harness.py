@@ -20,6 +20,7 @@ from minigpt.evaluation.metrics import argmax, mean_stderr, token_f1
 from minigpt.evaluation.prompts import PromptFormat, build_prompts
 from minigpt.evaluation.scoring import score_continuations
 from minigpt.evaluation.tasks import Example, Task, read_examples, read_task
+from minigpt.files import EVAL_AGAIN, write_text, writing
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +194,14 @@ def format_table(results: Sequence[EvalResult], markdown: bool = False) -> str:
 def write_results(results: Sequence[EvalResult], out_dir: str | Path, extra: dict | None = None) -> Path:
     """results.json (metrics and stderr per task), examples.jsonl and results.md."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {**(extra or {}), "results": [r.summary() for r in results]}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with (out / "examples.jsonl").open("w", encoding="utf-8") as f:
-        for r in results:
-            for record in r.examples:
-                f.write(json.dumps({"task": r.task, **record}, ensure_ascii=False) + "\n")
-    (out / "results.md").write_text(format_table(results, markdown=True) + "\n")
+    examples = "".join(json.dumps({"task": r.task, **record}, ensure_ascii=False) + "\n"
+                       for r in results for record in r.examples)
+    with writing(out, EVAL_AGAIN):
+        out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "results.json", json.dumps(summary, indent=2) + "\n", EVAL_AGAIN)
+    write_text(out / "examples.jsonl", examples, EVAL_AGAIN)
+    write_text(out / "results.md", format_table(results, markdown=True) + "\n", EVAL_AGAIN)
     return out
 
 

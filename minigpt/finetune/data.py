@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from minigpt.files import BadFileError, missing_keys, read_json, write_text
 from minigpt.finetune.records import read_records
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,25 @@ class LabelMap:
         return cls(tuple(id2label[str(i)] for i in range(len(id2label))))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "LabelMap":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The labels of a fine-tuned classifier's labels.json; a damaged file names itself
+        and the id that is missing."""
+        fix = "re-export the model (or restore the file from its run folder's checkpoints)"
+        data = read_json(path, "label file", keys=("id2label",), fix=fix)
+        id2label = data["id2label"]
+        if not isinstance(id2label, dict) or not id2label:
+            raise BadFileError(f"label file {path}: id2label must be an object of id -> label, not {id2label!r}; {fix}")
+        missing = [str(i) for i in range(len(id2label)) if str(i) not in id2label]
+        if missing:
+            raise BadFileError(missing_keys(Path(path), "label file", [f"id2label.{i}" for i in missing],
+                                            id2label, fix))
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:  # fewer than two labels, or repeated ones
+            raise BadFileError(f"label file {path}: {err}; {fix}") from None
 
 
 def stratified_split(examples: Sequence, val_fraction: float, seed: int = 1337,
