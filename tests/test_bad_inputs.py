@@ -164,7 +164,7 @@ def test_a_thread_count_below_one_is_refused_with_the_default_named(capsys):
 
 @pytest.mark.parametrize("argv, says", [
     (["sample", "--model", "m", "--temprature", "0.5"], "--temprature: did you mean --temperature?"),
-    (["serve", "--model", "m", "--max_batch", "4"], "--max_batch: did you mean --max-batch?"),
+    (["serve", "--model", "m", "--max-bach", "4"], "--max-bach: did you mean --max-batch?"),
     (["finetune", "check", "a.csv", "--fixx"], "--fixx: did you mean --fix?"),
 ])
 def test_a_misspelled_flag_gets_the_subcommands_usage_and_the_closest_flag(argv, says, capsys):
@@ -248,3 +248,47 @@ def test_damaged_metadata_minigpt_wrote_names_the_file_the_line_or_key_and_the_f
     labels.write_text("{}")
     with pytest.raises(BadFileError, match=r"lacks the key 'id2label' \(it holds nothing\)"):
         LabelMap.load(labels)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["finetune", "classify", "--init", "m", "--train-file", "a.csv", "--out", "r", "--resum"],
+     "--resum: did you mean --resume?"),
+    (["train", "--data", "a.txt", "--resum"], "--resum: did you mean --resume?"),
+    (["train", "--data", "a.txt", "--max_step=3"], "--max_step: did you mean --max_steps?"),
+])
+def test_a_misspelled_flag_in_a_command_with_overrides_gets_the_closest_flag_or_key(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert says in err and f"usage: minigpt {' '.join(argv[:2 if argv[0] == 'finetune' else 1])}" in err
+
+
+def test_a_flag_written_with_underscores_is_the_commands_flag(monkeypatch):
+    from minigpt import cli
+
+    seen = {}
+    monkeypatch.setattr(cli.finetune, "_finetune_train", lambda args: seen.update(vars(args)))
+    parser = cli.build_parser()
+    argv = cli._respelled(parser, ["finetune", "classify", "--init", "m", "--train_file", "a.csv", "--out", "r",
+                                   "--lora_rank=4", "--max_steps=3"])
+    args, extra = parser.parse_known_args(argv)
+    assert (args.lora_rank, args.train_file, extra) == (4, "a.csv", ["--max_steps=3"])  # overrides keep theirs
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "{model}", "{task}", "--out", "{file}"],
+    ["prepare", "{task}", "--out", "{file}"],
+    ["finetune", "classify", "--init", "{model}", "--train-file", "{task}", "--out", "{file}"],
+    ["train", "--data", "{task}", "--out-dir", "{file}"],
+])
+def test_an_output_folder_that_is_a_file_is_refused_before_anything_runs(argv, char_model, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    task.write_text(MC_ROWS)
+    taken = tmp_path / "results"
+    taken.write_text("keep me")
+    with pytest.raises(SystemExit) as err:
+        main([a.format(model=char_model, task=task, file=taken) for a in argv])
+    assert err.value.code == 2
+    out, message = capsys.readouterr()
+    assert out == "" and f"argument --out{'-dir' if argv[0] == 'train' else ''}: {taken} is a file" in message
+    assert taken.read_text() == "keep me"

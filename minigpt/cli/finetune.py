@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 
 from minigpt.cli.common import (
-    MODEL_HELP, add_columns, add_encoding, add_field, add_pair_columns, add_threads, config_from_args,
+    MODEL_HELP, add_columns, add_encoding, add_field, add_pair_columns, add_threads, config_from_args, out_folder,
 )
-from minigpt.finetune.config import CLASS_WEIGHTS, FINETUNE_TRAIN, LORA_LR, TASKS, FinetuneConfig
+from minigpt.finetune.config import CLASS_WEIGHTS, FINETUNE_TRAIN, LORA_LR, TASKS, TRAIN_SECTION, FinetuneConfig
 
 TASK_HELP = {
     "classify": "train a classification head (and the model) on a labeled CSV/TSV/JSONL",
@@ -60,7 +60,7 @@ def add_finetune_parser(sub) -> None:
         add_field(t, FinetuneConfig, "val_fraction")
         # --out, --resume and --overwrite are the run folder's (TrainConfig.out_dir and `finetune`'s
         # arguments), not FinetuneConfig's.
-        t.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, model/, eval/)")
+        t.add_argument("--out", type=out_folder, required=True, help="run folder (checkpoints, metrics.jsonl, model/, eval/)")
         t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
         t.add_argument("--overwrite", action="store_true",
                        help="start afresh when --out holds a run, moving that run aside to OUT.old-<time>")
@@ -82,7 +82,7 @@ def add_finetune_parser(sub) -> None:
         t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="a TrainConfig override such as lr=1e-4 (repeatable); --lr=1e-4 works too")
         add_threads(t)
-        t.set_defaults(func=_finetune_train, task=task, accepts_overrides=True)
+        t.set_defaults(func=_finetune_train, task=task, accepts_overrides=True, override_sections=TRAIN_SECTION)
 
 
 def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
