@@ -45,7 +45,7 @@ def test_sample_empty_stop_string_is_clear_error(char_model, capsys):
 
 
 def test_sample_bad_settings_are_refused_before_the_prompt_is_printed(char_model, capsys):
-    assert "top_p=2.0 must be in (0, 1]" in _error(
+    assert "top_p=2.0 must be a finite number in (0, 1]" in _error(
         ["sample", "--model", str(char_model), "--prompt", "A", "--top-p", "2"], capsys)
     assert "temperature=-1.0 must be >= 0" in _error(
         ["sample", "--model", str(char_model), "--prompt", "A", "--temperature", "-1"], capsys)
@@ -292,3 +292,33 @@ def test_an_output_folder_that_is_a_file_is_refused_before_anything_runs(argv, c
     out, message = capsys.readouterr()
     assert out == "" and f"argument --out{'-dir' if argv[0] == 'train' else ''}: {taken} is a file" in message
     assert taken.read_text() == "keep me"
+
+
+def test_a_top_p_that_is_not_a_finite_number_in_range_is_refused_by_the_sampler_itself(char_model, capsys):
+    import torch
+
+    from minigpt.generate import sample_next
+
+    for value in ("nan", "inf"):
+        assert f"top_p={value} must be a finite number in (0, 1]" in _error(
+            ["sample", "--model", str(char_model), "--prompt", "A", "--top-p", value], capsys)
+        with pytest.raises(ValueError, match=f"top_p={value} must be a finite number"):
+            sample_next(torch.zeros(1, 5), top_p=float(value))  # the server's engine calls this directly
+
+
+@pytest.mark.parametrize("kind", ["multiple_choice", "free_form"])
+def test_a_batch_size_of_zero_is_refused_by_every_evaluation_kind(kind, char_model, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    task.write_text(MC_ROWS if kind == "multiple_choice" else '{"prompt": "The cat", "completion": " sat"}\n')
+    message = _error(["eval", "--model", str(char_model), str(task), "--batch-size", "0"], capsys)
+    assert "batch_size=0 must be an integer >= 1" in message
+
+
+def test_counts_of_the_classifier_commands_are_checked_before_any_work(char_model, tmp_path, capsys):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("text,label\ngood,pos\nbad,neg\n")
+    assert "batch_size=0 must be an integer >= 1" in _error(["predict", str(char_model), "good", "--batch-size", "0"], capsys)
+    assert "batch_size=0 must be an integer >= 1" in _error(
+        ["evaluate", str(char_model), str(rows), "--batch-size", "0"], capsys)
+    assert "limit=-1 must be an integer >= 1" in _error(
+        ["fewshot", str(char_model), "--shots", str(rows), "--data", str(rows), "--limit", "-1"], capsys)

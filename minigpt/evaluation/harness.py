@@ -21,6 +21,7 @@ from minigpt.evaluation.prompts import PromptFormat, build_prompts
 from minigpt.evaluation.scoring import score_continuations
 from minigpt.evaluation.tasks import Example, Task, read_examples, read_task
 from minigpt.files import EVAL_AGAIN, write_text, writing
+from minigpt.typed import check_count
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ def evaluate_examples(model, tokenizer, task: Task, *, shots: int = 0, demos: Se
     (greedy exact match of the last word), its mean log-likelihood and the perplexity;
     free-form gives exact_match and token F1 of a greedy completion cut at `fmt.stop`.
     """
+    check_count("batch_size", batch_size, 1, "it counts examples per forward pass")
+    check_count("shots", shots, 0, "0 evaluates zero-shot")
     if not task.examples:
         raise ValueError(f"task {task.name!r} has no examples")
     prompts = build_prompts(task.examples, shots, seed, fmt, demos=demos, fixed=fixed_demos)
@@ -216,6 +219,7 @@ def run_eval(task_files: Sequence[str | Path], model_dir: str | Path, *, shots: 
     from minigpt.model import GPT
     from minigpt.tokenizer import load_tokenizer
 
+    check_count("batch_size", batch_size, 1, "it counts examples per forward pass")
     fixed = _first_demonstrations(fewshot_file, shots, demos) if fewshot_file is not None else None
     model = GPT.from_pretrained(model_dir, backend=backend).to(device)
     tokenizer = load_tokenizer(model_dir)
