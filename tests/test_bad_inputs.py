@@ -322,3 +322,34 @@ def test_counts_of_the_classifier_commands_are_checked_before_any_work(char_mode
         ["evaluate", str(char_model), str(rows), "--batch-size", "0"], capsys)
     assert "limit=-1 must be an integer >= 1" in _error(
         ["fewshot", str(char_model), "--shots", str(rows), "--data", str(rows), "--limit", "-1"], capsys)
+
+
+def test_a_file_too_small_to_hold_out_validation_is_refused_before_training(char_model, tmp_path, capsys):
+    rows = tmp_path / "two.csv"
+    rows.write_text("text,label\ngood,pos\nbad,neg\n")
+    out = tmp_path / "run"
+    message = _error(["finetune", "classify", "--init", str(char_model), "--train-file", str(rows), "--out", str(out),
+                      "--max_steps=1"], capsys)
+    assert f"{rows}: 2 rows are too few to hold out a validation split at val_fraction=0.1" in message
+    assert "--val-file" in message and not out.exists()  # nothing was trained, nothing blocks the retry
+
+
+def test_a_fresh_run_that_fails_before_its_first_checkpoint_does_not_block_the_retry(tmp_path, caplog):
+    import logging
+
+    from minigpt.train import runfolder
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="found late"):
+        with runfolder.claim(out, resume=False):
+            (out / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+            raise ValueError("bad data found late")
+    (aside,) = out.glob("failed-*")
+    assert (aside / "metrics.jsonl").is_file() and not (out / "metrics.jsonl").exists()  # kept, moved aside
+    with caplog.at_level(logging.WARNING), runfolder.claim(out, resume=False):  # the corrected command starts
+        (out / "checkpoints" / "step_0000001").mkdir(parents=True)
+        (out / "metrics.jsonl").write_text("")
+    assert "the run failed before its first checkpoint" in caplog.text
+    with pytest.raises(ValueError, match="later"), runfolder.claim(out, resume=True):
+        raise ValueError("later")
+    assert (out / "metrics.jsonl").exists()  # a run with a checkpoint stays where --resume finds it

@@ -228,7 +228,14 @@ def split_without_leakage(examples: Sequence, val_fraction: float, seed: int, so
                     "whole on one side of the train/validation split, so none is both trained and held out",
                     source, extra, what,
                     len(groups), ", ".join(str(e.line) for e in groups[0]))
-    return stratified_split(examples, val_fraction, seed, key=key, group=group)
+    train, val = stratified_split(examples, val_fraction, seed, key=key, group=group)
+    if not val or not train:
+        raise ValueError(
+            f"{source}: {len(examples)} rows are too few to hold out a validation split at "
+            f"val_fraction={val_fraction} ({'no row is left to validate on' if not val else 'no row is left to train on'}; "
+            f"a label needs 2 or more distinct rows to give one away). Give a validation file (--val-file), a larger "
+            f"training file, or a larger --val-fraction")
+    return train, val
 
 
 def leaked(train: Sequence, val: Sequence, group: Callable) -> list[tuple[int, int]]:

@@ -84,6 +84,7 @@ class TokenSplit:
             raise ValueError(
                 f"the '{self.split}' split has {len(self)} tokens, too few for one window of "
                 f"block_size + 1 = {block_size + 1}; lower block_size or add data"
+                + (", or hold out more for validation (--data.val_fraction)" if self.split == "val" else "")
             )
         return np.cumsum(counts)
 
