@@ -353,3 +353,62 @@ def test_a_fresh_run_that_fails_before_its_first_checkpoint_does_not_block_the_r
     with pytest.raises(ValueError, match="later"), runfolder.claim(out, resume=True):
         raise ValueError("later")
     assert (out / "metrics.jsonl").exists()  # a run with a checkpoint stays where --resume finds it
+
+
+def test_a_character_outside_the_alphabet_in_a_finetuning_file_names_the_file_and_line(char_model, tmp_path, capsys):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("text,label\n" + "".join(f"ok {c},{'pos' if i % 2 else 'neg'}\n" for i, c in enumerate("abcdefgh"))
+                    + "gr\u00e9at,pos\n")
+    message = _error(["finetune", "classify", "--init", str(char_model), "--train-file", str(rows),
+                      "--out", str(tmp_path / "run"), "--max_steps=1"], capsys)
+    assert f"{rows}, line 10: character '\u00e9' is not in this tokenizer's alphabet" in message
+    assert "replace it in that row" in message
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused_before_anything_runs(tmp_path, capsys):
+    folder = tmp_path / "model"
+    GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=8,
+                  attention_pattern=("dense",))).save_pretrained(folder)
+    save_tokenizer(CharTokenizer(ALPHABET), folder)
+    rows = tmp_path / "rows.csv"
+    rows.write_text("text,label\n" + "".join(f"ok {c},{'pos' if i % 2 else 'neg'}\n" for i, c in enumerate("abcdefgh")))
+    out = tmp_path / "run"
+    for argv in (["finetune", "classify", "--init", str(folder), "--train-file", str(rows), "--out", str(out),
+                  "--max_steps=1"], ["sample", "--model", str(folder), "--prompt", "A"]):
+        message = _error(argv, capsys)
+        assert f"{folder}: its tokenizer gives {len(ALPHABET)} ids but the model has vocab_size=20" in message
+    assert not out.exists()
+
+
+def test_a_lora_rank_of_zero_on_the_command_line_is_refused_not_taken_as_train_everything(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "classify", "--init", "m", "--train-file", "a.csv", "--out", "r", "--lora-rank", "0"])
+    assert "--lora-rank=0 must be at least 1" in capsys.readouterr().err
+
+
+def test_finetuning_from_a_classifier_says_its_head_and_labels_are_dropped(tmp_path, caplog):
+    import logging
+
+    from minigpt.finetune.data import LabelMap
+    from minigpt.finetune.export import HEAD_FILE, LABELS_FILE
+    from minigpt.model_dir import start_model
+
+    folder = tmp_path / "classifier"
+    GPT(GPTConfig(vocab_size=len(ALPHABET), block_size=16, n_layer=1, n_head=2, n_embd=8,
+                  attention_pattern=("dense",))).save_pretrained(folder)
+    save_tokenizer(CharTokenizer(ALPHABET), folder)
+    (folder / HEAD_FILE).write_bytes(b"")
+    LabelMap(("neg", "pos")).save(folder / LABELS_FILE)
+    with caplog.at_level(logging.WARNING):
+        start_model(folder)
+    assert "is a fine-tuned classifier" in caplog.text and "['neg', 'pos'] are not carried over" in caplog.text
+
+
+def test_an_eval_item_with_a_repeated_choice_is_reported_by_line(char_model, tmp_path, caplog):
+    import logging
+
+    task = tmp_path / "task.jsonl"
+    task.write_text(MC_ROWS + '{"context": "A cat", "choices": [" sat", " sat"], "label": 1}\n')
+    with caplog.at_level(logging.WARNING):
+        main(["eval", "--model", str(char_model), str(task)])
+    assert "1 of 3 items list the same choice twice (line 3 repeats ' sat')" in caplog.text

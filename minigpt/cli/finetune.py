@@ -78,11 +78,23 @@ def add_finetune_parser(sub) -> None:
         else:  # a new task in TASKS needs its data flags here
             raise ValueError(f"no command-line flags are defined for fine-tuning task {task!r}")
         for name in ("bos", "sep_token", "pad_token", "train_last_blocks", "lora_rank", "lora_alpha", "lora_dropout"):
-            add_field(t, FinetuneConfig, name)
+            action = add_field(t, FinetuneConfig, name)
+            if name == "lora_rank":  # 0 is the library's "no LoRA" (the flag's default); written out,
+                action.type = _lora_rank  # it would train every parameter while seeming to ask for adapters
         t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="a TrainConfig override such as lr=1e-4 (repeatable); --lr=1e-4 works too")
         add_threads(t)
         t.set_defaults(func=_finetune_train, task=task, accepts_overrides=True, override_sections=TRAIN_SECTION)
+
+
+def _lora_rank(text: str) -> int:
+    """--lora-rank's type: a rank >= 1; a 0 given on the command line is refused, not taken as 'off'."""
+    rank = int(text)
+    if rank < 1:
+        raise argparse.ArgumentTypeError(
+            f"--lora-rank={rank} must be at least 1 (LoRA adapters of that rank, e.g. 8); a rank of 0 would train "
+            f"every parameter: leave --lora-rank out for that")
+    return rank
 
 
 def finetune_config(args: argparse.Namespace) -> FinetuneConfig:

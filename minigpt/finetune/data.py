@@ -304,14 +304,30 @@ class CompletionExample:
     """True where tokens[j] is a training target: the completion and eos, never the prompt."""
 
 
+def _row(source: str | Path | None, line: int) -> str:
+    """'data.csv, line 7' (or 'line 7' when the rows came from no file), for messages."""
+    return f"{source}, line {line}" if source is not None else f"line {line}"
+
+
+def _encode(tokenizer, text: str, source: str | Path | None, line: int) -> list[int]:
+    """`tokenizer.encode(text)`; text it cannot encode (a character outside a character-level
+    model's alphabet) is an error naming the file and the line."""
+    try:
+        return tokenizer.encode(text)
+    except ValueError as err:
+        raise ValueError(f"{_row(source, line)}: {err}; replace it in that row, or start from a model whose "
+                         f"tokenizer has it (GPT-2's byte-level BPE encodes any text)") from None
+
+
 def encode_classification(tokenizer, examples: Sequence[LabeledText], labels: LabelMap,
-                          max_length: int) -> list[ClassificationExample]:
-    """Token ids (the first `max_length` of each text) and label ids. Truncation is logged."""
+                          max_length: int, source: str | Path | None = None) -> list[ClassificationExample]:
+    """Token ids (the first `max_length` of each text) and label ids. Truncation is logged.
+    `source` is the file the rows came from, named in errors with the row's line."""
     out, truncated = [], 0
     for e in examples:
-        ids = tokenizer.encode(e.text)
+        ids = _encode(tokenizer, e.text, source, e.line)
         if not ids:
-            raise ValueError(f"line {e.line}: text {e.text!r} encodes to no tokens")
+            raise ValueError(f"{_row(source, e.line)}: text {e.text!r} encodes to no tokens")
         truncated += len(ids) > max_length
         out.append(ClassificationExample(tuple(ids[:max_length]), labels.id(e.label)))
     if truncated:
@@ -320,29 +336,30 @@ def encode_classification(tokenizer, examples: Sequence[LabeledText], labels: La
     return out
 
 
-def encode_completion(tokenizer, pair: PromptCompletion, add_eos: bool = True) -> CompletionExample:
+def encode_completion(tokenizer, pair: PromptCompletion, add_eos: bool = True,
+                      source: str | Path | None = None) -> CompletionExample:
     """prompt + completion (+ eos), with the loss mask on the completion and eos.
 
     Prompt and completion are encoded separately, so the boundary between them is a token
     boundary; that is why completions should start with whitespace (the checker says so).
     """
-    prompt = tokenizer.encode(pair.prompt)
-    completion = tokenizer.encode(pair.completion)
+    prompt = _encode(tokenizer, pair.prompt, source, pair.line)
+    completion = _encode(tokenizer, pair.completion, source, pair.line)
     if add_eos:
         if tokenizer.eos_id is None:
             raise ValueError("this tokenizer has no eos token; pass add_eos=False and end completions "
                              "with a stop sequence instead")
         completion.append(tokenizer.eos_id)
     if not completion:
-        raise ValueError(f"line {pair.line}: the completion encodes to no tokens")
+        raise ValueError(f"{_row(source, pair.line)}: the completion encodes to no tokens")
     return CompletionExample(tuple(prompt + completion), (False,) * len(prompt) + (True,) * len(completion))
 
 
 def encode_completions(tokenizer, pairs: Sequence[PromptCompletion], block_size: int,
-                       add_eos: bool = True) -> list[CompletionExample]:
+                       add_eos: bool = True, source: str | Path | None = None) -> list[CompletionExample]:
     """Encode every pair; a pair longer than block_size + 1 tokens is an error listing them
     all (the checker's --fix drops them, and says which)."""
-    out = [encode_completion(tokenizer, p, add_eos) for p in pairs]
+    out = [encode_completion(tokenizer, p, add_eos, source) for p in pairs]
     too_long = [(p.line, len(e.tokens)) for p, e in zip(pairs, out) if len(e.tokens) > block_size + 1]
     if too_long:
         shown = ", ".join(f"line {line} ({n} tokens)" for line, n in too_long[:5])
