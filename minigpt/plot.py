@@ -57,6 +57,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, x: str = "step"
     out = Path(out) if out is not None else run_dir / "loss.png"
     try:
         with writing(out, EVAL_AGAIN):
+            out.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(out)
     finally:
         plt.close(fig)

@@ -412,3 +412,22 @@ def test_an_eval_item_with_a_repeated_choice_is_reported_by_line(char_model, tmp
     with caplog.at_level(logging.WARNING):
         main(["eval", "--model", str(char_model), str(task)])
     assert "1 of 3 items list the same choice twice (line 3 repeats ' sat')" in caplog.text
+
+
+def test_finetune_check_refuses_a_block_size_below_one_and_a_folder_as_its_output(tmp_path, capsys):
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text('{"prompt": "a:", "completion": " b"}\n')
+    assert "block_size=0 must be an integer >= 1" in _error(["finetune", "check", str(rows), "--block-size", "0"],
+                                                            capsys)  # every row was "too long" before
+    with pytest.raises(SystemExit):
+        main(["finetune", "check", str(rows), "--fix", "--out", str(tmp_path)])
+    assert f"argument --out: {tmp_path} is a folder, and this is the file to write" in capsys.readouterr().err
+
+
+def test_plot_creates_the_folder_of_its_png(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["train", "--data", str(_corpus(tmp_path)), "--out-dir", str(run), "--max_steps=2", "--eval_interval=2",
+          *TINY_RUN])
+    capsys.readouterr()
+    main(["plot", str(run), "--out", str(tmp_path / "figures" / "loss.png")])
+    assert (tmp_path / "figures" / "loss.png").is_file()  # was a bare [Errno 2]

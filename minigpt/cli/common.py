@@ -109,10 +109,11 @@ def out_folder(text: str) -> str:
 
 
 def out_file(text: str) -> str:
-    """The argparse type of every output file (a PNG): an existing folder of that name is refused up front."""
+    """The argparse type of every output file (a PNG, a cleaned copy): an existing folder of
+    that name is refused up front."""
     if Path(text).expanduser().is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder, and this is the file to write; give a file name, "
-                                         f"e.g. {Path(text) / 'out.png'}")
+        raise argparse.ArgumentTypeError(f"{text} is a folder, and this is the file to write; give the path of a "
+                                         f"file (one inside that folder, if you like)")
     return text
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from minigpt.cli.common import (
-    MODEL_HELP, add_columns, add_encoding, add_field, add_pair_columns, add_threads, config_from_args, out_folder,
+    MODEL_HELP, add_columns, add_encoding, add_field, add_pair_columns, add_threads, config_from_args, out_file,
+    out_folder,
 )
 from minigpt.finetune.config import CLASS_WEIGHTS, FINETUNE_TRAIN, LORA_LR, TASKS, TRAIN_SECTION, FinetuneConfig
 
@@ -38,7 +39,7 @@ def add_finetune_parser(sub) -> None:
     c.add_argument("--model", default=None, help=f"whose tokenizer and context length to check against: {MODEL_HELP}")
     c.add_argument("--block-size", type=int, default=None, help="context length (default: the model's, else 1024)")
     c.add_argument("--fix", action="store_true", help="write a cleaned JSONL copy; every dropped or changed row is listed")
-    c.add_argument("--out", default=None, help="where --fix writes (default: ./FILE.fixed.jsonl in the current folder)")
+    c.add_argument("--out", type=out_file, default=None, help="where --fix writes (default: ./FILE.fixed.jsonl in the current folder)")
     add_pair_columns(c)
     add_encoding(c)
     c.set_defaults(func=_finetune_check)
