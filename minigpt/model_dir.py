@@ -23,7 +23,8 @@ CONFIG_FILE = "config.json"
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """The model folder behind `path`: itself, RUN/model, or RUN's best (else newest) checkpoint.
+    """The model folder behind `path`: itself, RUN/model, or RUN's best (else newest) checkpoint
+    (also when `path` is RUN/checkpoints).
 
     Raises FileNotFoundError listing every place it looked when none holds a model.
     """
@@ -37,6 +38,8 @@ def resolve_model_dir(path: str | Path) -> Path:
         log.info("%s is a fine-tuning run; using its exported best model %s", folder, exported)
         return exported
     root = folder / "checkpoints"
+    if not root.is_dir() and any(folder.glob("step_*")):  # RUN/checkpoints itself: the same choice
+        root = folder
     chosen = None
     if root.is_dir():
         best = ckpt.best_checkpoint(root)

@@ -431,3 +431,27 @@ def test_plot_creates_the_folder_of_its_png(tmp_path, capsys):
     capsys.readouterr()
     main(["plot", str(run), "--out", str(tmp_path / "figures" / "loss.png")])
     assert (tmp_path / "figures" / "loss.png").is_file()  # was a bare [Errno 2]
+
+
+def test_serve_refuses_a_port_out_of_range_or_in_use_before_loading_the_model(char_model, capsys):
+    import socket
+
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    assert "port=99999 must be an integer in 0..65535" in _error(
+        ["serve", "--model", str(char_model), "--port", "99999"], capsys)  # uvicorn started on it before
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = _error(["serve", "--model", str(char_model), "--port", str(port)], capsys)
+    assert f"cannot listen on 127.0.0.1:{port}" in message and "choose another --port" in message
+
+
+def test_a_runs_checkpoints_folder_is_a_model_argument_like_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["train", "--data", str(_corpus(tmp_path)), "--out-dir", str(run), "--max_steps=2", "--eval_interval=2",
+          *TINY_RUN])
+    capsys.readouterr()
+    main(["sample", "--model", str(run / "checkpoints"), "--prompt", "To", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.startswith("To")  # was "holds no model ... checkpoints/checkpoints/"
