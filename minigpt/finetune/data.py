@@ -231,10 +231,11 @@ def split_without_leakage(examples: Sequence, val_fraction: float, seed: int, so
     train, val = stratified_split(examples, val_fraction, seed, key=key, group=group)
     if not val or not train:
         raise ValueError(
-            f"{source}: {len(examples)} rows are too few to hold out a validation split at "
-            f"val_fraction={val_fraction} ({'no row is left to validate on' if not val else 'no row is left to train on'}; "
-            f"a label needs 2 or more distinct rows to give one away). Give a validation file (--val-file), a larger "
-            f"training file, or a larger --val-fraction")
+            f"{source}: {len(examples)} row{'s are' if len(examples) != 1 else ' is'} too few to hold out a "
+            f"validation split at "
+            f"val_fraction={val_fraction} (none is left to {'validate on' if not val else 'train on'}: only 2 or more "
+            f"distinct {what}s, of one label for a classifier, give one away). Give a validation file (--val-file), a "
+            f"larger training file, or a larger --val-fraction")
     return train, val
 
 
