@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from minigpt.config import GPTConfig
+from minigpt.files import EVAL_AGAIN, writing
 from minigpt.model import GPT
 from minigpt.ops import band_mask
 
@@ -195,8 +196,9 @@ def _masked_cmap():
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with writing(path, EVAL_AGAIN):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
     return path
 
 

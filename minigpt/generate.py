@@ -20,12 +20,18 @@ PromptLike = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    check_sampler(temperature, top_k, top_p)
+
+
+def check_sampler(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """The sampler's settings, checked where they enter (`sample_next`, so the server's
+    engine and every generator too): NaN and infinity are refused, not turned into a torch error."""
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 and finite (0 means greedy)")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} must be a positive integer or None")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
+    if top_p is not None and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p} must be a finite number in (0, 1], or None (no nucleus cut)")
 
 
 def sample_next(
@@ -35,7 +41,9 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row from (B, V) logits. temperature=0 is greedy (argmax)."""
+    """Pick one token per row from (B, V) logits. temperature=0 is greedy (argmax).
+    Raises ValueError for settings no sampler can take (see `check_sampler`)."""
+    check_sampler(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

@@ -19,6 +19,8 @@ import functools
 import json
 from pathlib import Path
 
+from minigpt.files import read_json
+
 TOKENIZER_CONFIG = "tokenizer_config.json"
 FILES = ("vocab.json", "merges.txt", TOKENIZER_CONFIG, "special_tokens_map.json", "added_tokens.json")
 
@@ -141,13 +143,13 @@ def read_added_tokens(folder: str | Path, base_vocab_size: int) -> tuple[list[st
     fast_file = folder / "tokenizer.json"
     pad = None
     if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = read_json(config_file, "tokenizer config")
         by_id = {int(i): entry["content"] for i, entry in config.get("added_tokens_decoder", {}).items()}
         pad = config.get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
         source = config_file
     elif fast_file.is_file():
-        by_id = {e["id"]: e["content"] for e in json.loads(fast_file.read_text(encoding="utf-8")).get("added_tokens", [])}
+        by_id = {e["id"]: e["content"] for e in read_json(fast_file, "tokenizer file").get("added_tokens", [])}
         source = fast_file
     else:
         return None

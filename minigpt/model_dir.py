@@ -23,7 +23,8 @@ CONFIG_FILE = "config.json"
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """The model folder behind `path`: itself, RUN/model, or RUN's best (else newest) checkpoint.
+    """The model folder behind `path`: itself, RUN/model, or RUN's best (else newest) checkpoint
+    (also when `path` is RUN/checkpoints).
 
     Raises FileNotFoundError listing every place it looked when none holds a model.
     """
@@ -37,6 +38,8 @@ def resolve_model_dir(path: str | Path) -> Path:
         log.info("%s is a fine-tuning run; using its exported best model %s", folder, exported)
         return exported
     root = folder / "checkpoints"
+    if not root.is_dir() and any(folder.glob("step_*")):  # RUN/checkpoints itself: the same choice
+        root = folder
     chosen = None
     if root.is_dir():
         best = ckpt.best_checkpoint(root)
@@ -69,6 +72,22 @@ def preset_model_config(name: str):
     return None
 
 
+def _warn_classifier_parts_dropped(folder: Path) -> None:
+    """Fine-tuning from a fine-tuned classifier starts from its backbone: say that its head and
+    labels are not carried over, rather than drop them without a word."""
+    from minigpt.finetune.export import HEAD_FILE, LABELS_FILE
+
+    if not (folder / HEAD_FILE).is_file():
+        return
+    labels = ""
+    if (folder / LABELS_FILE).is_file():
+        from minigpt.finetune.data import LabelMap
+
+        labels = f" and its labels {list(LabelMap.load(folder / LABELS_FILE).labels)}"
+    log.warning("%s is a fine-tuned classifier: fine-tuning starts from its transformer (the backbone); its "
+                "classification head (%s)%s are not carried over", folder, HEAD_FILE, labels)
+
+
 def start_model(spec: str | Path, backend: str = "sdpa", seed: int = 0):
     """(GPT, tokenizer) to fine-tune from: a model, run or fine-tuned folder (`resolve_model_dir`),
     or, when `spec` names no folder, a fresh random model of that preset with GPT-2's tokenizer.
@@ -79,7 +98,7 @@ def start_model(spec: str | Path, backend: str = "sdpa", seed: int = 0):
     import torch
 
     from minigpt.model import GPT
-    from minigpt.tokenizer import Tokenizer, load_tokenizer
+    from minigpt.tokenizer import Tokenizer, check_fits_model, load_tokenizer
 
     if not Path(spec).exists():
         config = preset_model_config(str(spec))
@@ -93,4 +112,8 @@ def start_model(spec: str | Path, backend: str = "sdpa", seed: int = 0):
             torch.manual_seed(seed)
             return GPT(config, backend=backend), tokenizer
     folder = resolve_model_dir(spec)
-    return GPT.from_pretrained(folder, backend=backend), load_tokenizer(folder)
+    _warn_classifier_parts_dropped(folder)
+    tokenizer = load_tokenizer(folder)
+    model = GPT.from_pretrained(folder, backend=backend)
+    check_fits_model(tokenizer, model.config.vocab_size, folder)  # also GPT-2's, when the folder names none
+    return model, tokenizer

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minigpt.files import EVAL_AGAIN, writing
 from minigpt.train.observe import read_metrics
 
 
@@ -54,6 +55,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, x: str = "step"
     ax.legend()
     fig.tight_layout()
     out = Path(out) if out is not None else run_dir / "loss.png"
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        with writing(out, EVAL_AGAIN):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out)
+    finally:
+        plt.close(fig)
     return out

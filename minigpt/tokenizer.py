@@ -239,10 +239,32 @@ def load_tokenizer(folder: str | Path):
     """The tokenizer saved beside a model: minigpt's ``tokenizer.json``, else GPT-2's with the
     added tokens that tokenizer_config.json (or a `tokenizers` tokenizer.json) lists, else GPT-2's.
 
-    Raises BadFileError naming tokenizer.json when it is not JSON or not a tokenizer."""
+    Raises BadFileError naming tokenizer.json when it is not JSON or not a tokenizer, and
+    when the folder's tokenizer files give more ids than its model has (`check_fits_model`)."""
+    folder = Path(folder).expanduser()
+    tokenizer = _load_tokenizer(folder)
+    config = folder / "config.json"
+    if config.is_file() and any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        check_fits_model(tokenizer, read_json(config, "model config").get("vocab_size"), folder)
+    return tokenizer
+
+
+def check_fits_model(tokenizer, vocab_size, folder: str | Path) -> None:
+    """BadFileError unless every id `tokenizer` gives is below the model's `vocab_size`:
+    checked where a model and its tokenizer meet (loading a folder, fine-tuning's --init),
+    before anything runs, where a mismatch would otherwise fail mid-training with
+    "token id ... out of range"."""
+    if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) and tokenizer.vocab_size > vocab_size:
+        raise BadFileError(
+            f"{folder}: its tokenizer gives {tokenizer.vocab_size} ids but the model has vocab_size={vocab_size}, "
+            f"so text would encode to ids the model has no embedding for. The tokenizer beside the model is not "
+            f"the one it was trained with: restore the folder's tokenizer files, or start from the model folder "
+            f"they belong to")
+
+
+def _load_tokenizer(folder: Path):
     from minigpt.hf_tokenizer import read_added_tokens
 
-    folder = Path(folder).expanduser()
     path = folder / "tokenizer.json"
     if path.exists():
         data = _read_json(path)

@@ -62,6 +62,15 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def check_count(name: str, value: Any, minimum: int = 1, fix: str = "") -> None:
+    """ValueError unless `value` is an integer (never a bool) >= `minimum`. Every count a
+    command takes outside a config dataclass (batch sizes, limits, shots) is checked here
+    where it enters, before any work, so a 0 is one clear line and not a `range()` or
+    division error halfway through."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}" + (f"; {fix}" if fix else ""))
+
+
 def check_fields(obj: Any) -> None:
     """Check every field of dataclass instance `obj` against its declared type; normalise
     where the type allows it (int -> float, list -> tuple, ``~`` expanded) in place.

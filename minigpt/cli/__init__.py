@@ -77,11 +77,46 @@ def _subcommand_parser(parser: argparse.ArgumentParser, argv: list[str] | None) 
     return current
 
 
-def _suggestions(parser: argparse.ArgumentParser, extra: list[str]) -> str:
-    """'; did you mean --temperature?' for each unknown flag close to one the command has."""
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+
+def _respelled(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
+    """`argv` with each flag written with underscores (`--lora_rank`, the spelling of
+    overrides such as `--max_steps`) respelled as the subcommand's flag (`--lora-rank`), so
+    both spellings work in every command."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    flags = set(_flags(_subcommand_parser(parser, words)))
+    out = []
+    for word in words:
+        flag, sep, value = word.partition("=")
+        dashed = flag.replace("_", "-")
+        out.append(dashed + sep + value if flag.startswith("--") and flag not in flags and dashed in flags else word)
+    return out
+
+
+def _override_keys(sections: dict) -> set[str]:
+    """Every key an override may name in `sections` (runconfig Sections): 'key' and 'section.key'."""
+    return {name for section, spec in sections.items() for key in spec.types() for name in (key, f"{section}.{key}")}
+
+
+def _misspelled_overrides(command: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """A usage error with 'did you mean --resume?' for each free-form flag that is neither
+    an override key nor the command's flag but close to one of those (`--resum`,
+    `--max_step`); flags close to nothing are left to the override's own error, which lists the keys."""
+    keys = _override_keys(args.override_sections)
+    unknown = [w for w in extra if w.startswith("--") and w[2:].split("=", 1)[0].replace("-", "_") not in keys]
+    hints = _suggestions(command, unknown, [f"--{k}" for k in sorted(keys)])
+    if hints:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hints}")
+
+
+def _suggestions(parser: argparse.ArgumentParser, extra: list[str], more: list[str] = ()) -> str:
+    """'; did you mean --temperature?' for each unknown flag close to one the command has
+    (or to one of `more`, e.g. override keys)."""
     import difflib
 
-    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    known = _flags(parser) + list(more)
     hints = []
     for word in extra:
         flag = word.split("=", 1)[0]
@@ -129,11 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    argv = _respelled(parser, argv)
     args, extra = parser.parse_known_args(argv)
     if extra:  # free-form --key=value overrides: `train` and `finetune classify|completion` only
+        command = _subcommand_parser(parser, argv)
         if not getattr(args, "accepts_overrides", False):
-            command = _subcommand_parser(parser, argv)
             command.error(f"unrecognized arguments: {' '.join(extra)}{_suggestions(command, extra)}")
+        _misspelled_overrides(command, args, extra)
         try:
             args.overrides = args.overrides + _pair_overrides(extra)
         except ValueError as err:

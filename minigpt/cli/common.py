@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from minigpt.finetune.config import FinetuneConfig
@@ -95,6 +96,25 @@ def config_from_args(cls: type[Config], args: argparse.Namespace, **values: Any)
 
 def _unescape_newlines(text: str) -> str:
     return text.replace("\\n", "\n")
+
+
+def out_folder(text: str) -> str:
+    """The argparse type of every output folder (--out, --out-dir): a file of that name is
+    refused before anything runs, where it would otherwise fail after the work was done."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, and this is the folder the output goes into; give a "
+                                         f"folder (a new name or an existing folder), or move the file away")
+    return text
+
+
+def out_file(text: str) -> str:
+    """The argparse type of every output file (a PNG, a cleaned copy): an existing folder of
+    that name is refused up front."""
+    if Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, and this is the file to write; give the path of a "
+                                         f"file (one inside that folder, if you like)")
+    return text
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minigpt.cli.common import (
-    MODEL_HELP, add_columns, add_encoding, add_field, add_pair_columns, add_threads, config_from_args,
+    MODEL_HELP, add_columns, add_encoding, add_field, add_pair_columns, add_threads, config_from_args, out_folder,
 )
 from minigpt.finetune.config import FinetuneConfig
 from minigpt.ops import BACKENDS
@@ -57,7 +57,8 @@ def add_fewshot_parser(sub) -> None:
     add_field(p, FewShotPrompt, "normalize")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--out", default=None, help="folder for metrics.json, report.txt, confusion_matrix.png")
+    p.add_argument("--out", type=out_folder, default=None, help="folder for metrics.json, report.txt, "
+                                                                 "confusion_matrix.png")
     p.add_argument("--device", default="cpu")
     add_columns(p)
     add_encoding(p)
@@ -83,7 +84,8 @@ def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics of a fine-tuned model on a labeled or prompt/completion file")
     p.add_argument("model", help="fine-tuned model folder, or the fine-tuning run folder (--out) that holds it")
     p.add_argument("data", help="labeled (classifier) or prompt/completion file: CSV, TSV, JSON array or JSONL")
-    p.add_argument("--out", default=None, help="folder for metrics.json, report.txt (and confusion_matrix.png); "
+    p.add_argument("--out", type=out_folder, default=None, help="folder for metrics.json, report.txt (and "
+                                                                 "confusion_matrix.png); "
                                                "default: print only")
     p.add_argument("--overwrite", action="store_true", help="replace an evaluation already in --out")
     p.add_argument("--batch-size", type=int, default=32)
@@ -161,7 +163,8 @@ def add_eval_parser(sub) -> None:
                    help="fixed demonstrations instead: the file's first K rows (--shots K), in order, for every "
                    "example, as lm-evaluation-harness's first_n sampler gives them")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
-    p.add_argument("--out", default=None, help="folder for results.json, examples.jsonl, results.md")
+    p.add_argument("--out", type=out_folder, default=None, help="folder for results.json, examples.jsonl, "
+                                                                 "results.md")
     p.add_argument("--seed", type=int, default=1337, help="seed of the demonstration draw")
     add_field(p, PromptFormat, "separator")
     add_field(p, PromptFormat, "target_delimiter")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 from minigpt.cli.common import (
-    MODEL_HELP, add_columns, add_encoding, add_field, add_pair_columns, add_threads, config_from_args,
+    MODEL_HELP, add_columns, add_encoding, add_field, add_pair_columns, add_threads, config_from_args, out_file,
+    out_folder,
 )
-from minigpt.finetune.config import CLASS_WEIGHTS, FINETUNE_TRAIN, LORA_LR, TASKS, FinetuneConfig
+from minigpt.finetune.config import CLASS_WEIGHTS, FINETUNE_TRAIN, LORA_LR, TASKS, TRAIN_SECTION, FinetuneConfig
 
 TASK_HELP = {
     "classify": "train a classification head (and the model) on a labeled CSV/TSV/JSONL",
@@ -38,7 +39,7 @@ def add_finetune_parser(sub) -> None:
     c.add_argument("--model", default=None, help=f"whose tokenizer and context length to check against: {MODEL_HELP}")
     c.add_argument("--block-size", type=int, default=None, help="context length (default: the model's, else 1024)")
     c.add_argument("--fix", action="store_true", help="write a cleaned JSONL copy; every dropped or changed row is listed")
-    c.add_argument("--out", default=None, help="where --fix writes (default: ./FILE.fixed.jsonl in the current folder)")
+    c.add_argument("--out", type=out_file, default=None, help="where --fix writes (default: ./FILE.fixed.jsonl in the current folder)")
     add_pair_columns(c)
     add_encoding(c)
     c.set_defaults(func=_finetune_check)
@@ -60,7 +61,7 @@ def add_finetune_parser(sub) -> None:
         add_field(t, FinetuneConfig, "val_fraction")
         # --out, --resume and --overwrite are the run folder's (TrainConfig.out_dir and `finetune`'s
         # arguments), not FinetuneConfig's.
-        t.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, model/, eval/)")
+        t.add_argument("--out", type=out_folder, required=True, help="run folder (checkpoints, metrics.jsonl, model/, eval/)")
         t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
         t.add_argument("--overwrite", action="store_true",
                        help="start afresh when --out holds a run, moving that run aside to OUT.old-<time>")
@@ -78,11 +79,23 @@ def add_finetune_parser(sub) -> None:
         else:  # a new task in TASKS needs its data flags here
             raise ValueError(f"no command-line flags are defined for fine-tuning task {task!r}")
         for name in ("bos", "sep_token", "pad_token", "train_last_blocks", "lora_rank", "lora_alpha", "lora_dropout"):
-            add_field(t, FinetuneConfig, name)
+            action = add_field(t, FinetuneConfig, name)
+            if name == "lora_rank":  # 0 is the library's "no LoRA" (the flag's default); written out,
+                action.type = _lora_rank  # it would train every parameter while seeming to ask for adapters
         t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="a TrainConfig override such as lr=1e-4 (repeatable); --lr=1e-4 works too")
         add_threads(t)
-        t.set_defaults(func=_finetune_train, task=task, accepts_overrides=True)
+        t.set_defaults(func=_finetune_train, task=task, accepts_overrides=True, override_sections=TRAIN_SECTION)
+
+
+def _lora_rank(text: str) -> int:
+    """--lora-rank's type: a rank >= 1; a 0 given on the command line is refused, not taken as 'off'."""
+    rank = int(text)
+    if rank < 1:
+        raise argparse.ArgumentTypeError(
+            f"--lora-rank={rank} must be at least 1 (LoRA adapters of that rank, e.g. 8); a rank of 0 would train "
+            f"every parameter: leave --lora-rank out for that")
+    return rank
 
 
 def finetune_config(args: argparse.Namespace) -> FinetuneConfig:

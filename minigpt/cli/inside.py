@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigpt.cli.common import MODEL_HELP, add_threads
+from minigpt.cli.common import MODEL_HELP, add_threads, out_file
 from minigpt.ops import BACKENDS
 
 
@@ -179,7 +179,7 @@ def add_patch_parser(sub) -> None:
 def _add_model_out_device(p: argparse.ArgumentParser, out: str, func) -> None:
     """The flags the experiment commands share: the model, the PNG they write, the device."""
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--out", default=out, help="PNG file to write")
+    p.add_argument("--out", type=out_file, default=out, help="PNG file to write")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=func)
 
@@ -221,6 +221,6 @@ def add_attention_map_parser(sub) -> None:
     p.add_argument("--layers", type=_index_list, default=None, help="e.g. 0,1 (default: all)")
     p.add_argument("--heads", type=_index_list, default=None, help="e.g. 0,1 (default: all)")
     p.add_argument("--seq-len", type=int, default=None, help="mask size for --pattern (default block_size)")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", type=out_file, required=True, help="PNG file to write")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_attention_map)

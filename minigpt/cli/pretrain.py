@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from minigpt.cli.common import add_field, add_threads, config_from_args, field_help
+from minigpt.cli.common import add_field, add_threads, config_from_args, field_help, out_file, out_folder
 
 if TYPE_CHECKING:
     from minigpt.pretrain.config import PrepareConfig
@@ -29,7 +29,7 @@ def add_prepare_parser(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into token shards")
     # A positional list, which add_field does not make; the help is the field's.
     p.add_argument("inputs", nargs="+", help=field_help(PrepareConfig, "inputs"))
-    add_field(p, PrepareConfig, "out_dir", flag="--out")  # --out, as in every other command
+    add_field(p, PrepareConfig, "out_dir", flag="--out").type = out_folder  # --out, as in every other command
     add_field(p, PrepareConfig, "tokenizer", choices=TOKENIZERS)
     for name in ("chars", "val_fraction", "text_field"):
         add_field(p, PrepareConfig, name)
@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def add_train_parser(sub) -> None:
-    from minigpt.pretrain.config import DataConfig
+    from minigpt.pretrain.config import SECTIONS, DataConfig
     from minigpt.train.config import TrainConfig
 
     p = sub.add_parser(
@@ -76,7 +76,7 @@ def add_train_parser(sub) -> None:
     # --data and --out-dir are shorthands for two overrides; their default None leaves the
     # recipe's or the file's value, so they are not add_field's flags, but their help is the fields'.
     p.add_argument("--data", default=None, help=f"data.path: {field_help(DataConfig, 'path')}")
-    p.add_argument("--out-dir", default=None, help=f"train.out_dir: {field_help(TrainConfig, 'out_dir')}")
+    p.add_argument("--out-dir", type=out_folder, default=None, help=f"train.out_dir: {field_help(TrainConfig, 'out_dir')}")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that holds a run, moving that run aside to OUT.old-<time>")
@@ -84,7 +84,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an override such as train.lr=1e-3 (repeatable); --train.lr=1e-3 works too")
     add_threads(p)
-    p.set_defaults(func=_train, accepts_overrides=True)
+    p.set_defaults(func=_train, accepts_overrides=True, override_sections=SECTIONS)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -115,7 +115,7 @@ def _plot(args: argparse.Namespace) -> None:
 def add_plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="draw a run's train/validation loss curves to a PNG")
     p.add_argument("run_dir", help="run folder holding metrics.jsonl")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    p.add_argument("--out", type=out_file, default=None, help="PNG path (default: RUN_DIR/loss.png)")
     p.add_argument("--x", choices=("step", "time"), default="step",
                    help="horizontal axis: update number, or wall-clock seconds of training")
     p.set_defaults(func=_plot)

@@ -20,6 +20,8 @@ from minigpt.evaluation.metrics import argmax, mean_stderr, token_f1
 from minigpt.evaluation.prompts import PromptFormat, build_prompts
 from minigpt.evaluation.scoring import score_continuations
 from minigpt.evaluation.tasks import Example, Task, read_examples, read_task
+from minigpt.files import EVAL_AGAIN, write_text, writing
+from minigpt.typed import check_count
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,8 @@ def evaluate_examples(model, tokenizer, task: Task, *, shots: int = 0, demos: Se
     (greedy exact match of the last word), its mean log-likelihood and the perplexity;
     free-form gives exact_match and token F1 of a greedy completion cut at `fmt.stop`.
     """
+    check_count("batch_size", batch_size, 1, "it counts examples per forward pass")
+    check_count("shots", shots, 0, "0 evaluates zero-shot")
     if not task.examples:
         raise ValueError(f"task {task.name!r} has no examples")
     prompts = build_prompts(task.examples, shots, seed, fmt, demos=demos, fixed=fixed_demos)
@@ -193,14 +197,14 @@ def format_table(results: Sequence[EvalResult], markdown: bool = False) -> str:
 def write_results(results: Sequence[EvalResult], out_dir: str | Path, extra: dict | None = None) -> Path:
     """results.json (metrics and stderr per task), examples.jsonl and results.md."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {**(extra or {}), "results": [r.summary() for r in results]}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with (out / "examples.jsonl").open("w", encoding="utf-8") as f:
-        for r in results:
-            for record in r.examples:
-                f.write(json.dumps({"task": r.task, **record}, ensure_ascii=False) + "\n")
-    (out / "results.md").write_text(format_table(results, markdown=True) + "\n")
+    examples = "".join(json.dumps({"task": r.task, **record}, ensure_ascii=False) + "\n"
+                       for r in results for record in r.examples)
+    with writing(out, EVAL_AGAIN):
+        out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "results.json", json.dumps(summary, indent=2) + "\n", EVAL_AGAIN)
+    write_text(out / "examples.jsonl", examples, EVAL_AGAIN)
+    write_text(out / "results.md", format_table(results, markdown=True) + "\n", EVAL_AGAIN)
     return out
 
 
@@ -215,6 +219,7 @@ def run_eval(task_files: Sequence[str | Path], model_dir: str | Path, *, shots: 
     from minigpt.model import GPT
     from minigpt.tokenizer import load_tokenizer
 
+    check_count("batch_size", batch_size, 1, "it counts examples per forward pass")
     fixed = _first_demonstrations(fewshot_file, shots, demos) if fewshot_file is not None else None
     model = GPT.from_pretrained(model_dir, backend=backend).to(device)
     tokenizer = load_tokenizer(model_dir)

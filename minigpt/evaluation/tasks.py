@@ -11,10 +11,13 @@ ValueError naming the file, the line, the field and the fix.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from minigpt.files import existing_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,23 @@ def read_examples(path: str | Path) -> list[Example]:
     if not examples:
         raise ValueError(f"{path} holds no examples; each line must be one JSON object, e.g. "
                          f'{{"context": "...", "choices": ["...", "..."], "label": 0}}')
+    _warn_repeated_choices(path, examples)
     return examples
+
+
+def _warn_repeated_choices(path: Path, examples: list[Example]) -> None:
+    """Identical choices get identical scores and ties go to the first (`metrics.argmax`), so
+    an item whose label is a later copy is always scored wrong: say which items repeat one."""
+    repeated = [e for e in examples if isinstance(e, MultipleChoice) and len(set(e.choices)) < len(e.choices)]
+    if not repeated:
+        return
+    first = repeated[0]
+    copies = sorted({c for c in first.choices if first.choices.count(c) > 1})
+    log.warning("%s: %d of %d items list the same choice twice (line %d repeats %s%s); identical choices score the "
+                "same and ties go to the first, so an item whose label is a later copy is always scored wrong. "
+                "Make each item's choices distinct", path, len(repeated), len(examples), first.line,
+                ", ".join(map(repr, copies)),
+                f"; also lines {', '.join(str(e.line) for e in repeated[1:6])}" if len(repeated) > 1 else "")
 
 
 def read_task(path: str | Path, limit: int | None = None) -> Task:

@@ -26,7 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from minigpt.files import write_text
 from minigpt.finetune.records import read_records
+from minigpt.typed import check_count
 
 FIELDS = ("prompt", "completion")
 """The fields of the cleaned JSONL that --fix writes (and the default column names)."""
@@ -315,9 +317,8 @@ def check_prompt_completion(path: str | Path, tokenizer=None, block_size: int | 
         target = Path(out) if out is not None else Path.cwd() / (path.stem + ".fixed.jsonl")
         if target.resolve() == path.resolve():
             raise ValueError(f"--fix would overwrite the input {path}; choose another output path with --out")
-        with target.open("w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps({"prompt": r.prompt, "completion": r.completion}, ensure_ascii=False) + "\n")
+        write_text(target, "".join(json.dumps({"prompt": r.prompt, "completion": r.completion}, ensure_ascii=False)
+                                   + "\n" for r in rows), "free space (or give another --out), then run it again")
         report.written = target
     return report
 
@@ -343,6 +344,8 @@ def check_file(path: str | Path, *, model: str | Path | None = None, block_size:
     GPT-2's tokenizer and `block_size`, 1024 by default, when no model is given)."""
     from minigpt.tokenizer import Tokenizer, load_tokenizer
 
+    if block_size is not None:
+        check_count("block_size", block_size, 1, "leave --block-size out for the model's (or 1024)")
     if model is not None:
         from minigpt.weights import read_config
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from minigpt.files import BadFileError, missing_keys, read_json, write_text
 from minigpt.finetune.records import read_records
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,25 @@ class LabelMap:
         return cls(tuple(id2label[str(i)] for i in range(len(id2label))))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "LabelMap":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The labels of a fine-tuned classifier's labels.json; a damaged file names itself
+        and the id that is missing."""
+        fix = "re-export the model (or restore the file from its run folder's checkpoints)"
+        data = read_json(path, "label file", keys=("id2label",), fix=fix)
+        id2label = data["id2label"]
+        if not isinstance(id2label, dict) or not id2label:
+            raise BadFileError(f"label file {path}: id2label must be an object of id -> label, not {id2label!r}; {fix}")
+        missing = [str(i) for i in range(len(id2label)) if str(i) not in id2label]
+        if missing:
+            raise BadFileError(missing_keys(Path(path), "label file", [f"id2label.{i}" for i in missing],
+                                            id2label, fix))
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:  # fewer than two labels, or repeated ones
+            raise BadFileError(f"label file {path}: {err}; {fix}") from None
 
 
 def stratified_split(examples: Sequence, val_fraction: float, seed: int = 1337,
@@ -213,7 +228,15 @@ def split_without_leakage(examples: Sequence, val_fraction: float, seed: int, so
                     "whole on one side of the train/validation split, so none is both trained and held out",
                     source, extra, what,
                     len(groups), ", ".join(str(e.line) for e in groups[0]))
-    return stratified_split(examples, val_fraction, seed, key=key, group=group)
+    train, val = stratified_split(examples, val_fraction, seed, key=key, group=group)
+    if not val or not train:
+        raise ValueError(
+            f"{source}: {len(examples)} row{'s are' if len(examples) != 1 else ' is'} too few to hold out a "
+            f"validation split at "
+            f"val_fraction={val_fraction} (none is left to {'validate on' if not val else 'train on'}: only 2 or more "
+            f"distinct {what}s, of one label for a classifier, give one away). Give a validation file (--val-file), a "
+            f"larger training file, or a larger --val-fraction")
+    return train, val
 
 
 def leaked(train: Sequence, val: Sequence, group: Callable) -> list[tuple[int, int]]:
@@ -282,14 +305,30 @@ class CompletionExample:
     """True where tokens[j] is a training target: the completion and eos, never the prompt."""
 
 
+def _row(source: str | Path | None, line: int) -> str:
+    """'data.csv, line 7' (or 'line 7' when the rows came from no file), for messages."""
+    return f"{source}, line {line}" if source is not None else f"line {line}"
+
+
+def _encode(tokenizer, text: str, source: str | Path | None, line: int) -> list[int]:
+    """`tokenizer.encode(text)`; text it cannot encode (a character outside a character-level
+    model's alphabet) is an error naming the file and the line."""
+    try:
+        return tokenizer.encode(text)
+    except ValueError as err:
+        raise ValueError(f"{_row(source, line)}: {err}; replace it in that row, or start from a model whose "
+                         f"tokenizer has it (GPT-2's byte-level BPE encodes any text)") from None
+
+
 def encode_classification(tokenizer, examples: Sequence[LabeledText], labels: LabelMap,
-                          max_length: int) -> list[ClassificationExample]:
-    """Token ids (the first `max_length` of each text) and label ids. Truncation is logged."""
+                          max_length: int, source: str | Path | None = None) -> list[ClassificationExample]:
+    """Token ids (the first `max_length` of each text) and label ids. Truncation is logged.
+    `source` is the file the rows came from, named in errors with the row's line."""
     out, truncated = [], 0
     for e in examples:
-        ids = tokenizer.encode(e.text)
+        ids = _encode(tokenizer, e.text, source, e.line)
         if not ids:
-            raise ValueError(f"line {e.line}: text {e.text!r} encodes to no tokens")
+            raise ValueError(f"{_row(source, e.line)}: text {e.text!r} encodes to no tokens")
         truncated += len(ids) > max_length
         out.append(ClassificationExample(tuple(ids[:max_length]), labels.id(e.label)))
     if truncated:
@@ -298,29 +337,30 @@ def encode_classification(tokenizer, examples: Sequence[LabeledText], labels: La
     return out
 
 
-def encode_completion(tokenizer, pair: PromptCompletion, add_eos: bool = True) -> CompletionExample:
+def encode_completion(tokenizer, pair: PromptCompletion, add_eos: bool = True,
+                      source: str | Path | None = None) -> CompletionExample:
     """prompt + completion (+ eos), with the loss mask on the completion and eos.
 
     Prompt and completion are encoded separately, so the boundary between them is a token
     boundary; that is why completions should start with whitespace (the checker says so).
     """
-    prompt = tokenizer.encode(pair.prompt)
-    completion = tokenizer.encode(pair.completion)
+    prompt = _encode(tokenizer, pair.prompt, source, pair.line)
+    completion = _encode(tokenizer, pair.completion, source, pair.line)
     if add_eos:
         if tokenizer.eos_id is None:
             raise ValueError("this tokenizer has no eos token; pass add_eos=False and end completions "
                              "with a stop sequence instead")
         completion.append(tokenizer.eos_id)
     if not completion:
-        raise ValueError(f"line {pair.line}: the completion encodes to no tokens")
+        raise ValueError(f"{_row(source, pair.line)}: the completion encodes to no tokens")
     return CompletionExample(tuple(prompt + completion), (False,) * len(prompt) + (True,) * len(completion))
 
 
 def encode_completions(tokenizer, pairs: Sequence[PromptCompletion], block_size: int,
-                       add_eos: bool = True) -> list[CompletionExample]:
+                       add_eos: bool = True, source: str | Path | None = None) -> list[CompletionExample]:
     """Encode every pair; a pair longer than block_size + 1 tokens is an error listing them
     all (the checker's --fix drops them, and says which)."""
-    out = [encode_completion(tokenizer, p, add_eos) for p in pairs]
+    out = [encode_completion(tokenizer, p, add_eos, source) for p in pairs]
     too_long = [(p.line, len(e.tokens)) for p, e in zip(pairs, out) if len(e.tokens) > block_size + 1]
     if too_long:
         shown = ", ".join(f"line {line} ({n} tokens)" for line, n in too_long[:5])

@@ -30,6 +30,7 @@ from minigpt.evaluation.tasks import Task
 from minigpt.finetune.fewshot import FewShotPrompt, as_multiple_choice, choose, prompt_format, select_shots
 from minigpt.finetune.metrics import ClassificationReport, classification_report, write_report
 from minigpt.progress import progress_bar
+from minigpt.typed import check_count
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,8 @@ def evaluate(model_dir: str | Path, data_file: str | Path, *, out_dir: str | Pat
     merge_label_case, labels that differ from the model's only by case or surrounding
     whitespace count as the model's. With out_dir, write metrics.json and report.txt there
     (and confusion_matrix.png for a classifier). Returns the report; `.format()` reads well."""
+    check_count("batch_size", batch_size, 1, "it counts rows per forward pass")
+    check_count("max_generate", max_generate, 0, "0 skips exact match")
     model, tokenizer, meta, labels = load_finetuned(model_dir)
     model.to(device)
     extra = {"model": str(model_dir), "data": str(data_file)}
@@ -182,6 +185,9 @@ def evaluate_fewshot(model_dir: str | Path, shots_file: str | Path, data_file: s
     from minigpt.model import GPT
     from minigpt.tokenizer import load_tokenizer
 
+    check_count("k", k, 0, "0 classifies zero-shot")
+    if limit is not None:
+        check_count("limit", limit, 1, "leave --limit out to evaluate every row")
     model = GPT.from_pretrained(model_dir).to(device)
     tokenizer = load_tokenizer(model_dir)
     pool = read_labeled(shots_file, text_column, label_column, encoding=encoding, merge_label_case=merge_label_case)
@@ -240,6 +246,7 @@ def predict(model_dir: str | Path, texts: Sequence[str] = (), *, file: str | Pat
             ) -> list[Prediction]:
     """Labels and class probabilities from a fine-tuned classifier folder, for `texts` and
     the texts of `file`. A completion model is an error that points at `minigpt sample`."""
+    check_count("batch_size", batch_size, 1, "it counts texts per forward pass")
     model, tokenizer, meta, labels = load_finetuned(model_dir)
     if meta.task != "classify":
         raise ValueError(f"{model_dir} is a completion model; generate with "

@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from minigpt.config import reject_unknown_keys
-from minigpt.files import BadFileError, read_json
+from minigpt.files import BadFileError, read_json, writing
 from minigpt.finetune.classifier import GPTClassifier
 from minigpt.finetune.config import TASKS
 from minigpt.finetune.data import LabelMap
@@ -69,6 +69,12 @@ def save_finetuned(model: nn.Module, folder: str | Path, tokenizer, meta: Finetu
     Raises ValueError when a classifier comes without labels or the counts disagree.
     """
     folder = Path(folder)
+    with writing(folder):
+        _save_finetuned(model, folder, tokenizer, meta, labels)
+    return folder
+
+
+def _save_finetuned(model: nn.Module, folder: Path, tokenizer, meta: FinetuneMeta, labels: LabelMap | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if has_lora(model):
         model = merge_lora(copy.deepcopy(model))
@@ -83,7 +89,6 @@ def save_finetuned(model: nn.Module, folder: str | Path, tokenizer, meta: Finetu
         model.save_pretrained(folder)
     save_tokenizer(tokenizer, folder, model.config.block_size)
     (folder / META_FILE).write_text(json.dumps(meta.__dict__, indent=2, ensure_ascii=False) + "\n")
-    return folder
 
 
 def read_meta(folder: str | Path) -> FinetuneMeta:
@@ -91,11 +96,11 @@ def read_meta(folder: str | Path) -> FinetuneMeta:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {META_FILE}; it is not a fine-tuned model folder "
                                 f"(train one with `minigpt finetune classify|completion`)")
-    values = read_json(path, "fine-tuning metadata")
+    values = read_json(path, "fine-tuning metadata", keys=("task",), fix="re-export the model")
     try:
         reject_unknown_keys(FinetuneMeta, values)
         return FinetuneMeta(**values)
-    except (ValueError, TypeError) as err:  # TypeError: a required key is missing
+    except ValueError as err:
         raise BadFileError(f"fine-tuning metadata {path}: {err}; re-export the model") from None
 
 

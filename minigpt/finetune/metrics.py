@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from minigpt.files import EVAL_AGAIN, write_text, writing
+
 
 @dataclass(frozen=True)
 class ClassMetrics:
@@ -135,9 +137,12 @@ def plot_confusion_matrix(report: ClassificationReport, path: str | Path, title:
     ax.set_title(title or f"accuracy {report.accuracy:.3f}, macro F1 {report.macro_f1:.3f} (n={report.n})")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with writing(path, EVAL_AGAIN):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -147,9 +152,11 @@ def write_report(report, folder: str | Path, extra: dict | None = None) -> None:
     holds a classification (a classifier's, or an as-completion model's label scores),
     confusion_matrix.png."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps({**report.to_dict(), **(extra or {})}, indent=2) + "\n")
-    (folder / "report.txt").write_text(report.format() + "\n")
+    with writing(folder, EVAL_AGAIN):
+        folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / "metrics.json", json.dumps({**report.to_dict(), **(extra or {})}, indent=2) + "\n",
+               EVAL_AGAIN)
+    write_text(folder / "report.txt", report.format() + "\n", EVAL_AGAIN)
     classification = getattr(report, "classification", report)
     if isinstance(classification, ClassificationReport):
         plot_confusion_matrix(classification, folder / "confusion_matrix.png")

@@ -93,8 +93,8 @@ def classify_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_config:
     rows, val_rows, labels, leaks = _labeled_split(config)
     max_length = min(config.max_length or backbone.config.block_size, backbone.config.block_size)
     pad = tokenizer.eos_id or 0
-    train_examples = encode_classification(tokenizer, rows, labels, max_length)
-    val_examples = encode_classification(tokenizer, val_rows, labels, max_length)
+    train_examples = encode_classification(tokenizer, rows, labels, max_length, config.train_file)
+    val_examples = encode_classification(tokenizer, val_rows, labels, max_length, config.val_file or config.train_file)
     weights = None
     if config.class_weights == "balanced":
         weights = balanced_class_weights([e.label for e in train_examples], len(labels))
@@ -201,8 +201,9 @@ def completion_run(config: FinetuneConfig, backbone: GPT, tokenizer, train_confi
             log.info("no validation file: held out %d of %d pairs", len(val_pairs), len(pairs) + len(val_pairs))
         pairs, val_pairs = _framed(pairs, config), _framed(val_pairs, config)
     block_size = backbone.config.block_size
-    train_examples = encode_completions(tokenizer, pairs, block_size, config.add_eos)
-    val_examples = encode_completions(tokenizer, val_pairs, block_size, config.add_eos)
+    train_examples = encode_completions(tokenizer, pairs, block_size, config.add_eos, config.train_file)
+    val_examples = encode_completions(tokenizer, val_pairs, block_size, config.add_eos,
+                                      config.val_file or config.train_file)
     if config.packing:
         rows = pack_completions(train_examples, block_size, config.split_seed)
         log.info("packed %d examples into %d rows of up to %d tokens", len(train_examples), len(rows), block_size + 1)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.pretrain.meta import SPLITS, read_metadata
+from minigpt.files import BadFileError
+from minigpt.pretrain.meta import PREPARE_AGAIN, SPLITS, read_metadata
 
 
 def _sha256(path: Path) -> str:
@@ -41,32 +42,37 @@ class TokenSplit:
             raise ValueError(f"split={split!r} must be one of {SPLITS}")
         folder = Path(folder)
         self.meta = read_metadata(folder)
-        info = self.meta["splits"].get(split)
-        if not info or info["tokens"] == 0:
-            raise ValueError(f"{folder} has no '{split}' tokens; prepare it with a val_fraction > 0")
-        dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        self.arrays: list[np.ndarray] = []
-        self.paths: list[Path] = []
-        self.vocab_size: int = self.meta["vocab_size"]
-        for shard in info["shards"]:
-            path = folder / shard["file"]
-            if not path.is_file():
-                raise FileNotFoundError(f"shard {path} listed in meta.json is missing; re-run `minigpt prepare`")
-            expected = shard["tokens"] * dtype.itemsize
-            size = path.stat().st_size
-            if size != expected:
-                raise ValueError(
-                    f"shard {path} has {size} bytes but meta.json says {shard['tokens']} {dtype.name} tokens "
-                    f"({expected} bytes); the shard and its metadata do not match, re-run `minigpt prepare`"
-                )
-            if verify and _sha256(path) != shard["sha256"]:
-                raise ValueError(f"shard {path} does not match the sha256 in meta.json; re-run `minigpt prepare`")
-            self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
-            self.paths.append(path)
-            if verify:
-                self._check_ids(len(self.arrays) - 1, self.arrays[-1], 0)
-        self.split = split
-        self.tokenizer: dict = self.meta["tokenizer"]
+        try:
+            info = self.meta["splits"].get(split)
+            if not info or info["tokens"] == 0:
+                raise ValueError(f"{folder} has no '{split}' tokens; prepare it with a val_fraction > 0")
+            dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+            self.arrays: list[np.ndarray] = []
+            self.paths: list[Path] = []
+            self.vocab_size: int = self.meta["vocab_size"]
+            for shard in info["shards"]:
+                path = folder / shard["file"]
+                if not path.is_file():
+                    raise FileNotFoundError(f"shard {path} listed in meta.json is missing; re-run `minigpt prepare`")
+                expected = shard["tokens"] * dtype.itemsize
+                size = path.stat().st_size
+                if size != expected:
+                    raise ValueError(
+                        f"shard {path} has {size} bytes but meta.json says {shard['tokens']} {dtype.name} tokens "
+                        f"({expected} bytes); the shard and its metadata do not match, re-run `minigpt prepare`"
+                    )
+                if verify and _sha256(path) != shard["sha256"]:
+                    raise ValueError(f"shard {path} does not match the sha256 in meta.json; re-run `minigpt prepare`")
+                self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+                self.paths.append(path)
+                if verify:
+                    self._check_ids(len(self.arrays) - 1, self.arrays[-1], 0)
+            self.split = split
+            self.tokenizer: dict = self.meta["tokenizer"]
+        except (KeyError, TypeError, AttributeError) as err:  # a split or shard entry cut or edited
+            what = f"the key {err.args[0]!r}" if isinstance(err, KeyError) else f"a well-formed entry ({err})"
+            raise BadFileError(f"prepared-data metadata {folder / 'meta.json'}: the {split!r} split lacks {what}; "
+                               f"it is damaged. {PREPARE_AGAIN[0].upper()}{PREPARE_AGAIN[1:]}") from None
 
     def __len__(self) -> int:
         return sum(len(a) for a in self.arrays)
@@ -78,6 +84,7 @@ class TokenSplit:
             raise ValueError(
                 f"the '{self.split}' split has {len(self)} tokens, too few for one window of "
                 f"block_size + 1 = {block_size + 1}; lower block_size or add data"
+                + (", or hold out more for validation (--data.val_fraction)" if self.split == "val" else "")
             )
         return np.cumsum(counts)
 

@@ -2,12 +2,16 @@
 reader (`dataset`), so neither imports the other."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from minigpt.files import read_json
 
 FORMAT = "minigpt-tokens"
 VERSION = 1
 SPLITS = ("train", "val")
+KEYS = ("tokenizer", "vocab_size", "dtype", "splits")
+"""The keys every reader of meta.json uses."""
+PREPARE_AGAIN = "re-run `minigpt prepare` on the data to write it afresh"
 
 
 def read_metadata(folder: str | Path) -> dict:
@@ -15,13 +19,10 @@ def read_metadata(folder: str | Path) -> dict:
     path = Path(folder) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a prepared dataset (no meta.json); run `minigpt prepare` on it")
-    meta = json.loads(path.read_text())
+    meta = read_json(path, "prepared-data metadata", keys=("format", "version", *KEYS), fix=PREPARE_AGAIN)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(
             f"{path}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
-            f"{FORMAT!r} version {VERSION}; re-run `minigpt prepare`"
+            f"{FORMAT!r} version {VERSION}; {PREPARE_AGAIN}"
         )
-    missing = [k for k in ("tokenizer", "vocab_size", "dtype", "splits") if k not in meta]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; re-run `minigpt prepare`")
     return meta

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minigpt.files import write_text, writing
 from minigpt.pretrain.config import PrepareConfig
 from minigpt.pretrain.meta import FORMAT, SPLITS, VERSION, read_metadata
 from minigpt.pretrain.sources import Piece, Source, check_outside_inputs, find_sources, pieces, source_entries
@@ -38,6 +39,8 @@ from minigpt.tokenizer import CharTokenizer, Tokenizer
 logger = logging.getLogger(__name__)
 
 PROGRESS_DELAY_S = 1.0
+PREPARE_AGAIN = ("free space (or give another --out), then run the same command again; it starts the "
+                 "folder afresh")
 """Seconds of preparing before the progress bar appears."""
 
 
@@ -126,6 +129,10 @@ class _ShardWriter:
         self._file = None
 
     def write(self, ids: np.ndarray) -> None:
+        with writing(self.folder, PREPARE_AGAIN):
+            self._write(ids)
+
+    def _write(self, ids: np.ndarray) -> None:
         ids = ids.astype(self.dtype, copy=False)
         while len(ids):
             if self._file is None:
@@ -141,7 +148,8 @@ class _ShardWriter:
 
     def finish(self) -> dict:
         if self._file is not None:
-            self._close()
+            with writing(self.folder, PREPARE_AGAIN):
+                self._close()
         return {"tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
 
 
@@ -186,7 +194,8 @@ def prepare(config: PrepareConfig) -> dict:
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
 
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, PREPARE_AGAIN):
+        out.mkdir(parents=True, exist_ok=True)
     for old in [out / "meta.json", *out.glob("train_*.bin"), *out.glob("val_*.bin"), *out.glob("*.bin.tmp")]:
         old.unlink(missing_ok=True)
     writers = {s: _ShardWriter(out, s, dtype, config.shard_tokens) for s in SPLITS}
@@ -234,9 +243,7 @@ def prepare(config: PrepareConfig) -> dict:
         "sources": entries,
         "splits": splits,
     }
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "meta.json")
+    write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n", PREPARE_AGAIN)
     logger.info(
         "prepared %s: %s train + %s val tokens (%s) in %.1fs", out, f"{splits['train']['tokens']:,}",
         f"{splits['val']['tokens']:,}", dtype.name, time.perf_counter() - began,

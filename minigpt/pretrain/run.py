@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from minigpt.device import check_device, memory_bytes
+from minigpt.files import write_text
 from minigpt.pretrain.config import PrepareConfig, PretrainConfig
 from minigpt.pretrain.dataset import FixedWindows, RandomWindows, TokenSplit
 from minigpt.pretrain.prepare import prepare, stale_reason
@@ -182,7 +183,7 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
     if info.is_main:
         warn_eval_cost(tc, block, len(val_split))
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_text(run_dir / "run_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     from minigpt.model import GPT
     from minigpt.tokenizer import tokenizer_files, tokenizer_from_dict

@@ -51,12 +51,35 @@ def load_state(model: str | Path, *, model_name: str | None = None, api_key: str
                        defaults=defaults, max_tokens_limit=max_tokens_limit)
 
 
+def check_address(host: str, port: int) -> None:
+    """ValueError unless `port` is a port number and host:port can be bound now (uvicorn would
+    otherwise take 99999 as given and fail to bind only after the model loaded)."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port={port!r} must be an integer in 0..65535 (0 picks a free one); e.g. --port 8000")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ValueError(f"host={host!r} is not an address this machine can bind ({err.strerror}); use 127.0.0.1 "
+                         f"(this machine only) or 0.0.0.0 (every interface)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; another server may be using that "
+                             f"port: stop it, or choose another --port") from None
+
+
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     """Load `model` and serve it until SIGTERM or Ctrl-C (requests in flight are finished first)."""
     import uvicorn
 
     from minigpt.serve.app import create_app
 
+    check_address(host, port)  # before the model loads: a port in use is known at once
     state = load_state(model, **options)
     log.info("serving %s as %r on http://%s:%d/v1 (max_batch=%d, max_queue=%d)%s", model, state.model_name, host,
              port, state.engine.max_batch, state.engine.max_queue, "; an API key is required" if state.api_key else "")

@@ -18,6 +18,7 @@ from torch import nn
 
 from minigpt.config import GPTConfig
 from minigpt.counts import flops_per_token, step_flops_per_token
+from minigpt.files import writing
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +162,10 @@ class MetricsLog:
     def write(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"kind": kind, "step": step, **values,
-                                    "wall_s": round(time.perf_counter() - self.started, 3)}) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps({"kind": kind, "step": step, **values,
+                                        "wall_s": round(time.perf_counter() - self.started, 3)}) + "\n")
+            self.file.flush()
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and value is not None:

@@ -11,6 +11,10 @@ metrics.jsonl, a `--resume` that continues the wrong one). So `claim(out_dir, ..
 - refuses to start a fresh run (resume=False) in a folder that already holds one
   (metrics.jsonl, run_config.json or checkpoints/), unless `overwrite`, which renames the
   old folder to `<out_dir>.old-<time>` and says so. Nothing is deleted.
+- a fresh run that fails before its first checkpoint (bad data found late, a full disk)
+  leaves nothing to resume, so its files (metrics.jsonl, run_config.json) are moved into
+  `<out_dir>/failed-<time>/` and said so: the corrected command into the same folder is
+  not refused as "already holds a run", and nothing is deleted.
 
 Under torchrun only rank 0 touches the folder; its verdict is shared with every rank so
 they all raise the same error instead of waiting for a peer that left. Claims nest within
@@ -66,6 +70,7 @@ def claim(out_dir: str | Path, *, resume: bool, overwrite: bool = False, is_main
             _held[key] -= 1
         return
     error = None
+    fresh = is_main and not resume and (overwrite or not (key.is_dir() and holds_run(key)))
     if is_main:
         try:
             _acquire(key, resume, overwrite)
@@ -79,6 +84,10 @@ def claim(out_dir: str | Path, *, resume: bool, overwrite: bool = False, is_main
     _held[key] = 1
     try:
         yield
+    except Exception:
+        if fresh:
+            _set_aside_a_start_without_checkpoints(key)
+        raise
     finally:
         del _held[key]
         if is_main:
@@ -87,6 +96,24 @@ def claim(out_dir: str | Path, *, resume: bool, overwrite: bool = False, is_main
 
 def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_MARKERS)
+
+
+def _set_aside_a_start_without_checkpoints(folder: Path) -> None:
+    """Move the files of a fresh run that failed before its first checkpoint into
+    folder/failed-<time>/, so the same command can start there again."""
+    if any((folder / "checkpoints").glob("step_*")) or not holds_run(folder):
+        return
+    aside = folder / f"failed-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        aside.mkdir(exist_ok=True)
+        for name in RUN_MARKERS:
+            if (folder / name).exists():
+                os.replace(folder / name, aside / name)
+    except OSError as err:  # a full disk or a read-only folder: the run's own error says more
+        logger.warning("could not move the failed run's files aside into %s (%s)", aside, err)
+        return
+    logger.warning("the run failed before its first checkpoint; its files are in %s, and the same command can "
+                   "start again in %s", aside, folder)
 
 
 def _acquire(folder: Path, resume: bool, overwrite: bool) -> None:

@@ -137,8 +137,9 @@ def test_cli_finetunes_with_lora_resumes_and_predicts(tmp_path, tokenizer, capsy
     main(["predict", str(run / "model"), "a gem", "dreadful"])
     labels = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
     assert len(labels) == 2 and set(labels) <= {"negative", "positive"}
-    with pytest.raises(SystemExit, match="unknown TrainConfig keys \\['max_stepz'\\]"):
+    with pytest.raises(SystemExit):
         main([*command, "--max_stepz=3"])
+    assert "--max_stepz: did you mean --max_steps?" in capsys.readouterr().err
 
 
 def test_starts_from_a_minigpt_training_run(tmp_path, tokenizer):
