@@ -417,5 +417,37 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the last dimension, fused by Triton when the backend asks for it."""
     if backend == "triton" and _triton_usable(x):
+        if hasattr(x, "device_mesh"):  # a DTensor: sequence-parallel under tensor parallelism
+            return _layer_norm_on_local_rows(x, weight, bias, eps)
         return _kernels().layer_norm(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _layer_norm_on_local_rows(x, weight, bias, eps: float):
+    """The Triton LayerNorm on this rank's rows of a sequence-sharded DTensor `x` (rows are
+    normalised independently, so the local result is exact). The replicated gain and bias
+    enter as local tensors whose gradients are declared partial sums (`Partial`): each rank
+    saw only its rows, and DTensor adds the ranks' shares when the gradient is needed whole."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    def local(p):
+        return None if p is None else p.to_local(grad_placements=[Partial()] * p.device_mesh.ndim)
+
+    y = _kernels().layer_norm(x.to_local(), local(weight), local(bias), eps)
+    return DTensor.from_local(_PlainGradient.apply(y), x.device_mesh, x.placements, run_check=False)
+
+
+class _PlainGradient(torch.autograd.Function):
+    """The identity, whose backward hands on a plain tensor: DTensor delivers a gradient as an
+    `AsyncCollectiveTensor` (a collective still in flight), whose memory a kernel launch
+    cannot read until it is waited for."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+        return grad.wait() if isinstance(grad, AsyncCollectiveTensor) else grad
