@@ -199,7 +199,9 @@ def test_streaming_gives_the_same_text_in_pieces_and_ends_with_done(server, loca
         pieces.append(chunk.choices[0].text)
         finishes.append(chunk.choices[0].finish_reason)
     assert "".join(pieces) == _reference(local, "the cat sat", 24, temperature=0)
-    assert finishes[-1] == "length" and len(pieces) > 5
+    # How many chunks depends on the machine's load: the server sends what arrived together in
+    # one chunk (app.py, `stream`), so a busy machine may see all 24 tokens in one.
+    assert finishes[-1] == "length" and len(pieces) >= 2 and all(f is None for f in finishes[:-1])
     raw = _http("POST", f"{server.url}/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 3,
                                                           "stream": True, "stream_options": {"include_usage": True}},
                 key=KEY).text

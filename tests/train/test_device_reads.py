@@ -136,7 +136,9 @@ def test_nan_with_stop_between_log_steps_saves_and_logs_nothing_after_it(tmp_pat
         _train(tmp_path, loss_fn=loss_fn)
     assert loss_fn.calls == 5  # updates 4 and 5 ran (on NaN weights) before the read at log step 5
     assert list_checkpoints(tmp_path / "checkpoints") == []
-    assert [r for r in read_metrics(tmp_path) if r["kind"] == "train"] == []
+    # A fresh run that fails before its first checkpoint sets its files aside (runfolder).
+    (aside,) = tmp_path.glob("failed-*")
+    assert [r for r in read_metrics(aside) if r["kind"] == "train"] == []
 
 
 def test_nan_with_skip_skips_exactly_that_update(tmp_path):
