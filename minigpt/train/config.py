@@ -156,6 +156,10 @@ class TrainConfig:
              "cannot be used with tp > 1: Muon orthogonalizes whole matrices and tensor parallelism splits them; "
              "use optimizer='adamw'")
         need(self.checkpoint_format in CHECKPOINT_FORMATS, "checkpoint_format", f"must be one of {CHECKPOINT_FORMATS}")
+        need(not (self.tp > 1 and self.compile and self.activation_checkpointing), "compile",
+             "with tp > 1 and activation_checkpointing cannot be used together: torch (2.13) fails to compile a "
+             "checkpointed block whose tensors are split by tensor parallelism; keep one of compile and "
+             "activation_checkpointing")
         need(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be 'stop' or 'skip'")
         need(self.best_mode in ("min", "max"), "best_mode", "must be 'min' or 'max'")
         need(self.early_stopping_patience is None or (

@@ -246,8 +246,8 @@ def test_a_two_node_launch_on_localhost_trains(tmp_path, shakespeare_chars, sing
     torch.testing.assert_close(_losses(tmp_path / "run"), _losses(single)[:3], **LOSS_TOLERANCE)
 
 
-TRITON_WORKER = """
-import json, torch
+TP_WORKER = """
+import json, sys, torch
 from minigpt import GPT
 from minigpt.config import GPTConfig
 from minigpt.train import distributed as dist_
@@ -255,37 +255,45 @@ from minigpt.train.config import TrainConfig
 from minigpt.train.mesh import MeshShape
 from minigpt.train.parallel import fuse_qkv, loss_context, parallelize
 
+backend, compile_ = sys.argv[1], sys.argv[2] == "compile"
 config = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                    attention_pattern=["dense", "banded"], attention_window=8)
 with dist_.process_group("cpu") as info:
     torch.manual_seed(0)
-    model, reference = GPT(config, backend="triton"), GPT(config, backend="math")
+    model, reference = GPT(config, backend=backend), GPT(config, backend="math")
     reference.load_state_dict(model.state_dict())
     idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(1))
-    train = TrainConfig(out_dir="unused", max_steps=1, batch_size=2, tp=2, device="cpu", backend="triton")
+    train = TrainConfig(out_dir="unused", max_steps=1, batch_size=2, tp=2, device="cpu", backend=backend,
+                        compile=compile_)
     with parallelize(model, train, "fsdp", torch.device("cpu"), MeshShape(tp=2)) as module:
+        compiled = all(block._compiled_call_impl is not None for block in model.blocks)
         with loss_context(model):
             loss = module(idx, idx).loss
             loss.backward()
         grads = fuse_qkv({n: p.grad.full_tensor() for n, p in model.named_parameters()})
     expected = reference(idx, idx).loss
     expected.backward()
-    print(json.dumps({"loss": abs(loss.full_tensor() - expected).item(),
+    print(json.dumps({"compiled": compiled, "loss": abs(loss.full_tensor() - expected).item(),
                       "grad": max((grads[n] - p.grad).abs().max().item() for n, p in reference.named_parameters())}))
 """
 
 
-def test_tensor_parallel_triton_kernels_give_the_math_backends_loss_and_gradients(tmp_path):
-    """tp=2 with backend='triton' (the kernels interpreted on the CPU): attention gets each
-    rank's whole heads as plain tensors, LayerNorm runs on each rank's rows of the sequence
-    (its gain's and bias's gradients summed across ranks); both equal one process on the
-    math backend within fp32 rounding (1e-5)."""
-    script = tmp_path / "tp_triton.py"
-    script.write_text(TRITON_WORKER)
-    env = {**child_env(), "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+@pytest.mark.parametrize("backend, compile_", [("triton", False), ("sdpa", True)], ids=["triton", "compiled"])
+def test_tensor_parallel_kernels_and_compiled_blocks_give_the_math_backends_loss_and_gradients(
+        tmp_path, backend, compile_):
+    """tp=2 against one process on the math backend, within fp32 rounding (1e-5). With
+    backend='triton' (the kernels interpreted on the CPU), attention gets each rank's whole
+    heads as plain tensors and LayerNorm runs on each rank's rows of the sequence (its gain's
+    and bias's gradients summed across ranks); with compile, each block is compiled after
+    tensor parallelism splits it (torchtitan's order)."""
+    script = tmp_path / "tp_worker.py"
+    script.write_text(TP_WORKER)
+    env = {**child_env(), "TRITON_INTERPRET": "1"} if backend == "triton" else child_env()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           backend, "compile" if compile_ else "eager"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = {line for line in done.stdout.splitlines() if line.startswith("{")}
     differences = json.loads(result)
+    assert differences["compiled"] == compile_
     assert differences["loss"] < 1e-5 and differences["grad"] < 1e-5, differences

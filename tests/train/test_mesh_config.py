@@ -45,6 +45,7 @@ def test_tp_must_split_the_heads_and_the_mlp_evenly():
     (dict(optimizer="muon", tp=2), r"optimizer='muon' cannot be used with tp > 1"),
     (dict(dp_shard=-2), r"dp_shard=-2 must be a positive integer, or -1"),
     (dict(checkpoint_format="zip"), r"checkpoint_format='zip' must be one of"),
+    (dict(tp=2, compile=True, activation_checkpointing=True), r"compile=True with tp > 1 and activation_checkp"),
 ])
 def test_train_config_refuses_what_a_mesh_cannot_do(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
