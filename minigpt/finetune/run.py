@@ -123,9 +123,9 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
 
         metadata = {"finetune": dataclasses.asdict(config), "model": run.model.config.to_dict(),
                     "labels": list(run.labels.labels) if run.labels else None}
-        with runfolder.claim(out, resume=resume, overwrite=overwrite, is_main=info.is_main):
+        with runfolder.claim(out, resume=resume, overwrite=overwrite, is_main=info.is_main) as claimed:
             result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
-                           loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, resume=resume,
+                           loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, folder=claimed,
                            run_metadata=metadata)
             return _export(config, run, result, save_model, out, info)
 

@@ -88,8 +88,8 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
         raise ValueError(f"train.out_dir={str(run_dir)!r} is a file; the run folder must be a folder (choose another "
                          f"--out-dir)")
     with dist_.process_group(config.train.device) as info:
-        with runfolder.claim(run_dir, resume=resume, overwrite=overwrite, is_main=info.is_main):
-            result, model, tokenizer, data_dir = _pretrain(config, info, resume)
+        with runfolder.claim(run_dir, resume=resume, overwrite=overwrite, is_main=info.is_main) as folder:
+            result, model, tokenizer, data_dir = _pretrain(config, info, folder)
     text = None
     if info.is_main and config.sample.tokens > 0:
         from minigpt.generate import generate_text
@@ -161,7 +161,8 @@ def check_memory_fits(config: PretrainConfig) -> None:
         f"the {total / gib:.1f} GiB of memory of device {tc.device!r}; try {hint}")
 
 
-def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tuple[TrainResult, torch.nn.Module, object, Path]:
+def _pretrain(config: PretrainConfig, info: dist_.DistInfo,
+              folder: runfolder.ClaimedFolder) -> tuple[TrainResult, torch.nn.Module, object, Path]:
     """(train result, trained model, tokenizer, data folder): everything but the sample."""
     run_dir = Path(config.train.out_dir)
     data_dir = _data_folder(config, info)
@@ -206,6 +207,6 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo, resume: bool) -> tup
                     "data": {"tokenizer": meta["tokenizer"], "dtype": meta["dtype"],
                              "train_tokens": meta["splits"]["train"]["tokens"],
                              "val_tokens": meta["splits"]["val"]["tokens"]}}
-    result = train(model, tc, batches, eval_batches=evals, resume=resume, run_metadata=run_metadata,
+    result = train(model, tc, batches, eval_batches=evals, folder=folder, run_metadata=run_metadata,
                    checkpoint_files=tokenizer_files(tokenizer, config.model.block_size), init_seed=tc.seed)
     return result, model, tokenizer, data_dir

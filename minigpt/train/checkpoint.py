@@ -30,9 +30,11 @@ tensors) raises a `BadFileError` naming the file and the reason (the shared read
 `DamagedWeightsError` for weights, `files.read_json`'s for JSON, `CheckpointError` for the
 rest), so a resume can fall back to an older checkpoint by catching that one type.
 
-The loop's side (end of this file): `save_training_state` / `find_resumable` /
-`load_training_state` write and read a whole run (model, optimizer, scaler, RNG states
-from `minigpt.train.rng`, loader position, counters), and `check_same_run` refuses a checkpoint of another config.
+The loop's side (end of this file) is one object, `Checkpointer`: built once per run with
+where the checkpoints live and what each holds besides the model, it `find`s the newest
+checkpoint that loads, `load`s it into the run (model, optimizer, scaler, RNG states from
+`minigpt.train.rng`, loader position, counters) and `save`s a step; `check_same_run`
+refuses a checkpoint of another config.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -286,74 +289,154 @@ def check_same_run(folder: Path, info: dict, config: TrainConfig, run_metadata: 
         )
 
 
-def writes_sharded(run: Run) -> bool:
-    """Whether `run` saves sharded checkpoints (train.checkpoint_format; 'auto' is sharded under
-    tensor parallelism)."""
-    fmt = run.config.checkpoint_format
-    return fmt == "sharded" or (fmt == "auto" and run.mesh is not None and run.mesh.tp > 1)
+class Checkpointer:
+    """A run's checkpoints (see the module docstring): `find`, `load`, `save`, `best`.
 
+    Args:
+        root: the checkpoints folder (out_dir/checkpoints).
+        config: the run's TrainConfig (saved in every checkpoint; `keep_last`, the format).
+        info: where this process sits (only rank 0 writes the folder; every rank writes shards).
+        run_metadata: JSON-able facts about the run (model config, data), saved with every
+            checkpoint and compared on resume.
+        checkpoint_files: small text files written into every checkpoint (name -> text),
+            e.g. the tokenizer.
+        save_model: writes the model into a checkpoint folder in a layout of the caller's;
+            the default writes its state_dict and, for a GPT, config.json. When the folder
+            it writes lacks that state_dict, trainer_model.safetensors is added to resume from.
+    """
 
-def save_training_state(run: Run, best: bool) -> Path:
-    """Write the step checkpoint of `run` (model, optimizer, scaler, RNGs, loader, counters)
-    atomically; point 'latest' (and 'best' when `best`) at it and prune. Returns its folder."""
-    from minigpt.train.parallel import fuse_qkv
+    def __init__(self, root: Path, config: TrainConfig, info: dist_.DistInfo, run_metadata: dict | None = None,
+                 checkpoint_files: dict[str, str] | None = None,
+                 save_model: Callable[[nn.Module, Path], None] | None = None) -> None:
+        self.root, self.config, self.info = Path(root), config, info
+        self.run_metadata, self.checkpoint_files, self.save_model = run_metadata, checkpoint_files, save_model
 
-    raw, optimizer, scaler, state, config, info = run.raw, run.optimizer, run.scaler, run.state, run.config, run.info
-    root, save_model = run.root, run.save_model
-    rng = dist_.all_gather_objects(rng_state())  # every rank's dropout RNG, for exact resumption
-    folder = step_dir(root, state.step)
-    model_state, optim_state, shards = None, None, None
-    if writes_sharded(run):
-        shards = _save_shards(run, folder)
-    elif run.parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+    def find(self, model: nn.Module) -> tuple[Path | None, dict | None]:
+        """(folder, its contents) of the newest checkpoint under `root` that reads whole.
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = fuse_qkv(get_model_state_dict(raw, options=options))  # the single-device names
-        optim_state = get_optimizer_state_dict(raw, optimizer, options=options)
-    else:
-        optim_state = optimizer.state_dict()
-    if info.is_main:
-        def fill(tmp: Path) -> None:
-            if shards is not None:  # every rank's files, moved in whole
-                os.replace(shards, tmp / SHARDED_DIR)
-                save_model_config(raw, tmp)
-            elif model_state is not None:  # FSDP: the gathered full state, with config.json like any GPT
-                save_model_state(raw, tmp, model_state)
-            elif save_model is not None:
-                save_model(raw, tmp)
-            else:
-                save_model_state(raw, tmp)
-            if shards is None and not is_state_dict_file(tmp / MODEL_FILE):
-                save_state_dict(raw.state_dict(), tmp / RESUME_MODEL_FILE)
-            for name, text in (run.checkpoint_files or {}).items():
-                (tmp / name).write_text(text)
-            torch.save({
-                "step": state.step, "loop": state.to_dict(), "optimizer": optim_state,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng, "loader": run.batches.state_dict(), "world_size": info.world_size,
-            }, tmp / TRAINER_STATE)
-            readable = {"step": state.step, "train_config": config.to_dict(), "run_metadata": run.run_metadata,
-                        "world_size": info.world_size, "mesh": None if run.mesh is None else str(run.mesh),
-                        "last_eval": state.evals[-1] if state.evals else None,
-                        "best": {"metric": config.best_metric, "value": state.best, "step": state.best_step}}
-            (tmp / TRAINER_INFO).write_text(json.dumps(readable, indent=2) + "\n")
+        A damaged checkpoint (a truncated or empty file, bad trainer.json, a refused pickle) is
+        skipped with a warning naming the file; the older ones are exact states too, so the run
+        continues as if it had been interrupted there. A checkpoint that reads but does not fit
+        this run (another config or shapes) is an error, not skipped. Raises ValueError listing
+        every checkpoint tried when none reads.
+        """
+        root, info = self.root, self.info
+        found = list_checkpoints(root)
+        tried = []
+        for folder in reversed(found):
+            try:
+                return folder, _read_checkpoint(folder, model, self.config, self.run_metadata)
+            except BadFileError as err:  # CheckpointError, DamagedWeightsError, files.read_json's
+                tried.append(f"{folder.name}: {err}")
+                if info.is_main:
+                    logger.warning("cannot resume from %s: %s; trying the previous checkpoint", folder, err)
+        if found:
+            raise ValueError(
+                f"cannot resume from {root}: none of its {len(found)} checkpoints loads ("
+                + "; ".join(tried) + "). Restore a checkpoint from a backup, or start afresh with --overwrite "
+                "(the old run is moved aside) or another out_dir")
+        return None, None
 
-        write_atomically(folder, fill)
-        if best:
-            write_json_atomically(root / "best.json", {"dir": folder.name, "step": state.step,
-                                                       "metric": config.best_metric, "value": state.best})
-            point(root, "best", folder)
-        point(root, "latest", folder)
-        prune(root, config.keep_last)
-    dist_.barrier()
-    return folder
+    def load(self, saved: dict, run: Run) -> None:
+        """Put what `find` read into `run`: model, optimizer, scaler, loader, RNGs, counters."""
+        from minigpt.train.parallel import split_qkv
+
+        raw, optimizer, scaler, info = run.raw, run.optimizer, run.scaler, run.info
+        model_state, trainer = saved["model"], saved["trainer"]
+        if model_state is None:  # sharded: every rank reads its shards, resharded to this run's mesh
+            _load_shards(run, saved["folder"])
+        elif run.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(raw, split_qkv(model_state, raw.state_dict().keys()), options=options)
+            set_optimizer_state_dict(raw, optimizer, trainer["optimizer"], options=options)
+        else:
+            raw.load_state_dict(model_state)
+            optimizer.load_state_dict(trainer["optimizer"])
+        if scaler is not None and trainer.get("scaler") is not None:
+            scaler.load_state_dict(trainer["scaler"])
+        run.batches.load_state_dict(trainer["loader"])
+        rng = trainer["rng"]
+        set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
+        run.state.load(trainer["loop"])
+
+    def save(self, run: Run, best: bool) -> Path:
+        """Write the step checkpoint of `run` (model, optimizer, scaler, RNGs, loader, counters)
+        atomically; point 'latest' (and 'best' when `best`) at it and prune. Returns its folder."""
+        from minigpt.train.parallel import fuse_qkv
+
+        raw, optimizer, scaler, state, config, info = run.raw, run.optimizer, run.scaler, run.state, run.config, run.info
+        root, save_model = self.root, self.save_model
+        rng = dist_.all_gather_objects(rng_state())  # every rank's dropout RNG, for exact resumption
+        folder = step_dir(root, state.step)
+        model_state, optim_state, shards = None, None, None
+        if self.writes_sharded(run):
+            shards = _save_shards(run, folder)
+        elif run.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = fuse_qkv(get_model_state_dict(raw, options=options))  # the single-device names
+            optim_state = get_optimizer_state_dict(raw, optimizer, options=options)
+        else:
+            optim_state = optimizer.state_dict()
+        if info.is_main:
+            def fill(tmp: Path) -> None:
+                if shards is not None:  # every rank's files, moved in whole
+                    os.replace(shards, tmp / SHARDED_DIR)
+                    save_model_config(raw, tmp)
+                elif model_state is not None:  # FSDP: the gathered full state, with config.json like any GPT
+                    save_model_state(raw, tmp, model_state)
+                elif save_model is not None:
+                    save_model(raw, tmp)
+                else:
+                    save_model_state(raw, tmp)
+                if shards is None and not is_state_dict_file(tmp / MODEL_FILE):
+                    save_state_dict(raw.state_dict(), tmp / RESUME_MODEL_FILE)
+                for name, text in (self.checkpoint_files or {}).items():
+                    (tmp / name).write_text(text)
+                torch.save({
+                    "step": state.step, "loop": state.to_dict(), "optimizer": optim_state,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rng, "loader": run.batches.state_dict(), "world_size": info.world_size,
+                }, tmp / TRAINER_STATE)
+                readable = {"step": state.step, "train_config": config.to_dict(), "run_metadata": self.run_metadata,
+                            "world_size": info.world_size, "mesh": None if run.mesh is None else str(run.mesh),
+                            "last_eval": state.evals[-1] if state.evals else None,
+                            "best": {"metric": config.best_metric, "value": state.best, "step": state.best_step}}
+                (tmp / TRAINER_INFO).write_text(json.dumps(readable, indent=2) + "\n")
+
+            write_atomically(folder, fill)
+            if best:
+                write_json_atomically(root / "best.json", {"dir": folder.name, "step": state.step,
+                                                           "metric": config.best_metric, "value": state.best})
+                point(root, "best", folder)
+            point(root, "latest", folder)
+            prune(root, config.keep_last)
+        dist_.barrier()
+        return folder
+
+    def best(self) -> Path | None:
+        return best_checkpoint(self.root)
+
+    def clean_leftovers(self) -> None:
+        """Remove what interrupted saves left (rank 0, at the start of a run)."""
+        if self.info.is_main and self.root.is_dir():
+            clean_leftovers(self.root)
+
+    def writes_sharded(self, run: Run) -> bool:
+        """Whether `run` saves sharded checkpoints (train.checkpoint_format; 'auto' is sharded
+        under tensor parallelism)."""
+        fmt = self.config.checkpoint_format
+        return fmt == "sharded" or (fmt == "auto" and run.mesh is not None and run.mesh.tp > 1)
 
 
 def _save_shards(run: Run, folder: Path) -> Path:
     """Every rank writes its shards of the model and optimizer state (DCP) into one hidden
-    folder beside `folder`, which rank 0 then moves into the checkpoint (`save_training_state`):
+    folder beside `folder`, which rank 0 then moves into the checkpoint (`Checkpointer.save`):
     a kill before that rename leaves only a leftover that the next start removes."""
     import torch.distributed.checkpoint as dcp
 
@@ -426,33 +509,6 @@ def _fuse_in_place(model: nn.Module) -> None:
             module.qkv = fused
 
 
-def find_resumable(root: Path, model: nn.Module, config: TrainConfig, run_metadata: dict | None,
-                    info: dist_.DistInfo) -> tuple[Path | None, dict | None]:
-    """(folder, its contents) of the newest checkpoint under `root` that reads whole.
-
-    A damaged checkpoint (a truncated or empty file, bad trainer.json, a refused pickle) is
-    skipped with a warning naming the file; the older ones are exact states too, so the run
-    continues as if it had been interrupted there. A checkpoint that reads but does not fit
-    this run (another config or shapes) is an error, not skipped. Raises ValueError listing
-    every checkpoint tried when none reads.
-    """
-    found = list_checkpoints(root)
-    tried = []
-    for folder in reversed(found):
-        try:
-            return folder, _read_checkpoint(folder, model, config, run_metadata)
-        except BadFileError as err:  # CheckpointError, DamagedWeightsError, files.read_json's
-            tried.append(f"{folder.name}: {err}")
-            if info.is_main:
-                logger.warning("cannot resume from %s: %s; trying the previous checkpoint", folder, err)
-    if found:
-        raise ValueError(
-            f"cannot resume from {root}: none of its {len(found)} checkpoints loads ("
-            + "; ".join(tried) + "). Restore a checkpoint from a backup, or start afresh with --overwrite "
-            "(the old run is moved aside) or another out_dir")
-    return None, None
-
-
 def _read_checkpoint(folder: Path, model: nn.Module, config: TrainConfig, run_metadata: dict | None) -> dict:
     """Read and check everything in `folder` before anything is changed, so a damaged file
     (a BadFileError) leaves the model, optimizer and loader as they were."""
@@ -487,27 +543,3 @@ def _load_shards(run: Run, folder: Path) -> None:
     set_optimizer_state_dict(run.raw, run.optimizer, state["optimizer"])
 
 
-def load_training_state(saved: dict, run: Run) -> None:
-    """Put what `find_resumable` read into `run`: model, optimizer, scaler, loader, RNGs, counters."""
-    from minigpt.train.parallel import split_qkv
-
-    raw, optimizer, scaler, info = run.raw, run.optimizer, run.scaler, run.info
-    model_state, trainer = saved["model"], saved["trainer"]
-    if model_state is None:  # sharded: every rank reads its shards, resharded to this run's mesh
-        _load_shards(run, saved["folder"])
-    elif run.parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(raw, split_qkv(model_state, raw.state_dict().keys()), options=options)
-        set_optimizer_state_dict(raw, optimizer, trainer["optimizer"], options=options)
-    else:
-        raw.load_state_dict(model_state)
-        optimizer.load_state_dict(trainer["optimizer"])
-    if scaler is not None and trainer.get("scaler") is not None:
-        scaler.load_state_dict(trainer["scaler"])
-    run.batches.load_state_dict(trainer["loader"])
-    rng = trainer["rng"]
-    set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
-    run.state.load(trainer["loop"])

@@ -105,6 +105,7 @@ def train(
     checkpoint_files: dict[str, str] | None = None,
     overwrite: bool = False,
     init_seed: int | None = None,
+    folder: runfolder.ClaimedFolder | None = None,
 ) -> TrainResult:
     """Train `model` in place and return its history. See the module docstring.
 
@@ -129,6 +130,8 @@ def train(
             e.g. the tokenizer.
         init_seed: for a model built on the meta device (never allocated whole): the seed its
             shards are filled from after it is distributed (`minigpt.train.materialize`).
+        folder: config.out_dir as an entry point already claimed it (`runfolder.claim`, which
+            decided resume and overwrite); without it the loop claims the folder itself.
 
     Raises:
         ValueError: bad arguments, a checkpoint whose config or shapes disagree, no
@@ -150,13 +153,21 @@ def train(
     if on_meta(model) and init_seed is None:
         raise ValueError("the model is on the meta device (built without memory); pass init_seed so that the "
                          "loop can fill its shards after distributing it (minigpt.train.materialize)")
-    with runfolder.claim(config.out_dir, resume=resume, overwrite=overwrite, is_main=info.is_main):
-        return _train(model, config, train_batches, info, parallel, resume, eval_batches, extra_eval,
-                      dict(loss_fn=loss_fn, run_metadata=run_metadata, save_model=save_model,
-                           checkpoint_files=checkpoint_files), init_seed)
+    root = Path(config.out_dir) / "checkpoints"
+    checkpointer = ckpt.Checkpointer(root, config, info, run_metadata, checkpoint_files, save_model)
+    if folder is not None:
+        if folder.path != Path(config.out_dir).expanduser().resolve():
+            raise ValueError(f"folder={folder.path} was claimed, but train.out_dir={config.out_dir!r}; claim the run's "
+                             f"own folder")
+        return _train(model, config, train_batches, info, parallel, folder.resume, eval_batches, extra_eval,
+                      loss_fn, checkpointer, init_seed)
+    with runfolder.claim(config.out_dir, resume=resume, overwrite=overwrite, is_main=info.is_main) as claimed:
+        return _train(model, config, train_batches, info, parallel, claimed.resume, eval_batches, extra_eval,
+                      loss_fn, checkpointer, init_seed)
 
 
-def _train(model, config, batches, info, parallel, resume, eval_batches, extra_eval, parts, init_seed) -> TrainResult:
+def _train(model, config, batches, info, parallel, resume, eval_batches, extra_eval, loss_fn,
+           checkpointer: ckpt.Checkpointer, init_seed) -> TrainResult:
     """Build the `Run` (device, parallel module, optimizer, precision), resume into it, then loop."""
     device = dist_.resolve_device(config.device, info)
     if config.cpu_threads:
@@ -164,13 +175,10 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    root = Path(config.out_dir) / "checkpoints"
-    found = ckpt.find_resumable(root, model, config, parts["run_metadata"], info) if resume else (None, None)
-    resume_from, saved = found
+    resume_from, saved = checkpointer.find(model) if resume else (None, None)
     if resume and resume_from is None and info.is_main:
-        logger.warning("resume=True but %s holds no checkpoint; starting from step 0", root)
-    if info.is_main and root.is_dir():
-        ckpt.clean_leftovers(root)
+        logger.warning("resume=True but %s holds no checkpoint; starting from step 0", checkpointer.root)
+    checkpointer.clean_leftovers()
     if resume_from is None:
         seed_rngs(config.seed + info.rank)
 
@@ -188,10 +196,10 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
         if on_meta(raw):  # distributed while empty: each rank now allocates and fills its shards alone
             materialize(raw, device, init_seed)
         optimizer = build_optimizer(raw, config, device)
-        run = Run(config, info, parallel, device, raw, module, optimizer, scaler, autocast, batches, root=root,
-                  mesh=mesh, **parts)
+        run = Run(config, info, parallel, device, raw, module, optimizer, scaler, autocast, batches, loss_fn,
+                  checkpointer, mesh)
         if resume_from is not None:
-            ckpt.load_training_state(saved, run)
+            checkpointer.load(saved, run)
             if info.is_main:
                 logger.info("resumed from %s (step %d)", resume_from, run.state.step)
                 if run.state.step >= config.max_steps:
@@ -260,13 +268,13 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
                             logger.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %d)",
                                         state.step, config.best_metric, state.evals_since_best, state.best, state.best_step)
                 if due or improved or last or stopped_early:
-                    last_saved = ckpt.save_training_state(run, improved)
+                    last_saved = run.checkpointer.save(run, improved)
     finally:
         bar.close()
         metrics.close()
     return TrainResult(step=state.step, train_losses=state.train_losses, evals=state.evals, best_metric=state.best,
                        best_step=state.best_step, stopped_early=stopped_early, out_dir=out_dir,
-                       last_checkpoint=last_saved, best_checkpoint=ckpt.best_checkpoint(run.root))
+                       last_checkpoint=last_saved, best_checkpoint=run.checkpointer.best())
 
 
 def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
@@ -338,7 +346,7 @@ def _record(run: Run, updates: list[Update], window: TrainWindow) -> float:
     read_updates(updates)
     updates[-1].seconds += time.perf_counter() - began  # waiting for the device is the updates' time
     for update in updates:
-        run.state.record(update, run.config, scaled=run.scaler is not None, root=run.root)
+        run.state.record(update, run.config, scaled=run.scaler is not None, root=run.checkpointer.root)
         window.add(update.seconds, update.tokens, None if update.skipped else update.loss, run.raw,
                    update.seq_len, update.head_tokens)
     grad_norm = updates[-1].grad_norm

@@ -17,8 +17,9 @@ metrics.jsonl, a `--resume` that continues the wrong one). So `claim(out_dir, ..
   not refused as "already holds a run", and nothing is deleted.
 
 Under torchrun only rank 0 touches the folder; its verdict is shared with every rank so
-they all raise the same error instead of waiting for a peer that left. Claims nest within
-a process (pretraining claims the folder, then the loop it calls claims it again).
+they all raise the same error instead of waiting for a peer that left. One layer claims a
+folder: an entry point (pretraining, fine-tuning) claims it before it writes anything and
+hands the `ClaimedFolder` to the loop; the loop claims it itself only when called without one.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from minigpt.train import distributed as dist_
@@ -40,7 +42,14 @@ LOCK_FILE = "run.lock"
 RUN_MARKERS = ("metrics.jsonl", "run_config.json", "checkpoints")
 """Files and folders whose presence means a folder holds a run."""
 
-_held: dict[Path, int] = {}  # folders this process has claimed -> nesting depth
+
+
+@dataclass(frozen=True)
+class ClaimedFolder:
+    """A run folder this process owns for a while (`claim`), and whether the run resumes there."""
+
+    path: Path
+    resume: bool
 
 
 class RunFolderError(ValueError):
@@ -48,8 +57,10 @@ class RunFolderError(ValueError):
 
 
 @contextmanager
-def claim(out_dir: str | Path, *, resume: bool, overwrite: bool = False, is_main: bool = True) -> Iterator[None]:
-    """Own `out_dir` for the duration of the `with` block (see the module docstring).
+def claim(out_dir: str | Path, *, resume: bool, overwrite: bool = False,
+          is_main: bool = True) -> Iterator[ClaimedFolder]:
+    """Own `out_dir` for the duration of the `with` block (see the module docstring); yields
+    the `ClaimedFolder` to hand to the loop (`minigpt.train.train(..., folder=...)`).
 
     Args:
         out_dir: the run folder; created if missing.
@@ -62,13 +73,6 @@ def claim(out_dir: str | Path, *, resume: bool, overwrite: bool = False, is_main
             neither `resume` nor `overwrite` is set, or both are set.
     """
     key = Path(out_dir).expanduser().resolve()
-    if key in _held:  # nested: the outer claim did the checks and holds the lock
-        _held[key] += 1
-        try:
-            yield
-        finally:
-            _held[key] -= 1
-        return
     error = None
     fresh = is_main and not resume and (overwrite or not (key.is_dir() and holds_run(key)))
     if is_main:
@@ -81,15 +85,13 @@ def claim(out_dir: str | Path, *, resume: bool, overwrite: bool = False, is_main
         if is_main and error is None:
             _release(key)
         raise RunFolderError(errors[0])
-    _held[key] = 1
     try:
-        yield
+        yield ClaimedFolder(key, resume)
     except Exception:
         if fresh:
             _set_aside_a_start_without_checkpoints(key)
         raise
     finally:
-        del _held[key]
         if is_main:
             _release(key)
 

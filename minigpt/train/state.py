@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from torch import nn
 from minigpt.train.config import TrainConfig
 from minigpt.train.distributed import DistInfo
 from minigpt.train.mesh import MeshShape
+
+if TYPE_CHECKING:
+    from minigpt.train.checkpoint import Checkpointer
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -165,11 +168,8 @@ class Run:
     autocast: AbstractContextManager
     batches: Batches
     loss_fn: Callable[[nn.Module, dict], torch.Tensor]
-    root: Path
-    """out_dir/checkpoints."""
-    run_metadata: dict | None = None
-    save_model: Callable[[nn.Module, Path], None] | None = None
-    checkpoint_files: dict[str, str] | None = None
+    checkpointer: Checkpointer
+    """Finds, loads and saves the run's checkpoints (minigpt.train.checkpoint)."""
     mesh: MeshShape | None = None
     """The device mesh's degrees on the mesh path (parallel='fsdp'), else None."""
     state: LoopState = field(default_factory=LoopState)
