@@ -1,13 +1,25 @@
 """The memory plan (`minigpt.memory_plan`) against tracked peaks of real training steps on CPU.
 
 Each case trains minigpt's GPT for three AdamW steps (forward under the training dtype's
-autocast, backward, gradient clipping, step, zero_grad(set_to_none)), the blocks
-checkpointed or not by `minigpt.train.parallel.parallelize`, and records the peak of
-steps 2 and 3 (step 1, untracked, allocates AdamW's moments) with torch's allocation tracker:
-`MemTracker` in one process, `FSDPMemTracker` on each of two gloo processes under FSDP2
-(`parallelize(..., "fsdp")`, mesh dp_shard=2). The trackers attribute every live tensor
-storage to parameters, gradients, optimizer state, activations and temporaries; RSS would
-add the allocator's and the interpreter's own memory.
+autocast, backward, gradient clipping, step, zero_grad(set_to_none)), distributed and
+checkpointed or not by `minigpt.train.parallel.parallelize`, and records the peak of steps
+2 and 3 (step 1, untracked, allocates AdamW's moments) with torch's allocation tracker on
+each rank. The meshes:
+
+    dp_shard=1        one process, `MemTracker`
+    dp_shard=2        FSDP2 over two gloo processes, `FSDPMemTracker`
+    tp=2              tensor (and sequence) parallelism over two gloo processes, no FSDP:
+                      `MemTracker` (FSDPMemTracker needs an FSDP module)
+    dp_shard=2,tp=2   both, four gloo processes, `FSDPMemTracker` on the 2-D mesh
+
+Both trackers let DTensor dispatch first and then see its local ops, and count a DTensor
+by its local storage, so every number is one rank's own bytes. The distributed cases build
+the mesh and call `parallelize(model, train, "fsdp", cpu, mesh, compute_dtype)` with the
+compute dtype the loop passes (`minigpt.train.parallel.mixed_precision`: under bf16 FSDP2
+gathers in bf16), and run the forward and backward under `loss_context` (the loss-parallel
+cross-entropy on vocabulary-sharded logits), as the loop does. The trackers attribute every
+live tensor storage to parameters, gradients, optimizer state, activations and temporaries;
+RSS would add the allocator's and the interpreter's own memory.
 
 AdamW is the fused one (`fused=True`), as the trainer uses on CUDA: the plan models a GPU
 step, and the CPU's default foreach AdamW adds parameter-sized temporaries.
@@ -43,6 +55,10 @@ CASES = [  # (mesh, dtype, activation checkpointing)
     ("dp_shard=1", "bf16", False), ("dp_shard=1", "bf16", True),
     ("dp_shard=2", "fp32", False), ("dp_shard=2", "fp32", True),
     ("dp_shard=2", "bf16", False), ("dp_shard=2", "bf16", True),
+    ("tp=2", "fp32", False), ("tp=2", "fp32", True),
+    ("tp=2", "bf16", False), ("tp=2", "bf16", True),
+    ("dp_shard=2,tp=2", "fp32", False), ("dp_shard=2,tp=2", "fp32", True),
+    ("dp_shard=2,tp=2", "bf16", False), ("dp_shard=2,tp=2", "bf16", True),
 ]
 
 
@@ -53,34 +69,41 @@ def _config(shape: str):
     return GPTConfig(**values, dropout=0.0)
 
 
-def _train_and_track(shape: str, dtype: str, checkpointing: bool, parallel: str) -> dict:
-    """Three training steps in this process (rank of a process group under FSDP); the tracked
-    peak of steps 2 and 3, by category, in bytes."""
+def _train_and_track(shape: str, dtype: str, checkpointing: bool, mesh: str) -> dict:
+    """Three training steps in this process (one rank of a process group on a mesh other than
+    dp_shard=1); the tracked peak of steps 2 and 3, by category, in bytes."""
+    from minigpt.memory_plan import parse_mesh
     from minigpt.model import GPT
     from minigpt.train.config import TrainConfig
-    from minigpt.train.parallel import parallelize
+    from minigpt.train.parallel import loss_context, mixed_precision, parallelize
 
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights and batch on every rank (tp ranks must read the same batch)
     B, T = SHAPES[shape]["batch"], SHAPES[shape]["seq"]
     config = _config(shape)
     model = GPT(config)
-    train = TrainConfig(out_dir="unused", max_steps=3, batch_size=B, activation_checkpointing=checkpointing)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    shape_ = parse_mesh(mesh)
+    distributed = shape_.world_size > 1
+    train = TrainConfig(out_dir="unused", max_steps=3, batch_size=B, activation_checkpointing=checkpointing,
+                        dp_shard=shape_.dp_shard, tp=shape_.tp)
+    compute_dtype, _, autocast = mixed_precision(torch.device("cpu"), "float32" if dtype == "fp32" else "bfloat16")
     idx = torch.randint(0, config.vocab_size, (B, T))
     targets = torch.randint(0, config.vocab_size, (B, T))
-    with parallelize(model, train, parallel, torch.device("cpu")) as module:
+    parallel = "fsdp" if distributed else "none"
+    with parallelize(model, train, parallel, torch.device("cpu"), shape_ if distributed else None,
+                     compute_dtype) as module:
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
 
         def step() -> None:
-            with autocast:
-                loss = module(idx, targets).loss
-            loss.backward()
+            with loss_context(model):
+                with autocast:
+                    loss = module(idx, targets).loss
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         step()  # untracked: it allocates AdamW's moments; the tracked steps run with them
-        if parallel == "fsdp":
+        if shape_.dp_shard > 1:
             from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
             tracker = FSDPMemTracker(module, optimizer)
@@ -116,32 +139,38 @@ def _categories(kinds: dict[str, int]) -> dict[str, int]:
     }
 
 
-def _fsdp_worker(rank: int, world: int, port: int, shape: str, dtype: str, checkpointing: bool, out: str) -> None:
+def _mesh_worker(rank: int, world: int, port: int, shape: str, mesh: str, dtype: str, checkpointing: bool,
+                 out: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = _train_and_track(shape, dtype, checkpointing, "fsdp")
+        result = _train_and_track(shape, dtype, checkpointing, mesh)
         Path(f"{out}.{rank}").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
 def measure(shape: str, mesh: str, dtype: str, checkpointing: bool) -> dict:
-    """Tracked peak per rank (the largest over ranks) of one case."""
-    if mesh == "dp_shard=1":
-        return _train_and_track(shape, dtype, checkpointing, "none")
+    """Tracked peak per rank of one case: the rank with the largest total, and every rank's total."""
+    from minigpt.memory_plan import parse_mesh
+
+    world = parse_mesh(mesh).world_size
+    if world == 1:
+        result = _train_and_track(shape, dtype, checkpointing, mesh)
+        return {**result, "rank": 0, "rank_totals": [result["kinds"].get("Total", 0)]}
     import torch.multiprocessing as mp
 
-    world = int(mesh.split("=")[1])
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result")
         port = 29500 + os.getpid() % 1000
-        mp.spawn(_fsdp_worker, args=(world, port, shape, dtype, checkpointing, out), nprocs=world)
+        mp.spawn(_mesh_worker, args=(world, port, shape, mesh, dtype, checkpointing, out), nprocs=world)
         results = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
-    return max(results, key=lambda r: r["kinds"].get("Total", 0))
+    totals = [r["kinds"].get("Total", 0) for r in results]
+    rank = max(range(world), key=lambda r: totals[r])
+    return {**results[rank], "rank": rank, "rank_totals": totals}
 
 
 def plan_for(shape: str, mesh: str, dtype: str, checkpointing: bool) -> dict:
@@ -157,15 +186,20 @@ def plan_for(shape: str, mesh: str, dtype: str, checkpointing: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--meshes", nargs="*", default=list(dict.fromkeys(c[0] for c in CASES)),
+                        help="only these meshes' cases")
     parser.add_argument("--out", default=str(RESULTS / "memory_plan_cpu"), help="path without suffix")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
     for shape in args.shapes:
         for mesh, dtype, checkpointing in CASES:
+            if mesh not in args.meshes:
+                continue
             measured = measure(shape, mesh, dtype, checkpointing)
             row = {"shape": shape, **SHAPES[shape], "mesh": mesh, "dtype": dtype,
                    "activation_checkpointing": checkpointing, "seconds": measured["seconds"],
+                   "rank": measured["rank"], "rank_totals": measured["rank_totals"],
                    "tracked_kinds": measured["kinds"], "measured": _categories(measured["kinds"]),
                    "plan": plan_for(shape, mesh, dtype, checkpointing)}
             rows.append(row)
