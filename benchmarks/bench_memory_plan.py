@@ -189,7 +189,14 @@ def main() -> None:
     parser.add_argument("--meshes", nargs="*", default=list(dict.fromkeys(c[0] for c in CASES)),
                         help="only these meshes' cases")
     parser.add_argument("--out", default=str(RESULTS / "memory_plan_cpu"), help="path without suffix")
+    parser.add_argument("--from-json", action="store_true",
+                        help="rewrite the .md from the .json at --out, measuring nothing")
     args = parser.parse_args()
+    if args.from_json:
+        data = json.loads(Path(args.out + ".json").read_text())
+        Path(args.out + ".md").write_text(_markdown(data["rows"], data["env"]))
+        print(f"wrote {args.out}.md")
+        return
     torch.set_num_threads(2)
     rows = []
     for shape in args.shapes:
@@ -218,38 +225,115 @@ def _row_line(row: dict) -> str:
             f"{m['total'] / MIB:.1f} MiB, plan {p['total'] / MIB:.1f} MiB ({p['total'] / m['total']:.3f})")
 
 
+def _tp_terms(row: dict) -> dict[str, int]:
+    """What torch's tensor parallelism keeps beyond the plan's activations, per rank, in bytes
+    (see the results' notes): the matmul inputs that sequence parallelism gathers whole
+    (ln_1's and ln_2's outputs in every block without checkpointing, ln_f's for the head) are
+    saved gathered, not divided by tp; and the loss-parallel cross-entropy keeps one more
+    float32 (B, T, V / tp) tensor than one process's."""
+    tp = int(dict(part.split("=") for part in row["mesh"].split(",")).get("tp", 1))
+    if tp == 1:
+        return {}
+    a = 4 if row["dtype"] == "fp32" else 2
+    tokens, C = row["batch"] * row["seq"], row["n_embd"]
+    whole = lambda n: n - n // tp  # noqa: E731  (what is stored beyond n / tp)
+    return {"gathered block inputs": 0 if row["activation_checkpointing"] else row["n_layer"] * whole(tokens * 2 * a * C),
+            "gathered head input": whole(tokens * a * C),
+            "loss-parallel extra": 4 * tokens * row["vocab_size"] // tp}
+
+
 def _markdown(rows: list[dict], env: dict) -> str:
     mib = lambda n: f"{n / MIB:.1f}"  # noqa: E731
     lines = [
         "# Memory plan vs tracked peak, CPU",
         "",
         "`python -m benchmarks.bench_memory_plan`: three AdamW (fused) training steps of minigpt's GPT per case, "
-        "the peak of steps 2-3 as torch's allocation trackers attribute it (`MemTracker`; `FSDPMemTracker` on "
-        "each of two gloo processes for dp_shard=2, the larger rank shown), beside "
-        "`minigpt.memory_plan.memory_plan` for the same shape, mesh, dtype and checkpointing. "
+        "the peak of steps 2-3 as torch's allocation trackers attribute it, beside "
+        "`minigpt.memory_plan.memory_plan` for the same shape, mesh, dtype and checkpointing. Meshes: one process "
+        "(`MemTracker`); dp_shard=2, FSDP2 over two gloo processes (`FSDPMemTracker`); tp=2, minigpt's tensor "
+        "(and sequence) parallelism over two gloo processes without FSDP (`MemTracker`: `FSDPMemTracker` needs "
+        "an FSDP module); dp_shard=2,tp=2, both over four gloo processes (`FSDPMemTracker` on the 2-D mesh). "
+        "Both trackers let DTensor dispatch first and count a DTensor by its local storage, so every number is "
+        "one rank's own bytes. The distributed cases go through `parallelize(..., 'fsdp', cpu, mesh, "
+        "compute_dtype)` with the loop's compute dtype (under bf16 FSDP2 gathers in bf16, its "
+        "MixedPrecisionPolicy) and run forward and backward under `loss_context` (loss-parallel cross-entropy "
+        "when tp > 1). The rank with the largest tracked total is shown (column 'rank'; the ranks' totals are "
+        "in the JSON and differ by at most a few MiB). B is per data-parallel rank (tp ranks share a batch).",
+        "",
         "Each cell is plan / measured in MiB. The measured categories are the ones live at the moment of the "
         "peak; the plan's peak is parameters + AdamW + FSDP copies + the larger of its activations and its "
         "gradients + one recomputed block (column 'recompute'), so the plan's gradients are not live at a peak "
         "set by the activations (the start of the backward pass: zero_grad set them to None), nor its "
-        "activations at one set by the gradients (the end of the backward pass). Under dp_shard=2 the tracker "
+        "activations at one set by the gradients (the end of the backward pass). Measured activations are the "
+        "tracker's 'Activation' + 'Temp' (+ 'Inputs'). Under FSDP2 the tracker "
         "files the gathered blocks as 'All Gather' / 'Reduce Scatter' buffers and the root's parameters as "
-        "'Unsharded Param': together the column 'FSDP unsharded'.",
+        "'Unsharded Param' (+ 'Unsharded Grad'): together the column 'FSDP unsharded'.",
         "",
         f"torch {env['torch']}, Python {env['python']}, {env['processor']}, {env['threads']} threads, {env['date']}.",
         "",
-        "| shape | B x T | mesh | dtype | ckpt | params | grads | AdamW | activations | recompute (plan) "
+        "| shape | B x T | mesh | dtype | ckpt | rank | params | grads | AdamW | activations | recompute (plan) "
         "| FSDP unsharded | peak | plan / measured |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         m, p = r["measured"], r["plan"]
         cell = lambda k: f"{mib(p[k])} / {mib(m[k])}"  # noqa: E731
+        ratio = p["total"] / m["total"]
         lines.append(
             f"| {r['shape']} | {r['batch']} x {r['seq']} | {r['mesh']} | {r['dtype']} | "
-            f"{'yes' if r['activation_checkpointing'] else 'no'} | {cell('params')} | {cell('gradients')} | "
-            f"{cell('optimizer')} | {cell('activations')} | {mib(p['recompute'])} | {cell('gathered')} | "
-            f"{cell('total')} | "
-            f"{p['total'] / m['total']:.3f} |")
+            f"{'yes' if r['activation_checkpointing'] else 'no'} | {r.get('rank', 0)} | {cell('params')} | "
+            f"{cell('gradients')} | {cell('optimizer')} | {cell('activations')} | {mib(p['recompute'])} | "
+            f"{cell('gathered')} | {cell('total')} | "
+            + (f"**{ratio:.3f}**" if abs(ratio - 1) > 0.15 else f"{ratio:.3f}") + " |")
+    ratios = [r["plan"]["total"] / r["measured"]["total"] for r in rows]
+    lines += ["", f"Plan / measured over all {len(rows)} cases: {min(ratios):.3f}-{max(ratios):.3f}; "
+              f"{sum(abs(x - 1) > 0.15 for x in ratios)} outside 15% (bold)."]
+    bf16_fsdp = [r for r in rows if "dp_shard=2" in r["mesh"] and r["dtype"] == "bf16"]
+    if bf16_fsdp:
+        lines += [
+            "",
+            "## FSDP2 under bf16: the plan's unsharded copies are float32",
+            "",
+            "Under bf16 the loop (and this benchmark) passes `compute_dtype=bfloat16` to `parallelize`, so FSDP2 "
+            "gathers every block and the root in bf16 (MixedPrecisionPolicy). The plan drops the autocast weight "
+            "copies for that case, but `_gathered_bytes` still counts its unsharded copies at 4 bytes per element: "
+            "plan / measured 'FSDP unsharded' in the bf16 FSDP cases is "
+            + ", ".join(f"{r['shape']} {r['mesh']}{' ckpt' if r['activation_checkpointing'] else ''} "
+                        f"{mib(r['plan']['gathered'])} / {mib(r['measured']['gathered'])}" for r in bf16_fsdp)
+            + " MiB. It is the largest error of the dp_shard=2 bf16 rows (6L-512-v2k without checkpointing: "
+            "1.211). (Until this run the benchmark called `parallelize` without a compute dtype, so FSDP2 "
+            "gathered in float32 and those rows read 1.045-1.094.)",
+        ]
+    tp_rows = [r for r in rows if "tp=" in r["mesh"]]
+    if tp_rows:
+        lines += [
+            "",
+            "## Tensor parallelism: what the plan leaves out",
+            "",
+            "Where a tp case's peak is set by the activations (no gradient live), measured activations minus the "
+            "plan's, beside three terms the plan does not model (MiB per rank): torch's `ColwiseParallel` after "
+            "a sequence-parallel LayerNorm saves its all-gathered input, so ln_1's and ln_2's outputs (2aC per "
+            "token and layer, a = 4 in fp32, 2 under bf16) and ln_f's (aC) are stored whole on every tp rank, "
+            "not divided by tp as `activation_parts` assumes; and the loss-parallel cross-entropy "
+            "(`loss_parallel`) keeps one more float32 (B, T, V/tp) tensor than the plan's log-softmax and two "
+            "gradients (16 rather than 12 bytes per token and local vocabulary entry). The three terms are "
+            "inferred from the arithmetic (they account for every fp32 row to 0.1 MiB, and the last scales with "
+            "V / tp across the shapes), not traced tensor by tensor. Under bf16 a few MiB more or less remain: "
+            "the plan's bf16 terms (autocast weight copies when no FSDP gathers in bf16, the bf16 head weight) "
+            "do not match what autocast keeps for DTensor parameters.",
+            "",
+            "| shape | mesh | dtype | ckpt | measured - plan activations | gathered block inputs | gathered head "
+            "input | loss-parallel extra | sum of the three |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in tp_rows:
+            if r["measured"]["gradients"]:
+                continue  # a peak set by the gradients: the activations are not all live there
+            terms = _tp_terms(r)
+            lines.append(f"| {r['shape']} | {r['mesh']} | {r['dtype']} | "
+                         f"{'yes' if r['activation_checkpointing'] else 'no'} | "
+                         f"{mib(r['measured']['activations'] - r['plan']['activations'])} | "
+                         + " | ".join(mib(v) for v in terms.values()) + f" | {mib(sum(terms.values()))} |")
     lines.append("")
     return "\n".join(lines)
 
