@@ -316,9 +316,11 @@ def _markdown(rows: list[dict], env: dict) -> str:
             "token and layer, a = 4 in fp32, 2 under bf16) and ln_f's (aC) are stored whole on every tp rank, "
             "not divided by tp as `activation_parts` assumes; and the loss-parallel cross-entropy "
             "(`loss_parallel`) keeps one more float32 (B, T, V/tp) tensor than the plan's log-softmax and two "
-            "gradients (16 rather than 12 bytes per token and local vocabulary entry). The three terms are "
-            "inferred from the arithmetic (they account for every fp32 row to 0.1 MiB, and the last scales with "
-            "V / tp across the shapes), not traced tensor by tensor. Under bf16 a few MiB more or less remain: "
+            "gradients at its backward's peak (16 rather than 12 bytes per token and local vocabulary entry). "
+            "The three terms account for every fp32 row to 0.1 MiB. The last was also measured alone "
+            "(`MemTracker`, float32 logits of 2048 x 8192 held as a leaf, cross-entropy forward and backward): "
+            "one process peaks at 4 x 64 MiB (logits, log-softmax, two gradients), a rank of tp=2 under "
+            "`loss_parallel` at 5 x 32 MiB. Under bf16 a few MiB more or less remain: "
             "the plan's bf16 terms (autocast weight copies when no FSDP gathers in bf16, the bf16 head weight) "
             "do not match what autocast keeps for DTensor parameters.",
             "",
