@@ -242,6 +242,12 @@ def _tp_terms(row: dict) -> dict[str, int]:
             "loss-parallel extra": 4 * tokens * row["vocab_size"] // tp}
 
 
+def _rank_spread(rows: list[dict]) -> str:
+    """The largest difference between two ranks' tracked totals, in words."""
+    spread = max((max(r["rank_totals"]) - min(r["rank_totals"]) for r in rows if r.get("rank_totals")), default=0)
+    return f"at most {spread / MIB:.1f} MiB in any case"
+
+
 def _markdown(rows: list[dict], env: dict) -> str:
     mib = lambda n: f"{n / MIB:.1f}"  # noqa: E731
     lines = [
@@ -258,7 +264,7 @@ def _markdown(rows: list[dict], env: dict) -> str:
         "compute_dtype)` with the loop's compute dtype (under bf16 FSDP2 gathers in bf16, its "
         "MixedPrecisionPolicy) and run forward and backward under `loss_context` (loss-parallel cross-entropy "
         "when tp > 1). The rank with the largest tracked total is shown (column 'rank'; the ranks' totals are "
-        "in the JSON and differ by at most a few MiB). B is per data-parallel rank (tp ranks share a batch).",
+        "in the JSON; they differ by " + _rank_spread(rows) + "). B is per data-parallel rank (tp ranks share a batch).",
         "",
         "Each cell is plan / measured in MiB. The measured categories are the ones live at the moment of the "
         "peak; the plan's peak is parameters + AdamW + FSDP copies + the larger of its activations and its "
