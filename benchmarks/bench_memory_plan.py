@@ -1,13 +1,25 @@
 """The memory plan (`minigpt.memory_plan`) against tracked peaks of real training steps on CPU.
 
 Each case trains minigpt's GPT for three AdamW steps (forward under the training dtype's
-autocast, backward, gradient clipping, step, zero_grad(set_to_none)), the blocks
-checkpointed or not by `minigpt.train.parallel.parallelize`, and records the peak of
-steps 2 and 3 (step 1, untracked, allocates AdamW's moments) with torch's allocation tracker:
-`MemTracker` in one process, `FSDPMemTracker` on each of two gloo processes under FSDP2
-(`parallelize(..., "fsdp")`, mesh dp_shard=2). The trackers attribute every live tensor
-storage to parameters, gradients, optimizer state, activations and temporaries; RSS would
-add the allocator's and the interpreter's own memory.
+autocast, backward, gradient clipping, step, zero_grad(set_to_none)), distributed and
+checkpointed or not by `minigpt.train.parallel.parallelize`, and records the peak of steps
+2 and 3 (step 1, untracked, allocates AdamW's moments) with torch's allocation tracker on
+each rank. The meshes:
+
+    dp_shard=1        one process, `MemTracker`
+    dp_shard=2        FSDP2 over two gloo processes, `FSDPMemTracker`
+    tp=2              tensor (and sequence) parallelism over two gloo processes, no FSDP:
+                      `MemTracker` (FSDPMemTracker needs an FSDP module)
+    dp_shard=2,tp=2   both, four gloo processes, `FSDPMemTracker` on the 2-D mesh
+
+Both trackers let DTensor dispatch first and then see its local ops, and count a DTensor
+by its local storage, so every number is one rank's own bytes. The distributed cases build
+the mesh and call `parallelize(model, train, "fsdp", cpu, mesh, compute_dtype)` with the
+compute dtype the loop passes (`minigpt.train.parallel.mixed_precision`: under bf16 FSDP2
+gathers in bf16), and run the forward and backward under `loss_context` (the loss-parallel
+cross-entropy on vocabulary-sharded logits), as the loop does. The trackers attribute every
+live tensor storage to parameters, gradients, optimizer state, activations and temporaries;
+RSS would add the allocator's and the interpreter's own memory.
 
 AdamW is the fused one (`fused=True`), as the trainer uses on CUDA: the plan models a GPU
 step, and the CPU's default foreach AdamW adds parameter-sized temporaries.
@@ -43,6 +55,10 @@ CASES = [  # (mesh, dtype, activation checkpointing)
     ("dp_shard=1", "bf16", False), ("dp_shard=1", "bf16", True),
     ("dp_shard=2", "fp32", False), ("dp_shard=2", "fp32", True),
     ("dp_shard=2", "bf16", False), ("dp_shard=2", "bf16", True),
+    ("tp=2", "fp32", False), ("tp=2", "fp32", True),
+    ("tp=2", "bf16", False), ("tp=2", "bf16", True),
+    ("dp_shard=2,tp=2", "fp32", False), ("dp_shard=2,tp=2", "fp32", True),
+    ("dp_shard=2,tp=2", "bf16", False), ("dp_shard=2,tp=2", "bf16", True),
 ]
 
 
@@ -53,34 +69,41 @@ def _config(shape: str):
     return GPTConfig(**values, dropout=0.0)
 
 
-def _train_and_track(shape: str, dtype: str, checkpointing: bool, parallel: str) -> dict:
-    """Three training steps in this process (rank of a process group under FSDP); the tracked
-    peak of steps 2 and 3, by category, in bytes."""
+def _train_and_track(shape: str, dtype: str, checkpointing: bool, mesh: str) -> dict:
+    """Three training steps in this process (one rank of a process group on a mesh other than
+    dp_shard=1); the tracked peak of steps 2 and 3, by category, in bytes."""
+    from minigpt.memory_plan import parse_mesh
     from minigpt.model import GPT
     from minigpt.train.config import TrainConfig
-    from minigpt.train.parallel import parallelize
+    from minigpt.train.parallel import loss_context, mixed_precision, parallelize
 
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights and batch on every rank (tp ranks must read the same batch)
     B, T = SHAPES[shape]["batch"], SHAPES[shape]["seq"]
     config = _config(shape)
     model = GPT(config)
-    train = TrainConfig(out_dir="unused", max_steps=3, batch_size=B, activation_checkpointing=checkpointing)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    shape_ = parse_mesh(mesh)
+    distributed = shape_.world_size > 1
+    train = TrainConfig(out_dir="unused", max_steps=3, batch_size=B, activation_checkpointing=checkpointing,
+                        dp_shard=shape_.dp_shard, tp=shape_.tp)
+    compute_dtype, _, autocast = mixed_precision(torch.device("cpu"), "float32" if dtype == "fp32" else "bfloat16")
     idx = torch.randint(0, config.vocab_size, (B, T))
     targets = torch.randint(0, config.vocab_size, (B, T))
-    with parallelize(model, train, parallel, torch.device("cpu")) as module:
+    parallel = "fsdp" if distributed else "none"
+    with parallelize(model, train, parallel, torch.device("cpu"), shape_ if distributed else None,
+                     compute_dtype) as module:
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
 
         def step() -> None:
-            with autocast:
-                loss = module(idx, targets).loss
-            loss.backward()
+            with loss_context(model):
+                with autocast:
+                    loss = module(idx, targets).loss
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         step()  # untracked: it allocates AdamW's moments; the tracked steps run with them
-        if parallel == "fsdp":
+        if shape_.dp_shard > 1:
             from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
             tracker = FSDPMemTracker(module, optimizer)
@@ -116,32 +139,38 @@ def _categories(kinds: dict[str, int]) -> dict[str, int]:
     }
 
 
-def _fsdp_worker(rank: int, world: int, port: int, shape: str, dtype: str, checkpointing: bool, out: str) -> None:
+def _mesh_worker(rank: int, world: int, port: int, shape: str, mesh: str, dtype: str, checkpointing: bool,
+                 out: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = _train_and_track(shape, dtype, checkpointing, "fsdp")
+        result = _train_and_track(shape, dtype, checkpointing, mesh)
         Path(f"{out}.{rank}").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
 def measure(shape: str, mesh: str, dtype: str, checkpointing: bool) -> dict:
-    """Tracked peak per rank (the largest over ranks) of one case."""
-    if mesh == "dp_shard=1":
-        return _train_and_track(shape, dtype, checkpointing, "none")
+    """Tracked peak per rank of one case: the rank with the largest total, and every rank's total."""
+    from minigpt.memory_plan import parse_mesh
+
+    world = parse_mesh(mesh).world_size
+    if world == 1:
+        result = _train_and_track(shape, dtype, checkpointing, mesh)
+        return {**result, "rank": 0, "rank_totals": [result["kinds"].get("Total", 0)]}
     import torch.multiprocessing as mp
 
-    world = int(mesh.split("=")[1])
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result")
         port = 29500 + os.getpid() % 1000
-        mp.spawn(_fsdp_worker, args=(world, port, shape, dtype, checkpointing, out), nprocs=world)
+        mp.spawn(_mesh_worker, args=(world, port, shape, mesh, dtype, checkpointing, out), nprocs=world)
         results = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
-    return max(results, key=lambda r: r["kinds"].get("Total", 0))
+    totals = [r["kinds"].get("Total", 0) for r in results]
+    rank = max(range(world), key=lambda r: totals[r])
+    return {**results[rank], "rank": rank, "rank_totals": totals}
 
 
 def plan_for(shape: str, mesh: str, dtype: str, checkpointing: bool) -> dict:
@@ -157,15 +186,27 @@ def plan_for(shape: str, mesh: str, dtype: str, checkpointing: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--meshes", nargs="*", default=list(dict.fromkeys(c[0] for c in CASES)),
+                        help="only these meshes' cases")
     parser.add_argument("--out", default=str(RESULTS / "memory_plan_cpu"), help="path without suffix")
+    parser.add_argument("--from-json", action="store_true",
+                        help="rewrite the .md from the .json at --out, measuring nothing")
     args = parser.parse_args()
+    if args.from_json:
+        data = json.loads(Path(args.out + ".json").read_text())
+        Path(args.out + ".md").write_text(_markdown(data["rows"], data["env"]))
+        print(f"wrote {args.out}.md")
+        return
     torch.set_num_threads(2)
     rows = []
     for shape in args.shapes:
         for mesh, dtype, checkpointing in CASES:
+            if mesh not in args.meshes:
+                continue
             measured = measure(shape, mesh, dtype, checkpointing)
             row = {"shape": shape, **SHAPES[shape], "mesh": mesh, "dtype": dtype,
                    "activation_checkpointing": checkpointing, "seconds": measured["seconds"],
+                   "rank": measured["rank"], "rank_totals": measured["rank_totals"],
                    "tracked_kinds": measured["kinds"], "measured": _categories(measured["kinds"]),
                    "plan": plan_for(shape, mesh, dtype, checkpointing)}
             rows.append(row)
@@ -184,38 +225,123 @@ def _row_line(row: dict) -> str:
             f"{m['total'] / MIB:.1f} MiB, plan {p['total'] / MIB:.1f} MiB ({p['total'] / m['total']:.3f})")
 
 
+def _tp_terms(row: dict) -> dict[str, int]:
+    """What torch's tensor parallelism keeps beyond the plan's activations, per rank, in bytes
+    (see the results' notes): the matmul inputs that sequence parallelism gathers whole
+    (ln_1's and ln_2's outputs in every block without checkpointing, ln_f's for the head) are
+    saved gathered, not divided by tp; and the loss-parallel cross-entropy keeps one more
+    float32 (B, T, V / tp) tensor than one process's."""
+    tp = int(dict(part.split("=") for part in row["mesh"].split(",")).get("tp", 1))
+    if tp == 1:
+        return {}
+    a = 4 if row["dtype"] == "fp32" else 2
+    tokens, C = row["batch"] * row["seq"], row["n_embd"]
+    whole = lambda n: n - n // tp  # noqa: E731  (what is stored beyond n / tp)
+    return {"gathered block inputs": 0 if row["activation_checkpointing"] else row["n_layer"] * whole(tokens * 2 * a * C),
+            "gathered head input": whole(tokens * a * C),
+            "loss-parallel extra": 4 * tokens * row["vocab_size"] // tp}
+
+
+def _rank_spread(rows: list[dict]) -> str:
+    """The largest difference between two ranks' tracked totals, in words."""
+    spread = max((max(r["rank_totals"]) - min(r["rank_totals"]) for r in rows if r.get("rank_totals")), default=0)
+    return f"at most {spread / MIB:.1f} MiB in any case"
+
+
 def _markdown(rows: list[dict], env: dict) -> str:
     mib = lambda n: f"{n / MIB:.1f}"  # noqa: E731
     lines = [
         "# Memory plan vs tracked peak, CPU",
         "",
         "`python -m benchmarks.bench_memory_plan`: three AdamW (fused) training steps of minigpt's GPT per case, "
-        "the peak of steps 2-3 as torch's allocation trackers attribute it (`MemTracker`; `FSDPMemTracker` on "
-        "each of two gloo processes for dp_shard=2, the larger rank shown), beside "
-        "`minigpt.memory_plan.memory_plan` for the same shape, mesh, dtype and checkpointing. "
+        "the peak of steps 2-3 as torch's allocation trackers attribute it, beside "
+        "`minigpt.memory_plan.memory_plan` for the same shape, mesh, dtype and checkpointing. Meshes: one process "
+        "(`MemTracker`); dp_shard=2, FSDP2 over two gloo processes (`FSDPMemTracker`); tp=2, minigpt's tensor "
+        "(and sequence) parallelism over two gloo processes without FSDP (`MemTracker`: `FSDPMemTracker` needs "
+        "an FSDP module); dp_shard=2,tp=2, both over four gloo processes (`FSDPMemTracker` on the 2-D mesh). "
+        "Both trackers let DTensor dispatch first and count a DTensor by its local storage, so every number is "
+        "one rank's own bytes. The distributed cases go through `parallelize(..., 'fsdp', cpu, mesh, "
+        "compute_dtype)` with the loop's compute dtype (under bf16 FSDP2 gathers in bf16, its "
+        "MixedPrecisionPolicy) and run forward and backward under `loss_context` (loss-parallel cross-entropy "
+        "when tp > 1). The rank with the largest tracked total is shown (column 'rank'; the ranks' totals are "
+        "in the JSON; they differ by " + _rank_spread(rows) + "). B is per data-parallel rank (tp ranks share a batch).",
+        "",
         "Each cell is plan / measured in MiB. The measured categories are the ones live at the moment of the "
         "peak; the plan's peak is parameters + AdamW + FSDP copies + the larger of its activations and its "
         "gradients + one recomputed block (column 'recompute'), so the plan's gradients are not live at a peak "
         "set by the activations (the start of the backward pass: zero_grad set them to None), nor its "
-        "activations at one set by the gradients (the end of the backward pass). Under dp_shard=2 the tracker "
+        "activations at one set by the gradients (the end of the backward pass). Measured activations are the "
+        "tracker's 'Activation' + 'Temp' (+ 'Inputs'). Under FSDP2 the tracker "
         "files the gathered blocks as 'All Gather' / 'Reduce Scatter' buffers and the root's parameters as "
-        "'Unsharded Param': together the column 'FSDP unsharded'.",
+        "'Unsharded Param' (+ 'Unsharded Grad'): together the column 'FSDP unsharded'.",
         "",
         f"torch {env['torch']}, Python {env['python']}, {env['processor']}, {env['threads']} threads, {env['date']}.",
         "",
-        "| shape | B x T | mesh | dtype | ckpt | params | grads | AdamW | activations | recompute (plan) "
+        "| shape | B x T | mesh | dtype | ckpt | rank | params | grads | AdamW | activations | recompute (plan) "
         "| FSDP unsharded | peak | plan / measured |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         m, p = r["measured"], r["plan"]
         cell = lambda k: f"{mib(p[k])} / {mib(m[k])}"  # noqa: E731
+        ratio = p["total"] / m["total"]
         lines.append(
             f"| {r['shape']} | {r['batch']} x {r['seq']} | {r['mesh']} | {r['dtype']} | "
-            f"{'yes' if r['activation_checkpointing'] else 'no'} | {cell('params')} | {cell('gradients')} | "
-            f"{cell('optimizer')} | {cell('activations')} | {mib(p['recompute'])} | {cell('gathered')} | "
-            f"{cell('total')} | "
-            f"{p['total'] / m['total']:.3f} |")
+            f"{'yes' if r['activation_checkpointing'] else 'no'} | {r.get('rank', 0)} | {cell('params')} | "
+            f"{cell('gradients')} | {cell('optimizer')} | {cell('activations')} | {mib(p['recompute'])} | "
+            f"{cell('gathered')} | {cell('total')} | "
+            + (f"**{ratio:.3f}**" if abs(ratio - 1) > 0.15 else f"{ratio:.3f}") + " |")
+    ratios = [r["plan"]["total"] / r["measured"]["total"] for r in rows]
+    lines += ["", f"Plan / measured over all {len(rows)} cases: {min(ratios):.3f}-{max(ratios):.3f}; "
+              f"{sum(abs(x - 1) > 0.15 for x in ratios)} outside 15% (bold)."]
+    bf16_fsdp = [r for r in rows if "dp_shard=2" in r["mesh"] and r["dtype"] == "bf16"]
+    if bf16_fsdp:
+        lines += [
+            "",
+            "## FSDP2 under bf16: the plan's unsharded copies are float32",
+            "",
+            "Under bf16 the loop (and this benchmark) passes `compute_dtype=bfloat16` to `parallelize`, so FSDP2 "
+            "gathers every block and the root in bf16 (MixedPrecisionPolicy). The plan drops the autocast weight "
+            "copies for that case, but `_gathered_bytes` still counts its unsharded copies at 4 bytes per element: "
+            "plan / measured 'FSDP unsharded' in the bf16 FSDP cases is "
+            + ", ".join(f"{r['shape']} {r['mesh']}{' ckpt' if r['activation_checkpointing'] else ''} "
+                        f"{mib(r['plan']['gathered'])} / {mib(r['measured']['gathered'])}" for r in bf16_fsdp)
+            + " MiB. It is the largest error of the dp_shard=2 bf16 rows (6L-512-v2k without checkpointing: "
+            "1.211). (Until this run the benchmark called `parallelize` without a compute dtype, so FSDP2 "
+            "gathered in float32 and those rows read 0.964-1.094; the reduce-scatter of the gradients stays float32 either way.)",
+        ]
+    tp_rows = [r for r in rows if "tp=" in r["mesh"]]
+    if tp_rows:
+        lines += [
+            "",
+            "## Tensor parallelism: what the plan leaves out",
+            "",
+            "Where a tp case's peak is set by the activations (no gradient live), measured activations minus the "
+            "plan's, beside three terms the plan does not model (MiB per rank): torch's `ColwiseParallel` after "
+            "a sequence-parallel LayerNorm saves its all-gathered input, so ln_1's and ln_2's outputs (2aC per "
+            "token and layer, a = 4 in fp32, 2 under bf16) and ln_f's (aC) are stored whole on every tp rank, "
+            "not divided by tp as `activation_parts` assumes; and the loss-parallel cross-entropy "
+            "(`loss_parallel`) keeps one more float32 (B, T, V/tp) tensor than the plan's log-softmax and two "
+            "gradients at its backward's peak (16 rather than 12 bytes per token and local vocabulary entry). "
+            "The three terms account for every fp32 row to 0.1 MiB. The last was also measured alone "
+            "(`MemTracker`, float32 logits of 2048 x 8192 held as a leaf, cross-entropy forward and backward): "
+            "one process peaks at 4 x 64 MiB (logits, log-softmax, two gradients), a rank of tp=2 under "
+            "`loss_parallel` at 5 x 32 MiB. Under bf16 a few MiB more or less remain: "
+            "the plan's bf16 terms (autocast weight copies when no FSDP gathers in bf16, the bf16 head weight) "
+            "do not match what autocast keeps for DTensor parameters.",
+            "",
+            "| shape | mesh | dtype | ckpt | measured - plan activations | gathered block inputs | gathered head "
+            "input | loss-parallel extra | sum of the three |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in tp_rows:
+            if r["measured"]["gradients"]:
+                continue  # a peak set by the gradients: the activations are not all live there
+            terms = _tp_terms(r)
+            lines.append(f"| {r['shape']} | {r['mesh']} | {r['dtype']} | "
+                         f"{'yes' if r['activation_checkpointing'] else 'no'} | "
+                         f"{mib(r['measured']['activations'] - r['plan']['activations'])} | "
+                         + " | ".join(mib(v) for v in terms.values()) + f" | {mib(sum(terms.values()))} |")
     lines.append("")
     return "\n".join(lines)
 
