@@ -61,7 +61,7 @@ def test_indexed_attention_banded_matches_mask(backend, T, S, w):
     for left_pad in (None, torch.tensor([0, 3])):
         got, _ = ops.indexed_attention(q, k[:, :, perm], v[:, :, perm], start=start, k_index=k_index[perm],
                                        window=w, left_pad=left_pad, scale=0.5, backend=backend)
-        mask = ops.build_mask(torch.arange(start, start + T), k_index, w, left_pad)
+        mask = ops.band_mask(torch.arange(start, start + T), k_index, w, left_pad)
         want, _ = ops.masked_attention(q.double(), k.double(), v.double(), mask, scale=0.5, backend="math")
         assert_rel_close(got, want, torch.float32, f"left_pad={left_pad}")
 
