@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigpt import banded
-from minigpt.banded import band_block_size, scores_whole_band  # noqa: F401  (the work model in minigpt.counts)
+# Also importable from here: minigpt.counts reads the band's block rules, minigpt.attention_map the mask.
+from minigpt.banded import band_block_size, scores_whole_band  # noqa: F401
 from minigpt.masks import band_mask
 
 logger = logging.getLogger(__name__)
