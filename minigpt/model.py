@@ -155,7 +155,7 @@ class CausalSelfAttention(ops.UsesBackend, nn.Module):
         else:
             k_index = torch.arange(T, device=q.device)
         q_index = torch.arange(start, start + T, device=q.device)
-        mask = ops.build_mask(q_index, k_index, self.window, left_pad)  # (T, S) or (B, 1, T, S)
+        mask = ops.band_mask(q_index, k_index, self.window, left_pad)  # (T, S) or (B, 1, T, S)
         scores = self.hook_attn_scores(ops.attention_scores(q, k, mask, self.scale))  # (B, H, T, S) float32
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1).to(q.dtype))  # (B, H, T, S)
         return F.dropout(pattern, p=self.dropout, training=self.training) @ v  # (B, H, T, D)

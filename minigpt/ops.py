@@ -1,4 +1,4 @@
-"""The one seam between the model and its compute backends.
+"""The one seam between the model and its compute backends: only this module knows them.
 
 Three attention backends agree within stated tolerances:
 
@@ -9,13 +9,15 @@ Three attention backends agree within stated tolerances:
   LayerNorm). Triton needs CUDA, or ``TRITON_INTERPRET=1`` on a CPU; otherwise the
   model falls back to ``sdpa`` and says so once in the log.
 
-Masks follow the house's single definition: query i sees key j iff j <= i and, in a
-banded layer of width w, i - w < j.
+Each attention call decides once which of them computes it (``attention_implementation``).
+Masks follow the house's single definition, ``minigpt.masks.visible``: query i sees key j
+iff j <= i and, in a banded layer of width w, i - w < j.
 
 A banded layer costs O(T * w) on every backend. ``triton`` visits only the key tiles
-that meet the band; ``sdpa`` and ``math`` cut the queries into blocks of b = w/2 rows,
-and each block attends to the w + b keys its queries can see (``banded_attention``). No T x T mask or score matrix is built, except on the ``math``
-path when attention probabilities are asked for.
+that meet the band; ``sdpa`` and ``math`` hand ``minigpt.banded`` their masked attention
+step, and it scores the whole band for T <= 2w, else query blocks of b = w/2 rows against
+the w + b keys each can see. No T x T mask or score matrix is built for longer sequences,
+except on the ``math`` path when attention probabilities are asked for.
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minigpt import banded
+# Also importable from here: minigpt.counts reads the band's block rules, minigpt.attention_map the mask.
+from minigpt.banded import band_block_size, scores_whole_band  # noqa: F401
+from minigpt.masks import band_mask
 
 logger = logging.getLogger(__name__)
 
@@ -101,145 +108,41 @@ def _kernel_head_dim_ok(head_dim: int) -> bool:
     return False
 
 
-def band_mask(q_index: torch.Tensor, k_index: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean (Tq, Tk) mask: True where query at index q_index[i] may see key k_index[j]."""
-    diff = q_index[:, None] - k_index[None, :]
-    allowed = diff >= 0
-    if window is not None:
-        allowed &= diff < window
-    return allowed
+def attention_implementation(backend: str, q: torch.Tensor, *, dropout: bool = False, mask: bool = False) -> str:
+    """Which implementation computes one attention call asked of ``backend``: decided once per call.
 
+    'math' and 'sdpa' compute every call they are asked. 'triton' computes a whole causal
+    sequence when its kernel can; otherwise 'sdpa' does, and why is logged once: no CUDA
+    (and no interpreter), a head_dim the kernel lacks, dropout in training, or an explicit
+    mask (KV cache, left padding), which the kernel does not take.
 
-def build_mask(
-    q_index: torch.Tensor, k_index: torch.Tensor, window: int | None, left_pad: torch.Tensor | None
-) -> torch.Tensor:
-    """Mask for attention with explicit key indices (KV cache, padded batches).
-
-    Returns a (Tq, Tk) mask without padding, or (B, 1, Tq, Tk) with left padding. A padding
-    query sees itself only, so its softmax row is never empty (its output is unused).
+    q: (B, H, T, D), the queries of the call. dropout: dropout is active (p > 0 in
+    training). mask: the call attends under an explicit mask.
     """
-    mask = band_mask(q_index, k_index, window)
-    if left_pad is None:
-        return mask
-    real_key = k_index[None, :] >= left_pad[:, None]  # (B, Tk)
-    mask = mask[None] & real_key[:, None, :]  # (B, Tq, Tk)
-    mask |= q_index[:, None] == k_index[None, :]
-    return mask[:, None]
+    if backend != "triton":
+        return backend
+    if mask:
+        _log_once("the Triton attention kernel takes no explicit mask (KV cache, left padding); "
+                  "using 'sdpa' for those calls")
+        return "sdpa"
+    if not (_triton_usable(q) and _kernel_head_dim_ok(q.shape[-1])):
+        return "sdpa"
+    if dropout:
+        _log_once("the Triton attention kernel has no dropout; using 'sdpa' while dropout > 0 in training")
+        return "sdpa"
+    return "triton"
 
 
-def _band_block_mask(
-    n_blocks: int, block: int, window: int, first_key: int, start: int, left_pad: torch.Tensor | None,
-    n_head: int, device
-) -> torch.Tensor:
-    """Boolean mask of the blocked band, (n_blocks, 1, b, w+b), or (n_blocks, B*H, b, w+b) with left padding.
-
-    Positions are in query coordinates: row r of block m is query i = m*b + r, column c
-    is key j = m*b - w + c. Keys before ``first_key`` do not exist (zero padding), and
-    with ``left_pad`` a padding query sees itself only, as in ``build_mask``.
-    """
-    b, w = block, window
-    m = torch.arange(n_blocks, device=device)[:, None, None]
-    i = m * b + torch.arange(b, device=device)[None, :, None]  # (n, b, 1)
-    j = m * b - w + torch.arange(w + b, device=device)[None, None, :]  # (n, 1, w+b)
-    mask = (j <= i) & (j > i - w) & (j >= first_key)  # (n, b, w+b)
-    if left_pad is None:
-        return mask[:, None]  # (n, 1, b, w+b)
-    real_key = (start + j)[:, None] >= left_pad[None, :, None, None]  # (n, B, 1, w+b)
-    mask = (mask[:, None] & real_key) | (j == i)[:, None]  # (n, B, b, w+b)
-    return mask.repeat_interleave(n_head, dim=1)  # (n, B*H, b, w+b)
-
-
-def _cached_mask(build):
-    """`build` behind a small lru_cache, except while torch.compile traces: then the mask is
-    built inside the graph (a constant there), and dynamo has no cache wrapper to warn about."""
-    cached = functools.lru_cache(maxsize=4)(build)
-
-    @functools.wraps(build)
-    def mask(*args):
-        return build(*args) if torch.compiler.is_compiling() else cached(*args)
-    return mask
-
-
-@_cached_mask
-def _band_block_bias(
-    n_blocks: int, block: int, window: int, first_key: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    # The additive form (0 / -inf) of the band's mask, (n, 1, b, w+b): T*(w+b) values, the size
-    # of one head's scores. PyTorch's CPU SDPA kernel runs a float mask faster than a boolean
-    # one. Cached: every banded layer of every step asks for the same one.
-    mask = _band_block_mask(n_blocks, block, window, first_key, 0, None, 1, device)
-    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-
-
-def scores_whole_band(seq_len: int, window: int) -> bool:
-    """Whether the sdpa/math paths score a banded layer's whole (T, T) matrix instead of blocks.
-
-    For T <= 2w the whole band mask is at most 2w*T entries, O(T*w) already, and one call over
-    it beats the blocked path's padding and copies (at the tiny recipe's T=64, w=32 a training
-    step took 80 ms blocked against 67 ms this way).
-    """
-    return seq_len <= 2 * window
-
-
-@_cached_mask
-def _full_band_bias(T: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # The additive form (0 / -inf) of the (T, T) band mask, cached like `_band_block_bias`.
-    index = torch.arange(T, device=device)
-    mask = band_mask(index, index, window)
-    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-
-
-def _attend(q, k, v, mask, scale, backend, dropout_p, training):
-    # Attention of each block's queries to its keys; the mask (boolean, or an additive float
-    # bias for sdpa) broadcasts over the leading dims.
+def _attend_under_bias(implementation: str, scale: float, dropout_p: float, training: bool) -> banded.Attend:
+    """attend(q, k, v, bias) on the 'math' or 'sdpa' path: attention under an additive mask
+    (0 / -inf) that broadcasts over the leading dims; what ``minigpt.banded`` calls."""
     drop = dropout_p if training else 0.0
-    if backend == "math":
-        mask = mask if mask.dtype == torch.bool else mask == 0
-        return _math_attention(q, k, v, mask, scale, drop, training)[0]
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
 
-
-def band_block_size(window: int) -> int:
-    """Query block size b for a window w: w/2 when w is even (each query scores w+b = 1.5w
-    keys instead of 2w with b = w; measured fastest on CPU, see benchmarks/NOTES.md), else w."""
-    return window // 2 if window % 2 == 0 else window
-
-
-class _OverlappingBlocks(torch.autograd.Function):
-    # cat of the w/b + 1 shifted slices of b-row blocks; the backward adds each slice's
-    # gradient in place into one zeroed tensor (cat's own backward zero-fills a full-size
-    # tensor per slice, and unfold's backward is several times slower still).
-    @staticmethod
-    def forward(ctx, rows, block, window):
-        ctx.block, ctx.window, ctx.rows_shape = block, window, rows.shape
-        blocks = rows.unflatten(1, (-1, block)).transpose(0, 1)  # (n + w/b, B*H, b, D)
-        n = blocks.shape[0] - window // block
-        return torch.cat([blocks[s:s + n] for s in range(window // block + 1)], dim=2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        b, w = ctx.block, ctx.window
-        grad_rows = grad.new_zeros(ctx.rows_shape)
-        blocks = grad_rows.unflatten(1, (-1, b)).transpose(0, 1)  # a view
-        n = grad.shape[0]
-        for s in range(w // b + 1):
-            blocks[s:s + n] += grad[:, :, s * b:(s + 1) * b]
-        return grad_rows, None, None
-
-
-def _overlapping_blocks(rows: torch.Tensor, block: int, window: int) -> torch.Tensor:
-    """(B*H, n*b + w, D) -> (n, B*H, w+b, D): block m holds rows m*b .. m*b+w+b-1.
-
-    Without autograd these are overlapping views (unfold), which SDPA reads as fast as
-    copies; with autograd they are copies (``_OverlappingBlocks``; b divides w), since
-    unfold's backward is several times slower.
-    """
-    b, w = block, window
-    if not (torch.is_grad_enabled() and rows.requires_grad):
-        return rows.unfold(1, w + b, b).permute(1, 0, 3, 2)
-    return _OverlappingBlocks.apply(rows, b, w)
+    def attend(q, k, v, bias):
+        if implementation == "math":
+            return _math_attention(q, k, v, bias == 0, scale, drop, training)[0]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=scale)
+    return attend
 
 
 def banded_attention(
@@ -256,39 +159,16 @@ def banded_attention(
     training: bool = False,
     block: int | None = None,
 ) -> torch.Tensor:
-    """Banded causal attention in O(T * w) time and memory, in plain PyTorch.
+    """The O(T * w) band in query blocks (``minigpt.banded.attention``) on the 'math' or 'sdpa' path.
 
-    q: (B, H, T, D), queries at positions start .. start+T-1. k, v: (B, H, S, D), S >= T,
-    keys at consecutive positions start+T-S .. start+T-1 (the last key is the last
-    query's own). Query i sees key j iff i - w < j <= i.
-
-    Queries are cut into n = ceil(T / b) blocks of b rows (b = ``block``, a divisor of w;
-    by default w/2, see ``band_block_size``). Block m's queries mb .. mb+b-1 see keys
-    from mb-w+1 to mb+b-1, all inside the w+b keys mb-w .. mb+b-1, so scores are
-    (n, B*H, b, w+b), not (T, T): w+b keys per query (1.5w at b = w/2; 2w at b = w).
-    The keys are zero-padded by w in front and to the ragged end; the mask hides them.
-    Blocks lead the batch dimensions, so one (n, 1, b, w+b) mask broadcasts over batch
-    and heads (left-padded rows get one per row).
+    q: (B, H, T, D) at positions start .. start+T-1; k, v: (B, H, S, D), S >= T, at the S
+    positions that end at the last query's. Returns (B, H, T, D). Raises ValueError for any
+    other backend (the band on 'triton' is the kernel's).
     """
-    B, H, T, D = q.shape
-    S, w = k.shape[-2], window
-    b = block or band_block_size(w)
-    n = -(-T // b)  # query blocks
-    pad = n * b - T  # rows that fill the last block
-    q_rows = F.pad(q, (0, 0, 0, pad)) if pad else q  # (B, H, n*b, D)
-    q_blocks = q_rows.reshape(B * H, n, b, D).transpose(0, 1)  # (n, B*H, b, D)
-    # Keys in query coordinates: row w + i holds the key at query i's position, for
-    # i in [-w, n*b); a negative pad drops keys more than w before the first query.
-    k_rows = F.pad(k, (0, 0, w - (S - T), pad)).reshape(B * H, n * b + w, D)
-    v_rows = F.pad(v, (0, 0, w - (S - T), pad)).reshape(B * H, n * b + w, D)
-    k_blocks, v_blocks = _overlapping_blocks(k_rows, b, w), _overlapping_blocks(v_rows, b, w)  # (n, B*H, w+b, D)
-    if left_pad is not None:
-        mask = _band_block_mask(n, b, w, T - S, start, left_pad, H, q.device)  # (n, B*H, b, w+b)
-    else:
-        first_key = max(T - S, -w)  # keys further back than w make no difference
-        mask = _band_block_bias(n, b, w, first_key, q.dtype if backend == "sdpa" else torch.float32, q.device)
-    out = _attend(q_blocks, k_blocks, v_blocks, mask, scale, backend, dropout_p, training)  # (n, B*H, b, D)
-    return out.transpose(0, 1).reshape(B, H, n * b, D)[:, :, :T]  # (B, H, T, D)
+    if backend not in ("math", "sdpa"):
+        raise ValueError(f"backend={backend!r}: the blocked band runs on 'math' or 'sdpa'")
+    attend = _attend_under_bias(backend, scale, dropout_p, training)
+    return banded.attention(q, k, v, attend, window=window, start=start, left_pad=left_pad, block=block)
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -321,33 +201,27 @@ def causal_attention(
     """Causal (dense or banded) self-attention over a whole sequence.
 
     q, k, v: (B, H, T, D). Returns (out (B, H, T, D), probs (B, H, T, T) or None);
-    probabilities come only from the math path.
+    probabilities come only from the math path. A banded layer takes the kernel on
+    'triton', else ``minigpt.banded``: the whole band for T <= 2w, query blocks beyond.
     """
     T = q.shape[-2]
     if window is not None and window >= T:
         window = None  # the band covers every causal pair
     if return_probs:
         index = torch.arange(T, device=q.device)
-        out, probs = _math_attention(q, k, v, band_mask(index, index, window), scale, dropout_p, training)
-        return out, probs
-    if backend == "triton" and _triton_usable(q) and _kernel_head_dim_ok(q.shape[-1]):
-        if not (dropout_p > 0 and training):
-            return _kernels().attention(q, k, v, causal=True, window=window, scale=scale), None
-        _log_once("the Triton attention kernel has no dropout; using 'sdpa' while dropout > 0 in training")
-    if backend == "triton":
-        backend = "sdpa"  # the fallback logged above
-    if window is not None and scores_whole_band(T, window):
-        out = _attend(q, k, v, _full_band_bias(T, window, q.dtype if backend == "sdpa" else torch.float32,
-                                               q.device), scale, backend, dropout_p, training)
-        return out, None
+        return _math_attention(q, k, v, band_mask(index, index, window), scale, dropout_p, training)
+    implementation = attention_implementation(backend, q, dropout=dropout_p > 0 and training)
+    if implementation == "triton":
+        return _kernels().attention(q, k, v, causal=True, window=window, scale=scale), None
+    if window is not None and banded.scores_whole_band(T, window):
+        attend = _attend_under_bias(implementation, scale, dropout_p, training)
+        return banded.whole_band_attention(q, k, v, attend, window=window), None
     if window is not None:
-        out = banded_attention(q, k, v, window=window, scale=scale, backend=backend,
-                               dropout_p=dropout_p, training=training)
-        return out, None
-    if backend == "math":
+        return banded_attention(q, k, v, window=window, scale=scale, backend=implementation,
+                                dropout_p=dropout_p, training=training), None
+    if implementation == "math":
         index = torch.arange(T, device=q.device)
-        out, _ = _math_attention(q, k, v, band_mask(index, index, None), scale, dropout_p, training)
-        return out, None
+        return _math_attention(q, k, v, band_mask(index, index, None), scale, dropout_p, training)[0], None
     drop = dropout_p if training else 0.0
     return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, scale=scale), None
 
@@ -377,17 +251,17 @@ def indexed_attention(
     ``banded_attention``; anything else builds the (Tq, S) mask.
     """
     T, S = q.shape[-2], k.shape[-2]
+    implementation = "math" if return_probs else attention_implementation(backend, q, mask=True)
     if T == 1 and left_pad is None:
-        return masked_attention(q, k, v, None, scale=scale, backend=backend, return_probs=return_probs)
+        return _masked_attention(q, k, v, None, scale, implementation, return_probs)
     if window is not None and window < S and not return_probs:
         order = torch.argsort(k_index)  # (S,) the ring's slots in position order
         k, v = k[:, :, order], v[:, :, order]  # (B, H, S, D)
-        backend = "math" if backend == "math" else "sdpa"
-        out = banded_attention(q, k, v, window=window, scale=scale, backend=backend, start=start, left_pad=left_pad)
-        return out, None
+        return banded_attention(q, k, v, window=window, scale=scale, backend=implementation,
+                                start=start, left_pad=left_pad), None
     q_index = torch.arange(start, start + T, device=q.device)
-    mask = build_mask(q_index, k_index, window, left_pad)
-    return masked_attention(q, k, v, mask, scale=scale, backend=backend, return_probs=return_probs)
+    mask = band_mask(q_index, k_index, window, left_pad)  # (T, S) or (B, 1, T, S)
+    return _masked_attention(q, k, v, mask, scale, implementation, return_probs)
 
 
 def masked_attention(
@@ -404,7 +278,12 @@ def masked_attention(
     and with padded batches. ``mask=None`` means every key is visible. The fused kernel has
     no arbitrary masks, so ``triton`` takes the ``sdpa`` path here.
     """
-    if return_probs or backend == "math":
+    implementation = "math" if return_probs else attention_implementation(backend, q, mask=True)
+    return _masked_attention(q, k, v, mask, scale, implementation, return_probs)
+
+
+def _masked_attention(q, k, v, mask, scale, implementation, return_probs):
+    if implementation == "math":
         if mask is None:
             mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
         out, probs = _math_attention(q, k, v, mask, scale, 0.0, False)

@@ -1,4 +1,5 @@
-"""ops.banded_attention (the O(T * w) path of the sdpa and math backends) against the reference.
+"""minigpt.ops's attention paths, minigpt.banded (the O(T * w) band of the sdpa and math backends)
+and minigpt.masks (the one mask rule), against the reference.
 
 Window semantics: query i sees key j iff i - w < j <= i.
 """
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from tolerances import assert_rel_close
 
 from minigpt_kernels import attention_reference
-from minigpt import ops
+from minigpt import banded, masks, ops
 from minigpt.config import GPTConfig
 
 
@@ -61,7 +62,7 @@ def test_indexed_attention_banded_matches_mask(backend, T, S, w):
     for left_pad in (None, torch.tensor([0, 3])):
         got, _ = ops.indexed_attention(q, k[:, :, perm], v[:, :, perm], start=start, k_index=k_index[perm],
                                        window=w, left_pad=left_pad, scale=0.5, backend=backend)
-        mask = ops.build_mask(torch.arange(start, start + T), k_index, w, left_pad)
+        mask = ops.band_mask(torch.arange(start, start + T), k_index, w, left_pad)
         want, _ = ops.masked_attention(q.double(), k.double(), v.double(), mask, scale=0.5, backend="math")
         assert_rel_close(got, want, torch.float32, f"left_pad={left_pad}")
 
@@ -113,3 +114,34 @@ def test_causal_attention_short_banded_sequence_scores_the_whole_band(backend, T
     config = GPTConfig(vocab_size=8, block_size=T, n_layer=1, n_head=1, n_embd=8,
                        attention_pattern=("banded",), attention_window=w)
     assert computed_attention_context(config, T, 0, backend) == float(T)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 16])
+@pytest.mark.parametrize("w", [None, 1, 3, 7, 20])
+def test_one_mask_rule_in_the_model_the_reference_and_the_kernel(T, w):
+    # minigpt.masks.visible is the rule; the reference and the kernel's inline mask spell it
+    # again (kernels/ never imports minigpt), and all three give i - w < j <= i.
+    from minigpt_kernels.attention import _attention_mask
+    from minigpt_kernels.reference import attention_mask
+
+    want = torch.tensor([[j <= i and (w is None or i - w < j) for j in range(T)] for i in range(T)])
+    i = torch.arange(T)
+    assert torch.equal(masks.visible(i[:, None], i[None, :], w), want)
+    assert torch.equal(masks.band_mask(i, i, w), want)
+    assert torch.equal(attention_mask(T, True, w), want)
+    assert torch.equal(_attention_mask.fn(i[:, None], i[None, :], T, True, w or 0), want)
+
+
+@pytest.mark.parametrize("n, b, w, first_key, start", [(3, 2, 4, -4, 0), (4, 3, 3, -2, 5), (2, 1, 1, 0, 2)])
+def test_band_block_mask_is_the_rule_in_query_coordinates(n, b, w, first_key, start):
+    # Row r of block m is query m*b + r, column c is key m*b - w + c; keys before first_key
+    # do not exist; with left padding a padding query sees itself only.
+    left_pad = torch.tensor([0, start + 2])
+    for pad in (None, left_pad):
+        got = banded.band_block_mask(n, b, w, first_key, start, pad, 1, "cpu")  # (n, 1 or B, b, w+b)
+        for m in range(n):
+            i = start + m * b + torch.arange(b)
+            j = start + m * b - w + torch.arange(w + b)
+            want = masks.band_mask(i, j, w, pad)[:, 0] if pad is not None else masks.band_mask(i, j, w)[None]
+            want = want & (j >= start + first_key)
+            assert torch.equal(got[m], want), (m, pad)

@@ -24,6 +24,11 @@ def attention_mask(
 
     Causal: ``j <= i``. Banded (``window=w``): additionally ``j > i - w``, so query ``i``
     sees keys ``i-w+1 .. i``. Non-causal without a window: every pair.
+
+    This is the house's one mask rule, which ``minigpt.masks.visible`` defines for the model
+    (this package never imports minigpt, so it is spelled here too) and which the kernel
+    evaluates per tile (``_attention_mask`` in ``attention.py``); tests/test_ops_banded.py
+    checks that the three agree.
     """
     i = torch.arange(seq_len, device=device)[:, None]
     j = torch.arange(seq_len, device=device)[None, :]
