@@ -179,7 +179,8 @@ def plan_for(shape: str, mesh: str, dtype: str, checkpointing: bool) -> dict:
     s = SHAPES[shape]
     plan = memory_plan(_config(shape), parse_mesh(mesh), s["batch"], s["seq"], dtype, checkpointing)
     return {"params": plan.params, "gradients": plan.gradients, "optimizer": plan.optimizer,
-            "activations": plan.activations, "recompute": plan.recompute, "gathered": plan.gathered,
+            "activations": plan.activations, "recompute": plan.recompute,
+            "gathered": plan.gathered + plan.gathered_gradients,
             "total": plan.total}
 
 
@@ -191,9 +192,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "memory_plan_cpu"), help="path without suffix")
     parser.add_argument("--from-json", action="store_true",
                         help="rewrite the .md from the .json at --out, measuring nothing")
+    parser.add_argument("--replan", action="store_true",
+                        help="with --from-json: the plan column from today's minigpt.memory_plan (the measured "
+                             "peaks as stored)")
     args = parser.parse_args()
     if args.from_json:
         data = json.loads(Path(args.out + ".json").read_text())
+        if args.replan:
+            for row in data["rows"]:
+                row["plan"] = plan_for(row["shape"], row["mesh"], row["dtype"], row["activation_checkpointing"])
+            Path(args.out + ".json").write_text(json.dumps(data, indent=2) + "\n")
         Path(args.out + ".md").write_text(_markdown(data["rows"], data["env"]))
         print(f"wrote {args.out}.md")
         return

@@ -2,9 +2,10 @@
 
 `memory_plan(config, mesh, batch_size, seq_len, dtype, activation_checkpointing)` is what
 ``minigpt inspect PRESET --mesh dp_shard=N,tp=M`` prints (`format_memory_plan`, or
-``--json``). It models the layout that `minigpt.train.parallel` is growing into, after
-torchtitan and Megatron-LM: a mesh of degrees (dp_replicate, dp_shard, tp), whose product
-is the world size.
+``--json``). It models the layout `minigpt.train.parallel` builds, after torchtitan and
+Megatron-LM: a mesh of degrees (dp_replicate, dp_shard, tp), whose product is the world size
+(`minigpt.train.mesh.MeshShape`), and it is checked against the peaks torch's allocation
+trackers measure on every layout (benchmarks/results/memory_plan_cpu.md).
 
 - Tensor parallelism over tp (Megatron-LM, Shoeybi et al. 2019): the fused qkv and the
   MLP's first projection are column-sharded, the attention output projection and the MLP's
@@ -13,9 +14,10 @@ is the world size.
   row-parallel biases and the LayerNorms are replicated.
 - Sequence parallelism with tp (Korthikanti et al. 2022, "Reducing Activation Recomputation
   in Large Transformer Models"): what lives outside attention and the MLP (the residual
-  stream, LayerNorm inputs and outputs, dropout masks) is split along the sequence, and
-  inside them each rank holds its heads' or its MLP columns' share, so every stored
-  activation is divided by tp; the loss is vocabulary-parallel (logits split by tp).
+  stream, LayerNorm inputs, dropout masks) is split along the sequence, and inside them each
+  rank holds its heads' or its MLP columns' share, so nearly every stored activation is
+  divided by tp, except the LayerNorm outputs, which the column-parallel matmuls save as
+  gathered, whole; the loss is vocabulary-parallel (logits split by tp).
 - FSDP2 (`fully_shard` per block, then the root) over dp_shard: every parameter, its
   gradient and AdamW's two moments are split along dim 0 into dp_shard chunks (the chunk
   is rounded up, as FSDP2 pads it); dp_replicate holds full replicas (HSDP) and changes
@@ -107,10 +109,13 @@ class MemoryPlan:
     """With activation checkpointing, one block's activations, live again while the block is
     recomputed (the first block last, when the gradients exist); 0 without."""
     gathered: int
-    """FSDP2's unsharded working copies: the root's parameters and gradient, two blocks'
-    parameters (current and prefetched) and one block's gradients. 0 without dp_shard."""
+    """FSDP2's unsharded parameters: the root's and two blocks' (current and prefetched), in
+    the compute dtype. 0 without dp_shard."""
     activation_parts: dict[str, int]
     """`activations` by part (see `activation_parts`)."""
+    gathered_gradients: int = 0
+    """FSDP2's unsharded float32 gradients before their reduce-scatter: the root's and one
+    block's; they exist only in the backward pass. 0 without dp_shard."""
 
     @property
     def total(self) -> int:
@@ -118,9 +123,10 @@ class MemoryPlan:
         the larger of the two moments that compete for the rest. At the start of the backward
         pass the activations are all there and no gradient is (zero_grad sets them to None); at
         its end every gradient is there and, with checkpointing, the first block's recomputed
-        activations. (Every part at once would overstate the tracked CPU peaks by about the
-        gradients: up to 19 %, benchmarks/results/memory_plan_cpu.md.)"""
-        return self.params + self.optimizer + self.gathered + max(self.activations, self.gradients + self.recompute)
+        activations, and FSDP2's unsharded gradients. (Every part at once would overstate the
+        tracked CPU peaks by about the gradients: up to 19 %, benchmarks/results/memory_plan_cpu.md.)"""
+        return self.params + self.optimizer + self.gathered + max(
+            self.activations, self.gradients + self.recompute + self.gathered_gradients)
 
     def fits(self, gpu_memory_gib: float) -> bool:
         """Whether `total` is at most `gpu_memory_gib` GiB (nothing left for the CUDA context,
@@ -174,7 +180,8 @@ def memory_plan(
     return MemoryPlan(
         mesh=mesh, batch_size=batch_size, seq_len=T, dtype=dtype, activation_checkpointing=activation_checkpointing,
         backend=backend, params=4 * n, gradients=4 * n, optimizer=8 * n,
-        activations=sum(parts.values()), recompute=recompute, gathered=_gathered_bytes(config, mesh), activation_parts=parts,
+        activations=sum(parts.values()), recompute=recompute, gathered=_gathered_bytes(config, mesh, dtype)[0], activation_parts=parts,
+        gathered_gradients=_gathered_bytes(config, mesh, dtype)[1],
     )
 
 
@@ -198,20 +205,21 @@ def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int,
     - with dropout > 0, 1-byte masks after attention and the MLP (the math backend's
       attention dropout: a mask and the dropped copy of the probabilities; not measured, the
       benchmark trains without dropout);
-    - under bf16 autocast, the bf16 copies of the block's four weight matrices (and their
-      biases) that the matmuls save: of the whole tp shard, since FSDP2 gathers the block
-      before the cast (torchtitan avoids these with FSDP2's MixedPrecisionPolicy, whose
-      gathered bf16 parameters are freed after forward and gathered again for backward).
+    - under bf16 autocast without FSDP2, the bf16 copies of the block's four weight matrices
+      (and their biases) that the matmuls save, of the tp shard (with FSDP2, see
+      `fsdp_mixed_precision` below).
 
     That is 16C floats per token and layer in fp32 with mlp_width = 4C (Korthikanti et al.'s
     34 bytes of 16-bit activations per sbh include the dropout masks and a separate
-    reshape copy that minigpt does not make). With tp, every part is divided by tp
-    (sequence parallelism outside the branches, heads or columns inside them; modelled after
-    Korthikanti et al., not measured: minigpt has no tensor parallelism yet).
+    reshape copy that minigpt does not make). With tp, every part but the LayerNorm outputs
+    is divided by tp (sequence parallelism outside the branches, heads or columns inside
+    them, after Korthikanti et al.; the gathered LayerNorm outputs, measured).
 
-    After the blocks: ln_f's input and output, the bf16 head weight under autocast, and the
-    loss: its float32 log-softmax (B, T, V / tp) kept for backward and, at the peak, two
-    float32 gradients of that size (of the log-softmax and of the logits), 12 B T V / tp bytes.
+    After the blocks: ln_f's input and output (the output gathered whole under tp), the bf16
+    head weight under autocast, and the loss: its float32 log-softmax (B, T, V / tp) kept for
+    backward and, at the peak, two float32 gradients of that size (of the log-softmax and of
+    the logits), 12 B T V bytes in one process; torch's `loss_parallel` holds a fourth,
+    16 B T V / tp (measured).
 
     With activation checkpointing each block keeps its input (4C per token, float32); one
     block's activations live again while it is recomputed, after the loss's tensors are
@@ -236,8 +244,13 @@ def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int,
     tokens = batch_size * seq_len
     dropout = getattr(config, "dropout", 0.0) > 0
 
+    # Under tensor parallelism the column-parallel matmuls save their input as sequence
+    # parallelism gathered it, whole: ln_1's and ln_2's outputs (and ln_f's, for the head) are
+    # not divided by tp (measured, benchmarks/results/memory_plan_cpu.md).
+    gathered_norm_outputs = a * 2 * C
+
     def block(layer: int) -> int:
-        per_token = 2 * 4 * C + a * (2 * C + 3 * C + C + 2 * M) + 2 * 2 * 4 + 4 * H
+        per_token = 2 * 4 * C + a * (3 * C + C + 2 * M) + 2 * 2 * 4 + 4 * H
         if backend == "math":
             from minigpt.counts import computed_attention_context
 
@@ -245,10 +258,12 @@ def activation_parts(config: ModelShape, tp: int, batch_size: int, seq_len: int,
             per_token += round(H * context * (4 + (2 if a == 2 else 0) + ((1 + a) if dropout else 0)))
         if dropout:
             per_token += 2 * C
-        return tokens * per_token // tp + weight_copies
+        return tokens * per_token // tp + tokens * gathered_norm_outputs + weight_copies
 
-    head_input = tokens * (4 * C + a * C + 2 * 4) // tp + (2 * config.vocab_size * C // tp if a == 2 else 0)
-    loss = 12 * tokens * config.vocab_size // tp
+    head_input = tokens * (4 * C + 2 * 4) // tp + tokens * a * C + (2 * config.vocab_size * C // tp if a == 2 else 0)
+    # The loss's float32 (B, T, V / tp) tensors at its backward's peak: the log-softmax and two
+    # gradients; torch's vocabulary-parallel cross-entropy (`loss_parallel`) holds a fourth.
+    loss = (12 if tp == 1 else 16) * tokens * -(-config.vocab_size // tp)
     embedding = tokens * C // tp if dropout else 0  # the embedding dropout's mask
     if not activation_checkpointing:
         return {"blocks": sum(block(i) for i in range(L)), "head and loss": head_input + loss + embedding}
@@ -301,7 +316,7 @@ def format_memory_plan(plans: list[MemoryPlan], gpu_memory_gib: float, name: str
     for key in dict.fromkeys(k for p in plans for k in p.activation_parts):
         rows.append([f"    {key}", *(_gib(p.activation_parts[key]) if key in p.activation_parts else "" for p in plans)])
     rows.append(["  one block recomputed", *(_gib(p.recompute) if p.activation_checkpointing else "" for p in plans)])
-    rows.append(["  FSDP unsharded copies", *(_gib(p.gathered) for p in plans)])
+    rows.append(["  FSDP unsharded copies", *(_gib(p.gathered + p.gathered_gradients) for p in plans)])
     rows.append(["  peak", *(_gib(p.total) for p in plans)])
     rows.append([f"  fits {gpu_memory_gib:g} GiB", *(("yes" if p.fits(gpu_memory_gib) else "no") for p in plans)])
     lines += text_table(rows, right=set(range(1, len(header))))
@@ -357,18 +372,20 @@ def _fsdp_chunk(shape: tuple[int, ...], dp_shard: int) -> int:
     return -(-shape[0] // dp_shard) * math.prod(shape[1:])
 
 
-def _gathered_bytes(config: ModelShape, mesh: MeshShape) -> int:
-    """FSDP2's unsharded float32 working copies (0 when dp_shard is 1): the root module's
+def _gathered_bytes(config: ModelShape, mesh: MeshShape, dtype: str = "fp32") -> tuple[int, int]:
+    """FSDP2's unsharded working copies (0 when dp_shard is 1): the root module's
     parameters (embeddings, ln_f, an untied head), which FSDP2 keeps unsharded from forward
     to backward, and their gradient (the tied embedding's arrives with the head's backward
     and is reduce-scattered last), plus two blocks' parameters (the one running and the one
     prefetched) and one block's gradients before their reduce-scatter."""
     if mesh.dp_shard == 1:
-        return 0
+        return 0, 0
     shapes = _local_shapes(config, mesh.tp)
     root = sum(math.prod(s) for k, s in shapes.items() if not k.startswith("blocks."))
     block = sum(math.prod(s) for k, s in shapes.items() if k.startswith("blocks.0."))
-    return 4 * (2 * root + 3 * block)
+    # Parameters are gathered in the compute dtype (FSDP2's MixedPrecisionPolicy under bf16);
+    # gradients are reduced in float32.
+    return (2 if dtype == "bf16" else 4) * (root + 2 * block), 4 * (root + block)
 
 
 def _divisors(n: int, also: int | None = None) -> list[int]:
