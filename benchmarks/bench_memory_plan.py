@@ -233,23 +233,6 @@ def _row_line(row: dict) -> str:
             f"{m['total'] / MIB:.1f} MiB, plan {p['total'] / MIB:.1f} MiB ({p['total'] / m['total']:.3f})")
 
 
-def _tp_terms(row: dict) -> dict[str, int]:
-    """What torch's tensor parallelism keeps beyond the plan's activations, per rank, in bytes
-    (see the results' notes): the matmul inputs that sequence parallelism gathers whole
-    (ln_1's and ln_2's outputs in every block without checkpointing, ln_f's for the head) are
-    saved gathered, not divided by tp; and the loss-parallel cross-entropy keeps one more
-    float32 (B, T, V / tp) tensor than one process's."""
-    tp = int(dict(part.split("=") for part in row["mesh"].split(",")).get("tp", 1))
-    if tp == 1:
-        return {}
-    a = 4 if row["dtype"] == "fp32" else 2
-    tokens, C = row["batch"] * row["seq"], row["n_embd"]
-    whole = lambda n: n - n // tp  # noqa: E731  (what is stored beyond n / tp)
-    return {"gathered block inputs": 0 if row["activation_checkpointing"] else row["n_layer"] * whole(tokens * 2 * a * C),
-            "gathered head input": whole(tokens * a * C),
-            "loss-parallel extra": 4 * tokens * row["vocab_size"] // tp}
-
-
 def _rank_spread(rows: list[dict]) -> str:
     """The largest difference between two ranks' tracked totals, in words."""
     spread = max((max(r["rank_totals"]) - min(r["rank_totals"]) for r in rows if r.get("rank_totals")), default=0)
@@ -302,54 +285,24 @@ def _markdown(rows: list[dict], env: dict) -> str:
     ratios = [r["plan"]["total"] / r["measured"]["total"] for r in rows]
     lines += ["", f"Plan / measured over all {len(rows)} cases: {min(ratios):.3f}-{max(ratios):.3f}; "
               f"{sum(abs(x - 1) > 0.15 for x in ratios)} outside 15% (bold)."]
-    bf16_fsdp = [r for r in rows if "dp_shard=2" in r["mesh"] and r["dtype"] == "bf16"]
-    if bf16_fsdp:
-        lines += [
-            "",
-            "## FSDP2 under bf16: the plan's unsharded copies are float32",
-            "",
-            "Under bf16 the loop (and this benchmark) passes `compute_dtype=bfloat16` to `parallelize`, so FSDP2 "
-            "gathers every block and the root in bf16 (MixedPrecisionPolicy). The plan drops the autocast weight "
-            "copies for that case, but `_gathered_bytes` still counts its unsharded copies at 4 bytes per element: "
-            "plan / measured 'FSDP unsharded' in the bf16 FSDP cases is "
-            + ", ".join(f"{r['shape']} {r['mesh']}{' ckpt' if r['activation_checkpointing'] else ''} "
-                        f"{mib(r['plan']['gathered'])} / {mib(r['measured']['gathered'])}" for r in bf16_fsdp)
-            + " MiB. It is the largest error of the dp_shard=2 bf16 rows (6L-512-v2k without checkpointing: "
-            "1.211). (Until this run the benchmark called `parallelize` without a compute dtype, so FSDP2 "
-            "gathered in float32 and those rows read 0.964-1.094; the reduce-scatter of the gradients stays float32 either way.)",
-        ]
-    tp_rows = [r for r in rows if "tp=" in r["mesh"]]
-    if tp_rows:
-        lines += [
-            "",
-            "## Tensor parallelism: what the plan leaves out",
-            "",
-            "Where a tp case's peak is set by the activations (no gradient live), measured activations minus the "
-            "plan's, beside three terms the plan does not model (MiB per rank): torch's `ColwiseParallel` after "
-            "a sequence-parallel LayerNorm saves its all-gathered input, so ln_1's and ln_2's outputs (2aC per "
-            "token and layer, a = 4 in fp32, 2 under bf16) and ln_f's (aC) are stored whole on every tp rank, "
-            "not divided by tp as `activation_parts` assumes; and the loss-parallel cross-entropy "
-            "(`loss_parallel`) keeps one more float32 (B, T, V/tp) tensor than the plan's log-softmax and two "
-            "gradients at its backward's peak (16 rather than 12 bytes per token and local vocabulary entry). "
-            "The three terms account for every fp32 row to 0.1 MiB. The last was also measured alone "
-            "(`MemTracker`, float32 logits of 2048 x 8192 held as a leaf, cross-entropy forward and backward): "
-            "one process peaks at 4 x 64 MiB (logits, log-softmax, two gradients), a rank of tp=2 under "
-            "`loss_parallel` at 5 x 32 MiB. Under bf16 a few MiB more or less remain: "
-            "the plan's bf16 terms (autocast weight copies when no FSDP gathers in bf16, the bf16 head weight) "
-            "do not match what autocast keeps for DTensor parameters.",
-            "",
-            "| shape | mesh | dtype | ckpt | measured - plan activations | gathered block inputs | gathered head "
-            "input | loss-parallel extra | sum of the three |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for r in tp_rows:
-            if r["measured"]["gradients"]:
-                continue  # a peak set by the gradients: the activations are not all live there
-            terms = _tp_terms(r)
-            lines.append(f"| {r['shape']} | {r['mesh']} | {r['dtype']} | "
-                         f"{'yes' if r['activation_checkpointing'] else 'no'} | "
-                         f"{mib(r['measured']['activations'] - r['plan']['activations'])} | "
-                         + " | ".join(mib(v) for v in terms.values()) + f" | {mib(sum(terms.values()))} |")
+    lines += [
+        "",
+        "## What these measurements changed in the plan",
+        "",
+        "- FSDP2 under bf16 gathers in bf16 (the loop passes `compute_dtype` to `parallelize`: "
+        "MixedPrecisionPolicy). The plan counted its unsharded copies at 4 bytes and all at once; it now "
+        "counts the gathered parameters in bf16 and FSDP2's float32 unsharded gradients only in the backward "
+        "pass. (6L-512-v2k dp_shard=2 bf16 without checkpointing read 1.211 before.)",
+        "- Tensor parallelism: torch's `ColwiseParallel` after a sequence-parallel LayerNorm saves its "
+        "all-gathered input, so ln_1's and ln_2's outputs (2aC per token and layer, a = 4 in fp32, 2 under "
+        "bf16) and ln_f's (aC) are stored whole on every tp rank; and the loss-parallel cross-entropy "
+        "(`loss_parallel`) keeps four float32 (B, T, V/tp) tensors at its backward's peak where one process "
+        "keeps three (measured alone with `MemTracker`: float32 logits of 2048 x 8192, one process 4 x 64 MiB, "
+        "a rank of tp=2 5 x 32 MiB). The plan now counts both; the tp rows read 0.79-0.85 before.",
+        "",
+        "The plan column is recomputed from today's `minigpt.memory_plan` against the stored measurements by "
+        "`python -m benchmarks.bench_memory_plan --from-json --replan`.",
+    ]
     lines.append("")
     return "\n".join(lines)
 
