@@ -211,10 +211,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
 def is_tensor_parallel(model: nn.Module) -> bool:
     """Whether `model`'s head was split by `apply_tensor_parallel` (its logits are then
     sharded along the vocabulary and the loss must run under `loss_parallel`)."""
-    from torch.distributed.tensor import DTensor
-
     head = getattr(model, "lm_head", None)
-    return head is not None and isinstance(head.weight, DTensor) and "tp" in (head.weight.device_mesh.mesh_dim_names or ())
+    mesh = getattr(getattr(head, "weight", None), "device_mesh", None)  # a DTensor's (not importing DTensor:
+    return mesh is not None and "tp" in (mesh.mesh_dim_names or ())      # 40 MB a single process never needs)
 
 
 def loss_context(model: nn.Module) -> AbstractContextManager:
