@@ -2,13 +2,16 @@
 
 Run from the repository root (no GPU needed):
 
-    python -m benchmarks.bench_hooks [--rounds 15] [--threads 1] [--out benchmarks/results]
+    python -m benchmarks.bench_hooks [--rounds 15] [--threads 1] [--compare COMMIT] [--out benchmarks/results]
 
 "without hook points" is `GPT.forward` of the commit this work started from (`BEFORE`,
 read with git), with the same weights and today's input checks (shape, dtype and length;
 issue 16 moved the token-id range check, a min/max over the ids, out of the forward), so
 that the two forwards differ only by the hook points; "with hook points" is `GPT.forward`
-with none attached (every `HookPoint` returns its input); "one observer" attaches a single reading hook. Cases are timed in interleaved rounds so
+with none attached (every `HookPoint` returns its input); "one observer" attaches a single
+reading hook; `--compare COMMIT` adds "hook points at COMMIT", the model and hook points of
+that commit (its `model.py` and `hooks.py`, read with git), to compare two mechanisms in
+the same rounds. Cases are timed in interleaved rounds so
 that load from other processes hits them alike; we report the median over rounds of the
 mean time per call within a round, and the minimum. One thread by default: on a shared
 machine two threads spend most of a small forward waiting for each other. Benchmarks never
@@ -26,30 +29,45 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
+import minigpt
 from minigpt import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 BEFORE = "8ea3ad8"
 """The commit this branch started from: its `minigpt/model.py` has no hook points."""
 
 
-def model_before_hooks(model: GPT) -> torch.nn.Module:
-    """The same weights in the GPT class of commit BEFORE (read with git, imported from a temp file)."""
-    source = subprocess.run(["git", "show", f"{BEFORE}:minigpt/model.py"], cwd=Path(__file__).resolve().parents[1],
-                            check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "model_before_hooks.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("model_before_hooks", path)
+def _import_at(commit: str, path: str, name: str):
+    """The module `path` of `commit` (read with git), imported as `name` from a temp file."""
+    source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, check=True, capture_output=True,
+                            text=True).stdout
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look themselves up there
     spec.loader.exec_module(module)
-    module.GPT._check_input = GPT._check_input  # today's checks, so that only the hook points differ
-    before = module.GPT(model.config).eval()
-    before.load_state_dict(model.state_dict())
-    return before
+    return module
+
+
+def model_at(commit: str, model: GPT) -> torch.nn.Module:
+    """The same weights in the GPT class of `commit`, with that commit's `minigpt.hooks` where
+    it has one, and today's input checks, so that only the hook points differ."""
+    has_hooks = subprocess.run(["git", "cat-file", "-e", f"{commit}:minigpt/hooks.py"], cwd=ROOT,
+                               stderr=subprocess.DEVNULL).returncode == 0
+    hooks = _import_at(commit, "minigpt/hooks.py", f"hooks_{commit}") if has_hooks else minigpt.hooks
+    with mock.patch.dict(sys.modules, {"minigpt.hooks": hooks}), mock.patch.object(minigpt, "hooks", hooks):
+        module = _import_at(commit, "minigpt/model.py", f"model_{commit}")
+    module.GPT._check_input = GPT._check_input
+    twin = module.GPT(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
 
 
 def _per_call_ms(fn, calls: int) -> float:
@@ -59,22 +77,25 @@ def _per_call_ms(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e3
 
 
-def run(rounds: int, threads: int) -> dict:
+def run(rounds: int, threads: int, compare: str | None = None) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny")).eval()  # the main job's model: 4 layers, n_embd 128
-    before = model_before_hooks(model)
+    before = model_at(BEFORE, model)
+    other = model_at(compare, model) if compare else None
     V = model.config.vocab_size
     results = []
     for B, T, calls in ((32, 64, 3), (1, 64, 20), (1, 1, 100)):
         idx = torch.randint(0, V, (B, T))
         with torch.no_grad():
-            if not torch.equal(model(idx).logits, before(idx).logits):
-                raise SystemExit("the forward with hook points no longer matches the one before them")
             cases = {
                 "without hook points": lambda: before(idx).logits,
                 "with hook points": lambda: model(idx).logits,
             }
+            if other is not None:
+                cases[f"hook points at {compare}"] = lambda: other(idx).logits
+            if not all(torch.equal(fn(), before(idx).logits) for fn in cases.values()):
+                raise SystemExit("a forward with hook points no longer matches the one before them")
             times: dict[str, list[float]] = {name: [] for name in cases}
             times["one observer hook"] = []
             for name, fn in cases.items():
@@ -96,22 +117,21 @@ def run(rounds: int, threads: int) -> dict:
         })
     return {
         "model": "tiny preset (4 layers, 4 heads, n_embd 128, dense/banded w=32), float32, no_grad",
-        "rounds": rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "compare": compare, "rounds": rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "results": results,
     }
 
 
 def to_markdown(data: dict) -> str:
+    names = list(data["results"][0]["median_ms"])  # "without hook points" first
     lines = [f"# Hook points: CPU forward cost ({data['model']})", "",
-             f"torch {data['torch']}, {data['threads']} threads, median of {data['rounds']} interleaved rounds.", "",
-             "| batch x tokens | without hook points (ms) | with hook points (ms) | overhead (median) | "
-             "overhead (min) | one observer hook |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"torch {data['torch']}, {data['threads']} threads, median of {data['rounds']} interleaved rounds; "
+             "each case in ms, then its overhead over the forward without hook points (median; min in brackets).", "",
+             "| batch x tokens | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for r in data["results"]:
         m, o, lo = r["median_ms"], r["overhead_pct"], r["overhead_pct_min"]
-        lines.append(f"| {r['B']} x {r['T']} | {m['without hook points']:.3f} | {m['with hook points']:.3f} | "
-                     f"{o['with hook points']:+.1f} % | {lo['with hook points']:+.1f} % | "
-                     f"{m['one observer hook']:.3f} ({o['one observer hook']:+.1f} %) |")
+        cells = [f"{m[names[0]]:.3f}"] + [f"{m[n]:.3f} ({o[n]:+.1f} %, min {lo[n]:+.1f} %)" for n in names[1:]]
+        lines.append(f"| {r['B']} x {r['T']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -119,9 +139,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compare", default=None, help="also time the model and hook points of this commit")
     parser.add_argument("--out", default=None, help="folder for hooks.json and hooks.md")
     args = parser.parse_args()
-    data = run(args.rounds, args.threads)
+    data = run(args.rounds, args.threads, args.compare)
     text = to_markdown(data)
     print(text)
     if args.out:

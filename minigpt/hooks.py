@@ -35,8 +35,9 @@ axis) and q, k, v are computed head by head, so a hook can change one head's inp
 
 The model's own module names differ in four places (`ln_1`, `ln_2`, `ln_f`, and the
 unembedding's points, which live on the model as `hook_unembed_in` / `_out`; kept so that
-checkpoints do not change); `hook_points` translates them. A hook is `fn(activation, hook)`
-and may return a replacement. Scores and pattern exist only on the math path, and a
+checkpoints do not change); `name_hook_points` translates them once, when GPT is built.
+A hook is `fn(activation, hook)`, run as a torch forward hook of its point, and may return
+a replacement. Scores and pattern exist only on the math path, and a
 LayerNorm's scale and normalized input only on its spelled-out path: while one of them is
 hooked, that layer computes there, whatever the backend (logged once for attention); every
 other hook point leaves the fused `sdpa` / `triton` path in place. With no hook attached a
@@ -57,7 +58,6 @@ from typing import Union
 
 import torch
 import torch.nn as nn
-from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
 logger = logging.getLogger(__name__)
@@ -76,26 +76,15 @@ OPTIONS = ("use_attn_result", "use_attn_in", "use_split_qkv_input", "use_hook_ml
 _MATH_ONLY = ("hook_attn_scores", "hook_pattern")
 
 
-# torch's global module hooks (`torch.nn.modules.module.register_module_forward_hook` and
-# kin): a hook point must run them too. The dicts are never rebound, so bind them once.
-_GLOBAL_FORWARD, _GLOBAL_FORWARD_PRE = _module._global_forward_hooks, _module._global_forward_pre_hooks
-_GLOBAL_BACKWARD, _GLOBAL_BACKWARD_PRE = _module._global_backward_hooks, _module._global_backward_pre_hooks
-
-
-def _marks_hooked(register: Callable) -> Callable:
-    """`nn.Module`'s hook registration method `register`, also raising `maybe_hooked`."""
-    @functools.wraps(register)
-    def marked(self: "HookPoint", *args, **kwargs) -> RemovableHandle:
-        self.maybe_hooked = True
-        return register(self, *args, **kwargs)
-    return marked
-
-
 class HookPoint(nn.Module):
     """An identity module at one activation: the place where hooks read or replace it.
 
-    `option` names the switch (one of `OPTIONS`) of a point that fires only when asked for;
-    such a point starts disabled and its owner computes it only while `enabled`.
+    A hook is one of torch's forward hooks on this module (`add_hook` registers it with
+    `register_forward_hook`); anything registered directly, or globally with torch's
+    `register_module_forward_hook`, runs here too. `name` is the TransformerLens name, given
+    once when the model is built (`name_hook_points`). `option` names the switch (one of
+    `OPTIONS`) of a point that fires only when asked for; such a point starts disabled and
+    its owner computes it only while `enabled`.
     """
 
     def __init__(self, option: str | None = None) -> None:
@@ -103,38 +92,17 @@ class HookPoint(nn.Module):
         if option is not None and option not in OPTIONS:
             raise ValueError(f"option={option!r} is not one of {OPTIONS}")
         self.name: str | None = None
-        """The TransformerLens name, set by `hook_points` (None until the model is named)."""
-        self.maybe_hooked = False
-        """True from any hook registration on this point until a call finds none left."""
+        """The TransformerLens name, set by `name_hook_points` when the model is built."""
         self.option = option
         self.enabled = option is None
         """Whether the forward passes through this point (always, unless it is optional)."""
 
-    # Every way to put a hook in this module's own dicts goes through one of these.
-    register_forward_hook = _marks_hooked(nn.Module.register_forward_hook)
-    register_forward_pre_hook = _marks_hooked(nn.Module.register_forward_pre_hook)
-    register_full_backward_hook = _marks_hooked(nn.Module.register_full_backward_hook)
-    register_full_backward_pre_hook = _marks_hooked(nn.Module.register_full_backward_pre_hook)
-    register_backward_hook = _marks_hooked(nn.Module.register_backward_hook)
-
     @property
     def active(self) -> bool:
-        """Whether a hook is attached (the model takes the math path for a hooked pattern)."""
+        """Whether a forward hook is attached (the model takes the math path for a hooked pattern)."""
         return bool(self._forward_hooks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # nn.Module.__call__ costs about 1 us even with nothing to run, and a forward calls
-        # 13 hook points per layer: with no hook here or global, return the input itself.
-        # One flag stands for this module's four hook dicts (an attribute lookup on a module
-        # costs ~40 ns; the global dicts, module globals here, ~12 ns). A handle's remove()
-        # cannot lower the flag: the next call does, after taking nn.Module's path once more.
-        if self.maybe_hooked or _GLOBAL_FORWARD or _GLOBAL_FORWARD_PRE or _GLOBAL_BACKWARD or _GLOBAL_BACKWARD_PRE:
-            self.maybe_hooked = bool(self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
-                                     or self._backward_pre_hooks)
-            return super().__call__(x)
         return x
 
     def add_hook(self, fn: HookFn, direction: str = "fwd") -> RemovableHandle:
@@ -157,31 +125,33 @@ class HookPoint(nn.Module):
         return self.name or ""
 
 
-def bind_fast(model: nn.Module) -> None:
-    """Make `self.hook_x` a plain attribute lookup for every hook point of `model`.
-
-    nn.Module keeps submodules in `_modules` and finds them through `__getattr__`, about
-    1 us a lookup; at ~16 lookups per layer that was most of the hook points' cost on a
-    one-token forward. A copy in the parent's `__dict__` is found first; nn.Module's
-    `__setattr__` drops it if the attribute is ever reassigned, so it cannot go stale.
-    """
-    for parent in model.modules():
-        for name, child in parent._modules.items():
-            if isinstance(child, HookPoint):
-                parent.__dict__[name] = child
-
-
 def _tl_name(path: str) -> str:
     return _TL_PATHS.get(path) or ".".join(_TL_SEGMENTS.get(part, part) for part in path.split("."))
 
 
-def hook_points(model: nn.Module) -> dict[str, HookPoint]:
-    """Every hook point of `model` by its TransformerLens name, in module order (a cache
-    keeps the order of the forward); disabled optional points included."""
-    points = {}
+def name_hook_points(model: nn.Module) -> None:
+    """Give every hook point of `model` its TransformerLens name, from its module path.
+
+    Called once, by `GPT.__init__`, as TransformerLens's `HookedRootModule.setup` does: the
+    names stay the same when the model is later wrapped, copied or compiled.
+    """
     for path, module in model.named_modules():
         if isinstance(module, HookPoint):
             module.name = _tl_name(path)
+
+
+def hook_points(model: nn.Module) -> dict[str, HookPoint]:
+    """Every hook point of `model` by its TransformerLens name, in module order (a cache
+    keeps the order of the forward); disabled optional points included.
+
+    Raises ValueError for a hook point added after the model was built (it has no name).
+    """
+    points = {}
+    for path, module in model.named_modules():
+        if isinstance(module, HookPoint):
+            if module.name is None:
+                raise ValueError(f"the hook point at {path!r} has no name: hook points are named once, when the "
+                                 f"model is built; call minigpt.hooks.name_hook_points(model) after replacing one")
             points[module.name] = module
     return points
 
@@ -255,6 +225,19 @@ def hooks(model: nn.Module, fwd_hooks: Sequence[tuple[NameSpec, HookFn]] = (),
                         _log_math_once(model.backend)
                     handles.append(point.add_hook(pair[1], direction))
         yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def recording(points: Sequence[HookPoint]) -> Iterator[list[torch.Tensor]]:
+    """A list that receives what each of `points` passes on, in call order, for the body of
+    a `with` (`GPT.hidden` records its attentions so); always removes its hooks."""
+    seen: list[torch.Tensor] = []
+    handles = [point.register_forward_hook(lambda module, args, out: seen.append(out)) for point in points]
+    try:
+        yield seen
     finally:
         for handle in handles:
             handle.remove()
@@ -334,23 +317,3 @@ def run_with_cache(model: nn.Module, idx: torch.Tensor, names_filter: NameSpec |
                                  "or targets=... to use the loss")
             value.backward()
     return out.logits, cache
-
-
-def run_with_views(model: nn.Module, run: Callable[[], torch.Tensor], hidden_states: bool,
-                   attentions: bool) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-    """What `output_hidden_states` / `output_attentions` return, read from the hook points:
-    hook_resid_pre of each block then ln_final.hook_out; each block's hook_pattern."""
-    n = model.config.n_layer
-    state_names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + ["ln_final.hook_out"]
-    pattern_names = [f"blocks.{i}.attn.hook_pattern" for i in range(n)]
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(act: torch.Tensor, hook: HookPoint) -> None:
-        seen[hook.name] = act
-
-    names = (state_names if hidden_states else []) + (pattern_names if attentions else [])
-    with hooks(model, [(names, keep)]):
-        x = run()
-    states = tuple(seen[name] for name in state_names) if hidden_states else None
-    patterns = tuple(seen[name] for name in pattern_names) if attentions else None
-    return x, states, patterns

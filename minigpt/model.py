@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from minigpt import hooks as hookpoints
 from minigpt import ops
-from minigpt.hooks import HookPoint, bind_fast
+from minigpt.hooks import HookPoint
 from minigpt.cache import KVCache
 from minigpt.config import GPTConfig
 
@@ -238,7 +238,7 @@ class GPT(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         ops.use_backend(self, backend)
-        bind_fast(self)
+        hookpoints.name_hook_points(self)  # once, as TransformerLens's setup() does
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -296,11 +296,10 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
         """Run the blocks; return (final normed hidden (B, T, C), hidden states, attentions).
 
-        Hidden states and attentions are read from the hook points (`minigpt.hooks`).
+        Hidden states are the stream entering each block, then the final normed output.
+        Attentions are what each block's `hook_pattern` passes on, recorded for this call
+        (a hooked pattern puts its layer on the math path).
         """
-        if output_hidden_states or output_attentions:
-            return hookpoints.run_with_views(self, lambda: self.hidden(idx, cache=cache, left_pad=left_pad)[0],
-                                  output_hidden_states, output_attentions)
         start = cache.length if cache is not None else 0
         self._check_input(idx, start)
         if cache is not None:
@@ -313,12 +312,16 @@ class GPT(nn.Module):
             pos = (pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
         pos_emb = self.pos_emb(pos).expand(B, -1, -1)  # (B, T, C), a view
         x = self.drop(self.hook_embed(self._embed_tokens(idx)) + self.hook_pos_embed(pos_emb))  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache.layers[i] if cache is not None else None, start, left_pad)
+        states = []
+        with hookpoints.recording([b.attn.hook_pattern for b in self.blocks] if output_attentions else []) as patterns:
+            for i, block in enumerate(self.blocks):
+                if output_hidden_states:
+                    states.append(x)
+                x = block(x, cache.layers[i] if cache is not None else None, start, left_pad)
         x = self.ln_f(x)
         if cache is not None:
             cache.length += T
-        return x, None, None
+        return x, (*states, x) if output_hidden_states else None, tuple(patterns) if output_attentions else None
 
     def forward(
         self,

@@ -355,12 +355,36 @@ def test_cli_heads_and_patch_write_pngs_and_reject_bad_prompts(tmp_path, capsys)
         main(["patch", "--model", str(folder), "--clean", "abc", "--corrupt", "abd", "--answer", "de", "--wrong", "f"])
 
 
-def test_a_reassigned_hook_point_is_the_one_the_forward_uses():
-    from minigpt.hooks import HookPoint
+def test_hook_points_are_named_once_when_the_model_is_built_and_keep_their_names_when_wrapped():
+    from minigpt.hooks import HookPoint, name_hook_points
 
     model = model_for(gpt2_like())
-    idx = tokens()
-    model.blocks[0].attn.hook_z = HookPoint()  # bind_fast's copy in __dict__ must not go stale
-    _, cache = model.run_with_cache(idx, names_filter="blocks.0.attn.hook_z")
+    assert model.blocks[0].ln_1.hook_normalized.name == "blocks.0.ln1.hook_normalized"  # before any lookup
+    wrapped = torch.nn.Sequential(copy.deepcopy(model))  # module paths "0.blocks.0...", names unchanged
+    assert list(hook_points(wrapped)) == list(hook_points(model))
+    model.blocks[0].attn.hook_z = HookPoint()
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.hook_z' has no name.*name_hook_points"):
+        hook_points(model)
+    name_hook_points(model)
+    _, cache = model.run_with_cache(tokens(), names_filter="blocks.0.attn.hook_z")
     assert cache["blocks.0.attn.hook_z"].shape == (2, 11, 4, 8)
-    assert model.blocks[0].attn.hook_z is model.blocks[0].attn._modules["hook_z"]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_hidden_states_and_attentions_leave_no_hook_behind_even_when_the_forward_raises(backend):
+    model = model_for(banded(), backend)
+    idx = tokens()
+    out = model(idx, output_hidden_states=True, output_attentions=True)
+    assert not any(p.active for p in hook_points(model).values())
+    assert torch.equal(model(idx, output_hidden_states=True).logits, model(idx).logits)  # states need no hook
+    def fail(act, hook):
+        raise RuntimeError("a hook failed")
+
+    with pytest.raises(RuntimeError, match="a hook failed"), model.hooks([("blocks.2.hook_mlp_out", fail)]):
+        model(idx, output_attentions=True)
+    assert not any(p.active for p in hook_points(model).values())
+    # Asked for under a user's hook that replaces the pattern: the views show the replacement.
+    uniform = lambda p, hook: (p > 0) / (p > 0).sum(-1, keepdim=True)  # noqa: E731
+    with model.hooks([("blocks.1.attn.hook_pattern", uniform)]):
+        seen = model(idx, output_attentions=True).attentions[1]
+    torch.testing.assert_close(seen, uniform(out.attentions[1], None))
