@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from minigpt.finetune.check import common_suffix
 from minigpt.finetune.classify import LabeledText, labeled_split
-from minigpt.finetune.completion import PromptCompletion, completion_batches, masked_lm_loss
+from minigpt.finetune.completion import PromptCompletion, completion_batches, language_model_run
 from minigpt.finetune.config import AsCompletionData
 from minigpt.finetune.data import LabelMap
 from minigpt.finetune.fewshot import FewShotClassifier, FewShotPrompt
@@ -159,21 +158,12 @@ def as_completion_run(data: AsCompletionData, start: RunStart) -> TaskRun:
         report = classification_report([labels.id(r.label) for r in val_texts], predicted, labels.labels)
         return {"val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1}
 
-    details = {**batches.details, "val_pairs_in_train": 0, "labels": list(labels.labels),
-               "template": prompt.template, "label_prefix": prompt.label_prefix, "val_rows_in_train": leaks,
-               **start.choose_trainable(start.backbone, ())}
-    separator, stop = common_suffix([p.prompt for p in pairs]), common_suffix([p.completion for p in pairs])
-    return TaskRun(
-        model=start.backbone,
-        train_batches=batches.train,
-        eval_batches=batches.eval,
-        loss_fn=masked_lm_loss,
-        extra_eval=extra_eval,
-        evaluate=lambda model: evaluate_as_completion(model, tokenizer, val_texts, labels, prompt,
-                                                      start.eval_batch_size),
-        meta=start.meta("completion", details, separator=separator, stop=stop, bos=tokens.bos),
-        details=details,
-    )
+    def evaluate(model: nn.Module) -> AsCompletionReport:
+        return evaluate_as_completion(model, tokenizer, val_texts, labels, prompt, start.eval_batch_size)
+
+    details = {"val_pairs_in_train": 0, "labels": list(labels.labels), "template": prompt.template,
+               "label_prefix": prompt.label_prefix, "val_rows_in_train": leaks}
+    return language_model_run(batches, start, details, evaluate, extra_eval)
 
 
 def _text_of(pair: PromptCompletion, prompt: FewShotPrompt) -> str:

@@ -275,6 +275,10 @@ class CompletionBatches:
     train: ShuffledBatches
     eval: Callable[[], object]
     """A fresh pass over the validation batches."""
+    separator: str
+    """The text every training prompt ends with ("" if none), put after a prompt to sample."""
+    stop: str
+    """The text every training completion ends with ("" if none), where sampling stops."""
     details: dict
     """train_pairs, val_pairs and packed_rows (None without packing)."""
 
@@ -298,8 +302,28 @@ def completion_batches(pairs: Sequence[PromptCompletion], val_pairs: Sequence[Pr
 
     return CompletionBatches(start.batches(train_examples, collate),
                              lambda: fixed_batches(val_examples, start.eval_batch_size, collate),
+                             common_suffix([p.prompt for p in pairs]), common_suffix([p.completion for p in pairs]),
                              {"train_pairs": len(pairs), "val_pairs": len(val_pairs),
                               "packed_rows": len(train_examples) if packing else None})
+
+
+def language_model_run(batches: CompletionBatches, start: RunStart, details: dict,
+                       evaluate: Callable[[nn.Module], object], extra_eval=None) -> TaskRun:
+    """The run of the backbone trained as a language model on framed pairs (the prompt
+    masked), the completion task's and classification-as-completion's; its folder is a
+    completion model."""
+    details = {**batches.details, **details, **start.choose_trainable(start.backbone, ())}
+    return TaskRun(
+        model=start.backbone,
+        train_batches=batches.train,
+        eval_batches=batches.eval,
+        loss_fn=masked_lm_loss,
+        extra_eval=extra_eval,
+        evaluate=evaluate,
+        meta=start.meta("completion", details, separator=batches.separator, stop=batches.stop,
+                        bos=start.tokens.bos),
+        details=details,
+    )
 
 
 def completion_run(data: CompletionData, start: RunStart) -> TaskRun:
@@ -309,17 +333,10 @@ def completion_run(data: CompletionData, start: RunStart) -> TaskRun:
     pairs = [PromptCompletion(frame(p.prompt), p.completion, p.line) for p in pairs]
     val_pairs = [PromptCompletion(frame(p.prompt), p.completion, p.line) for p in val_pairs]
     batches = completion_batches(pairs, val_pairs, start, data.files, data.packing, data.add_eos)
-    separator, stop = common_suffix([p.prompt for p in pairs]), common_suffix([p.completion for p in pairs])
-    details = {**batches.details, "val_pairs_in_train": leaks, **start.choose_trainable(start.backbone, ())}
-    return TaskRun(
-        model=start.backbone,
-        train_batches=batches.train,
-        eval_batches=batches.eval,
-        loss_fn=masked_lm_loss,
-        extra_eval=None,
-        evaluate=lambda model: evaluate_completion(model, start.tokenizer, val_pairs, stop=stop,
-                                                   max_generate=data.max_generate,
-                                                   batch_size=start.eval_batch_size, add_eos=data.add_eos),
-        meta=start.meta("completion", details, separator=separator, stop=stop, bos=start.tokens.bos),
-        details=details,
-    )
+
+    def evaluate(model: nn.Module) -> CompletionReport:
+        return evaluate_completion(model, start.tokenizer, val_pairs, stop=batches.stop,
+                                   max_generate=data.max_generate, batch_size=start.eval_batch_size,
+                                   add_eos=data.add_eos)
+
+    return language_model_run(batches, start, {"val_pairs_in_train": leaks}, evaluate)
