@@ -29,8 +29,6 @@ from minigpt.typed import PathStr, check_fields
 
 TASKS = ("classify", "completion")
 """The subcommands, and the task a fine-tuned folder's finetune.json records."""
-TASK_RUNS_NAMES = ("classify", "completion", "classify_as_completion")
-"""The runs of `minigpt.finetune.tasks.TASK_RUNS` (`FinetuneConfig.task_run`)."""
 CLASS_WEIGHTS = ("none", "balanced")
 
 
