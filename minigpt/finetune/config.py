@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from minigpt.config import reject_unknown_keys
 from minigpt.finetune.lora import LORA_TARGETS
@@ -130,7 +130,7 @@ class AsCompletionData:
             raise ValueError(f"template={self.template!r} must contain {{text}}, where each row's text goes")
 
 
-TaskData = Union[ClassifyData, CompletionData, AsCompletionData]
+TaskData = ClassifyData | CompletionData | AsCompletionData
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,12 @@ class SpecialTokens:
 # ---------------------------------------------------------------- the one spelling
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """What to fine-tune, on what, and which parameters train; `TrainConfig` says how."""
+    """What to fine-tune, on what, and which parameters train; `TrainConfig` says how.
+
+    Its flat fields are the spelling of flags, keys and keywords (and what finetune.json
+    records); a field only one task reads says so. The code reads it through `data`,
+    `adapter` and `tokens`.
+    """
 
     task: str
     """"classify" (a head on the last token) or "completion" (prompt -> completion)."""
