@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from minigpt.finetune.config import FinetuneConfig, SpecialTokens
+from minigpt.finetune.config import FinetuneConfig, LoRAConfig, SpecialTokens
 from minigpt.finetune.export import save_finetuned
 from minigpt.finetune.lora import apply_lora, count_trainable, freeze_all_but_last
 from minigpt.finetune.metrics import write_report
@@ -80,16 +80,16 @@ def _add_special_tokens(tokens: SpecialTokens, backbone: GPT, tokenizer) -> None
         tokenizer.set_pad_token(tokens.pad)
 
 
-def _trainable(config: FinetuneConfig) -> Callable[[nn.Module, tuple[str, ...]], dict[str, int]]:
-    """`RunStart.choose_trainable` for this config: LoRA adapters, the last N blocks, or all
-    parameters (and, beside adapters or the last blocks, the task's head)."""
+def _trainable(lora: LoRAConfig | None, last_blocks: int | None
+               ) -> Callable[[nn.Module, tuple[str, ...]], dict[str, int]]:
+    """`RunStart.choose_trainable`: LoRA adapters, the last N blocks, or all parameters
+    (and, beside adapters or the last blocks, the task's head)."""
 
     def choose(model: nn.Module, head: tuple[str, ...]) -> dict[str, int]:
-        lora = config.adapter
         if lora is not None:
             apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, trainable=head)
-        elif config.train_last_blocks is not None:
-            freeze_all_but_last(model, config.train_last_blocks, trainable=head)
+        elif last_blocks is not None:
+            freeze_all_but_last(model, last_blocks, trainable=head)
         trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
         log.info("training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
         return {"trainable_params": trainable, "total_params": total}
@@ -106,8 +106,8 @@ def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | N
     backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend, train_config.seed)
     _add_special_tokens(config.tokens, backbone, tokenizer)
     torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
-    start = RunStart(backbone, tokenizer, train_config, config.eval_batch_size, config.tokens, _trainable(config),
-                     dataclasses.asdict(config))
+    start = RunStart(backbone, tokenizer, train_config, config.eval_batch_size, config.tokens,
+                     _trainable(config.adapter, config.train_last_blocks), dataclasses.asdict(config))
     return TASK_RUNS[config.task_run](config.data, start), tokenizer
 
 
