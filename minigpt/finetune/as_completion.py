@@ -20,10 +20,14 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from minigpt.finetune.data import LabeledText, LabelMap, PromptCompletion
-from minigpt.progress import progress_bar
+from minigpt.finetune.classify import LabeledText, labeled_split
+from minigpt.finetune.completion import PromptCompletion, completion_batches, language_model_run
+from minigpt.finetune.config import AsCompletionData
+from minigpt.finetune.data import LabelMap
 from minigpt.finetune.fewshot import FewShotClassifier, FewShotPrompt
 from minigpt.finetune.metrics import ClassificationReport, classification_report
+from minigpt.finetune.task import RunStart, TaskRun
+from minigpt.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +139,34 @@ def evaluate_saved(model: nn.Module, tokenizer, details: dict, rows: Sequence[La
     pairs = labeled_to_pairs(rows, FewShotPrompt(template="{text}", label_prefix=""), tokenizer, max_length)
     cut = [LabeledText(p.prompt, r.label, r.line) for p, r in zip(pairs, rows)]
     return evaluate_as_completion(model, tokenizer, cut, labels, prompt, batch_size)
+
+
+def as_completion_run(data: AsCompletionData, start: RunStart) -> TaskRun:
+    """Labeled rows taught as completion: the classify task's rows, the completion task's
+    training, and evaluation by label log-likelihood and greedy exact match."""
+    rows, val_rows, labels, leaks = labeled_split(data.rows)
+    tokenizer, tokens = start.tokenizer, start.tokens
+    prompt = FewShotPrompt(template=tokens.frame(data.template), label_prefix=data.label_prefix)
+    pairs = labeled_to_pairs(rows, prompt, tokenizer, data.rows.max_length)
+    val_pairs = labeled_to_pairs(val_rows, prompt, tokenizer, data.rows.max_length)
+    # The texts as the model sees them (cut to max_length), for scoring.
+    val_texts = [LabeledText(_text_of(p, prompt), r.label, r.line) for p, r in zip(val_pairs, val_rows)]
+    batches = completion_batches(pairs, val_pairs, start, data.rows.files, data.packing, data.add_eos)
+
+    def extra_eval(model: nn.Module) -> dict[str, float]:
+        predicted = likelihood_predictions(model, tokenizer, [r.text for r in val_texts], labels, prompt)
+        report = classification_report([labels.id(r.label) for r in val_texts], predicted, labels.labels)
+        return {"val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1}
+
+    def evaluate(model: nn.Module) -> AsCompletionReport:
+        return evaluate_as_completion(model, tokenizer, val_texts, labels, prompt, start.eval_batch_size)
+
+    details = {"val_pairs_in_train": 0, "labels": list(labels.labels), "template": prompt.template,
+               "label_prefix": prompt.label_prefix, "val_rows_in_train": leaks}
+    return language_model_run(batches, start, details, evaluate, extra_eval)
+
+
+def _text_of(pair: PromptCompletion, prompt: FewShotPrompt) -> str:
+    """The text a rendered prompt was made from (the template's prefix and suffix removed)."""
+    before, _, after = prompt.template.partition("{text}")
+    return pair.prompt[len(before) : len(pair.prompt) - len(after)]

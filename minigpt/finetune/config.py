@@ -1,8 +1,18 @@
-"""What a fine-tuning run is: the task and its data (`FinetuneConfig`), and the training
-defaults it starts from (`default_train_config`: a short run at a small learning rate).
+"""What a fine-tuning run is, and the training defaults it starts from.
 
-`TASKS` is the one list of fine-tuning tasks; a new task adds its name here, its run in
-`minigpt.finetune.tasks`, and its subcommand in `minigpt.cli.finetune`.
+`FinetuneConfig` is the one spelling a user writes, as flags (`minigpt finetune ...`), as
+keys or as keyword arguments: flat, every field one flag. The code reads it through its
+typed parts, each built and checked here:
+
+- `data`: the task's own data settings, one type per entry of `TASK_RUNS`
+  (`ClassifyData`, `CompletionData`, `AsCompletionData`), each holding the `DataFiles`;
+- `adapter`: the LoRA adapters (`LoRAConfig`), or None;
+- `tokens`: the special tokens put around prompts (`SpecialTokens`).
+
+`task_run` names the entry of `minigpt.finetune.tasks.TASK_RUNS` that runs it; a new task
+adds its data type and `task_run` name here, its module and entry there, and its
+subcommand in `minigpt.cli.finetune`. `default_train_config` gives the `TrainConfig`
+(a short run at a small learning rate).
 """
 from __future__ import annotations
 
@@ -18,12 +28,170 @@ from minigpt.train.config import TrainConfig
 from minigpt.typed import PathStr, check_fields
 
 TASKS = ("classify", "completion")
+"""The subcommands, and the task a fine-tuned folder's finetune.json records."""
 CLASS_WEIGHTS = ("none", "balanced")
 
 
+# ------------------------------------------------------------------------ the typed parts
+@dataclass(frozen=True)
+class DataFiles:
+    """Where the rows come from, and how validation rows are found."""
+
+    train_file: str
+    """The training file (CSV, TSV, JSON array or JSONL)."""
+    val_file: str | None
+    """The validation file; None holds out val_fraction of the training file."""
+    val_fraction: float
+    """Share of the training file held out when no val_file is given."""
+    split_seed: int
+    """Seed of that split (and of packing's order)."""
+    encoding: str
+    """Text encoding of both files."""
+
+    @property
+    def val_source(self) -> str:
+        """The file validation rows come from, named in messages."""
+        return self.val_file or self.train_file
+
+
+@dataclass(frozen=True)
+class LabeledData:
+    """How labeled rows (a text and a label) are read and cut."""
+
+    files: DataFiles
+    """Where they come from."""
+    text_column: str
+    """Column holding the text."""
+    label_column: str
+    """Column holding the label."""
+    merge_label_case: bool
+    """Labels that differ only by case or surrounding whitespace are one class."""
+    max_length: int | None
+    """Tokens kept per text (its first ones); None means the model's block_size."""
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length} must be >= 1 or None (block_size)")
+
+
+@dataclass(frozen=True)
+class ClassifyData:
+    """The classify task: labeled rows, a head on the last token."""
+
+    rows: LabeledData
+    """The labeled rows."""
+    class_weights: str
+    """"none" or "balanced" cross-entropy weights."""
+
+    def __post_init__(self) -> None:
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weights={self.class_weights!r} must be one of {CLASS_WEIGHTS}")
+
+
+@dataclass(frozen=True)
+class CompletionData:
+    """The completion task: prompt/completion pairs, the prompt masked out of the loss."""
+
+    files: DataFiles
+    """Where the pairs come from."""
+    prompt_column: str
+    """Column holding the prompt."""
+    completion_column: str
+    """Column holding the completion."""
+    packing: bool
+    """Pack several examples per row instead of padding each."""
+    add_eos: bool
+    """Append eos to every completion."""
+    max_generate: int
+    """Held-out prompts completed greedily for exact match in the final report."""
+
+    def __post_init__(self) -> None:
+        if self.max_generate < 0:
+            raise ValueError(f"max_generate={self.max_generate} must be >= 0 (0 skips exact match)")
+
+
+@dataclass(frozen=True)
+class AsCompletionData:
+    """Classification taught as completion: labeled rows become template/label-word pairs."""
+
+    rows: LabeledData
+    """The labeled rows."""
+    template: str
+    """The prompt of each row; contains {text}."""
+    label_prefix: str
+    """Put between the prompt and the label word."""
+    packing: bool
+    """Pack several examples per row instead of padding each."""
+    add_eos: bool
+    """Append eos to every label word."""
+
+    def __post_init__(self) -> None:
+        if "{text}" not in self.template:
+            raise ValueError(f"template={self.template!r} must contain {{text}}, where each row's text goes")
+
+
+TaskData = ClassifyData | CompletionData | AsCompletionData
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on each block's projections (Hu et al. 2021)."""
+
+    rank: int
+    """r >= 1."""
+    alpha: float
+    """The update is (alpha / r) B A."""
+    dropout: float
+    """Dropout on the adapters' input."""
+    targets: tuple[str, ...]
+    """Projections that get adapters."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora_rank={self.rank} must be >= 1 (no adapters: adapter=None)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.dropout} must be in [0, 1)")
+        if not self.alpha > 0:
+            raise ValueError(f"lora_alpha={self.alpha} must be > 0")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Tokens put before (bos) and after (sep) every prompt, and the padding token."""
+
+    bos: str = ""
+    """Before every prompt; "" for none."""
+    sep: str = ""
+    """After every prompt; "" for none."""
+    pad: str = ""
+    """Pads batches; "" pads with eos."""
+
+    def __post_init__(self) -> None:
+        for name, token in (("bos", self.bos), ("sep_token", self.sep)):
+            if token == GPT2_EOS:
+                raise ValueError(f"{name}={GPT2_EOS!r} is GPT-2's eos, which prompts read as plain text; "
+                                 f"name a new token such as '<|startoftext|>' or '<|sep|>' (it is added)")
+
+    @property
+    def names(self) -> list[str]:
+        """The tokens named, bos, separator and pad in that order."""
+        return [t for t in (self.bos, self.sep, self.pad) if t]
+
+    def frame(self, prompt: str) -> str:
+        """The prompt with bos before and the separator after (added tokens are recognized
+        in text, so they encode to their own ids)."""
+        return self.bos + prompt + self.sep
+
+
+# ---------------------------------------------------------------- the one spelling
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """What to fine-tune, on what, and which parameters train; `TrainConfig` says how."""
+    """What to fine-tune, on what, and which parameters train; `TrainConfig` says how.
+
+    Its flat fields are the spelling of flags, keys and keywords (and what finetune.json
+    records); a field only one task reads says so. The code reads it through `data`,
+    `adapter` and `tokens`.
+    """
 
     task: str
     """"classify" (a head on the last token) or "completion" (prompt -> completion)."""
@@ -96,8 +264,6 @@ class FinetuneConfig:
         check_fields(self)  # every value has its field's type (minigpt.typed)
         if self.task not in TASKS:
             raise ValueError(f"task={self.task!r} must be one of {TASKS}")
-        if self.class_weights not in CLASS_WEIGHTS:
-            raise ValueError(f"class_weights={self.class_weights!r} must be one of {CLASS_WEIGHTS}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
         if self.lora_rank < 0:
@@ -108,38 +274,55 @@ class FinetuneConfig:
             raise ValueError(f"train_last_blocks={self.train_last_blocks} must be >= 0 or None (train all)")
         if self.as_completion and self.task != "classify":
             raise ValueError("as_completion=True applies to task='classify' (a labeled file taught as completion)")
-        if self.as_completion and "{text}" not in self.template:
-            raise ValueError(f"template={self.template!r} must contain {{text}}, where each row's text goes")
-        for name in ("bos", "sep_token"):
-            if getattr(self, name) == GPT2_EOS:
-                raise ValueError(f"{name}={GPT2_EOS!r} is GPT-2's eos, which prompts read as plain text; "
-                                 f"name a new token such as '<|startoftext|>' or '<|sep|>' (it is added)")
-        if self.uses_completion_path and self.train_last_blocks == 0:
+        if self.task_run != "classify" and self.train_last_blocks == 0:
             raise ValueError("train_last_blocks=0 leaves a completion model nothing to train (its head is "
                              "tied to the embedding); use 1 or more, or LoRA")
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(f"max_length={self.max_length} must be >= 1 or None (block_size)")
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
-        if self.max_generate < 0:
-            raise ValueError(f"max_generate={self.max_generate} must be >= 0 (0 skips exact match)")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
-        if self.lora_rank and not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0")
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         if unknown or not self.lora_targets:
             raise ValueError(f"lora_targets={list(self.lora_targets)} must be some of {list(LORA_TARGETS)}")
+        # Each typed part checks its own fields; every task's part is built, so that a bad value
+        # is refused whichever task would read it.
+        _ = (ClassifyData(self._labeled, self.class_weights), self._completion, self.data, self.adapter, self.tokens)
 
     @property
-    def uses_completion_path(self) -> bool:
-        """Trains as a language model with the prompt masked (completion, or classify as completion)."""
-        return self.task == "completion" or self.as_completion
+    def task_run(self) -> str:
+        """The entry of `minigpt.finetune.tasks.TASK_RUNS` that runs this config."""
+        return "classify_as_completion" if self.as_completion else self.task
 
     @property
-    def special_tokens(self) -> list[str]:
-        """The bos, separator and pad tokens named, in that order."""
-        return [t for t in (self.bos, self.sep_token, self.pad_token) if t]
+    def files(self) -> DataFiles:
+        return DataFiles(self.train_file, self.val_file, self.val_fraction, self.split_seed, self.encoding)
+
+    @property
+    def data(self) -> TaskData:
+        """The task's own data settings (the fields the other tasks read are not in it)."""
+        if self.task_run == "classify":
+            return ClassifyData(self._labeled, self.class_weights)
+        if self.task_run == "classify_as_completion":
+            return AsCompletionData(self._labeled, self.template, self.label_prefix, self.packing, self.add_eos)
+        return self._completion
+
+    @property
+    def _labeled(self) -> LabeledData:
+        return LabeledData(self.files, self.text_column, self.label_column, self.merge_label_case, self.max_length)
+
+    @property
+    def _completion(self) -> CompletionData:
+        return CompletionData(self.files, self.prompt_column, self.completion_column, self.packing, self.add_eos,
+                              self.max_generate)
+
+    @property
+    def adapter(self) -> LoRAConfig | None:
+        """LoRA's settings, or None when lora_rank is 0."""
+        if not self.lora_rank:
+            return None
+        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+    @property
+    def tokens(self) -> SpecialTokens:
+        return SpecialTokens(self.bos, self.sep_token, self.pad_token)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "FinetuneConfig":
@@ -175,7 +358,7 @@ def default_train_config(config: FinetuneConfig, out_dir: str, overrides: dict[s
     values: dict[str, Any] = {**FINETUNE_TRAIN, "out_dir": out_dir}
     if config.lora_rank:
         values.update(lr=LORA_LR, min_lr=LORA_LR / 10)
-    if config.task == "classify":
+    if config.task == "classify":  # as completion too: its val_accuracy is the label's log-likelihood
         values.update(best_metric="val_accuracy", best_mode="max")
     values.update(overrides or {})
     if "warmup_steps" not in (overrides or {}) and isinstance(values["max_steps"], int):

@@ -1,6 +1,6 @@
-"""Fine-tuning data: labeled texts, prompt/completion pairs, their tokenization and batches.
+"""Fine-tuning examples and their batches, the part every task shares.
 
-Two shapes of example come out of here:
+Two shapes of example are served:
 - classification: token ids of a text and a label id; batches are right-padded and carry
   each row's length, so the head can find the last real token;
 - completion: the tokens of prompt + completion + eos and a mask that is True where a
@@ -9,13 +9,13 @@ Two shapes of example come out of here:
 
 `ShuffledBatches` serves both to the training loop: endless batches, reshuffled each epoch
 from (seed, epoch), whose position is part of the checkpoint so a resumed run sees the
-batches it would have seen.
+batches it would have seen. `LabelMap` is a classifier's class names (labels.json).
+Reading rows and encoding them is each task's own (`minigpt.finetune.classify`,
+`minigpt.finetune.completion`); splitting off validation rows is `minigpt.finetune.split`.
 """
 from __future__ import annotations
 
 import json
-import logging
-import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,97 +23,39 @@ from pathlib import Path
 import torch
 
 from minigpt.files import BadFileError, missing_keys, read_json, write_text
-from minigpt.finetune.records import read_records
-
-log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 """Target value the loss skips (`F.cross_entropy`'s ignore_index)."""
 
 
-# --------------------------------------------------------------------------- labeled text
+# ------------------------------------------------------------------------------ examples
 @dataclass(frozen=True)
-class LabeledText:
-    text: str
-    label: str
-    line: int
-    """Line (CSV/TSV: row, counting the header as line 1) in the source file, for messages."""
+class ClassificationExample:
+    ids: tuple[int, ...]
+    label: int
 
 
-def read_labeled(path: str | Path, text_column: str = "text", label_column: str = "label",
-                 fmt: str | None = None, *, encoding: str = "utf-8", merge_label_case: bool = False,
-                 known_labels: Sequence[str] = ()) -> list[LabeledText]:
-    """Rows of a CSV/TSV file (with a header), a JSON array or a JSONL file, as (text, label)
-    pairs (read by `minigpt.finetune.records.read_records`, so a row with the wrong number
-    of fields or undecodable bytes is an error naming its line).
-
-    Labels that differ only by case or surrounding whitespace ("Positive", "positive ") are
-    an error listing the spellings and their counts, unless `merge_label_case`, which maps
-    them to one spelling (see `merge_label_spellings`; `known_labels`, e.g. a model's,
-    win). Raises ValueError naming the file and line for a missing column, an empty text
-    or label, or a line that is not a JSON object; FileNotFoundError for a missing file.
-    """
-    path = Path(path)
-    table = read_records(path, fmt, encoding)
-    table.require_columns((text_column, label_column), "text_column=/label_column= (--text-column/--label-column)")
-    if table.bad:
-        bad = table.bad[0]
-        raise ValueError(f"{path}:{bad.line}: {bad.reason}" + (f" (and {len(table.bad) - 1} more such lines)"
-                                                                if len(table.bad) > 1 else ""))
-    out = []
-    for record in table.records:
-        row, line_no = record.values, record.line
-        for column in (text_column, label_column):
-            if column not in row:
-                raise ValueError(f"{path}:{line_no}: no field {column!r}; it has {sorted(row)}")
-        text, label = row[text_column], row[label_column]
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}:{line_no}: empty {text_column!r}")
-        if label is None or not str(label).strip():
-            raise ValueError(f"{path}:{line_no}: empty {label_column!r}")
-        out.append(LabeledText(text, str(label), line_no))
-    if not out:
-        raise ValueError(f"{path} holds no rows")
-    return merge_label_spellings(out, merge_label_case, known_labels, source=str(path))
+@dataclass(frozen=True)
+class CompletionExample:
+    tokens: tuple[int, ...]
+    """prompt + completion (+ eos) token ids."""
+    mask: tuple[bool, ...]
+    """True where tokens[j] is a training target: the completion and eos, never the prompt."""
 
 
-def _label_key(label: str) -> str:
-    return label.strip().casefold()
+def row_name(source: str | Path | None, line: int) -> str:
+    """'data.csv, line 7' (or 'line 7' when the rows came from no file), for messages."""
+    return f"{source}, line {line}" if source is not None else f"line {line}"
 
 
-def merge_label_spellings(rows: Sequence[LabeledText], merge: bool = False, known: Sequence[str] = (),
-                          source: str = "the data") -> list[LabeledText]:
-    """Labels as classes: surrounding whitespace is never part of a label, and spellings
-    that differ only by case or surrounding whitespace are one class only when asked.
-
-    Why an error by default: "Positive" and "positive" silently becoming two classes
-    trains a wrong model, and silently merging could hide a real distinction (or a data
-    bug worth seeing). With `merge`, each group takes the spelling in `known` (e.g. the
-    training labels, or a model's) when there is one, else its most frequent spelling
-    (ties: the first in sorted order), and a warning lists what was merged.
-    Raises ValueError naming the spellings and their counts when not merging.
-    """
-    spellings: dict[str, dict[str, int]] = {}
-    for r in rows:
-        counts = spellings.setdefault(_label_key(r.label), {})
-        counts[r.label] = counts.get(r.label, 0) + 1
-    clashes = {key: counts for key, counts in spellings.items() if len(counts) > 1}
-    if clashes and not merge:
-        shown = "; ".join(" vs ".join(f"{s!r} ({n} rows)" for s, n in sorted(c.items())) for c in clashes.values())
-        raise ValueError(f"{source}: labels differ only by case or surrounding whitespace: {shown}. They would be "
-                         f"separate classes; fix the file, or merge them with merge_label_case=True "
-                         f"(--merge-label-case)")
-    known_by_key = {_label_key(k): k for k in known}
-    canonical = {}
-    for key, counts in spellings.items():
-        top = min(counts, key=lambda s: (-counts[s], s))
-        canonical[key] = known_by_key.get(key, top.strip()) if merge else top.strip()
-        changed = {s: n for s, n in counts.items() if s.strip() != canonical[key]}
-        if changed:
-            log.warning("%s: merged the labels %s into %r", source,
-                        ", ".join(f"{s!r} ({n} rows)" for s, n in sorted(counts.items())), canonical[key])
-    return [r if r.label == canonical[_label_key(r.label)] else
-            LabeledText(r.text, canonical[_label_key(r.label)], r.line) for r in rows]
+def encode_text(tokenizer, text: str, source: str | Path | None, line: int) -> list[int]:
+    """`tokenizer.encode(text)`; text it cannot encode (a character outside a character-level
+    model's alphabet) is an error naming the file and the line."""
+    try:
+        return tokenizer.encode(text)
+    except ValueError as err:
+        raise ValueError(f"{row_name(source, line)}: {err}; replace it in that row, or start from a model whose "
+                         f"tokenizer has it (GPT-2's byte-level BPE encodes any text)") from None
 
 
 @dataclass(frozen=True)
@@ -129,8 +71,8 @@ class LabelMap:
             raise ValueError(f"labels must be distinct; got {list(self.labels)}")
 
     @classmethod
-    def from_examples(cls, examples: Sequence[LabeledText]) -> "LabelMap":
-        """Sorted distinct labels, so the ids do not depend on row order."""
+    def from_examples(cls, examples: Sequence) -> "LabelMap":
+        """Sorted distinct labels of rows that have a `.label`, so the ids do not depend on row order."""
         return cls(tuple(sorted({e.label for e in examples})))
 
     def __len__(self) -> int:
@@ -173,227 +115,6 @@ class LabelMap:
         except ValueError as err:  # fewer than two labels, or repeated ones
             raise BadFileError(f"label file {path}: {err}; {fix}") from None
 
-
-def stratified_split(examples: Sequence, val_fraction: float, seed: int = 1337,
-                     key: Callable = lambda e: e.label, group: Callable | None = None) -> tuple[list, list]:
-    """Split into (train, validation) keeping each label's share, reproducibly for a seed.
-
-    Each label contributes round(n_label * val_fraction) rows to validation (at least one
-    when it has two or more rows), chosen by a seeded shuffle; both parts keep file order.
-    With `group` (e.g. the text), rows with the same group key are one unit that goes to
-    one side whole: duplicates never land in both train and validation, where the held-out
-    score would measure memory. A group counts under its first row's label.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
-    members: dict = {}  # group key -> indices; a row is its own group without `group`
-    for i, e in enumerate(examples):
-        members.setdefault(group(e) if group is not None else i, []).append(i)
-    by_label: dict = {}
-    for indices in members.values():
-        by_label.setdefault(key(examples[indices[0]]), []).append(indices)
-    rng = random.Random(seed)
-    val: set[int] = set()
-    for label in sorted(by_label):
-        units = by_label[label]
-        n_val = round(len(units) * val_fraction)
-        if len(units) >= 2:
-            n_val = min(max(n_val, 1), len(units) - 1)
-        chosen = list(units)
-        rng.shuffle(chosen)
-        for indices in chosen[:n_val]:
-            val.update(indices)
-    return ([e for i, e in enumerate(examples) if i not in val],
-            [e for i, e in enumerate(examples) if i in val])
-
-
-def duplicate_groups(examples: Sequence, group: Callable) -> list[list]:
-    """Groups (in file order) of two or more examples with the same `group` key."""
-    groups: dict = {}
-    for e in examples:
-        groups.setdefault(group(e), []).append(e)
-    return [g for g in groups.values() if len(g) > 1]
-
-
-def split_without_leakage(examples: Sequence, val_fraction: float, seed: int, source: str,
-                          key: Callable = lambda e: e.label, group: Callable = lambda e: e.text,
-                          what: str = "text") -> tuple[list, list]:
-    """`stratified_split` with duplicates (same `group` key) kept on one side, and a
-    warning that counts them, so a repeated row never scores the model on its own training
-    data."""
-    groups = duplicate_groups(examples, group)
-    if groups:
-        extra = sum(len(g) - 1 for g in groups)
-        log.warning("%s: %d rows repeat another row's %s (%d groups, e.g. lines %s); each group is kept "
-                    "whole on one side of the train/validation split, so none is both trained and held out",
-                    source, extra, what,
-                    len(groups), ", ".join(str(e.line) for e in groups[0]))
-    train, val = stratified_split(examples, val_fraction, seed, key=key, group=group)
-    if not val or not train:
-        raise ValueError(
-            f"{source}: {len(examples)} row{'s are' if len(examples) != 1 else ' is'} too few to hold out a "
-            f"validation split at "
-            f"val_fraction={val_fraction} (none is left to {'validate on' if not val else 'train on'}: only 2 or more "
-            f"distinct {what}s, of one label for a classifier, give one away). Give a validation file (--val-file), a "
-            f"larger training file, or a larger --val-fraction")
-    return train, val
-
-
-def leaked(train: Sequence, val: Sequence, group: Callable) -> list[tuple[int, int]]:
-    """(validation line, training line) of each validation row whose `group` key (its text,
-    its prompt) also occurs in the training rows."""
-    first: dict = {}
-    for e in train:
-        first.setdefault(group(e), e.line)
-    return [(e.line, first[group(e)]) for e in val if group(e) in first]
-
-
-def report_leakage(train: Sequence, val: Sequence, group: Callable, train_file: str, val_file: str,
-                   what: str) -> int:
-    """Warn (with counts and example lines) when validation rows also occur in training;
-    return how many do. Their scores measure memory, not generalization."""
-    pairs = leaked(train, val, group)
-    if pairs:
-        shown = ", ".join(f"{val_file}:{v} = {train_file}:{t}" for v, t in pairs[:3])
-        log.warning("%d of %d validation rows have a %s that also occurs in the training file (%s%s); their "
-                    "scores are optimistic: remove them from one of the files", len(pairs), len(val), what, shown,
-                    ", ..." if len(pairs) > 3 else "")
-    return len(pairs)
-
-
-# ---------------------------------------------------------------------- prompt/completion
-@dataclass(frozen=True)
-class PromptCompletion:
-    prompt: str
-    completion: str
-    line: int
-
-
-def read_prompt_completion(path: str | Path, prompt_column: str = "prompt", completion_column: str = "completion",
-                           encoding: str = "utf-8") -> list[PromptCompletion]:
-    """Pairs of a prompt/completion file: CSV, TSV, a JSON array or JSONL, with the pair in
-    the named columns. Any defect `minigpt finetune check` would drop a row for (bad JSON,
-    a missing, non-string or empty field) is a ValueError that names the lines and points
-    at the checker; so is anything `minigpt.finetune.records.read_records` refuses."""
-    from minigpt.finetune.check import parse_rows
-
-    path = Path(path)
-    rows, dropped, _ = parse_rows(path, prompt_column=prompt_column, completion_column=completion_column,
-                                  encoding=encoding)
-    if dropped:
-        shown = "; ".join(f"line {d.line}: {d.reason}" for d in dropped[:5])
-        more = f" (and {len(dropped) - 5} more)" if len(dropped) > 5 else ""
-        raise ValueError(f"{path}: {len(dropped)} unusable rows: {shown}{more}. "
-                         f"Run `minigpt finetune check {path} --fix --out FILE.jsonl` to write a cleaned copy")
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    return [PromptCompletion(r.prompt, r.completion, r.line) for r in rows]
-
-
-# ------------------------------------------------------------------------- tokenization
-@dataclass(frozen=True)
-class ClassificationExample:
-    ids: tuple[int, ...]
-    label: int
-
-
-@dataclass(frozen=True)
-class CompletionExample:
-    tokens: tuple[int, ...]
-    """prompt + completion (+ eos) token ids."""
-    mask: tuple[bool, ...]
-    """True where tokens[j] is a training target: the completion and eos, never the prompt."""
-
-
-def _row(source: str | Path | None, line: int) -> str:
-    """'data.csv, line 7' (or 'line 7' when the rows came from no file), for messages."""
-    return f"{source}, line {line}" if source is not None else f"line {line}"
-
-
-def _encode(tokenizer, text: str, source: str | Path | None, line: int) -> list[int]:
-    """`tokenizer.encode(text)`; text it cannot encode (a character outside a character-level
-    model's alphabet) is an error naming the file and the line."""
-    try:
-        return tokenizer.encode(text)
-    except ValueError as err:
-        raise ValueError(f"{_row(source, line)}: {err}; replace it in that row, or start from a model whose "
-                         f"tokenizer has it (GPT-2's byte-level BPE encodes any text)") from None
-
-
-def encode_classification(tokenizer, examples: Sequence[LabeledText], labels: LabelMap,
-                          max_length: int, source: str | Path | None = None) -> list[ClassificationExample]:
-    """Token ids (the first `max_length` of each text) and label ids. Truncation is logged.
-    `source` is the file the rows came from, named in errors with the row's line."""
-    out, truncated = [], 0
-    for e in examples:
-        ids = _encode(tokenizer, e.text, source, e.line)
-        if not ids:
-            raise ValueError(f"{_row(source, e.line)}: text {e.text!r} encodes to no tokens")
-        truncated += len(ids) > max_length
-        out.append(ClassificationExample(tuple(ids[:max_length]), labels.id(e.label)))
-    if truncated:
-        log.warning("%d of %d texts were longer than max_length=%d tokens and were truncated",
-                    truncated, len(examples), max_length)
-    return out
-
-
-def encode_completion(tokenizer, pair: PromptCompletion, add_eos: bool = True,
-                      source: str | Path | None = None) -> CompletionExample:
-    """prompt + completion (+ eos), with the loss mask on the completion and eos.
-
-    Prompt and completion are encoded separately, so the boundary between them is a token
-    boundary; that is why completions should start with whitespace (the checker says so).
-    """
-    prompt = _encode(tokenizer, pair.prompt, source, pair.line)
-    completion = _encode(tokenizer, pair.completion, source, pair.line)
-    if add_eos:
-        if tokenizer.eos_id is None:
-            raise ValueError("this tokenizer has no eos token; pass add_eos=False and end completions "
-                             "with a stop sequence instead")
-        completion.append(tokenizer.eos_id)
-    if not completion:
-        raise ValueError(f"{_row(source, pair.line)}: the completion encodes to no tokens")
-    return CompletionExample(tuple(prompt + completion), (False,) * len(prompt) + (True,) * len(completion))
-
-
-def encode_completions(tokenizer, pairs: Sequence[PromptCompletion], block_size: int,
-                       add_eos: bool = True, source: str | Path | None = None) -> list[CompletionExample]:
-    """Encode every pair; a pair longer than block_size + 1 tokens is an error listing them
-    all (the checker's --fix drops them, and says which)."""
-    out = [encode_completion(tokenizer, p, add_eos, source) for p in pairs]
-    too_long = [(p.line, len(e.tokens)) for p, e in zip(pairs, out) if len(e.tokens) > block_size + 1]
-    if too_long:
-        shown = ", ".join(f"line {line} ({n} tokens)" for line, n in too_long[:5])
-        raise ValueError(f"{len(too_long)} examples exceed block_size + 1 = {block_size + 1} tokens: {shown}"
-                         f"{' ...' if len(too_long) > 5 else ''}. Shorten them, or drop them with "
-                         f"`minigpt finetune check FILE --fix`")
-    return out
-
-
-def pack_completions(examples: Sequence[CompletionExample], block_size: int,
-                     seed: int = 1337) -> list[CompletionExample]:
-    """Concatenate examples (in a seeded random order) into rows of at most block_size + 1
-    tokens, so little compute goes to padding.
-
-    Each example ends with eos, so a row reads "a1 ... eos b1 ... eos". Later examples in a
-    row can attend to earlier ones (the usual trade of packing); their loss masks are kept,
-    so the prompts still carry no loss. Use padding instead for fully isolated examples.
-    """
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    rows: list[CompletionExample] = []
-    tokens: list[int] = []
-    mask: list[bool] = []
-    for i in order:
-        e = examples[i]
-        if tokens and len(tokens) + len(e.tokens) > block_size + 1:
-            rows.append(CompletionExample(tuple(tokens), tuple(mask)))
-            tokens, mask = [], []
-        tokens += e.tokens
-        mask += e.mask
-    if tokens:
-        rows.append(CompletionExample(tuple(tokens), tuple(mask)))
-    return rows
 
 
 # ------------------------------------------------------------------------------ batches

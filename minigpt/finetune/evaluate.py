@@ -1,4 +1,6 @@
-"""Evaluate fine-tuned models and few-shot prompting on labeled files; predict labels.
+"""Evaluate fine-tuned models and few-shot prompting on files; predict labels (`minigpt
+evaluate`, `minigpt fewshot`, `minigpt predict`). The reports themselves are each task's
+(`minigpt.finetune.classify`, `.completion`, `.as_completion`).
 
 Classifiers get accuracy, per-class and macro precision/recall/F1, the confusion matrix
 (as text and PNG) and the majority-class baseline beside them. Completion models get the
@@ -9,130 +11,22 @@ and exact match of greedy completions on held-out prompts. Classifiers taught as
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from minigpt.finetune.as_completion import evaluate_saved, is_as_completion
-from minigpt.finetune.classifier import GPTClassifier, predict_proba
-from minigpt.finetune.data import (
-    IGNORE_INDEX, ClassificationExample, LabeledText, LabelMap, PromptCompletion, collate_classification,
-    collate_completion, encode_classification, encode_completions, fixed_batches, read_labeled,
-    read_prompt_completion,
-)
+from minigpt.finetune.classify import LabeledText, classify, encode_classification, evaluate_classifier, read_labeled
+from minigpt.finetune.completion import CompletionReport, evaluate_completion, read_prompt_completion
+from minigpt.finetune.data import LabelMap
 from minigpt.finetune.export import load_finetuned
 from minigpt.evaluation.harness import evaluate_examples
 from minigpt.evaluation.tasks import Task
 from minigpt.finetune.fewshot import FewShotPrompt, as_multiple_choice, choose, prompt_format, select_shots
 from minigpt.finetune.metrics import ClassificationReport, classification_report, write_report
-from minigpt.progress import progress_bar
 from minigpt.typed import check_count
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------ classification
-@torch.no_grad()
-def classify(model: GPTClassifier, examples: Sequence[ClassificationExample], batch_size: int = 64,
-             pad_id: int = 0) -> torch.Tensor:
-    """(N, num_labels) probabilities for encoded examples, on the model's device."""
-    device = next(model.parameters()).device
-    out = []
-    batches = fixed_batches(examples, batch_size, lambda xs: collate_classification(xs, pad_id))
-    for batch in progress_bar(batches, math.ceil(len(examples) / batch_size), "classify"):
-        out.append(predict_proba(model, {k: v.to(device) for k, v in batch.items()}).cpu())
-    return torch.cat(out)
-
-
-def evaluate_classifier(model: GPTClassifier, tokenizer, rows: Sequence[LabeledText], labels: LabelMap,
-                        max_length: int, batch_size: int = 64) -> ClassificationReport:
-    """The classification report of `model` on labeled rows. A row whose label the model
-    does not know is a ValueError naming it."""
-    examples = encode_classification(tokenizer, rows, labels, max_length)
-    predicted = classify(model, examples, batch_size, pad_id=tokenizer.eos_id or 0).argmax(-1).tolist()
-    return classification_report([e.label for e in examples], predicted, labels.labels)
-
-
-# ---------------------------------------------------------------------------- completion
-@dataclass
-class CompletionReport:
-    loss: float
-    """Mean cross-entropy per completion token (eos included), nats."""
-    perplexity: float
-    tokens: int
-    """Completion tokens the loss averages over."""
-    exact_match: float | None = None
-    """Fraction of greedy completions equal to the reference (whitespace-trimmed, stop cut)."""
-    generated: int = 0
-    samples: list[dict] = field(default_factory=list)
-    """A few (prompt, reference, generated) triples to read."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def format(self) -> str:
-        lines = [f"completion loss {self.loss:.4f} nats/token over {self.tokens} tokens, "
-                 f"perplexity {self.perplexity:.2f}"]
-        if self.exact_match is not None:
-            lines.append(f"exact match {self.exact_match:.3f} on {self.generated} greedy completions")
-        for s in self.samples:
-            lines += ["", f"prompt:    {s['prompt']!r}", f"reference: {s['reference']!r}", f"generated: {s['generated']!r}"]
-        return "\n".join(lines)
-
-
-@torch.no_grad()
-def completion_loss(model, tokenizer, pairs: Sequence[PromptCompletion], batch_size: int = 16,
-                    add_eos: bool = True) -> tuple[float, int]:
-    """(mean loss per completion token, number of tokens), prompt tokens excluded."""
-    examples = encode_completions(tokenizer, pairs, model.config.block_size, add_eos)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        batches = fixed_batches(examples, batch_size, lambda xs: collate_completion(xs, tokenizer.eos_id or 0))
-        for batch in progress_bar(batches, math.ceil(len(examples) / batch_size), "loss"):
-            idx, targets = batch["idx"].to(device), batch["targets"].to(device)
-            logits = model(idx).logits  # (B, T, V)
-            total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                           ignore_index=IGNORE_INDEX, reduction="sum"))
-            count += int((targets != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
-    return total / count, count
-
-
-def evaluate_completion(model, tokenizer, pairs: Sequence[PromptCompletion], *, stop: str = "",
-                        max_generate: int = 100, batch_size: int = 16, samples: int = 3,
-                        add_eos: bool = True) -> CompletionReport:
-    """Loss/perplexity on every pair, and exact match of greedy completions on the first
-    `max_generate` pairs (generation is the slow part; 0 skips it)."""
-    from minigpt.generate import generate_text
-
-    loss, tokens = completion_loss(model, tokenizer, pairs, batch_size, add_eos)
-    report = CompletionReport(loss, math.exp(min(loss, 80.0)), tokens)
-    chosen = list(pairs[:max_generate])
-    if not chosen:
-        return report
-    stops = [stop] if stop else []
-    hits = 0
-    for i in progress_bar(range(0, len(chosen), batch_size), math.ceil(len(chosen) / batch_size), "generate"):
-        part = chosen[i : i + batch_size]
-        budget = max(len(tokenizer.encode(p.completion)) for p in part) + 4
-        budget = min(budget, model.config.block_size - max(len(tokenizer.encode(p.prompt)) for p in part))
-        outputs = generate_text(model, tokenizer, [p.prompt for p in part], max(budget, 1), stop=stops, temperature=0)
-        for p, out in zip(part, outputs):
-            reference = p.completion[: -len(stop)] if stop and p.completion.endswith(stop) else p.completion
-            hits += out.strip() == reference.strip()
-            if len(report.samples) < samples:
-                report.samples.append({"prompt": p.prompt, "reference": reference, "generated": out})
-    report.exact_match = hits / len(chosen)
-    report.generated = len(chosen)
-    return report
 
 
 # --------------------------------------------------------------------------- file level

@@ -29,7 +29,7 @@ from minigpt.evaluation.metrics import argmax
 from minigpt.evaluation.prompts import PromptFormat
 from minigpt.evaluation.scoring import score_continuations
 from minigpt.evaluation.tasks import MultipleChoice
-from minigpt.finetune.data import LabeledText
+from minigpt.finetune.classify import LabeledText
 from minigpt.typed import check_fields
 
 

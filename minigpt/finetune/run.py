@@ -4,7 +4,9 @@ Pretraining and fine-tuning share `minigpt.train.loop.train` (optimizer, schedul
 checkpoints, resume, logging, early stopping); fine-tuning differs only in setup: the
 task's run (`minigpt.finetune.tasks`), named bos/pad/separator tokens added to the
 tokenizer and the model (`minigpt.vocab.add_tokens`) when new, and which parameters train:
-all, the last N blocks (and the head), or LoRA adapters only.
+all, the last N blocks (and the head), or LoRA adapters only. The config is read through
+its typed parts: `tokens` here, `adapter` for the trainable parameters, and `data` by the
+task's own module, which builds the frozen `TaskRun` once.
 
 The best checkpoint (by `TrainConfig.best_metric`) is exported to OUT/model as a
 fine-tuned folder (LoRA merged, see `minigpt.finetune.export`) and evaluated on the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from minigpt.finetune.config import FinetuneConfig
+from minigpt.finetune.config import FinetuneConfig, LoRAConfig, SpecialTokens
 from minigpt.finetune.export import save_finetuned
 from minigpt.finetune.lora import apply_lora, count_trainable, freeze_all_but_last
 from minigpt.finetune.metrics import write_report
-from minigpt.finetune.tasks import TaskRun, build_run
+from minigpt.finetune.task import RunStart, TaskRun
+from minigpt.finetune.tasks import TASK_RUNS
 from minigpt.model import GPT
 from minigpt.train.config import TrainConfig
 from minigpt.train.loop import train
@@ -58,23 +62,39 @@ def _start_model(config: FinetuneConfig, model: GPT | None, tokenizer, backend: 
     return backbone, tokenizer or saved
 
 
-def _add_special_tokens(config: FinetuneConfig, backbone: GPT, tokenizer) -> None:
-    """Add the bos/separator/pad tokens the config names to the tokenizer and the model,
-    growing the embedding when they are new (logged once, by `add_tokens`)."""
+def _add_special_tokens(tokens: SpecialTokens, backbone: GPT, tokenizer) -> None:
+    """Add the bos/separator/pad tokens named to the tokenizer and the model, growing the
+    embedding when they are new (logged once, by `add_tokens`)."""
     from minigpt.tokenizer import Tokenizer
     from minigpt.vocab import add_tokens
 
-    tokens = config.special_tokens
-    if not tokens:
+    if not tokens.names:
         return
     if not isinstance(tokenizer, Tokenizer):
-        raise ValueError(f"special tokens {tokens} need GPT-2's tokenizer; this model's is "
+        raise ValueError(f"special tokens {tokens.names} need GPT-2's tokenizer; this model's is "
                          f"{type(tokenizer).__name__}")
-    new = add_tokens(backbone, tokenizer, tokens)
+    new = add_tokens(backbone, tokenizer, tokens.names)
     if not new:
-        log.info("special tokens %s are already in the vocabulary", tokens)
-    if config.pad_token:
-        tokenizer.set_pad_token(config.pad_token)
+        log.info("special tokens %s are already in the vocabulary", tokens.names)
+    if tokens.pad:
+        tokenizer.set_pad_token(tokens.pad)
+
+
+def _trainable(lora: LoRAConfig | None, last_blocks: int | None
+               ) -> Callable[[nn.Module, tuple[str, ...]], dict[str, int]]:
+    """`RunStart.choose_trainable`: LoRA adapters, the last N blocks, or all parameters
+    (and, beside adapters or the last blocks, the task's head)."""
+
+    def choose(model: nn.Module, head: tuple[str, ...]) -> dict[str, int]:
+        if lora is not None:
+            apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, trainable=head)
+        elif last_blocks is not None:
+            freeze_all_but_last(model, last_blocks, trainable=head)
+        trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
+        log.info("training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        return {"trainable_params": trainable, "total_params": total}
+
+    return choose
 
 
 def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None,
@@ -84,20 +104,11 @@ def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | N
 
     check_device(train_config.device)
     backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend, train_config.seed)
-    _add_special_tokens(config, backbone, tokenizer)
+    _add_special_tokens(config.tokens, backbone, tokenizer)
     torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
-    run = build_run(config, backbone, tokenizer, train_config)
-    head = () if config.uses_completion_path else ("score.",)
-    if config.lora_rank:
-        apply_lora(run.model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
-                   trainable=head)
-    elif config.train_last_blocks is not None:
-        freeze_all_but_last(run.model, config.train_last_blocks, trainable=head)
-    trainable, total = count_trainable(run.model), sum(p.numel() for p in run.model.parameters())
-    log.info("training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    run.details.update(trainable_params=trainable, total_params=total)
-    run.meta = dataclasses.replace(run.meta, details={"finetune": dataclasses.asdict(config), **run.details})
-    return run, tokenizer
+    start = RunStart(backbone, tokenizer, train_config, config.eval_batch_size, config.tokens,
+                     _trainable(config.adapter, config.train_last_blocks), dataclasses.asdict(config))
+    return TASK_RUNS[config.task_run](config.data, start), tokenizer
 
 
 def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None, tokenizer=None,

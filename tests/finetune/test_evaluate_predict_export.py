@@ -9,8 +9,10 @@ import torch
 from minigpt import GPT, GPTConfig
 from minigpt.cli import main
 from minigpt.finetune.classifier import GPTClassifier
-from minigpt.finetune.data import LabelMap, PromptCompletion, read_labeled
-from minigpt.finetune.evaluate import completion_loss, evaluate, predict
+from minigpt.finetune.classify import read_labeled
+from minigpt.finetune.completion import PromptCompletion, completion_loss
+from minigpt.finetune.data import LabelMap
+from minigpt.finetune.evaluate import evaluate, predict
 from minigpt.finetune.export import FinetuneMeta, load_finetuned, save_finetuned
 from minigpt.finetune.lora import LoRALinear, apply_lora
 from tests.helpers import randomize_, use_tiktoken_cache

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig
-from minigpt.finetune.data import LabeledText
+from minigpt.finetune.classify import LabeledText
 from minigpt.finetune.fewshot import FewShotClassifier, FewShotPrompt, continuation_logprobs, select_shots
 from tests.finetune.common import bigram_gpt
 from tests.helpers import use_tiktoken_cache

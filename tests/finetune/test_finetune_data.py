@@ -5,11 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import GPT, GPTConfig
+from minigpt.finetune.classify import LabeledText, read_labeled
+from minigpt.finetune.completion import PromptCompletion, encode_completion, pack_completions
 from minigpt.finetune.data import (
-    IGNORE_INDEX, CompletionExample, LabeledText, LabelMap, PromptCompletion, ShuffledBatches,
-    collate_classification, collate_completion, encode_completion, pack_completions, read_labeled,
-    split_without_leakage, stratified_split,
+    IGNORE_INDEX, CompletionExample, LabelMap, ShuffledBatches, collate_classification, collate_completion,
 )
+from minigpt.finetune.split import split_without_leakage, stratified_split
 from tests.helpers import DATA, need_file, use_tiktoken_cache
 
 

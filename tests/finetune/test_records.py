@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minigpt.finetune.check import check_prompt_completion
-from minigpt.finetune.data import LabeledText, read_labeled, read_prompt_completion
+from minigpt.finetune.classify import LabeledText, read_labeled
+from minigpt.finetune.completion import read_prompt_completion
 from minigpt.finetune.records import read_records
 from tests.helpers import DATA, need_file
 

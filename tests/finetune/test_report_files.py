@@ -2,7 +2,7 @@
 import json
 
 from minigpt.finetune.as_completion import AsCompletionReport
-from minigpt.finetune.evaluate import CompletionReport
+from minigpt.finetune.completion import CompletionReport
 from minigpt.finetune.metrics import classification_report, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig
-from minigpt.finetune.data import read_labeled, read_prompt_completion
-from minigpt.finetune.evaluate import completion_loss, predict
+from minigpt.finetune.classify import read_labeled
+from minigpt.finetune.completion import completion_loss, read_prompt_completion
+from minigpt.finetune.evaluate import predict
 from minigpt.finetune.export import load_finetuned
 from minigpt.finetune.lora import LoRALinear
 from minigpt.finetune.check import check_prompt_completion

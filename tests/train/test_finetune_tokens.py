@@ -9,7 +9,7 @@ from minigpt.finetune.data import IGNORE_INDEX, collate_completion
 from minigpt.finetune.export import load_finetuned
 from minigpt.finetune.config import FinetuneConfig, default_train_config
 from minigpt.finetune.run import finetune, prepare
-from minigpt.finetune.tasks import masked_lm_loss
+from minigpt.finetune.completion import masked_lm_loss
 from minigpt.train.loop import language_model_loss
 from tests.helpers import DATA, need_file, randomize_, use_tiktoken_cache
 
