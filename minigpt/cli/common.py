@@ -57,7 +57,7 @@ def add_field(parser: argparse.ArgumentParser, cls: type, name: str, *, flag: st
     """
     tp, default = bare_type(field_types(cls)[name]), field_default(cls, name)
     flag = flag or "--" + name.replace("_", "-")
-    metavar = _metavar(flag)
+    metavar = flag.removeprefix("--").replace("-", "_").upper()  # as argparse would name it
     help_text = field_help(cls, name) + (f" {note}" if note else "")
     kwargs: dict[str, Any] = dict(dest=name, help=help_text.replace("%", "%%"))  # argparse %-formats help
     if default is dataclasses.MISSING:
@@ -133,23 +133,17 @@ class _Override(argparse.Action):
     """A flag of `add_overrides`: appends 'key=VALUE' to `args.overrides`."""
 
     def __init__(self, option_strings: list[str], dest: str, key: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest="overrides", default=argparse.SUPPRESS, **kwargs)
+        super().__init__(option_strings, "overrides", default=argparse.SUPPRESS, **kwargs)
         self.key = key
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if isinstance(self, argparse.BooleanOptionalAction):
+            values = "false" if option_string.startswith("--no-") else "true"
         namespace.overrides = (*namespace.overrides, f"{self.key}={values}")
 
 
-class _SwitchOverride(argparse.BooleanOptionalAction):
+class _SwitchOverride(_Override, argparse.BooleanOptionalAction):
     """A true/false flag of `add_overrides`: `--key` appends 'key=true', `--no-key` 'key=false'."""
-
-    def __init__(self, option_strings: list[str], dest: str, key: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest="overrides", default=argparse.SUPPRESS, **kwargs)
-        self.key = key
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        value = "false" if option_string.startswith("--no-") else "true"
-        namespace.overrides = (*namespace.overrides, f"{self.key}={value}")
 
 
 class _SetIsGone(argparse.Action):
@@ -165,16 +159,12 @@ def canonical(flag: str) -> str:
     return "--" + flag.removeprefix("--").replace("-", "_")
 
 
-def _type_metavar(tp: Any) -> str | None:
+def _type_metavar(tp: Any) -> str:
     """INT, FLOAT, LIST, TEXT or {a,b} (a Literal's choices) for a flag of type `tp`."""
     tp = bare_type(tp)
     if typing.get_origin(tp) is Literal:
         return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
     return {int: "INT", float: "FLOAT", tuple: "LIST", list: "LIST"}.get(typing.get_origin(tp) or tp, "TEXT")
-
-
-def _metavar(flag: str) -> str:
-    return flag.removeprefix("--").replace("-", "_").upper()  # as argparse would name it
 
 
 def _unescape_newlines(text: str) -> str:
