@@ -69,10 +69,6 @@ def _subcommand_parser(parser: argparse.ArgumentParser, argv: list[str] | None) 
     return current
 
 
-def _flags(parser: argparse.ArgumentParser) -> list[str]:
-    return [o for a in parser._actions for o in a.option_strings if o.startswith("--") and a.help != argparse.SUPPRESS]
-
-
 def _respelled(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
     """`argv` with each flag in the spelling the subcommand's parser knows: a flag written
     with underscores or dashes (`--lora_rank`, `--max-steps`) as the flag of that name, and a
@@ -80,15 +76,16 @@ def _respelled(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[
     word that is no boolean is a usage error that names the two spellings."""
     words = sys.argv[1:] if argv is None else list(argv)
     command = _subcommand_parser(parser, words)
-    spelled = {canonical(flag): flag for flag in command._option_string_actions}
+    actions = command._option_string_actions
+    spelled = {canonical(flag): flag for flag in actions}
     out = []
     for word in words:
         flag, sep, value = word.partition("=")
         if not flag.startswith("--") or canonical(flag) not in spelled:
             out.append(word)
             continue
-        flag = spelled[canonical(flag)]
-        if sep and isinstance(command._option_string_actions[flag], argparse.BooleanOptionalAction):
+        flag = flag if flag in actions else spelled[canonical(flag)]
+        if sep and isinstance(actions[flag], argparse.BooleanOptionalAction):
             on = "--" + flag.removeprefix("--").removeprefix("no-")
             if value.strip().lower() not in BOOL_WORDS:
                 command.error(f"{word}: {on} is true/false; write {on} or --no-{on[2:]}")
@@ -100,10 +97,10 @@ def _respelled(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[
 
 
 def _suggestions(parser: argparse.ArgumentParser, extra: list[str]) -> str:
-    """'; did you mean --temperature?' for each unknown flag close to one the command has."""
+    """'; did you mean --temperature?' for each unknown flag close to one the command shows."""
     import difflib
 
-    known = _flags(parser)
+    known = [o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings if o.startswith("--")]
     hints = []
     for word in extra:
         flag = word.split("=", 1)[0]
