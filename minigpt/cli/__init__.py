@@ -17,6 +17,7 @@ from minigpt.cli.inside import (
 from minigpt.cli.pretrain import add_export_parser, add_plot_parser, add_prepare_parser, add_train_parser
 from minigpt.cli.serve import add_serve_parser
 from minigpt.device import check_device
+from minigpt.runconfig import valid_keys
 from minigpt.typed import BOOL_WORDS
 
 # One module per group of subcommands (pretrain, finetune, evaluate, inside: running and
@@ -152,7 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)  # known: to add "did you mean" to argparse's error
     if extra:
         command = _subcommand_parser(parser, argv)
-        command.error(f"unrecognized arguments: {' '.join(extra)}{_suggestions(command, extra)}")
+        hints = _suggestions(command, extra)
+        if not hints and getattr(args, "override_sections", None):  # like an unknown key in a config file
+            hints = f"; valid keys (--section.key=VALUE) are {valid_keys(args.override_sections)}"
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "device", None) is not None:

@@ -107,7 +107,7 @@ def add_overrides(parser: argparse.ArgumentParser, sections: Sections,
     have (`--seed`) is passed on bare, and the loader names the sections to choose from.
     Returns 'section.key' -> its flag (to give one a check of its own, e.g. `.type`).
     """
-    parser.set_defaults(overrides=())
+    parser.set_defaults(overrides=(), override_sections=sections)  # the sections: for main's unknown-flag error
     taken = {canonical(flag) for flag in parser._option_string_actions}
     owners = Counter(key for spec in sections.values() for key in spec.types())
     flags = {}
