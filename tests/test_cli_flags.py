@@ -1,7 +1,9 @@
 """Flags of config fields are derived from the dataclass (`minigpt.cli.common.add_field`), so
 `--help` cannot drift from the code: every such flag's default is the field's default, its
 help holds the field's docstring, and the config built from default flags is the default
-config. A flag that is neither a field nor listed below as the command line's own fails."""
+config. A flag that is neither a field nor listed below as the command line's own fails. Each
+key of a run config's sections is a flag too (`add_overrides`), which hands `--section.key=VALUE`
+to the config loader in command-line order."""
 import argparse
 import dataclasses
 from dataclasses import dataclass
