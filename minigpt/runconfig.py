@@ -110,8 +110,7 @@ def apply_override(sections: Sections, values: dict[str, dict[str, Any]], item: 
         if not owners and len(sections) == 1:  # one section: say which dataclass lacks the key
             reject_unknown_keys(next(iter(sections.values())).cls, {key: text})
         if not owners:
-            valid = "; ".join(f"{s}: {', '.join(sorted(sections[s].types()))}" for s in sections)
-            raise ValueError(f"override {item!r}: no section has a key {key!r}. Valid keys are {valid}")
+            raise ValueError(f"override {item!r}: no section has a key {key!r}. Valid keys are {valid_keys(sections)}")
         if len(owners) > 1:
             raise ValueError(f"override {item!r}: {key!r} is in several sections; write "
                              + " or ".join(f"--{s}.{key}=..." for s in owners))
@@ -127,6 +126,11 @@ def apply_override(sections: Sections, values: dict[str, dict[str, Any]], item: 
     values.setdefault(section, {})[name] = parsed
     if origins is not None:
         origins[(section, name)] = flag
+
+
+def valid_keys(sections: Sections) -> str:
+    """'model: bias, block_size, ...; train: ...': every key of every section, for errors."""
+    return "; ".join(f"{s}: {', '.join(sorted(sections[s].types()))}" for s in sections)
 
 
 def apply_overrides(sections: Sections, values: dict[str, dict[str, Any]], items: Iterable[str],

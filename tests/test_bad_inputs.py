@@ -269,9 +269,10 @@ def test_a_flag_written_with_underscores_is_the_commands_flag(monkeypatch):
     monkeypatch.setattr(cli.finetune, "_finetune_train", lambda args: seen.update(vars(args)))
     parser = cli.build_parser()
     argv = cli._respelled(parser, ["finetune", "classify", "--init", "m", "--train_file", "a.csv", "--out", "r",
-                                   "--lora_rank=4", "--max_steps=3"])
-    args, extra = parser.parse_known_args(argv)
-    assert (args.lora_rank, args.train_file, extra) == (4, "a.csv", ["--max_steps=3"])  # overrides keep theirs
+                                   "--lora_rank=4", "--max-steps=3", "--train.batch-size", "2"])
+    args = parser.parse_args(argv)
+    assert (args.lora_rank, args.train_file) == (4, "a.csv")
+    assert args.overrides == ("train.max_steps=3", "train.batch_size=2")
 
 
 @pytest.mark.parametrize("argv", [
@@ -289,7 +290,8 @@ def test_an_output_folder_that_is_a_file_is_refused_before_anything_runs(argv, c
         main([a.format(model=char_model, task=task, file=taken) for a in argv])
     assert err.value.code == 2
     out, message = capsys.readouterr()
-    assert out == "" and f"argument --out{'-dir' if argv[0] == 'train' else ''}: {taken} is a file" in message
+    flag = "--train.out_dir/--out_dir" if argv[0] == "train" else "--out"  # --out-dir is --out_dir's dashed spelling
+    assert out == "" and f"argument {flag}: {taken} is a file" in message
     assert taken.read_text() == "keep me"
 
 

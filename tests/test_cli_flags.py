@@ -1,7 +1,9 @@
 """Flags of config fields are derived from the dataclass (`minigpt.cli.common.add_field`), so
 `--help` cannot drift from the code: every such flag's default is the field's default, its
 help holds the field's docstring, and the config built from default flags is the default
-config. A flag that is neither a field nor listed below as the command line's own fails."""
+config. A flag that is neither a field nor listed below as the command line's own fails. Each
+key of a run config's sections is a flag too (`add_overrides`), which hands `--section.key=VALUE`
+to the config loader in command-line order."""
 import argparse
 import dataclasses
 from dataclasses import dataclass
@@ -9,16 +11,15 @@ from typing import Literal
 
 import pytest
 
-from minigpt.cli import build_parser
+from minigpt.cli import build_parser, main
 from minigpt.cli.common import add_field, field_default, field_help
 from minigpt.cli.evaluate import fewshot_prompt, prompt_format
 from minigpt.cli.finetune import finetune_config
 from minigpt.cli.pretrain import prepare_config
 from minigpt.evaluation.prompts import PromptFormat
-from minigpt.finetune.config import FinetuneConfig
+from minigpt.finetune.config import TRAIN_SECTION, FinetuneConfig
 from minigpt.finetune.fewshot import FewShotPrompt
-from minigpt.pretrain.config import DataConfig, PrepareConfig
-from minigpt.train.config import TrainConfig
+from minigpt.pretrain.config import SECTIONS, PrepareConfig
 from minigpt.typed import field_docs
 
 FINETUNE_ARGS = ["--init", "base", "--train-file", "train.csv", "--out", "run"]
@@ -131,11 +132,45 @@ def test_flags_mean_what_they_meant_before_they_were_derived():
     assert fewshot_prompt(args) == FewShotPrompt(separator="\n", verbalizers={"sci": "science"}, normalize=True)
 
 
-def test_train_shorthands_have_their_fields_help():
-    train = _subparser(build_parser(), ("train",))
-    helps = {a.dest: a.help for a in train._actions}
-    assert _first_sentence(field_help(DataConfig, "path")) in helps["data"]
-    assert _first_sentence(field_help(TrainConfig, "out_dir")) in helps["out_dir"]
+@pytest.mark.parametrize("command, sections", [(("train",), SECTIONS), (("finetune", "classify"), TRAIN_SECTION)],
+                         ids=["train", "finetune classify"])
+def test_every_key_of_a_run_config_is_a_flag_with_its_docstring(command, sections):
+    flags = _subparser(build_parser(), command)._option_string_actions
+    for section, spec in sections.items():
+        for key in spec.types():
+            doc = field_docs(spec.cls).get(key)
+            assert doc is None or _first_sentence(doc) in flags[f"--{section}.{key}"].help, f"{section}.{key}"
+
+
+def test_run_config_flags_are_overrides_in_command_line_order():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--data", "d", "--train.lr", "1e-3", "--max_steps=5", "--no-progress",
+                              "--out_dir", "o", "--model.bias", "--seed=3"])
+    assert args.overrides == ("data.path=d", "train.lr=1e-3", "train.max_steps=5", "train.progress=false",
+                              "train.out_dir=o", "model.bias=true", "seed=3")  # seed: the loader names the sections
+    assert parser.parse_args(["train"]).overrides == ()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--set", "train.lr=1e-3"], "--set train.lr=1e-3: write --train.lr=1e-3"),
+    (["finetune", "classify", *FINETUNE_ARGS, "--set", "lr=1e-4"], "--set lr=1e-4: write --lr=1e-4"),
+    (["train", "--progress=maybe"], "--progress=maybe: --progress is true/false; write --progress or --no-progress"),
+    (["train", "--wibble=1"], "unrecognized arguments: --wibble=1"),
+])
+def test_a_spelling_that_is_gone_or_unknown_is_a_usage_error_naming_the_flag(argv, says, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_true_false_word_is_the_flag_or_its_no_flag():
+    from minigpt.cli import _respelled
+
+    parser = build_parser()
+    argv = ["train", "--progress=false", "--train.compile=yes", "--no-verify=0"]
+    assert _respelled(parser, argv)[1:] == ["--no-progress", "--train.compile", "--verify"]
+    argv = ["finetune", "completion", "--packing=true", "--no-eos"]
+    assert _respelled(parser, argv)[2:] == ["--packing", "--no-eos"]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from minigpt.cli.common import canonical
 from minigpt.cli.evaluate import add_eval_parser, add_evaluate_parser, add_fewshot_parser, add_predict_parser
 from minigpt.cli.finetune import add_finetune_parser
 from minigpt.cli.inside import (
@@ -16,28 +17,20 @@ from minigpt.cli.inside import (
 from minigpt.cli.pretrain import add_export_parser, add_plot_parser, add_prepare_parser, add_train_parser
 from minigpt.cli.serve import add_serve_parser
 from minigpt.device import check_device
+from minigpt.runconfig import valid_keys
+from minigpt.typed import BOOL_WORDS
 
 # One module per group of subcommands (pretrain, finetune, evaluate, inside: running and
 # looking inside a model), each adding its parsers; a new subcommand goes into its group's
 # module and `build_parser` below. The docstring above is the command's --help description.
 
 
-def _pair_overrides(extra: list[str]) -> list[str]:
-    """['--a=1', '--b', '2', '--flag'] -> ['a=1', 'b=2', 'flag']."""
-    out, i = [], 0
-    while i < len(extra):
-        item = extra[i]
-        if not item.startswith("--"):
-            raise ValueError(f"unexpected argument {item!r}; overrides look like --train.lr=1e-3")
-        if "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-            item, i = f"{item}={extra[i + 1]}", i + 1
-        out.append(item[2:])
-        i += 1
-    return out
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help that shows every option's default, and keeps the epilog's line breaks."""
+    """Help that shows every option's default, and keeps the epilog's line breaks. The usage
+    line leaves out a run config's many `--section.key` flags (the help lists them)."""
+
+    def add_usage(self, usage, actions, groups, prefix=None) -> None:
+        super().add_usage(usage, [a for a in actions if a.dest != "overrides"], groups, prefix)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
@@ -77,46 +70,38 @@ def _subcommand_parser(parser: argparse.ArgumentParser, argv: list[str] | None) 
     return current
 
 
-def _flags(parser: argparse.ArgumentParser) -> list[str]:
-    return [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-
-
 def _respelled(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
-    """`argv` with each flag written with underscores (`--lora_rank`, the spelling of
-    overrides such as `--max_steps`) respelled as the subcommand's flag (`--lora-rank`), so
-    both spellings work in every command."""
+    """`argv` with each flag in the spelling the subcommand's parser knows: a flag written
+    with underscores or dashes (`--lora_rank`, `--max-steps`) as the flag of that name, and a
+    true/false flag given a word (`--progress=false`) as `--progress` or `--no-progress`; a
+    word that is no boolean is a usage error that names the two spellings."""
     words = sys.argv[1:] if argv is None else list(argv)
-    flags = set(_flags(_subcommand_parser(parser, words)))
+    command = _subcommand_parser(parser, words)
+    actions = command._option_string_actions
+    spelled = {canonical(flag): flag for flag in actions}
     out = []
     for word in words:
         flag, sep, value = word.partition("=")
-        dashed = flag.replace("_", "-")
-        out.append(dashed + sep + value if flag.startswith("--") and flag not in flags and dashed in flags else word)
+        if not flag.startswith("--") or canonical(flag) not in spelled:
+            out.append(word)
+            continue
+        flag = flag if flag in actions else spelled[canonical(flag)]
+        if sep and isinstance(actions[flag], argparse.BooleanOptionalAction):
+            on = "--" + flag.removeprefix("--").removeprefix("no-")
+            if value.strip().lower() not in BOOL_WORDS:
+                command.error(f"{word}: {on} is true/false; write {on} or --no-{on[2:]}")
+            negate = BOOL_WORDS[value.strip().lower()] == flag.startswith("--no-")
+            out.append(f"--no-{on[2:]}" if negate else on)
+        else:
+            out.append(flag + sep + value)
     return out
 
 
-def _override_keys(sections: dict) -> set[str]:
-    """Every key an override may name in `sections` (runconfig Sections): 'key' and 'section.key'."""
-    return {name for section, spec in sections.items() for key in spec.types() for name in (key, f"{section}.{key}")}
-
-
-def _misspelled_overrides(command: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
-    """A usage error with 'did you mean --resume?' for each free-form flag that is neither
-    an override key nor the command's flag but close to one of those (`--resum`,
-    `--max_step`); flags close to nothing are left to the override's own error, which lists the keys."""
-    keys = _override_keys(args.override_sections)
-    unknown = [w for w in extra if w.startswith("--") and w[2:].split("=", 1)[0].replace("-", "_") not in keys]
-    hints = _suggestions(command, unknown, [f"--{k}" for k in sorted(keys)])
-    if hints:
-        command.error(f"unrecognized arguments: {' '.join(unknown)}{hints}")
-
-
-def _suggestions(parser: argparse.ArgumentParser, extra: list[str], more: list[str] = ()) -> str:
-    """'; did you mean --temperature?' for each unknown flag close to one the command has
-    (or to one of `more`, e.g. override keys)."""
+def _suggestions(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """'; did you mean --temperature?' for each unknown flag close to one the command shows."""
     import difflib
 
-    known = _flags(parser) + list(more)
+    known = [o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings if o.startswith("--")]
     hints = []
     for word in extra:
         flag = word.split("=", 1)[0]
@@ -165,16 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     argv = _respelled(parser, argv)
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # free-form --key=value overrides: `train` and `finetune classify|completion` only
+    args, extra = parser.parse_known_args(argv)  # known: to add "did you mean" to argparse's error
+    if extra:
         command = _subcommand_parser(parser, argv)
-        if not getattr(args, "accepts_overrides", False):
-            command.error(f"unrecognized arguments: {' '.join(extra)}{_suggestions(command, extra)}")
-        _misspelled_overrides(command, args, extra)
-        try:
-            args.overrides = args.overrides + _pair_overrides(extra)
-        except ValueError as err:
-            parser.error(str(err))
+        hints = _suggestions(command, extra)
+        if not hints and getattr(args, "override_sections", None):  # like an unknown key in a config file
+            hints = f"; valid keys (--section.key=VALUE) are {valid_keys(args.override_sections)}"
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "device", None) is not None:

@@ -1,15 +1,18 @@
-"""What several subcommands share: flags derived from config dataclass fields (`add_field`),
-the help of a model argument, and the options for data files and CPU threads."""
+"""What several subcommands share: flags derived from config dataclass fields (`add_field`
+for a command's own config, `add_overrides` for the sections of a run config), the help of a
+model argument, and the options for data files and CPU threads."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import typing
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from minigpt.finetune.config import FinetuneConfig
+from minigpt.runconfig import Sections
 from minigpt.typed import bare_type, field_docs, field_types
 
 Config = TypeVar("Config")
@@ -43,7 +46,8 @@ def add_field(parser: argparse.ArgumentParser, cls: type, name: str, *, flag: st
     The flag is `--<name with dashes>` unless `flag` says otherwise. Its default is the
     field's (required when the field has none), its help the field's docstring (plus
     `note`, for what only the command line means), and its type the field's:
-    - bool: `--flag` sets True; a flag named `--no-...` sets False instead (and says so);
+    - bool: `--flag` and `--no-flag` (argparse's BooleanOptionalAction); `flag` may
+      name either;
     - int or float (or `| None`): converted by argparse;
     - `Literal[...]`, or a text field the config checks against a constant (pass it as
       `choices`): one of those;
@@ -61,13 +65,8 @@ def add_field(parser: argparse.ArgumentParser, cls: type, name: str, *, flag: st
     else:
         kwargs["default"] = default
     if tp is bool:
-        const = not flag.startswith("--no-")
-        if const == default:
-            raise ValueError(f"{flag} would set {cls.__name__}.{name} to its default, {default}; name the flag "
-                             f"--no-... to turn it off")
-        kwargs.update(action="store_const", const=const)
-        if not const:
-            kwargs["help"] += f" ({flag} turns this off.)"
+        flag = "--" + flag.removeprefix("--").removeprefix("no-")
+        kwargs["action"] = argparse.BooleanOptionalAction
     elif tp in (int, float):
         kwargs.update(type=tp, metavar=metavar)
     elif typing.get_origin(tp) is Literal:
@@ -92,6 +91,80 @@ def config_from_args(cls: type[Config], args: argparse.Namespace, **values: Any)
     flag keep their defaults."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{**{name: value for name, value in vars(args).items() if name in names}, **values})
+
+
+def add_overrides(parser: argparse.ArgumentParser, sections: Sections,
+                  aliases: dict[str, Sequence[str]] | None = None) -> dict[str, argparse.Action]:
+    """Add one flag per key of each section of a run config (`minigpt.runconfig`), the one
+    way to set a key on the command line: `--section.key=VALUE` (or `--section.key VALUE`),
+    `--section.key` / `--no-section.key` for true/false keys. A key that one section alone
+    has, and that is no flag of the command already, is also `--key`; `aliases` adds more
+    names ('data.path': ['--data']). Call it after the command's own flags.
+
+    Each flag appends 'section.key=VALUE' to `args.overrides`, in command-line order, for the
+    run config's loader to convert by the key's type (`minigpt.runconfig.apply_override`),
+    so its errors name the key whatever spelling was typed. A key that several sections
+    have (`--seed`) is passed on bare, and the loader names the sections to choose from.
+    Returns 'section.key' -> its flag (to give one a check of its own, e.g. `.type`).
+    """
+    parser.set_defaults(overrides=(), override_sections=sections)  # the sections: for main's unknown-flag error
+    taken = {canonical(flag) for flag in parser._option_string_actions}
+    owners = Counter(key for spec in sections.values() for key in spec.types())
+    flags = {}
+    for section, spec in sections.items():
+        group = parser.add_argument_group(
+            f"--{section}.KEY: {spec.cls.__name__} fields ({spec.cls.__module__.replace('.', '/')}.py)")
+        docs = field_docs(spec.cls)
+        for key, tp in spec.types().items():
+            names = [f"--{section}.{key}", *(aliases or {}).get(f"{section}.{key}", ())]
+            if owners[key] == 1 and canonical(f"--{key}") not in taken:
+                names.append(f"--{key}")
+            doc = docs.get(key) or (f"the preset the [{section}] keys go over" if key == spec.restart_key else key)
+            flags[f"{section}.{key}"] = group.add_argument(
+                *names, key=f"{section}.{key}", help=" ".join(doc.split()).replace("%", "%%"),
+                action=_SwitchOverride if bare_type(tp) is bool else _Override, metavar=_type_metavar(tp))
+    for key in sorted(k for k, n in owners.items() if n > 1 and canonical(f"--{k}") not in taken):
+        parser.add_argument(f"--{key}", key=key, action=_Override, help=argparse.SUPPRESS)
+    parser.add_argument("--set", dest="overrides", default=argparse.SUPPRESS, action=_SetIsGone, help=argparse.SUPPRESS)
+    return flags
+
+
+class _Override(argparse.Action):
+    """A flag of `add_overrides`: appends 'key=VALUE' to `args.overrides`."""
+
+    def __init__(self, option_strings: list[str], dest: str, key: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, "overrides", default=argparse.SUPPRESS, **kwargs)
+        self.key = key
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if isinstance(self, argparse.BooleanOptionalAction):
+            values = "false" if option_string.startswith("--no-") else "true"
+        namespace.overrides = (*namespace.overrides, f"{self.key}={values}")
+
+
+class _SwitchOverride(_Override, argparse.BooleanOptionalAction):
+    """A true/false flag of `add_overrides`: `--key` appends 'key=true', `--no-key` 'key=false'."""
+
+
+class _SetIsGone(argparse.Action):
+    """`--set KEY=VALUE`, the old second way to say `--KEY=VALUE`: refused, naming the flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"--set {values}: write --{values} (--set is no longer accepted)")
+
+
+def canonical(flag: str) -> str:
+    """The spelling of `flag` that its dash and underscore spellings share: '--max-steps' and
+    '--max_steps' are both '--max_steps'."""
+    return "--" + flag.removeprefix("--").replace("-", "_")
+
+
+def _type_metavar(tp: Any) -> str:
+    """INT, FLOAT, LIST, TEXT or {a,b} (a Literal's choices) for a flag of type `tp`."""
+    tp = bare_type(tp)
+    if typing.get_origin(tp) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    return {int: "INT", float: "FLOAT", tuple: "LIST", list: "LIST"}.get(typing.get_origin(tp) or tp, "TEXT")
 
 
 def _unescape_newlines(text: str) -> str:

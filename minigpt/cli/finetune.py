@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from minigpt.cli.common import (
-    MODEL_HELP, add_columns, add_encoding, add_field, add_pair_columns, add_threads, config_from_args, out_file,
-    out_folder,
+    MODEL_HELP, add_columns, add_encoding, add_field, add_overrides, add_pair_columns, add_threads, config_from_args,
+    out_file, out_folder,
 )
 from minigpt.finetune.config import CLASS_WEIGHTS, FINETUNE_TRAIN, LORA_LR, TASKS, TRAIN_SECTION, FinetuneConfig
 
@@ -82,10 +82,9 @@ def add_finetune_parser(sub) -> None:
             action = add_field(t, FinetuneConfig, name)
             if name == "lora_rank":  # 0 is the library's "no LoRA" (the flag's default); written out,
                 action.type = _lora_rank  # it would train every parameter while seeming to ask for adapters
-        t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="a TrainConfig override such as lr=1e-4 (repeatable); --lr=1e-4 works too")
         add_threads(t)
-        t.set_defaults(func=_finetune_train, task=task, accepts_overrides=True, override_sections=TRAIN_SECTION)
+        add_overrides(t, TRAIN_SECTION)
+        t.set_defaults(func=_finetune_train, task=task)
 
 
 def _lora_rank(text: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from minigpt.cli.common import add_field, add_threads, config_from_args, field_help, out_file, out_folder
+from minigpt.cli.common import add_field, add_overrides, add_threads, config_from_args, field_help, out_file, out_folder
 
 if TYPE_CHECKING:
     from minigpt.pretrain.config import PrepareConfig
@@ -34,7 +34,7 @@ def add_prepare_parser(sub) -> None:
     for name in ("chars", "val_fraction", "text_field"):
         add_field(p, PrepareConfig, name)
     add_field(p, PrepareConfig, "errors", choices=ERRORS)
-    add_field(p, PrepareConfig, "eos", flag="--no-eos")
+    add_field(p, PrepareConfig, "eos")
     add_field(p, PrepareConfig, "shard_tokens")
     add_field(p, PrepareConfig, "num_workers", flag="--workers")  # the shorter name the command always had
     p.set_defaults(func=_prepare)
@@ -44,12 +44,7 @@ def _train(args: argparse.Namespace) -> None:
     from minigpt.pretrain.config import load_config
     from minigpt.pretrain.run import pretrain
 
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.path={args.data}")
-    if args.out_dir is not None:
-        overrides.append(f"train.out_dir={args.out_dir}")
-    config = load_config(args.preset, args.config, overrides)
+    config = load_config(args.preset, args.config, args.overrides)
     if args.show_config:
         import json
 
@@ -62,29 +57,26 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def add_train_parser(sub) -> None:
-    from minigpt.pretrain.config import SECTIONS, DataConfig
-    from minigpt.train.config import TrainConfig
+    from minigpt.pretrain.config import SECTIONS
 
     p = sub.add_parser(
         "train", allow_abbrev=False, help="pretrain a model (torchrun --nproc_per_node=N -m minigpt train ... for DDP)",
-        description="Pretrain from a recipe (--preset), a TOML/JSON file (--config) and overrides "
-                    "--section.key=value or --key=value (sections: model, train, data, sample).",
+        description="Pretrain from a recipe (--preset), then a TOML/JSON file (--config), then flags "
+                    "--section.key=VALUE, one per key of the file's sections (model, train, data, sample); "
+                    "--key=VALUE alone where one section has the key. Unset keys keep the recipe's or the "
+                    "file's value.",
         epilog=_train_epilog(),
     )
     p.add_argument("--preset", default=None, help="recipe or model preset to start from (default: tiny)")
     p.add_argument("--config", default=None, help="TOML or JSON file with sections model/train/data/sample")
-    # --data and --out-dir are shorthands for two overrides; their default None leaves the
-    # recipe's or the file's value, so they are not add_field's flags, but their help is the fields'.
-    p.add_argument("--data", default=None, help=f"data.path: {field_help(DataConfig, 'path')}")
-    p.add_argument("--out-dir", type=out_folder, default=None, help=f"train.out_dir: {field_help(TrainConfig, 'out_dir')}")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that holds a run, moving that run aside to OUT.old-<time>")
     p.add_argument("--show-config", action="store_true", help="print the effective config as JSON and exit")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="an override such as train.lr=1e-3 (repeatable); --train.lr=1e-3 works too")
     add_threads(p)
-    p.set_defaults(func=_train, accepts_overrides=True, override_sections=SECTIONS)
+    flags = add_overrides(p, SECTIONS, aliases={"data.path": ["--data"]})  # --data: what every command says
+    flags["train.out_dir"].type = out_folder
+    p.set_defaults(func=_train)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -127,7 +119,4 @@ def _train_epilog() -> str:
 
     return ("recipes (--preset): " + ", ".join(RECIPES) + "; or any model preset with GPT-2's training "
             "recipe: " + ", ".join(p for p in PRESETS if p not in RECIPES) + ".\n"
-            "keys: model = GPTConfig fields (minigpt/config.py), train = TrainConfig fields "
-            "(minigpt/train/config.py), data = DataConfig and sample = SampleConfig fields "
-            "(minigpt/pretrain/config.py), each documented there; an unknown key is an error that lists the "
-            "valid ones. `minigpt train --preset NAME --show-config` prints a recipe in full.")
+            "`minigpt train --preset NAME --show-config` prints a recipe in full.")
