@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -16,9 +16,6 @@ from torch import nn
 from minigpt.train.config import TrainConfig
 from minigpt.train.distributed import DistInfo
 from minigpt.train.mesh import MeshShape
-
-if TYPE_CHECKING:
-    from minigpt.train.checkpoint import Checkpointer
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -37,6 +34,23 @@ class Batches(Protocol):
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()`."""
+
+
+class Checkpoints(Protocol):
+    """What the loop asks of its checkpoints: `minigpt.train.checkpoint.Checkpointer`. A
+    structural type, so that this module and checkpoint.py (which reads a `Run`) do not
+    import each other."""
+
+    root: Path
+    """The checkpoints folder (out_dir/checkpoints)."""
+
+    def find(self, model: nn.Module) -> tuple[Path | None, dict | None]: ...
+
+    def load(self, saved: dict, run: Run) -> None: ...
+
+    def save(self, run: Run, best: bool) -> Path: ...
+
+    def best(self) -> Path | None: ...
 
 
 @dataclass
@@ -168,8 +182,8 @@ class Run:
     autocast: AbstractContextManager
     batches: Batches
     loss_fn: Callable[[nn.Module, dict], torch.Tensor]
-    checkpointer: Checkpointer
-    """Finds, loads and saves the run's checkpoints (minigpt.train.checkpoint)."""
+    checkpointer: Checkpoints
+    """Finds, loads and saves the run's checkpoints (minigpt.train.checkpoint.Checkpointer)."""
     mesh: MeshShape | None = None
     """The device mesh's degrees on the mesh path (parallel='fsdp'), else None."""
     state: LoopState = field(default_factory=LoopState)
