@@ -298,7 +298,7 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
     else:
         shares = (items / items.sum()).float()
     for micro, (cpu_batch, share) in enumerate(zip(loaded, shares)):
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in cpu_batch.items()}
+        batch = {k: v.to(run.device) for k, v in cpu_batch.items()}  # pageable memory: non_blocking would overlap nothing
         if "idx" in batch:
             tokens += batch["idx"].numel()
             head_tokens += head_positions(run.module, cpu_batch) if head_positions else batch["idx"].numel()
