@@ -125,6 +125,12 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
     from minigpt.train import distributed as dist_
     from minigpt.train import runfolder
 
+    if train_config.uses_mesh or train_config.parallel == "fsdp":
+        raise ValueError(
+            f"fine-tuning runs in one process or under DDP (torchrun with train.parallel='auto' or 'ddp'); "
+            f"train.parallel={train_config.parallel!r}, dp_replicate={train_config.dp_replicate}, "
+            f"dp_shard={train_config.dp_shard}, tp={train_config.tp} ask for the device mesh, which only "
+            f"pretraining uses so far: leave them at their defaults")
     with dist_.process_group(train_config.device) as info:
         run, tokenizer = prepare(config, train_config, model=model, tokenizer=tokenizer)
         out = Path(train_config.out_dir)

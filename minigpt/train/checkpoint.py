@@ -57,7 +57,7 @@ from torch import nn
 from minigpt.files import BadFileError, fsync_dir, point, read_json, write_atomically, write_json_atomically
 from minigpt.train import distributed as dist_
 from minigpt.train.config import RESUMABLE_FIELDS, TrainConfig
-from minigpt.train.rng import rng_state, set_rng_state
+from minigpt.train.rng import rng_state, seed_rngs, set_rng_state
 from minigpt.weights.common import DamagedWeightsError, load_safetensors
 
 if TYPE_CHECKING:
@@ -339,33 +339,53 @@ class Checkpointer:
 
     def load(self, saved: dict, run: Run) -> None:
         """Put what `find` read into `run`: model, optimizer, scaler, loader, RNGs, counters."""
-        from minigpt.train.parallel import split_qkv
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        from minigpt.train.parallel import split_qkv, split_qkv_optimizer
 
         raw, optimizer, scaler, info = run.raw, run.optimizer, run.scaler, run.info
         model_state, trainer = saved["model"], saved["trainer"]
+        # A gathered optimizer state is keyed by parameter name on the mesh path (under the
+        # single-device names) and by position in one process or under DDP.
+        by_name = any(isinstance(p, str) for group in (trainer["optimizer"] or {}).get("param_groups", [])
+                      for p in group["params"])
+        options = StateDictOptions(full_state_dict=True)
         if model_state is None:  # sharded: every rank reads its shards, resharded to this run's mesh
             _load_shards(run, saved["folder"])
         elif run.parallel == "fsdp":
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(raw, split_qkv(model_state, raw.state_dict().keys()), options=options)
-            set_optimizer_state_dict(raw, optimizer, trainer["optimizer"], options=options)
+            if not by_name:
+                raise ValueError(f"{saved['folder']} was written by a run in one process or under DDP, whose "
+                                 f"optimizer state is by position; resume it the same way (without a mesh), or "
+                                 f"start the mesh run from its weights with a fresh optimizer")
+            names = raw.state_dict().keys()
+            set_model_state_dict(raw, split_qkv(model_state, names), options=options)
+            set_optimizer_state_dict(raw, optimizer, split_qkv_optimizer(trainer["optimizer"], names), options=options)
         else:
             raw.load_state_dict(model_state)
-            optimizer.load_state_dict(trainer["optimizer"])
+            if by_name:  # written on the mesh path, resumed in one process or under DDP
+                set_optimizer_state_dict(raw, optimizer, trainer["optimizer"], options=options)
+            else:
+                optimizer.load_state_dict(trainer["optimizer"])
         if scaler is not None and trainer.get("scaler") is not None:
             scaler.load_state_dict(trainer["scaler"])
         run.batches.load_state_dict(trainer["loader"])
         rng = trainer["rng"]
-        set_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
+        if len(rng) == info.world_size:
+            set_rng_state(rng[info.rank])
+        else:  # another world size: no saved stream is this rank's, so each rank gets its own
+            if info.is_main:
+                logger.warning("the checkpoint was written by %d ranks and this run has %d: each rank's random "
+                               "stream (dropout) is seeded afresh from the seed, the step and the rank, so the "
+                               "run continues, but not bit for bit as the uninterrupted one would", len(rng),
+                               info.world_size)
+            seed_rngs(self.config.seed + 1_000_003 * trainer["step"] + info.rank)
         run.state.load(trainer["loop"])
 
     def save(self, run: Run, best: bool) -> Path:
         """Write the step checkpoint of `run` (model, optimizer, scaler, RNGs, loader, counters)
         atomically; point 'latest' (and 'best' when `best`) at it and prune. Returns its folder."""
-        from minigpt.train.parallel import fuse_qkv
+        from minigpt.train.parallel import fuse_qkv, fuse_qkv_optimizer
 
         raw, optimizer, scaler, state, config, info = run.raw, run.optimizer, run.scaler, run.state, run.config, run.info
         root, save_model = self.root, self.save_model
@@ -380,7 +400,7 @@ class Checkpointer:
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_state = fuse_qkv(get_model_state_dict(raw, options=options))  # the single-device names
-            optim_state = get_optimizer_state_dict(raw, optimizer, options=options)
+            optim_state = fuse_qkv_optimizer(get_optimizer_state_dict(raw, optimizer, options=options))
         else:
             optim_state = optimizer.state_dict()
         if info.is_main:
@@ -514,9 +534,8 @@ def _read_checkpoint(folder: Path, model: nn.Module, config: TrainConfig, run_me
     (a BadFileError) leaves the model, optimizer and loader as they were."""
     saved = read_trainer_info(folder)
     check_same_run(folder, saved, config, run_metadata)
-    if is_sharded(folder):  # read by every rank at once, later (`load_training_state`)
-        if not (folder / SHARDED_DIR / ".metadata").is_file():
-            raise CheckpointError(f"{folder / SHARDED_DIR / '.metadata'} is missing; the sharded checkpoint is incomplete")
+    if is_sharded(folder):  # read by every rank at once, later (`Checkpointer.load`)
+        _check_shards(folder / SHARDED_DIR)
         model_state = None
     else:
         model_state = load_state_dict_file(model_weights_file(folder))
@@ -526,6 +545,28 @@ def _read_checkpoint(folder: Path, model: nn.Module, config: TrainConfig, run_me
         if key not in trainer:
             raise CheckpointError(f"{folder / TRAINER_STATE} has no {key!r} entry; it is damaged")
     return {"model": model_state, "trainer": trainer, "folder": folder}
+
+
+def _check_shards(shards: Path) -> None:
+    """Raise CheckpointError unless `shards` holds DCP's .metadata and every byte range it
+    lists, so that a resume falls back to an older checkpoint rather than failing in the load."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (shards / ".metadata").is_file():
+        raise CheckpointError(f"{shards / '.metadata'} is missing; the sharded checkpoint is incomplete")
+    try:
+        metadata = dcp.FileSystemReader(str(shards)).read_metadata()
+    except Exception as err:  # DCP's own types for a cut-short or foreign file
+        raise CheckpointError(f"{shards / '.metadata'} cannot be read ({_first_line(err)}); it is damaged") from None
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = shards / name
+        if not path.is_file() or path.stat().st_size < size:
+            have = path.stat().st_size if path.is_file() else "no"
+            raise CheckpointError(f"{path} holds {have} bytes of the {size} the checkpoint's .metadata lists; "
+                                  f"the shard is missing or cut short")
 
 
 def _load_shards(run: Run, folder: Path) -> None:

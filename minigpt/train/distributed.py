@@ -51,7 +51,8 @@ class DistInfo:
     def with_tp(self, tp: int) -> "DistInfo":
         """This process with the job's tensor-parallel degree known (train.tp)."""
         if self.world_size % tp:
-            raise ValueError(f"train.tp={tp} must divide the world size {self.world_size}")
+            raise ValueError(f"train.tp={tp} must divide the number of processes, {self.world_size}: tensor "
+                             f"parallelism runs under torchrun (e.g. torchrun --nproc_per_node={tp} -m minigpt train ...)")
         return dataclasses.replace(self, tp=tp)
 
     @property

@@ -291,13 +291,15 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
     items = torch.stack([loss_items(run.loss_fn, batch) for batch in loaded])  # (grad_accum,) float64, CPU
     # Each micro-batch's mean weighs its share of the global batch's items; x dp_size because
     # DDP and FSDP average gradients over the data-parallel ranks (see the module docstring).
+    # As divisors, so that equal micro-batches divide by grad_accum exactly, as `loss /
+    # grad_accum` did (a float32 1/40 is not exact).
     if run.info.distributed:  # summed on the device and never read: no sync here
         # Every rank of a tensor-parallel group counted the same batch: / tp.
         global_items = dist_.all_reduce_sum(items.sum().to(run.device)) / run.info.tp
-        shares = (items.to(run.device) * run.info.dp_size / global_items).float()
+        divisors = (global_items / (items.to(run.device) * run.info.dp_size)).float()
     else:
-        shares = (items / items.sum()).float()
-    for micro, (cpu_batch, share) in enumerate(zip(loaded, shares)):
+        divisors = (items.sum() / items).float()
+    for micro, (cpu_batch, divisor) in enumerate(zip(loaded, divisors)):
         batch = {k: v.to(run.device) for k, v in cpu_batch.items()}  # pageable memory: non_blocking would overlap nothing
         if "idx" in batch:
             tokens += batch["idx"].numel()
@@ -308,9 +310,9 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
         with sync, loss_context(run.raw):
             with run.autocast:
                 loss = run.loss_fn(run.module, batch)
-            scaled = loss * share
+            scaled = loss / divisor
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += _plain(loss.detach()).float() * share
+        total += _plain(loss.detach()).float() / divisor
     mean_loss = dist_.all_reduce_mean(total)
     if scaler is not None:
         scaler.unscale_(optimizer)

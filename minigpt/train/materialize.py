@@ -29,8 +29,19 @@ def on_meta(model: nn.Module) -> bool:
 
 def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     """Allocate `model`'s (possibly distributed) parameters on `device`, each rank only its
-    shards, and fill them by `init_by_name(model, seed)`. Ties survive (`to_empty` keeps them)."""
+    shards, and fill them by `init_by_name(model, seed)`. A parameter shared by two modules
+    (the tied head and embedding) stays one: `to_empty` replaces plain tensors module by
+    module, so the later names are pointed at the first one's parameter again."""
+    first_name: dict[int, tuple[str, str]] = {}
+    aliases: list[tuple[str, str, str, str]] = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for leaf, param in module.named_parameters(recurse=False):
+            if id(param) in first_name and first_name[id(param)] != (module_name, leaf):
+                aliases.append((module_name, leaf, *first_name[id(param)]))
+            first_name.setdefault(id(param), (module_name, leaf))
     model.to_empty(device=device)
+    for module_name, leaf, owner, owner_leaf in aliases:
+        setattr(model.get_submodule(module_name), leaf, getattr(model.get_submodule(owner), owner_leaf))
     init_by_name(model, seed)
 
 

@@ -132,9 +132,10 @@ _SPLIT_KEY = re.compile(r"^(.*\.qkv)\.([qkv])\.(weight|bias)$")
 
 
 def fuse_qkv(state: dict) -> dict:
-    """A state dict (or a per-parameter dict, e.g. optimizer state) of a model whose qkv
-    was split by `split_fused_qkv`, with each q/k/v triple concatenated back under the
-    single-device name ('blocks.0.attn.qkv.weight'). Other entries pass through."""
+    """A state dict (name -> tensor) of a model whose qkv was split by `split_fused_qkv`,
+    with each q/k/v triple concatenated back under the single-device name
+    ('blocks.0.attn.qkv.weight'). Other entries pass through. (Optimizer state:
+    `fuse_qkv_optimizer`.)"""
     out, parts = {}, {}
     for key, value in state.items():
         match = _SPLIT_KEY.match(key)
@@ -162,6 +163,49 @@ def split_qkv(state: dict, names) -> dict:
     return out
 
 
+def fuse_qkv_optimizer(state: dict) -> dict:
+    """An optimizer state keyed by parameter name (`get_optimizer_state_dict(...,
+    full_state_dict=True)`) of a split model, under the single-device names: each q/k/v
+    triple's per-parameter tensors concatenated by rows (a scalar such as AdamW's step is
+    shared, so q's is kept), and the param groups' names fused. An empty dict (what ranks
+    other than 0 get of a gathered state) stays empty."""
+    if not state:
+        return state
+    per_param, triples = {}, {}
+    for name, values in state["state"].items():
+        match = _SPLIT_KEY.match(name)
+        if match is None:
+            per_param[name] = values
+        else:
+            triples.setdefault(f"{match.group(1)}.{match.group(3)}", {})[match.group(2)] = values
+    for name, triple in triples.items():
+        per_param[name] = {key: torch.cat([triple[part][key] for part in "qkv"]) if torch.is_tensor(value)
+                           and value.dim() > 0 else value for key, value in triple["q"].items()}
+    groups = [{**group, "params": list(dict.fromkeys(
+        f"{m.group(1)}.{m.group(3)}" if (m := _SPLIT_KEY.match(n)) else n for n in group["params"]))}
+        for group in state["param_groups"]]
+    return {"state": per_param, "param_groups": groups}
+
+
+def split_qkv_optimizer(state: dict, names) -> dict:
+    """The inverse of `fuse_qkv_optimizer`, for a model whose parameters are `names`."""
+    names = set(names)
+
+    def parts(name: str) -> list[str]:
+        prefix, _, leaf = name.rpartition(".")
+        return [f"{prefix}.{p}.{leaf}" for p in "qkv"] if f"{prefix}.q.{leaf}" in names else [name]
+
+    per_param = {}
+    for name, values in state["state"].items():
+        split = parts(name)
+        for i, part in enumerate(split):
+            per_param[part] = values if len(split) == 1 else {
+                key: value.chunk(3)[i] if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in values.items()}
+    groups = [{**group, "params": [p for n in group["params"] for p in parts(n)]} for group in state["param_groups"]]
+    return {"state": per_param, "param_groups": groups}
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     """Split `model` (a GPT whose qkv is already split) over `tp_mesh` with torch's
     `parallelize_module`, as the module docstring lays out; re-tie the head to the token
@@ -174,10 +218,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
 
     if not isinstance(model, GPT):
         raise ValueError(f"tensor parallelism (train.tp > 1) splits a GPT; this run trains a {type(model).__name__} "
-                         f"(a classifier or another wrapper); set train.tp=1 and shard it with FSDP (dp_shard)")
+                         f"(a classifier or another wrapper); set train.tp=1")
     if any(not isinstance(m.attn.qkv, QKVColumns) or type(m.mlp.fc) is not nn.Linear for m in model.blocks):
-        raise ValueError("tensor parallelism (train.tp > 1) cannot split LoRA adapters; set train.tp=1 (FSDP "
-                         "shards a LoRA run over dp_shard)")
+        raise ValueError("tensor parallelism (train.tp > 1) cannot split LoRA adapters; set train.tp=1")
     def gathered(extra_inputs: int = 0) -> PrepareModuleInput:
         """The first input, split along the sequence, gathered whole; the others (the KV cache,
         start, left padding: None, 0, None in training) passed as they are."""

@@ -116,6 +116,38 @@ def test_a_sharded_checkpoint_resumes_on_other_meshes_with_the_uninterrupted_los
                                    msg=lambda m: f"resumed on {name}: {m}")
 
 
+def test_a_gathered_mesh_checkpoint_resumes_in_one_process_and_under_ddp_and_not_the_reverse(
+        tmp_path, shakespeare_chars, single):
+    """A dp_shard=2 run with gathered (full) checkpoints keeps the optimizer state under the
+    single-device names, so one process and DDP resume it with the uninterrupted losses; a
+    one-process checkpoint (optimizer state by position) is refused on the mesh, with the reason."""
+    from minigpt.pretrain.config import load_config
+    from minigpt.pretrain.run import pretrain
+
+    first = tmp_path / "first"
+    _torchrun(tmp_path, "first", 2, _config(shakespeare_chars, first, dp=2, max_steps=5, dp_shard=2,
+                                             checkpoint_format="full"))
+    expected = _losses(single)[5:]
+    ddp = tmp_path / "ddp"
+    shutil.copytree(first, ddp)
+    done = _torchrun(tmp_path, "ddp", 2, _config(shakespeare_chars, ddp, dp=2, parallel="ddp"), "--resume")
+    assert "(step 5)" in done.stderr
+    torch.testing.assert_close(_losses(ddp)[5:], expected, **LOSS_TOLERANCE)
+    one = tmp_path / "one"
+    shutil.copytree(first, one)
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(_config(shakespeare_chars, one, dp=1)))
+    pretrain(load_config(file=path), resume=True)
+    torch.testing.assert_close(_losses(one)[5:], expected, **LOSS_TOLERANCE)
+    # ... and the reverse: ddp's last checkpoint (by position) on the mesh is refused
+    path = tmp_path / "back.json"
+    path.write_text(json.dumps(_config(shakespeare_chars, ddp, dp=2, max_steps=12, dp_shard=2)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "minigpt", "train", "--config", str(path), "--resume"]
+    refused = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "optimizer state is by position" in refused.stderr
+
+
 def test_export_of_a_sharded_checkpoint_loads_in_transformers_with_the_models_logits(
         tmp_path, shakespeare_chars, single):
     """The 2x2 run's last (sharded) checkpoint, exported, is a GPT-Neo folder: `transformers`
@@ -225,6 +257,19 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint_to_r
     assert "(step 5)" in done.stderr and not list(checkpoints.glob(".tmp-*"))  # the leftover is cleared
     losses = _losses(run)
     torch.testing.assert_close(losses[-5:], _losses(single)[5:], **LOSS_TOLERANCE)
+
+
+def test_a_cut_short_shard_makes_the_resume_fall_back_to_the_previous_checkpoint(tmp_path, shakespeare_chars, single):
+    run = tmp_path / "run"
+    config = _config(shakespeare_chars, run, dp=2, dp_shard=2, checkpoint_format="sharded")
+    _torchrun(tmp_path, "run", 2, config)
+    shard = sorted((run / "checkpoints" / "step_0000010" / "sharded").glob("*.distcp"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    (run / "metrics.jsonl").write_text("".join(line for line in (run / "metrics.jsonl").read_text().splitlines(True)
+                                               if json.loads(line)["step"] <= 5))
+    done = _torchrun(tmp_path, "resume", 2, config, "--resume")
+    assert f"{shard.name} holds 100 bytes of the" in done.stderr and "(step 5)" in done.stderr
+    torch.testing.assert_close(_losses(run)[5:], _losses(single)[5:], **LOSS_TOLERANCE)
 
 
 def test_a_two_node_launch_on_localhost_trains(tmp_path, shakespeare_chars, single):

@@ -127,3 +127,26 @@ def test_export_refuses_a_folder_that_is_no_run_and_an_out_that_holds_files(tmp_
     assert export_checkpoint(run, tmp_path / "model") == "minigpt"  # banded layers with GPT-2's scaling
     torch.testing.assert_close(GPT.from_pretrained(tmp_path / "model").state_dict()["tok_emb.weight"],
                                GPT.from_pretrained(run / "checkpoints" / "latest").state_dict()["tok_emb.weight"])
+
+
+def test_a_model_materialized_in_one_process_keeps_its_tied_head():
+    from minigpt.train.materialize import materialize
+
+    with torch.device("meta"):
+        model = GPT(tiny_gpt_config())
+    materialize(model, torch.device("cpu"), seed=0)
+    assert model.lm_head.weight is model.tok_emb.weight
+    reference = GPT(tiny_gpt_config())
+    init_by_name(reference, seed=0)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_finetuning_refuses_the_mesh_up_front_naming_the_degrees(tmp_path):
+    from minigpt.finetune.config import FinetuneConfig
+    from minigpt.finetune.run import finetune
+
+    config = FinetuneConfig(task="completion", train_file=str(tmp_path / "never-read.csv"))
+    with pytest.raises(ValueError, match=r"fine-tuning runs in one process or under DDP.*tp=2"):
+        finetune(config, quick_train_config(tmp_path / "run", tp=2))
+    assert not (tmp_path / "run").exists()
