@@ -136,16 +136,22 @@ def fuse_qkv(state: dict) -> dict:
     with each q/k/v triple concatenated back under the single-device name
     ('blocks.0.attn.qkv.weight'). Other entries pass through. (Optimizer state:
     `fuse_qkv_optimizer`.)"""
-    out, parts = {}, {}
-    for key, value in state.items():
-        match = _SPLIT_KEY.match(key)
-        if match is None:
-            out[key] = value
-        else:
-            parts.setdefault(f"{match.group(1)}.{match.group(3)}", {})[match.group(2)] = value
-    for key, triple in parts.items():
+    out, triples = _gather_triples(state)
+    for key, triple in triples.items():
         out[key] = torch.cat([triple["q"], triple["k"], triple["v"]])
     return out
+
+
+def _gather_triples(by_name: dict) -> tuple[dict, dict]:
+    """({name: value} of the entries no split q/k/v owns, {fused name: {'q'|'k'|'v': value}})."""
+    others, triples = {}, {}
+    for name, value in by_name.items():
+        match = _SPLIT_KEY.match(name)
+        if match is None:
+            others[name] = value
+        else:
+            triples.setdefault(f"{match.group(1)}.{match.group(3)}", {})[match.group(2)] = value
+    return others, triples
 
 
 def split_qkv(state: dict, names) -> dict:
@@ -171,13 +177,7 @@ def fuse_qkv_optimizer(state: dict) -> dict:
     other than 0 get of a gathered state) stays empty."""
     if not state:
         return state
-    per_param, triples = {}, {}
-    for name, values in state["state"].items():
-        match = _SPLIT_KEY.match(name)
-        if match is None:
-            per_param[name] = values
-        else:
-            triples.setdefault(f"{match.group(1)}.{match.group(3)}", {})[match.group(2)] = values
+    per_param, triples = _gather_triples(state["state"])
     for name, triple in triples.items():
         per_param[name] = {key: torch.cat([triple[part][key] for part in "qkv"]) if torch.is_tensor(value)
                            and value.dim() > 0 else value for key, value in triple["q"].items()}
