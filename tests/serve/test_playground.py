@@ -138,11 +138,16 @@ def test_the_heatmap_is_the_math_backends_attention_and_banded_layers_are_banded
 
 def test_the_model_card_and_the_lens(site):
     driver, model, _, _ = site
+    from selenium.common.exceptions import StaleElementReferenceException
+
     driver.find_element(By.ID, "inside-button").click()
-    WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#lens tr")) == model.config.n_layer + 2)
-    card = driver.find_element(By.ID, "card").text
+
+    def shown(d):  # the card and the lens's last row, once the lens has every row; the page may
+        rows = d.find_elements(By.CSS_SELECTOR, "#lens tr")  # redraw them meanwhile (stale: read again)
+        return len(rows) == model.config.n_layer + 2 and (d.find_element(By.ID, "card").text, rows[-1].text)
+
+    card, last = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,)).until(shown)
     assert f"{model.num_params():,}" in card and "dense, banded w=8" in card and "64" in card
-    last = driver.find_elements(By.CSS_SELECTOR, "#lens tr")[-1].text
     assert last.startswith("after block 1 = output")
 
 
