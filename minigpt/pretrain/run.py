@@ -93,7 +93,6 @@ def pretrain(config: PretrainConfig, resume: bool = False, overwrite: bool = Fal
     text = None
     if info.is_main and config.sample.tokens > 0:
         from minigpt.generate import generate_text
-        from minigpt.model import GPT
 
         if dist_.resolve_parallel(config.train.parallel, info, config.train.uses_mesh) == "fsdp":
             model = _trained_model(result.last_checkpoint, config.model)  # sharded in memory: read the checkpoint

@@ -8,7 +8,6 @@ target of the global batch at once. fp32: rtol 1e-5, atol 1e-7.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from minigpt import GPT
-from minigpt.train.config import TrainConfig
 from minigpt.train.materialize import init_by_name
 from minigpt.train.mesh import MeshShape
 from minigpt.train.parallel import QKVColumns, fuse_qkv, split_fused_qkv, split_qkv
