@@ -35,6 +35,23 @@ def check_device(name: str) -> None:
         raise ValueError(f"device {name!r} is not supported; use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
 
 
+# The dtypes a model may be run in for decoding (`--dtype` of sample and serve).
+DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def decode_dtype(name: str) -> torch.dtype:
+    """The torch dtype named by `--dtype` ('float32' or 'bfloat16'); ValueError otherwise.
+
+    bfloat16 halves the bytes each decoded token reads (decoding at batch 1 is bound by
+    reading the weights); logits are sampled in float32 either way. Greedy tokens may then
+    differ from float32's where two candidates are within bfloat16's rounding (measured over
+    100 prompts in benchmarks/results/decode_cpu.md)."""
+    if name not in DECODE_DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported for decoding; choose one of {sorted(DECODE_DTYPES)} "
+                         f"(e.g. --dtype bfloat16)")
+    return DECODE_DTYPES[name]
+
+
 def memory_bytes(name: str) -> int | None:
     """Total memory of device `name` ('auto' means CUDA when there is one, else the CPU):
     a GPU's own memory, the machine's RAM for the CPU; None when it cannot be told.

@@ -9,7 +9,6 @@ the cache off), so both paths give identical greedy output.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -78,54 +77,14 @@ def _as_rows(prompts: PromptLike) -> list[list[int]]:
     return rows
 
 
-# model -> (weak reference to the head's storage, (data_ptr, version, dtype), (C, V) copy of
-# the head). Weak, so the copy goes with the model and is never deep-copied or pickled with it.
-_DECODE_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def head_for_decoding(model) -> torch.Tensor | None:
-    """The LM head as a contiguous (C, V) matrix for CPU decoding, or None on other devices.
-
-    Every decoding step reads the whole head. On CPU, BLAS runs the matrix-vector product
-    more than twice as fast on a (C, V) copy as on nn.Linear's (V, C) layout (GPT-2's head,
-    2 threads: 6.1 vs 14.1 ms), but making the copy costs 130-220 ms, as much as 20 tokens.
-    So it is kept while the model lives and remade when the weight changes: a new tensor, an
-    in-place update such as an optimizer step or load_state_dict (they bump the tensor's
-    version counter), or a dtype/device move (`to`, `half` swap in a new storage; the kept
-    weak reference to the old one then no longer matches, even where the allocator hands
-    out the old address again). Writes through `weight.data` bypass the version counter;
-    call `forget_decoding_head(model)` after those. The copy holds vocab x n_embd values
-    (77 MB for GPT-2 small); after a move it is dropped by the next call.
-    """
-    weight = model.lm_head.weight
-    if weight.device.type != "cpu":
-        forget_decoding_head(model)
-        return None
-    try:
-        key = (weight.data_ptr(), weight._version, weight.dtype)
-    except RuntimeError:  # an inference-mode tensor has no version counter: copy per call
-        return weight.detach().t().contiguous()
-    storage = weight.untyped_storage()  # one Python object per live storage, weakly referable
-    cached = _DECODE_HEADS.get(model)
-    if cached is None or cached[0]() is not storage or cached[1] != key:
-        cached = (weakref.ref(storage), key, weight.detach().t().contiguous())
-        _DECODE_HEADS[model] = cached
-    return cached[2]
-
-
-def forget_decoding_head(model) -> None:
-    """Drop the kept (C, V) head copy of `model`, if any."""
-    _DECODE_HEADS.pop(model, None)
-
-
 def next_token_logits(model, idx: torch.Tensor, *, cache=None, left_pad: torch.Tensor | None = None,
                       vocab_limit: int | None = None) -> torch.Tensor:
     """(B, V) logits of the token after each row of `idx`, only the newest position through
-    the head (by `head_for_decoding` on a CPU); ids from `vocab_limit` on get -inf, so a
-    model with more rows than its tokenizer never picks one the tokenizer cannot decode."""
+    the head, in float32 whatever the model's dtype (sampling reads them in full precision);
+    ids from `vocab_limit` on get -inf, so a model with more rows than its tokenizer never
+    picks one the tokenizer cannot decode."""
     h = model.hidden(idx, cache=cache, left_pad=left_pad)[0][:, -1]  # (B, C): only the newest position
-    head_t = head_for_decoding(model)
-    return mask_undecodable(h @ head_t if head_t is not None else model.lm_head(h), vocab_limit)  # (B, V)
+    return mask_undecodable(model.lm_head(h).float(), vocab_limit)  # (B, V)
 
 
 def mask_undecodable(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
@@ -200,7 +159,7 @@ def _stream_tokens(model, rows: list[list[int]], max_new_tokens: int, temperatur
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             cache = model.new_cache(len(rows), left_pad) if use_cache else None
             logits = next_logits(seq, cache=cache, left_pad=None if use_cache else left_pad)
             for step in range(max_new_tokens):

@@ -291,6 +291,53 @@ def _masked_attention(q, k, v, mask, scale, implementation, return_probs):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
 
 
+# Most rows of input for which `linear` takes oneDNN's matrix-vector path: decoding's batch
+# sizes, where the product is bound by reading the weights (measured up to 16 rows).
+DECODE_MAX_ROWS = 16
+# Fewest weight entries for it: a oneDNN call costs about 12 us more to set up than MKL's, which
+# only a matrix of a few hundred kB that streams from memory wins back (384 x 384 does; the
+# tiny recipe's 128-wide matrices, which stay in cache, do not).
+DECODE_MIN_WEIGHTS = 1 << 17
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; on a CPU, for a few rows and no gradient, through oneDNN.
+
+    Decoding multiplies one row (or a few) by every weight matrix: a matrix-vector product,
+    bound by how fast the weights stream from memory. For one row MKL (behind `F.linear`)
+    runs it on one core, at 16-18 GB/s on the development VM whatever the thread count;
+    oneDNN's inner product (`mkldnn._linear_pointwise`, which inductor's CPU code calls)
+    reads the same weight in place, in nn.Linear's layout, on every core: 39-42 GB/s with 2
+    threads, 24-26 GB/s with one (benchmarks/NOTES.md, "Decoding"). Its sums run in another
+    order: outputs differ from `F.linear`'s by float32 rounding (about 1e-6 relative).
+    """
+    if not _decoding_product(x, weight):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, I)
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "").view(*x.shape[:-1], -1)
+
+
+def _decoding_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` takes oneDNN's path: float32 on a CPU with oneDNN, few rows, nothing
+    for autograd to record, plain tensors (not DTensor), a contiguous weight, not under
+    `torch.compile`. (For bfloat16, `F.linear` already calls oneDNN.)"""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.compiler.is_compiling():  # inductor chooses its own kernels for the product
+        return False
+    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return (x.numel() <= DECODE_MAX_ROWS * x.shape[-1] and weight.numel() >= DECODE_MIN_WEIGHTS
+            and weight.is_contiguous() and _one_dnn_usable())
+
+
+@functools.lru_cache(maxsize=None)
+def _one_dnn_usable() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, backend: str
 ) -> torch.Tensor:

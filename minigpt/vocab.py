@@ -70,8 +70,8 @@ def _grown_embedding(emb: nn.Embedding, rows: int, mean_of: int) -> nn.Embedding
 
 
 def _grown_linear(linear: nn.Linear, rows: int, mean_of: int) -> nn.Linear:
-    out = nn.Linear(linear.in_features, rows, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
+    out = type(linear)(linear.in_features, rows, bias=linear.bias is not None,
+                       device=linear.weight.device, dtype=linear.weight.dtype)
     out.weight = nn.Parameter(_grown_rows(linear.weight, rows, mean_of), requires_grad=linear.weight.requires_grad)
     if linear.bias is not None:
         out.bias = nn.Parameter(_grown_rows(linear.bias, rows, mean_of), requires_grad=linear.bias.requires_grad)

@@ -21,6 +21,19 @@ def test_sample_streams_the_same_text_as_the_library(tmp_path, monkeypatch, caps
     assert capsys.readouterr().out == expected
 
 
+def test_sample_in_bfloat16_streams_the_text_of_the_model_in_bfloat16(tmp_path, monkeypatch, capsys):
+    use_tiktoken_cache(monkeypatch)
+    config = GPTConfig(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=16)
+    model = randomize_(GPT(config), seed=5).eval()
+    model.save_pretrained(tmp_path)
+    main(["sample", "--model", str(tmp_path), "--prompt", "Once upon", "--max-new-tokens", "12", "--temperature", "0",
+          "--dtype", "bfloat16"])
+    from minigpt import Tokenizer, generate_text
+
+    expected = "Once upon" + generate_text(model.to(torch.bfloat16), Tokenizer(), "Once upon", 12, temperature=0)[0]
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_cli_errors_are_one_line_not_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "minigpt", "sample", "--model", str(tmp_path)],
                             capture_output=True, text=True)

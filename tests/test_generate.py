@@ -47,12 +47,12 @@ def _greedy_by_full_forward(model, prompt, new):
     return seq[len(prompt):]
 
 
-def test_decoding_head_copy_follows_every_change_of_the_weights():
+def test_decoding_follows_every_change_of_the_weights():
     model = model_for(block=64)
     prompt = [3, 1, 4, 1, 5]
     first = model.generate(prompt, 12, temperature=0)[0]
     assert first == _greedy_by_full_forward(model, prompt, 12)
-    assert model.generate(prompt, 12, temperature=0)[0] == first  # the kept copy gives the same tokens
+    assert model.generate(prompt, 12, temperature=0)[0] == first  # nothing stale is kept between calls
     with torch.no_grad():  # in place, as an optimizer step does (the head is tied to tok_emb)
         model.lm_head.weight.mul_(-1.5)
     changed = model.generate(prompt, 12, temperature=0)[0]
@@ -63,9 +63,9 @@ def test_decoding_head_copy_follows_every_change_of_the_weights():
     assert model.generate(prompt, 12, temperature=0)[0] == _greedy_by_full_forward(model, prompt, 12)
     model.to(torch.bfloat16).to(torch.float32)  # may land on the same storage, same version
     assert model.generate(prompt, 12, temperature=0)[0] == _greedy_by_full_forward(model, prompt, 12)
-    copied = copy.deepcopy(model)  # the kept copy is not part of the model's state
+    copied = copy.deepcopy(model)
     assert copied.generate(prompt, 12, temperature=0)[0] == _greedy_by_full_forward(model, prompt, 12)
-    with torch.inference_mode():  # tensors without a version counter: no kept copy, same tokens
+    with torch.inference_mode():  # tensors without a version counter
         frozen = model_for(block=64)
     assert frozen.generate(prompt, 12, temperature=0)[0] == first
 

@@ -190,6 +190,13 @@ def out_file(text: str) -> str:
     return text
 
 
+def add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the weights' dtype while decoding: bfloat16 reads half the bytes per token (faster "
+                        "where memory bandwidth bounds decoding, as on a CPU); its greedy tokens can differ "
+                        "from float32's at near ties")
+
+
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (None: torch's default, one per core); on a busy machine fewer "

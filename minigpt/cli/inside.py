@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigpt.cli.common import MODEL_HELP, add_threads, out_file
+from minigpt.cli.common import MODEL_HELP, add_dtype, add_threads, out_file
 from minigpt.ops import BACKENDS
 
 
 def _sample(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from minigpt.device import decode_dtype
     from minigpt.finetune.export import saved_stop
     from minigpt.generate import stream_text
     from minigpt.model import GPT
@@ -19,7 +20,7 @@ def _sample(args: argparse.Namespace) -> None:
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples={args.num_samples} must be at least 1")
-    model = GPT.from_pretrained(args.model, backend=args.backend).to(args.device)
+    model = GPT.from_pretrained(args.model, backend=args.backend).to(args.device, decode_dtype(args.dtype))
     tokenizer = load_tokenizer(args.model)
     stop = args.stop or saved_stop(args.model)
     # Samples done so far, on stderr, when it is a terminal (disable=None) and there are several;
@@ -60,6 +61,7 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="sdpa")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
+    add_dtype(p)
     add_threads(p)
     p.set_defaults(func=_sample)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from minigpt.cli.common import MODEL_HELP, add_threads
+from minigpt.cli.common import MODEL_HELP, add_dtype, add_threads
 from minigpt.ops import BACKENDS
 
 
@@ -19,7 +19,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     name = args.model_name or Path(getattr(args, "model_given", args.model)).resolve().name
     serve(args.model, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
-          max_batch=args.max_batch, max_queue=args.max_queue, device=args.device, backend=args.backend,
+          max_batch=args.max_batch, max_queue=args.max_queue, device=args.device, dtype=args.dtype, backend=args.backend,
           raw_prompts=args.raw_prompts, max_tokens_limit=args.max_tokens_limit)
 
 
@@ -45,5 +45,6 @@ def add_serve_parser(sub) -> None:
                    help="do not add a fine-tuned model's bos and separator to prompts, nor default to its stop")
     p.add_argument("--backend", choices=BACKENDS, default="sdpa")
     p.add_argument("--device", default="cpu")
+    add_dtype(p)
     add_threads(p)
     p.set_defaults(func=_serve)

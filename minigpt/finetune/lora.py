@@ -62,10 +62,10 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear computing the same function (without dropout)."""
+        """A plain linear layer of the base's own type computing the same function (without dropout)."""
         base = self.base
-        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                        device=base.weight.device, dtype=base.weight.dtype)
+        out = type(base)(base.in_features, base.out_features, bias=base.bias is not None,
+                         device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():
             out.weight.copy_(base.weight + self.delta_weight())
             if base.bias is not None:

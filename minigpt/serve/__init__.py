@@ -17,14 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def load_state(model: str | Path, *, model_name: str | None = None, api_key: str | None = None,
-               max_batch: int = 16, max_queue: int = 256, device: str = "cpu", backend: str = "sdpa",
-               raw_prompts: bool = False, max_tokens_limit: int = 4096):
+               max_batch: int = 16, max_queue: int = 256, device: str = "cpu", dtype: str = "float32",
+               backend: str = "sdpa", raw_prompts: bool = False, max_tokens_limit: int = 4096):
     """The server's state for a model folder (any model argument: `resolve_model_dir`).
 
     A fine-tuned completion model's finetune.json (bos, separator, stop) becomes the prompt
     defaults unless `raw_prompts`; a fine-tuned classifier is refused (it answers with labels,
     not text: `minigpt predict` serves it).
     """
+    from minigpt.device import decode_dtype
     from minigpt.finetune.export import META_FILE, read_meta
     from minigpt.model import GPT
     from minigpt.model_dir import resolve_model_dir
@@ -32,6 +33,7 @@ def load_state(model: str | Path, *, model_name: str | None = None, api_key: str
     from minigpt.serve.engine import Engine
     from minigpt.tokenizer import load_tokenizer
 
+    torch_dtype = decode_dtype(dtype)
     folder = resolve_model_dir(model)
     defaults = PromptDefaults()
     if (folder / META_FILE).is_file():
@@ -43,7 +45,7 @@ def load_state(model: str | Path, *, model_name: str | None = None, api_key: str
             defaults = PromptDefaults(bos=meta.bos, separator=meta.separator, stop=(meta.stop,) if meta.stop else ())
             log.info("prompts get the fine-tuning's bos %r and separator %r, and stop at %r unless a request "
                      "says otherwise (--raw-prompts turns this off)", meta.bos, meta.separator, meta.stop)
-    net = GPT.from_pretrained(folder, backend=backend).to(device)
+    net = GPT.from_pretrained(folder, backend=backend).to(device, torch_dtype)
     tokenizer = load_tokenizer(folder)
     engine = Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue)
     name = model_name or Path(model).resolve().name

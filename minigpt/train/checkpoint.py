@@ -515,13 +515,13 @@ def consolidate(folder: Path, model: nn.Module) -> None:
 
 def _fuse_in_place(model: nn.Module) -> None:
     """Put each `QKVColumns` of `model` back as the fused nn.Linear it came from."""
-    from minigpt.model import CausalSelfAttention
+    from minigpt.model import CausalSelfAttention, Linear
     from minigpt.train.parallel import QKVColumns
 
     for module in model.modules():
         if isinstance(module, CausalSelfAttention) and isinstance(module.qkv, QKVColumns):
             split = module.qkv
-            fused = nn.Linear(split.q.in_features, 3 * split.q.out_features, bias=split.q.bias is not None)
+            fused = Linear(split.q.in_features, 3 * split.q.out_features, bias=split.q.bias is not None)
             with torch.no_grad():
                 fused.weight.copy_(split.weight)
                 if split.q.bias is not None:

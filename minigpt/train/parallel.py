@@ -96,7 +96,7 @@ class QKVColumns(nn.Module):
         width = fused.out_features // 3
         bias = fused.bias is not None
         factory = {"device": fused.weight.device, "dtype": fused.weight.dtype}
-        self.q, self.k, self.v = (nn.Linear(fused.in_features, width, bias=bias, **factory) for _ in range(3))
+        self.q, self.k, self.v = (type(fused)(fused.in_features, width, bias=bias, **factory) for _ in range(3))
         with torch.no_grad():
             for i, part in enumerate((self.q, self.k, self.v)):
                 part.weight.copy_(fused.weight[i * width:(i + 1) * width])
@@ -119,12 +119,13 @@ class QKVColumns(nn.Module):
 
 
 def split_fused_qkv(model: nn.Module) -> None:
-    """Replace each plain `nn.Linear` attn.qkv of `model` by its `QKVColumns` (a LoRA-wrapped
-    one stays fused: tensor parallelism refuses LoRA, see `apply_tensor_parallel`)."""
-    from minigpt.model import CausalSelfAttention
+    """Replace each plain attn.qkv projection (the model's `Linear`) of `model` by its
+    `QKVColumns` (a LoRA-wrapped one stays fused: tensor parallelism refuses LoRA, see
+    `apply_tensor_parallel`)."""
+    from minigpt.model import CausalSelfAttention, Linear
 
     for module in model.modules():
-        if isinstance(module, CausalSelfAttention) and type(module.qkv) is nn.Linear:
+        if isinstance(module, CausalSelfAttention) and type(module.qkv) is Linear:
             module.qkv = QKVColumns(module.qkv)
 
 
@@ -214,12 +215,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    SequenceParallel, parallelize_module)
 
-    from minigpt.model import GPT
+    from minigpt.model import GPT, Linear
 
     if not isinstance(model, GPT):
         raise ValueError(f"tensor parallelism (train.tp > 1) splits a GPT; this run trains a {type(model).__name__} "
                          f"(a classifier or another wrapper); set train.tp=1")
-    if any(not isinstance(m.attn.qkv, QKVColumns) or type(m.mlp.fc) is not nn.Linear for m in model.blocks):
+    if any(not isinstance(m.attn.qkv, QKVColumns) or type(m.mlp.fc) is not Linear for m in model.blocks):
         raise ValueError("tensor parallelism (train.tp > 1) cannot split LoRA adapters; set train.tp=1")
     def gathered(extra_inputs: int = 0) -> PrepareModuleInput:
         """The first input, split along the sequence, gathered whole; the others (the KV cache,

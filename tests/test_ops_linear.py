@@ -1,0 +1,109 @@
+"""`ops.linear`, the model's matrix products: oneDNN's path for decoding's few rows on a CPU,
+`F.linear` otherwise. Both are held to a float64 reference; the path each case takes is
+asserted, so a test of the fast path cannot pass on the plain one."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minigpt import GPT, GPTConfig, ops
+from minigpt.generate import generate, next_token_logits
+from minigpt.model import Linear
+from tests.helpers import randomize_
+from tests.tolerances import assert_rel_close
+
+
+def reference(x, weight, bias):
+    out = x.double() @ weight.double().t()
+    return out if bias is None else out + bias.double()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, ops.DECODE_MAX_ROWS),
+    lead=st.sampled_from([(), (1,), (2,)]),
+    in_features=st.sampled_from([384, 512, 771]),
+    out_features=st.sampled_from([347, 1152, 2049]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_decoding_rows_take_onednn_and_match_float64(rows, lead, in_features, out_features, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    batch = lead + (rows,) if lead and rows * lead[0] <= ops.DECODE_MAX_ROWS else (rows,)
+    x = torch.randn(*batch, in_features, generator=g)
+    weight = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    with torch.no_grad():
+        assert ops._decoding_product(x, weight)
+        out = ops.linear(x, weight, b)
+    assert out.dtype == torch.float32 and out.shape == (*batch, out_features)
+    assert_rel_close(out, reference(x, weight, b), torch.float32, "ops.linear (oneDNN)")
+
+
+@pytest.mark.parametrize("case", ["grad", "many rows", "small matrix", "bfloat16", "strided weight"])
+def test_other_products_take_f_linear_and_match_float64(case):
+    g = torch.Generator().manual_seed(0)
+    rows = ops.DECODE_MAX_ROWS + 1 if case == "many rows" else 3
+    width = 64 if case == "small matrix" else 512
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    x = torch.randn(rows, width, generator=g).to(dtype)
+    weight = torch.randn(width, 2 * width, generator=g).to(dtype)
+    weight = weight[:, ::2] if case == "strided weight" else weight[:, :width].contiguous()
+    bias = torch.randn(width, generator=g).to(dtype)
+    if case == "grad":
+        weight.requires_grad_(True)
+    assert not ops._decoding_product(x, weight)
+    out = ops.linear(x, weight, bias)
+    assert_rel_close(out, reference(x, weight.detach(), bias), dtype, f"ops.linear ({case})")
+    if case == "grad":
+        out.sum().backward()
+        assert_rel_close(weight.grad, torch.ones(rows, width, dtype=torch.float64).t() @ x.double(),
+                         torch.float32, "weight gradient")
+
+
+def test_the_model_linear_is_nn_linear_with_the_same_state():
+    plain = torch.nn.Linear(384, 1152)
+    ours = Linear(384, 1152)
+    ours.load_state_dict(plain.state_dict())
+    assert isinstance(ours, torch.nn.Linear) and list(ours.state_dict()) == ["weight", "bias"]
+    x = torch.randn(1, 384)
+    with torch.no_grad():
+        assert_rel_close(ours(x), reference(x, plain.weight, plain.bias), torch.float32, "Linear")
+
+
+def wide_model():
+    """Wide enough (384) that every matrix, the head included, takes the oneDNN path."""
+    config = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=6, n_embd=384,
+                       attention_pattern=("dense", "banded"), attention_window=8)
+    return randomize_(GPT(config), seed=3, std=0.05).eval()
+
+
+def test_decoding_on_the_fast_path_matches_the_float64_model():
+    model = wide_model()
+    with torch.no_grad():
+        assert all(ops._decoding_product(torch.zeros(1, m.in_features), m.weight)
+                   for m in model.modules() if isinstance(m, Linear))
+    double = wide_model().double()
+    prompt = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(4))
+    tokens = generate(model, prompt, 20, temperature=0)[0]
+    with torch.no_grad():
+        seq = torch.cat([prompt, torch.tensor([tokens])], dim=1)
+        expected = double(seq).logits[0, prompt.shape[1] - 1:-1]  # (20, V): what each step saw
+        cache = model.new_cache(1)
+        steps = [next_token_logits(model, prompt, cache=cache)]
+        steps += [next_token_logits(model, seq[:, i:i + 1], cache=cache) for i in range(prompt.shape[1], seq.shape[1] - 1)]
+    assert_rel_close(torch.cat(steps), expected, torch.float32, "decoded logits")
+    assert tokens == expected.argmax(-1).tolist()
+
+
+def test_bfloat16_decoding_samples_float32_logits_close_to_the_float32_model():
+    model = wide_model()
+    half = wide_model().to(torch.bfloat16)
+    prompt = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = next_token_logits(half, prompt)
+        expected = next_token_logits(model, prompt)
+    assert logits.dtype == torch.float32
+    assert_rel_close(logits, expected, torch.bfloat16, "bfloat16 logits")
+    assert len(generate(half, prompt.tolist(), 5, temperature=0)[0]) == 5
