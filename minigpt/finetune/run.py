@@ -100,22 +100,22 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
             result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
                            loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, folder=claimed,
                            run_metadata=metadata)
-            return _export(config, run, result, save_model, out, info)
+            return _export(config.task, run, result, save_model, out, info)
 
 
-def _export(config: FinetuneConfig, run: TaskRun, result, save_model, out: Path, info) -> FinetuneResult:
+def _export(task: str, run: TaskRun, result, save_model, out: Path, info) -> FinetuneResult:
     """Rank 0: the best checkpoint to OUT/model, evaluated into OUT/eval."""
-    from minigpt.train import checkpoint as ckpt
+    from minigpt.train.checkpoint import read_model_state
 
     if not info.is_main:
         return FinetuneResult(out / "model", None, result, run.details["trainable_params"], run.details["total_params"])
     best = result.best_checkpoint or result.last_checkpoint
-    run.model.load_state_dict(ckpt.load_state_dict_file(ckpt.model_weights_file(best)))
+    run.model.load_state_dict(read_model_state(best))
     run.model.cpu()
     model_dir = out / "model"
     save_model(run.model, model_dir)
     report = run.evaluate(run.model)
-    write_report(report, out / "eval", {"model": str(model_dir), "task": config.task, "checkpoint": str(best),
+    write_report(report, out / "eval", {"model": str(model_dir), "task": task, "checkpoint": str(best),
                                         "best_step": result.best_step})
     log.info("best checkpoint %s (step %s) exported to %s; its validation report is in %s",
              best, result.best_step, model_dir, out / "eval")
