@@ -9,18 +9,11 @@ has the original architecture and no inference cost.
 """
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-
-if TYPE_CHECKING:
-    from minigpt.finetune.config import LoRAConfig
-
-log = logging.getLogger(__name__)
 
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 """Linear layers inside each block that get adapters: attention q/k/v and output, MLP in and out."""
@@ -152,20 +145,3 @@ def freeze_all_but_last(model: nn.Module, n_blocks: int, trainable: Sequence[str
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-
-def trainable_chooser(lora: LoRAConfig | None, last_blocks: int | None
-                      ) -> Callable[[nn.Module, tuple[str, ...]], dict[str, int]]:
-    """`RunStart.choose_trainable`: LoRA adapters (`lora`), the last `last_blocks` blocks, or
-    all parameters; beside adapters or the last blocks, also those under the task's head
-    prefixes. The chosen function returns {"trainable_params", "total_params"}."""
-
-    def choose(model: nn.Module, head: tuple[str, ...]) -> dict[str, int]:
-        if lora is not None:
-            apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, trainable=head)
-        elif last_blocks is not None:
-            freeze_all_but_last(model, last_blocks, trainable=head)
-        trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
-        log.info("training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-        return {"trainable_params": trainable, "total_params": total}
-
-    return choose

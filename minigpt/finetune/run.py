@@ -25,7 +25,6 @@ import torch.nn as nn
 
 from minigpt.finetune.config import FinetuneConfig
 from minigpt.finetune.export import save_finetuned
-from minigpt.finetune.lora import trainable_chooser
 from minigpt.finetune.metrics import write_report
 from minigpt.finetune.task import RunStart, TaskRun
 from minigpt.finetune.tasks import TASK_RUNS
@@ -62,8 +61,8 @@ def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | N
     backbone, tokenizer = start_model(config.init if model is None else model, tokens.names, tokens.pad or None,
                                       tokenizer=tokenizer, backend=train_config.backend, seed=train_config.seed)
     torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
-    start = RunStart(backbone, tokenizer, train_config, config.eval_batch_size, tokens,
-                     trainable_chooser(config.adapter, config.train_last_blocks), dataclasses.asdict(config))
+    start = RunStart(backbone, tokenizer, train_config, config.eval_batch_size, tokens, config.adapter,
+                     config.train_last_blocks, dataclasses.asdict(config))
     return TASK_RUNS[config.task_run](config.data, start), tokenizer
 
 
