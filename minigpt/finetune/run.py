@@ -2,11 +2,12 @@
 
 Pretraining and fine-tuning share `minigpt.train.loop.train` (optimizer, schedule,
 checkpoints, resume, logging, early stopping); fine-tuning differs only in setup: the
-task's run (`minigpt.finetune.tasks`), named bos/pad/separator tokens added to the
-tokenizer and the model (`minigpt.vocab.add_tokens`) when new, and which parameters train:
-all, the last N blocks (and the head), or LoRA adapters only. The config is read through
-its typed parts: `tokens` here, `adapter` for the trainable parameters, and `data` by the
-task's own module, which builds the frozen `TaskRun` once.
+model and tokenizer from `--init`, named bos/pad/separator tokens added to both when new
+(`minigpt.model_dir.start_model`), the task's run (`minigpt.finetune.tasks`), and which
+parameters train: all, the last N blocks (and the head), or LoRA adapters only
+(`RunStart.choose_trainable`). The config is read through its typed parts: `init` and
+`tokens` by the start, `adapter` by `RunStart`, and `data` by the task's own module, which
+builds the frozen `TaskRun` once.
 
 The best checkpoint (by `TrainConfig.best_metric`) is exported to OUT/model as a
 fine-tuned folder (LoRA merged, see `minigpt.finetune.export`) and evaluated on the
