@@ -18,6 +18,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from minigpt.model import GPT
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +94,8 @@ def _warn_classifier_parts_dropped(folder: Path) -> None:
                 "classification head (%s)%s are not carried over", folder, HEAD_FILE, labels)
 
 
-def start_model(spec, special_tokens: Sequence[str] = (), pad_token: str | None = None, *, tokenizer=None,
-                backend: str = "sdpa", seed: int = 0):
+def start_model(spec: str | Path | GPT, special_tokens: Sequence[str] = (), pad_token: str | None = None, *,
+                tokenizer=None, backend: str = "sdpa", seed: int = 0) -> tuple[GPT, object]:
     """(GPT, tokenizer) to fine-tune from, with `special_tokens` added to both.
 
     spec: a model, run or fine-tuned folder (`resolve_model_dir`); a preset name, for a fresh
