@@ -12,11 +12,16 @@ tiktoken keeps GPT-2's BPE as ranks of byte strings, not merges, so the merges a
 recovered from the ranks: the token of rank r is the merge of the two pieces that BPE,
 using only ranks below r, leaves of its bytes. For GPT-2 this gives back the original
 vocab.bpe line for line (tested).
+
+Reading goes one way: `read_saved_tokenizer` reads a folder's tokenizer files once each
+(minigpt's own tokenizer.json among them) into a `SavedTokenizer`, which
+`minigpt.tokenizer.load_tokenizer` builds the tokenizer from.
 """
 from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from minigpt.files import read_json
@@ -131,31 +136,46 @@ def write_gpt2_tokenizer(tokenizer, folder: str | Path, model_max_length: int | 
         (folder / "added_tokens.json").unlink(missing_ok=True)
 
 
-def read_added_tokens(folder: str | Path, base_vocab_size: int) -> tuple[list[str], str | None] | None:
-    """(added tokens in id order, pad token) from a folder's tokenizer_config.json (or, for
-    folders saved by `tokenizers`, tokenizer.json's ``added_tokens``); None when it has neither.
+@dataclass(frozen=True)
+class SavedTokenizer:
+    """What the tokenizer files beside a model say (`read_saved_tokenizer`), each read once."""
 
-    Raises ValueError when the added ids do not follow the base vocabulary without gaps,
-    which a GPT-2 tokenizer cannot represent.
+    source: Path | None
+    """The file it was read from (for messages); None when the folder has no tokenizer file."""
+    own: dict | None
+    """minigpt's own tokenizer.json (``{"type": ...}``, for `tokenizer_from_dict`), else None."""
+    added: dict[int, str] = field(default_factory=dict)
+    """GPT-2's added tokens by id, as tokenizer_config.json (or a `tokenizers` tokenizer.json) lists them."""
+    pad: str | None = None
+    """The pad token tokenizer_config.json names."""
+    model_vocab_size: int | None = None
+    """config.json's vocab_size, read when the folder has tokenizer files of its own, to check them against."""
+
+
+def read_saved_tokenizer(folder: str | Path) -> SavedTokenizer:
+    """The tokenizer files of a model folder, in one pass: minigpt's tokenizer.json, else
+    GPT-2's with the added tokens that tokenizer_config.json lists (or, for folders saved by
+    `tokenizers`, tokenizer.json's ``added_tokens``); and the model's vocab_size beside them.
+
+    Raises BadFileError (`minigpt.files.read_json`) naming a file that is not JSON or not an object.
     """
     folder = Path(folder)
     config_file = folder / TOKENIZER_CONFIG
     fast_file = folder / "tokenizer.json"
-    pad = None
+    fast = read_json(fast_file, "tokenizer file") if fast_file.exists() else None
+    model_config = folder / "config.json"
+    vocab_size = None
+    if (fast is not None or config_file.is_file()) and model_config.is_file():
+        vocab_size = read_json(model_config, "model config").get("vocab_size")
+    if fast is not None and "type" in fast:
+        return SavedTokenizer(fast_file, fast, model_vocab_size=vocab_size)
     if config_file.is_file():
         config = read_json(config_file, "tokenizer config")
-        by_id = {int(i): entry["content"] for i, entry in config.get("added_tokens_decoder", {}).items()}
         pad = config.get("pad_token")
-        pad = pad.get("content") if isinstance(pad, dict) else pad
-        source = config_file
-    elif fast_file.is_file():
-        by_id = {e["id"]: e["content"] for e in read_json(fast_file, "tokenizer file").get("added_tokens", [])}
-        source = fast_file
-    else:
-        return None
-    added = {i: t for i, t in by_id.items() if i >= base_vocab_size}
-    expected = list(range(base_vocab_size, base_vocab_size + len(added)))
-    if sorted(added) != expected:
-        raise ValueError(f"{source}: added token ids {sorted(added)} must follow the base vocabulary of "
-                         f"{base_vocab_size} without gaps ({expected}); re-add the tokens in order")
-    return [added[i] for i in expected], pad
+        return SavedTokenizer(config_file, None,
+                              {int(i): entry["content"] for i, entry in config.get("added_tokens_decoder", {}).items()},
+                              pad.get("content") if isinstance(pad, dict) else pad, vocab_size)
+    if fast is not None:
+        return SavedTokenizer(fast_file, None, {e["id"]: e["content"] for e in fast.get("added_tokens", [])},
+                              model_vocab_size=vocab_size)
+    return SavedTokenizer(None, None)

@@ -214,7 +214,7 @@ def save_tokenizer(tokenizer, folder: str | Path, model_max_length: int | None =
         # transformers would try to read it as its own tokenizer.json).
         if own.is_file():
             try:
-                ours = "type" in _read_json(own)
+                ours = "type" in read_json(own, "tokenizer file")
             except BadFileError:
                 ours = True  # a damaged file would only stand in the way
             if ours:
@@ -238,14 +238,37 @@ def tokenizer_files(tokenizer, model_max_length: int | None = None) -> dict[str,
 def load_tokenizer(folder: str | Path):
     """The tokenizer saved beside a model: minigpt's ``tokenizer.json``, else GPT-2's with the
     added tokens that tokenizer_config.json (or a `tokenizers` tokenizer.json) lists, else GPT-2's.
+    The folder's files are read once each (`minigpt.hf_tokenizer.read_saved_tokenizer`).
 
     Raises BadFileError naming tokenizer.json when it is not JSON or not a tokenizer, and
-    when the folder's tokenizer files give more ids than its model has (`check_fits_model`)."""
+    when the folder's tokenizer files give more ids than its model has (`check_fits_model`);
+    ValueError when the added ids do not follow the base vocabulary without gaps, which a
+    GPT-2 tokenizer cannot represent."""
+    from minigpt.hf_tokenizer import read_saved_tokenizer
+
     folder = Path(folder).expanduser()
-    tokenizer = _load_tokenizer(folder)
-    config = folder / "config.json"
-    if config.is_file() and any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        check_fits_model(tokenizer, read_json(config, "model config").get("vocab_size"), folder)
+    saved = read_saved_tokenizer(folder)
+    tokenizer = _tokenizer_from_saved(saved)
+    check_fits_model(tokenizer, saved.model_vocab_size, folder)
+    return tokenizer
+
+
+def _tokenizer_from_saved(saved):
+    if saved.own is not None:
+        try:
+            return tokenizer_from_dict(saved.own)
+        except ValueError as err:
+            raise BadFileError(f"tokenizer file {saved.source}: {err}; re-save the model or restore the file") from None
+    tokenizer = Tokenizer()
+    base = tokenizer.base_vocab_size
+    added = {i: t for i, t in saved.added.items() if i >= base}
+    expected = list(range(base, base + len(added)))
+    if sorted(added) != expected:
+        raise ValueError(f"{saved.source}: added token ids {sorted(added)} must follow the base vocabulary of "
+                         f"{base} without gaps ({expected}); re-add the tokens in order")
+    tokenizer.add_special_tokens([added[i] for i in expected])
+    if saved.pad is not None and saved.pad in tokenizer.added_tokens:
+        tokenizer.set_pad_token(saved.pad)
     return tokenizer
 
 
@@ -260,31 +283,6 @@ def check_fits_model(tokenizer, vocab_size, folder: str | Path) -> None:
             f"so text would encode to ids the model has no embedding for. The tokenizer beside the model is not "
             f"the one it was trained with: restore the folder's tokenizer files, or start from the model folder "
             f"they belong to")
-
-
-def _load_tokenizer(folder: Path):
-    from minigpt.hf_tokenizer import read_added_tokens
-
-    path = folder / "tokenizer.json"
-    if path.exists():
-        data = _read_json(path)
-        if "type" in data:
-            try:
-                return tokenizer_from_dict(data)
-            except ValueError as err:
-                raise BadFileError(f"tokenizer file {path}: {err}; re-save the model or restore the file") from None
-    tokenizer = Tokenizer()
-    found = read_added_tokens(folder, tokenizer.base_vocab_size)
-    if found is not None:
-        added, pad = found
-        tokenizer.add_special_tokens(added)
-        if pad is not None and pad in tokenizer.added_tokens:
-            tokenizer.set_pad_token(pad)
-    return tokenizer
-
-
-def _read_json(path: Path) -> dict:
-    return read_json(path, "tokenizer file")
 
 
 class TokenizerFilesMissing(FileNotFoundError):

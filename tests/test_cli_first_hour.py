@@ -67,6 +67,15 @@ def test_init_preset_is_a_fresh_random_model_with_gpt2_tokens(monkeypatch):
         start_model("tiny")
 
 
+def test_start_model_adds_the_special_tokens_to_model_and_tokenizer_and_takes_a_model_in_memory(monkeypatch):
+    use_tiktoken_cache(monkeypatch)
+    model, tokenizer = start_model("tiny-bpe", ["<|startoftext|>", "<|pad|>"], "<|pad|>", seed=3)
+    assert tokenizer.added_tokens == ("<|startoftext|>", "<|pad|>") and tokenizer.pad_id == 50258
+    assert model.config.vocab_size == tokenizer.vocab_size == 50259
+    same, again = start_model(model, ["<|startoftext|>"], tokenizer=tokenizer)
+    assert same is model and again is tokenizer and model.config.vocab_size == 50259  # nothing new to add
+
+
 def test_help_shows_defaults_recipes_and_finetune_defaults(capsys):
     for argv in (["sample", "--help"], ["train", "--help"], ["finetune", "classify", "--help"]):
         with pytest.raises(SystemExit):

@@ -2,11 +2,12 @@
 
 Pretraining and fine-tuning share `minigpt.train.loop.train` (optimizer, schedule,
 checkpoints, resume, logging, early stopping); fine-tuning differs only in setup: the
-task's run (`minigpt.finetune.tasks`), named bos/pad/separator tokens added to the
-tokenizer and the model (`minigpt.vocab.add_tokens`) when new, and which parameters train:
-all, the last N blocks (and the head), or LoRA adapters only. The config is read through
-its typed parts: `tokens` here, `adapter` for the trainable parameters, and `data` by the
-task's own module, which builds the frozen `TaskRun` once.
+model and tokenizer from `--init`, named bos/pad/separator tokens added to both when new
+(`minigpt.model_dir.start_model`), the task's run (`minigpt.finetune.tasks`), and which
+parameters train: all, the last N blocks (and the head), or LoRA adapters only
+(`RunStart.choose_trainable`). The config is read through its typed parts: `init` and
+`tokens` by the start, `adapter` by `RunStart`, and `data` by the task's own module, which
+builds the frozen `TaskRun` once.
 
 The best checkpoint (by `TrainConfig.best_metric`) is exported to OUT/model as a
 fine-tuned folder (LoRA merged, see `minigpt.finetune.export`) and evaluated on the
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from minigpt.finetune.config import FinetuneConfig, LoRAConfig, SpecialTokens
+from minigpt.finetune.config import FinetuneConfig
 from minigpt.finetune.export import save_finetuned
-from minigpt.finetune.lora import apply_lora, count_trainable, freeze_all_but_last
 from minigpt.finetune.metrics import write_report
 from minigpt.finetune.task import RunStart, TaskRun
 from minigpt.finetune.tasks import TASK_RUNS
@@ -49,65 +48,22 @@ class FinetuneResult:
     total_params: int = 0
 
 
-def _start_model(config: FinetuneConfig, model: GPT | None, tokenizer, backend: str, seed: int) -> tuple[GPT, object]:
-    from minigpt.model_dir import start_model
-    from minigpt.tokenizer import Tokenizer
-
-    if model is not None:
-        return model, tokenizer if tokenizer is not None else Tokenizer()
-    if config.init is None:
-        raise ValueError("say where to start: FinetuneConfig.init (--init) names a model or run folder, or a "
-                         "preset for a fresh random model")
-    backbone, saved = start_model(config.init, backend=backend, seed=seed)
-    return backbone, tokenizer or saved
-
-
-def _add_special_tokens(tokens: SpecialTokens, backbone: GPT, tokenizer) -> None:
-    """Add the bos/separator/pad tokens named to the tokenizer and the model, growing the
-    embedding when they are new (logged once, by `add_tokens`)."""
-    from minigpt.tokenizer import Tokenizer
-    from minigpt.vocab import add_tokens
-
-    if not tokens.names:
-        return
-    if not isinstance(tokenizer, Tokenizer):
-        raise ValueError(f"special tokens {tokens.names} need GPT-2's tokenizer; this model's is "
-                         f"{type(tokenizer).__name__}")
-    new = add_tokens(backbone, tokenizer, tokens.names)
-    if not new:
-        log.info("special tokens %s are already in the vocabulary", tokens.names)
-    if tokens.pad:
-        tokenizer.set_pad_token(tokens.pad)
-
-
-def _trainable(lora: LoRAConfig | None, last_blocks: int | None
-               ) -> Callable[[nn.Module, tuple[str, ...]], dict[str, int]]:
-    """`RunStart.choose_trainable`: LoRA adapters, the last N blocks, or all parameters
-    (and, beside adapters or the last blocks, the task's head)."""
-
-    def choose(model: nn.Module, head: tuple[str, ...]) -> dict[str, int]:
-        if lora is not None:
-            apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, trainable=head)
-        elif last_blocks is not None:
-            freeze_all_but_last(model, last_blocks, trainable=head)
-        trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
-        log.info("training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-        return {"trainable_params": trainable, "total_params": total}
-
-    return choose
-
-
 def prepare(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | None = None,
             tokenizer=None) -> tuple[TaskRun, object]:
     """Build the model, data and hooks of a run without training (for inspection and tests)."""
     from minigpt.device import check_device
+    from minigpt.model_dir import start_model
 
     check_device(train_config.device)
-    backbone, tokenizer = _start_model(config, model, tokenizer, train_config.backend, train_config.seed)
-    _add_special_tokens(config.tokens, backbone, tokenizer)
+    if model is None and config.init is None:
+        raise ValueError("say where to start: FinetuneConfig.init (--init) names a model or run folder, or a "
+                         "preset for a fresh random model")
+    tokens = config.tokens
+    backbone, tokenizer = start_model(config.init if model is None else model, tokens.names, tokens.pad or None,
+                                      tokenizer=tokenizer, backend=train_config.backend, seed=train_config.seed)
     torch.manual_seed(train_config.seed)  # the new head and adapters start the same for a seed
-    start = RunStart(backbone, tokenizer, train_config, config.eval_batch_size, config.tokens,
-                     _trainable(config.adapter, config.train_last_blocks), dataclasses.asdict(config))
+    start = RunStart(backbone, tokenizer, train_config, config.eval_batch_size, tokens, config.adapter,
+                     config.train_last_blocks, dataclasses.asdict(config))
     return TASK_RUNS[config.task_run](config.data, start), tokenizer
 
 
@@ -144,22 +100,22 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, *, model: GPT | 
             result = train(run.model, train_config, run.train_batches, eval_batches=run.eval_batches,
                            loss_fn=run.loss_fn, extra_eval=run.extra_eval, save_model=save_model, folder=claimed,
                            run_metadata=metadata)
-            return _export(config, run, result, save_model, out, info)
+            return _export(config.task, run, result, save_model, out, info)
 
 
-def _export(config: FinetuneConfig, run: TaskRun, result, save_model, out: Path, info) -> FinetuneResult:
+def _export(task: str, run: TaskRun, result, save_model, out: Path, info) -> FinetuneResult:
     """Rank 0: the best checkpoint to OUT/model, evaluated into OUT/eval."""
-    from minigpt.train import checkpoint as ckpt
+    from minigpt.train.checkpoint import read_model_state
 
     if not info.is_main:
         return FinetuneResult(out / "model", None, result, run.details["trainable_params"], run.details["total_params"])
     best = result.best_checkpoint or result.last_checkpoint
-    run.model.load_state_dict(ckpt.load_state_dict_file(ckpt.model_weights_file(best)))
+    run.model.load_state_dict(read_model_state(best))
     run.model.cpu()
     model_dir = out / "model"
     save_model(run.model, model_dir)
     report = run.evaluate(run.model)
-    write_report(report, out / "eval", {"model": str(model_dir), "task": config.task, "checkpoint": str(best),
+    write_report(report, out / "eval", {"model": str(model_dir), "task": task, "checkpoint": str(best),
                                         "best_step": result.best_step})
     log.info("best checkpoint %s (step %s) exported to %s; its validation report is in %s",
              best, result.best_step, model_dir, out / "eval")

@@ -6,16 +6,20 @@ Each task is one module (`classify`, `completion`, `as_completion`) with one fun
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.nn as nn
 
-from minigpt.finetune.config import SpecialTokens
+from minigpt.finetune.config import LoRAConfig, SpecialTokens
 from minigpt.finetune.data import LabelMap, ShuffledBatches
 from minigpt.finetune.export import FinetuneMeta
+from minigpt.finetune.lora import apply_lora, count_trainable, freeze_all_but_last
 from minigpt.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,10 @@ class RunStart:
     """Batch size of validation passes."""
     tokens: SpecialTokens
     """The special tokens put around prompts."""
-    choose_trainable: Callable[[nn.Module, tuple[str, ...]], dict[str, int]]
-    """Makes only the parameters that train trainable (LoRA adapters, the last blocks or
-    all), also those whose names start with the given prefixes; returns
-    {"trainable_params", "total_params"}."""
+    adapter: LoRAConfig | None
+    """LoRA adapters to train (`FinetuneConfig.adapter`), or None."""
+    train_last_blocks: int | None
+    """Without adapters: train only the last N blocks (and the head); None trains all."""
     settings: dict = field(default_factory=dict)
     """The run's config as finetune.json records it."""
 
@@ -47,6 +51,19 @@ class RunStart:
         config = self.train_config
         share = dist_.current().with_tp(config.tp)
         return ShuffledBatches(examples, config.batch_size, collate, config.seed, share.dp_rank, share.dp_size)
+
+    def choose_trainable(self, model: nn.Module, head: tuple[str, ...]) -> dict[str, int]:
+        """Make only the parameters that train trainable: LoRA adapters, the last blocks or all;
+        beside adapters or the last blocks, also those whose names start with `head`'s
+        prefixes (the task's head). Returns {"trainable_params", "total_params"}."""
+        if self.adapter is not None:
+            lora = self.adapter
+            apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, trainable=head)
+        elif self.train_last_blocks is not None:
+            freeze_all_but_last(model, self.train_last_blocks, trainable=head)
+        trainable, total = count_trainable(model), sum(p.numel() for p in model.parameters())
+        log.info("training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        return {"trainable_params": trainable, "total_params": total}
 
     def meta(self, task: str, details: dict, **fields: Any) -> FinetuneMeta:
         """The fine-tuned folder's finetune.json: the saved task, its fields and how it was trained."""

@@ -186,12 +186,12 @@ def save_model_state(model: nn.Module, folder: Path, state: dict[str, torch.Tens
     save_model_config(model, folder)
 
 
-def model_weights_file(folder: Path) -> Path:
-    """The file in checkpoint `folder` that holds the trained model's state_dict: the
-    loop's own copy (trainer_model.safetensors) when `save_model` wrote another layout,
-    else model.safetensors."""
+def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The trained model's state_dict in gathered checkpoint `folder`: the loop's own copy
+    (trainer_model.safetensors) when `save_model` wrote another layout, else model.safetensors.
+    Raises as `load_state_dict_file` does."""
     own = folder / RESUME_MODEL_FILE
-    return own if own.is_file() else folder / MODEL_FILE
+    return load_state_dict_file(own if own.is_file() else folder / MODEL_FILE)
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -538,7 +538,7 @@ def _read_checkpoint(folder: Path, model: nn.Module, config: TrainConfig, run_me
         _check_shards(folder / SHARDED_DIR)
         model_state = None
     else:
-        model_state = load_state_dict_file(model_weights_file(folder))
+        model_state = read_model_state(folder)
         check_state_dict(model, model_state, folder)
     trainer = read_trainer_state(folder)
     for key in ("loop", "optimizer", "rng", "loader"):
