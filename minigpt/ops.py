@@ -291,46 +291,79 @@ def _masked_attention(q, k, v, mask, scale, implementation, return_probs):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
 
 
-# Most rows of input for which `linear` takes oneDNN's matrix-vector path: decoding's batch
-# sizes, where the product is bound by reading the weights (measured up to 16 rows).
-DECODE_MAX_ROWS = 16
-# Fewest weight entries for it: a oneDNN call costs about 12 us more to set up than MKL's, which
-# only a matrix of a few hundred kB that streams from memory wins back (384 x 384 does; the
-# tiny recipe's 128-wide matrices, which stay in cache, do not).
-DECODE_MIN_WEIGHTS = 1 << 17
+# oneDNN has a fixed cost per call (about 12 us more than MKL's) that a matrix-vector product
+# wins back only when its matrix streams from memory: a product of at most this many rows ...
+GEMV_MAX_ROWS = 16
+# ... with fewer weight entries than this stays with MKL (the tiny recipe's 128-wide matrices,
+# which sit in cache; 384 x 384 already streams).
+GEMV_MIN_WEIGHTS = 1 << 17
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`; on a CPU, for a few rows and no gradient, through oneDNN.
+    """`F.linear(x, weight, bias)`, computed on a CPU by oneDNN rather than MKL.
 
-    Decoding multiplies one row (or a few) by every weight matrix: a matrix-vector product,
-    bound by how fast the weights stream from memory. For one row MKL (behind `F.linear`)
-    runs it on one core, at 16-18 GB/s on the development VM whatever the thread count;
-    oneDNN's inner product (`mkldnn._linear_pointwise`, which inductor's CPU code calls)
-    reads the same weight in place, in nn.Linear's layout, on every core: 39-42 GB/s with 2
-    threads, 24-26 GB/s with one (benchmarks/NOTES.md, "Decoding"). Its sums run in another
-    order: outputs differ from `F.linear`'s by float32 rounding (about 1e-6 relative).
+    On the development VM (AMD EPYC, AVX-512) MKL's float32 GEMM runs at 145-220 GFLOP/s and
+    oneDNN's at 255-520 GFLOP/s on the training step's products, and for decoding's
+    matrix-vector products MKL streams the weights on one core (16-18 GB/s) where oneDNN uses
+    every core (39-42 GB/s): benchmarks/NOTES.md, "oneDNN for the CPU's products". Both
+    read `weight` in place, in nn.Linear's layout; the backward pass's two products go
+    through oneDNN too (`_OneDnnLinear`). Sums run in another order than MKL's, so outputs
+    differ from `F.linear`'s by float32 rounding (about 1e-6 relative).
+
+    F.linear everywhere else: off the CPU, in other dtypes (for bfloat16 F.linear already
+    calls oneDNN), on tensor subclasses (DTensor), under `torch.compile` (inductor picks its
+    own kernels) or a dispatch mode (torch's FLOP counter knows F.linear, not oneDNN's op),
+    and for a product of a few rows by a small matrix.
     """
-    if not _decoding_product(x, weight):
+    if not _one_dnn_product(x, weight):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, I)
-    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "").view(*x.shape[:-1], -1)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        out = _OneDnnLinear.apply(rows, weight, bias)
+    else:
+        out = _one_dnn(rows, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _decoding_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` takes oneDNN's path: float32 on a CPU with oneDNN, few rows, nothing
-    for autograd to record, plain tensors (not DTensor), a contiguous weight, not under
-    `torch.compile`. (For bfloat16, `F.linear` already calls oneDNN.)"""
+def _one_dnn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b.T (+ bias) by oneDNN's inner product: a (M, K), b (N, K), either may be a
+    transposed view (oneDNN reads it in that layout)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """y = x W^T + b with every product by oneDNN: forward x W^T, backward dy W (for dx) and
+    (x^T dy)^T (for dW: x^T made contiguous, dy read transposed in place, the result handed
+    on as a transposed view; that order ran at 354 GFLOP/s on GPT-2's head where dy^T x ran
+    at 180)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _one_dnn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()  # (M, N)
+        dx = _one_dnn(grad, weight.t()) if ctx.needs_input_grad[0] else None  # (M, K)
+        dw = _one_dnn(x.t().contiguous(), grad.t()).t() if ctx.needs_input_grad[1] else None  # (N, K)
+        db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` computes through oneDNN (see its docstring for when it does not)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    if torch.compiler.is_compiling():  # inductor chooses its own kernels for the product
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # inductor; FlopCounterMode, fakes
         return False
-    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter):
+    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter) or x.numel() == 0:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.numel() < GEMV_MIN_WEIGHTS:
         return False
-    return (x.numel() <= DECODE_MAX_ROWS * x.shape[-1] and weight.numel() >= DECODE_MIN_WEIGHTS
-            and weight.is_contiguous() and _one_dnn_usable())
+    return weight.is_contiguous() and _one_dnn_usable()
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,6 +1,6 @@
-"""`ops.linear`, the model's matrix products: oneDNN's path for decoding's few rows on a CPU,
-`F.linear` otherwise. Both are held to a float64 reference; the path each case takes is
-asserted, so a test of the fast path cannot pass on the plain one."""
+"""`ops.linear`, the model's matrix products: oneDNN on a CPU in float32 (forward and the
+backward pass's two products), `F.linear` otherwise. Both are held to a float64 reference;
+the path each case takes is asserted, so a test of one path cannot pass on the other."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,45 +21,57 @@ def reference(x, weight, bias):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    rows=st.integers(1, ops.DECODE_MAX_ROWS),
+    rows=st.integers(1, 3 * ops.GEMV_MAX_ROWS),
     lead=st.sampled_from([(), (1,), (2,)]),
     in_features=st.sampled_from([384, 512, 771]),
     out_features=st.sampled_from([347, 1152, 2049]),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_decoding_rows_take_onednn_and_match_float64(rows, lead, in_features, out_features, bias, seed):
+def test_float32_products_take_onednn_and_match_float64(rows, lead, in_features, out_features, bias, seed):
     g = torch.Generator().manual_seed(seed)
-    batch = lead + (rows,) if lead and rows * lead[0] <= ops.DECODE_MAX_ROWS else (rows,)
+    batch = lead + (rows,)
     x = torch.randn(*batch, in_features, generator=g)
     weight = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
     with torch.no_grad():
-        assert ops._decoding_product(x, weight)
+        assert ops._one_dnn_product(x, weight)
         out = ops.linear(x, weight, b)
     assert out.dtype == torch.float32 and out.shape == (*batch, out_features)
     assert_rel_close(out, reference(x, weight, b), torch.float32, "ops.linear (oneDNN)")
 
 
-@pytest.mark.parametrize("case", ["grad", "many rows", "small matrix", "bfloat16", "strided weight"])
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 70), out_features=st.sampled_from([5, 384, 1001]), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_onednn_gradients_match_float64(rows, out_features, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, rows, 384, generator=g, requires_grad=True)
+    weight = torch.randn(out_features, 384, generator=g, requires_grad=True)
+    b = torch.randn(out_features, generator=g, requires_grad=True) if bias else None
+    up = torch.randn(2, rows, out_features, generator=g)  # the gradient arriving from above
+    assert ops._one_dnn_product(x, weight) or rows * 2 <= ops.GEMV_MAX_ROWS
+    (ops.linear(x, weight, b) * up).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if bias else None
+    (F.linear(x64, w64, b64) * up.double()).sum().backward()
+    assert_rel_close(x.grad, x64.grad, torch.float32, "dx")
+    assert_rel_close(weight.grad, w64.grad, torch.float32, "dW")
+    if bias:
+        assert_rel_close(b.grad, b64.grad, torch.float32, "db")
+
+
+@pytest.mark.parametrize("case", ["few rows, small matrix", "bfloat16", "strided weight"])
 def test_other_products_take_f_linear_and_match_float64(case):
     g = torch.Generator().manual_seed(0)
-    rows = ops.DECODE_MAX_ROWS + 1 if case == "many rows" else 3
-    width = 64 if case == "small matrix" else 512
+    width = 64 if case == "few rows, small matrix" else 512
     dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
-    x = torch.randn(rows, width, generator=g).to(dtype)
+    x = torch.randn(3, width, generator=g).to(dtype)
     weight = torch.randn(width, 2 * width, generator=g).to(dtype)
     weight = weight[:, ::2] if case == "strided weight" else weight[:, :width].contiguous()
     bias = torch.randn(width, generator=g).to(dtype)
-    if case == "grad":
-        weight.requires_grad_(True)
-    assert not ops._decoding_product(x, weight)
-    out = ops.linear(x, weight, bias)
-    assert_rel_close(out, reference(x, weight.detach(), bias), dtype, f"ops.linear ({case})")
-    if case == "grad":
-        out.sum().backward()
-        assert_rel_close(weight.grad, torch.ones(rows, width, dtype=torch.float64).t() @ x.double(),
-                         torch.float32, "weight gradient")
+    assert not ops._one_dnn_product(x, weight)
+    assert_rel_close(ops.linear(x, weight, bias), reference(x, weight, bias), dtype, f"ops.linear ({case})")
 
 
 def test_the_model_linear_is_nn_linear_with_the_same_state():
@@ -82,7 +94,7 @@ def wide_model():
 def test_decoding_on_the_fast_path_matches_the_float64_model():
     model = wide_model()
     with torch.no_grad():
-        assert all(ops._decoding_product(torch.zeros(1, m.in_features), m.weight)
+        assert all(ops._one_dnn_product(torch.zeros(1, m.in_features), m.weight)
                    for m in model.modules() if isinstance(m, Linear))
     double = wide_model().double()
     prompt = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(4))
