@@ -26,7 +26,7 @@ bfloat16 weights, at 2 threads and at 1; and the aggregate tokens/s of batches o
 - **Where the time goes.** `--breakdown` profiles minigpt's float32 decoding per token:
   the matrix products by layer part (attention, MLP, head), attention's own work, LayerNorm,
   sampling, other operators; Python and dispatch are the wall time no operator accounts for.
-  `MINIGPT_SRC=<checkout>` runs that on another checkout (the "before" column).
+  `--breakdown-before <checkout>` profiles another checkout of minigpt the same way.
 
     python benchmarks/bench_decode.py --llama-python /path/to/venv/bin/python \\
         --llama-convert /path/to/llama.cpp/convert_hf_to_gguf.py --trained runs/shakespeare
@@ -111,7 +111,13 @@ def _child_torch(library: str, folder: str, dtype: str, batch: int, repeats: int
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                                      do_sample=False, use_cache=True, pad_token_id=0)
             return out[:, PROMPT_LEN:].tolist()
-    run(4)  # warm-up
+    return _time_calls(run, repeats, batch)
+
+
+def _time_calls(run, repeats: int, batch: int) -> dict:
+    """Median seconds of `run(NEW_TOKENS)` over `repeats` calls after a short warm-up call,
+    the aggregate tokens/s, and the last call's tokens (one list per row)."""
+    run(4)
     times, out = [], None
     for _ in range(repeats):
         began = time.perf_counter()
@@ -128,22 +134,15 @@ def _child_llama(gguf: str, folder: str, repeats: int, threads: int) -> dict:
                 n_batch=PROMPT_LEN, verbose=False)
     prompt = _prompts(folder, 1)[0]
 
-    def run(new: int) -> list[int]:
+    def run(new: int) -> list[list[int]]:
         llm.reset()
         out = []
         for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
             out.append(int(token))
             if len(out) == new:
                 break
-        return out
-    run(4)
-    times, out = [], None
-    for _ in range(repeats):
-        began = time.perf_counter()
-        out = run(NEW_TOKENS)
-        times.append(time.perf_counter() - began)
-    seconds = statistics.median(times)
-    return {"seconds": seconds, "tokens_per_s": NEW_TOKENS / seconds, "tokens": [out]}
+        return [out]
+    return _time_calls(run, repeats, 1)
 
 
 def _child_bandwidth(threads: int) -> dict:
@@ -166,9 +165,12 @@ def _child_agreement(folder: str, count: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     minigpt = _import_minigpt()
+    from minigpt.model_dir import resolve_model_dir
+    from minigpt.tokenizer import load_tokenizer
+
+    folder = resolve_model_dir(folder)  # a run folder too (its best checkpoint)
     model = minigpt.GPT.from_pretrained(folder).eval()
     half = minigpt.GPT.from_pretrained(folder).eval().to(torch.bfloat16)
-    from minigpt.tokenizer import load_tokenizer
 
     os.environ.setdefault("MINIGPT_GPT2_BPE_DIR", str(GPT2_BPE))  # no network: GPT-2's own files
     tokenizer = load_tokenizer(folder)
@@ -200,7 +202,7 @@ def _child_breakdown(folder: str, threads: int) -> dict:
     prompt = _prompts(folder, 1)
     model.generate(prompt, 4, temperature=0)
     walls = []
-    for _ in range(3):
+    for _ in range(5):
         began = time.perf_counter()
         model.generate(prompt, NEW_TOKENS, temperature=0)
         walls.append(time.perf_counter() - began)
@@ -284,20 +286,49 @@ def main() -> None:
     parser.add_argument("--agreement-prompts", type=int, default=100)
     parser.add_argument("--trained", default=None, help="a trained model folder for the bfloat16 agreement too")
     parser.add_argument("--breakdown", action="store_true", help="profile minigpt's decoding per token")
+    parser.add_argument("--only-breakdown", action="store_true",
+                        help="profile only (no speed rows, no agreement), into decode_breakdown_cpu.json/.md")
+    parser.add_argument("--breakdown-before", default=None,
+                        help="another checkout of minigpt whose decoding is profiled too (the 'before' column)")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     llama = bool(args.llama_python and args.llama_convert)
     notes = [] if llama else ["llama.cpp: not measured (give --llama-python and --llama-convert)"]
 
     rows, extra = [], {}
+    bandwidth = statistics.median(_run("--child", "bandwidth", str(max(threads)))["gb_per_s"] for _ in range(3))
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "bandwidth_gb_per_s": round(bandwidth, 1), "date": time.strftime("%Y-%m-%d"),
+            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True).stdout.strip(),
+            "rounds": args.rounds, "repeats": args.repeats, "notes": notes, "versions": _versions(args)}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    name = "decode_breakdown_cpu" if args.only_breakdown else "decode_cpu"
+    args.breakdown |= args.only_breakdown
+
+    def save() -> None:
+        """Write what has been measured so far (a late failure keeps the rows before it)."""
+        (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=2) + "\n")
+        (args.out / f"{name}.md").write_text(_markdown(meta, rows, extra, llama))
+
     with tempfile.TemporaryDirectory() as tmp:
-        bandwidth = statistics.median(_run("--child", "bandwidth", str(max(threads)))["gb_per_s"] for _ in range(3))
         for shape in args.shapes.split(","):
             folder = Path(tmp) / shape
             _run("--child", "save", shape, str(folder))
             ggufs = {dt: _convert(args.llama_convert, folder, dt, Path(tmp)) for dt in DTYPES} if llama else {}
             if args.breakdown:
                 extra[f"breakdown_{shape}"] = _run("--child", "breakdown", str(folder), str(max(threads)))
+                if args.breakdown_before:
+                    extra[f"breakdown_{shape}_before"] = _run(
+                        "--child", "breakdown", str(folder), str(max(threads)),
+                        env=dict(os.environ, MINIGPT_SRC=str(Path(args.breakdown_before).resolve())))
+                    extra[f"breakdown_{shape}_before"]["checkout"] = subprocess.run(
+                        ["git", "-C", args.breakdown_before, "rev-parse", "--short", "HEAD"], capture_output=True,
+                        text=True).stdout.strip() or "unknown"
+                save()
+            if args.only_breakdown:
+                continue
             for n in threads:
                 for dtype in DTYPES:
                     contenders = ["minigpt", "transformers"] + (["llama.cpp"] if llama else [])
@@ -324,6 +355,7 @@ def main() -> None:
                             r["minigpt"]["tokens_per_s"] / r[lib]["tokens_per_s"] for r in rounds), 2)
                         row[f"same_tokens_as_{lib}"] = all(r["minigpt"]["tokens"] == r[lib]["tokens"] for r in rounds)
                     rows.append(row)
+                    save()
                     print(json.dumps(row), flush=True)
             for batch in BATCHES:
                 n = max(threads)
@@ -337,23 +369,17 @@ def main() -> None:
                 row["same_tokens_as_transformers"] = all(r["minigpt"]["tokens"] == r["transformers"]["tokens"]
                                                          for r in rounds)
                 rows.append(row)
+                save()
                 print(json.dumps(row), flush=True)
             extra[f"agreement_random_{shape}"] = _run("--child", "agreement", str(folder),
                                                       str(args.agreement_prompts), str(max(threads)))
-        if args.trained:
+            save()
+        if args.trained and not args.only_breakdown:
             extra["agreement_trained"] = _run("--child", "agreement", args.trained, str(args.agreement_prompts),
                                               str(max(threads)))
-            extra["agreement_trained"]["model"] = args.trained
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "bandwidth_gb_per_s": round(bandwidth, 1), "date": time.strftime("%Y-%m-%d"),
-            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip(),
-            "rounds": args.rounds, "repeats": args.repeats, "notes": notes,
-            "versions": _versions(args)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows, **extra}, indent=2) + "\n")
-    (args.out / "decode_cpu.md").write_text(_markdown(meta, rows, extra, llama))
-    print((args.out / "decode_cpu.md").read_text())
+            extra["agreement_trained"]["model"] = f"the trained model {Path(args.trained).name}"
+            save()
+    print((args.out / f"{name}.md").read_text())
 
 
 def _versions(args) -> dict:
@@ -402,7 +428,8 @@ def _markdown(meta: dict, rows: list[dict], extra: dict, llama: bool) -> str:
                       f"prompts identical over all {NEW_TOKENS} tokens; the others first differ at token "
                       f"{value['first_difference_at'] or '—'}."]
         elif key.startswith("breakdown"):
-            lines += ["", f"Where a token's time goes, minigpt float32, batch 1, {key.split('_', 1)[1]} "
+            which = key.split("_", 1)[1].replace("_before", f" at commit {value.get('checkout')}")
+            lines += ["", f"Where a token's time goes, minigpt float32, batch 1, {which} "
                       f"({value['wall_ms_per_token']:.2f} ms per token, unprofiled):", "",
                       "| part | ms per token |", "| --- | --- |"]
             lines += [f"| {k} | {ms:.3f} |" for k, ms in sorted(value["ms_per_token"].items(), key=lambda kv: -kv[1])]

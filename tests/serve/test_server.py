@@ -5,6 +5,7 @@ The model is a tiny random character-level GPT (dense and banded layers) saved a
 folder; every served text is compared with `minigpt.generate` on the same folder."""
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import socket
@@ -164,6 +165,18 @@ def test_greedy_completions_equal_generate(server, local):
         assert choice.finish_reason == "length"
     assert out.usage.prompt_tokens == sum(map(len, prompts)) and out.usage.completion_tokens == 60
     assert out.usage.total_tokens == out.usage.prompt_tokens + 60 and out.object == "text_completion"
+
+
+def test_a_bfloat16_server_completes_as_the_model_in_bfloat16_does(folder, local):
+    served = Server(folder, "--dtype", "bfloat16")
+    try:
+        out = served.client().completions.create(model="tiny", prompt=["the cat sat", "a"], max_tokens=12,
+                                                 temperature=0)
+    finally:
+        served.close()
+    half = (copy.deepcopy(local[0]).to(torch.bfloat16), local[1])  # .to() on the fixture's own model would change it
+    for prompt, choice in zip(["the cat sat", "a"], out.choices):
+        assert choice.text == _reference(half, prompt, 12, temperature=0)
 
 
 def test_a_completion_longer_than_the_context_slides_as_generate_does(server, local):
