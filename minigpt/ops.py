@@ -312,8 +312,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     F.linear everywhere else: off the CPU, in other dtypes (for bfloat16 F.linear already
     calls oneDNN), on tensor subclasses (DTensor), under `torch.compile` (inductor picks its
-    own kernels) or a dispatch mode (torch's FLOP counter knows F.linear, not oneDNN's op),
-    and for a product of a few rows by a small matrix.
+    own kernels), under a dispatch mode (torch's FLOP counter knows F.linear, not oneDNN's
+    op) or a `torch.func` transform, and for a product of a few rows by a small matrix. The
+    oneDNN backward is first-order: a gradient of its gradient (`create_graph=True`) raises
+    an error; take such gradients with `torch.func`, under which the product is F.linear's.
     """
     if not _one_dnn_product(x, weight):
         return F.linear(x, weight, bias)
@@ -344,6 +346,7 @@ class _OneDnnLinear(torch.autograd.Function):
         return _one_dnn(x, weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a gradient of this gradient is refused, not silently wrong
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()  # (M, N)
@@ -358,6 +361,8 @@ def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # inductor; FlopCounterMode, fakes
+        return False
+    if torch._C._are_functorch_transforms_active():  # torch.func's grad and vmap know F.linear
         return False
     if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter) or x.numel() == 0:
         return False

@@ -61,6 +61,22 @@ def test_onednn_gradients_match_float64(rows, out_features, bias, seed):
         assert_rel_close(b.grad, b64.grad, torch.float32, "db")
 
 
+def test_a_gradient_of_the_onednn_gradient_is_refused_and_torch_func_takes_f_linear():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 384, generator=g, requires_grad=True)
+    weight = torch.randn(400, 384, generator=g, requires_grad=True)
+    assert ops._one_dnn_product(x, weight)
+    (dx,) = torch.autograd.grad(ops.linear(x, weight).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        dx.sum().backward()
+    # torch.func: the transform sees F.linear, so second derivatives are exact (float64 reference).
+    hess_diag = torch.func.grad(lambda v: torch.func.grad(lambda u: ops.linear(u, weight.detach()).square().sum())(v)
+                                .sum())(x.detach())
+    w64 = weight.detach().double()
+    expected = (2 * w64.t() @ w64).sum(0).expand(20, -1)  # d/dx sum(d/dx |W x|^2) = 1^T 2 W^T W
+    assert_rel_close(hess_diag, expected, torch.float32, "second derivative by torch.func")
+
+
 @pytest.mark.parametrize("case", ["few rows, small matrix", "bfloat16", "strided weight"])
 def test_other_products_take_f_linear_and_match_float64(case):
     g = torch.Generator().manual_seed(0)
