@@ -191,7 +191,9 @@ def out_file(text: str) -> str:
 
 
 def add_dtype(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    from minigpt.device import DECODE_DTYPES
+
+    p.add_argument("--dtype", choices=list(DECODE_DTYPES), default="float32",
                    help="the weights' dtype while decoding: bfloat16 reads half the bytes per token (faster "
                         "where memory bandwidth bounds decoding, as on a CPU); its greedy tokens can differ "
                         "from float32's at near ties")

@@ -144,4 +144,3 @@ def freeze_all_but_last(model: nn.Module, n_blocks: int, trainable: Sequence[str
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-

@@ -514,7 +514,7 @@ def consolidate(folder: Path, model: nn.Module) -> None:
 
 
 def _fuse_in_place(model: nn.Module) -> None:
-    """Put each `QKVColumns` of `model` back as the fused nn.Linear it came from."""
+    """Put each `QKVColumns` of `model` back as the fused projection (the model's `Linear`) it came from."""
     from minigpt.model import CausalSelfAttention, Linear
     from minigpt.train.parallel import QKVColumns
 
