@@ -1,6 +1,8 @@
 """Reading the small JSON and TOML files users hand minigpt (configs, config.json,
 tokenizer.json) and the ones minigpt writes for itself (meta.json, labels.json), with
-errors that name the file, the line, the missing key and the fix; and writing folders,
+errors that name the file, the line, the missing key and the fix; reading a .safetensors
+file (a model's, a checkpoint's, a classifier head's) with one message for a damaged
+one (`DamagedWeightsError`); and writing folders,
 JSON and text files atomically (checkpoints, reports), so a crash never leaves half a file.
 
 Every read failure here is a `BadFileError`, a ValueError, so the command line prints it
@@ -96,6 +98,36 @@ def read_toml(path: str | Path, what: str = "TOML file") -> dict[str, Any]:
 
 
 # Writing -------------------------------------------------------------------------------
+class DamagedWeightsError(BadFileError):
+    """A weights file that exists but cannot be read: empty, cut short, or not tensors.
+
+    Loaders that can fall back to another checkpoint (resume) catch this one type."""
+
+
+def damaged(path: Path, err: BaseException) -> DamagedWeightsError:
+    """The error for a weights file that could not be read: names it, says how big it is
+    (an empty file is the usual remains of a crash) and what to do."""
+    size = path.stat().st_size if path.is_file() else None
+    detail = "it is empty: 0 bytes" if size == 0 else f"{size} bytes; {str(err).split('. ')[0] or type(err).__name__}"
+    return DamagedWeightsError(
+        f"weights file {path} is damaged or incomplete ({detail}); it was probably cut off while being "
+        f"written or downloaded. Re-save or re-download the model, or load another checkpoint"
+    )
+
+
+def load_safetensors(path: Path) -> dict[str, Any]:
+    """The tensors of one .safetensors file; a damaged file is a `DamagedWeightsError`
+    naming it, never a bare SafetensorError. (safetensors, and with it torch, is imported
+    here, on first use: reading a JSON config needs neither.)"""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise damaged(path, err) from None
+
+
 class WriteError(OSError):
     """A write that failed for want of space or permission; its message names the path and the way on."""
 

@@ -30,7 +30,7 @@ class Tokenizer:
     Added special tokens (``add_special_tokens``) take the ids after the base vocabulary
     (50257, 50258, ...), in the order they were added, as `transformers`'
     ``tokenizer.add_special_tokens`` assigns them; grow the model to match with
-    `minigpt.vocab.add_tokens` (or ``resize_token_embeddings``).
+    `minigpt.finetune.run.add_tokens` (or ``GPT.resize_token_embeddings``).
     """
 
     name = "gpt2"

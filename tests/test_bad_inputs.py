@@ -392,7 +392,7 @@ def test_finetuning_from_a_classifier_says_its_head_and_labels_are_dropped(tmp_p
 
     from minigpt.finetune.data import LabelMap
     from minigpt.finetune.export import HEAD_FILE, LABELS_FILE
-    from minigpt.model_dir import start_model
+    from minigpt.finetune.run import start_model
 
     folder = tmp_path / "classifier"
     GPT(GPTConfig(vocab_size=len(ALPHABET), block_size=16, n_layer=1, n_head=2, n_embd=8,

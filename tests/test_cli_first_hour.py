@@ -9,7 +9,8 @@ import torch
 
 from minigpt import GPT, GPTConfig
 from minigpt.cli import main
-from minigpt.model_dir import resolve_model_dir, start_model
+from minigpt.finetune.run import start_model
+from minigpt.model_dir import resolve_model_dir
 from tests.helpers import randomize_, use_tiktoken_cache
 
 CONFIG = GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16)

@@ -7,7 +7,7 @@ import torch
 from minigpt import GPT, GPTConfig
 from minigpt.cli import main
 from minigpt.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
-from minigpt.vocab import add_tokens, resize_token_embeddings
+from minigpt.finetune.run import add_tokens
 from tests.helpers import DATA, need_file, randomize_, use_tiktoken_cache
 
 NEW = ["<|startoftext|>", "<|pad|>"]
@@ -65,7 +65,7 @@ def test_padded_vocabulary_reuses_padding_rows(tokenizer):
 
 def test_shrinking_is_refused_with_the_sizes(tokenizer):
     with pytest.raises(ValueError, match="new_vocab_size=100 is below the model's vocab_size=50257"):
-        resize_token_embeddings(small_gpt(), 100)
+        small_gpt().resize_token_embeddings(100)
 
 
 def test_untied_head_grows_too():

@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from minigpt.config import reject_unknown_keys
-from minigpt.files import BadFileError, read_json, writing
+from minigpt.files import BadFileError, load_safetensors, read_json, writing
 from minigpt.finetune.classifier import GPTClassifier
 from minigpt.finetune.config import TASKS
 from minigpt.finetune.data import LabelMap
@@ -31,7 +31,6 @@ from minigpt.finetune.lora import has_lora, merge_lora
 from minigpt.model import GPT
 from minigpt.tokenizer import load_tokenizer, save_tokenizer
 from minigpt.typed import check_fields
-from minigpt.weights.common import load_safetensors
 
 HEAD_FILE = "classifier_head.safetensors"
 LABELS_FILE = "labels.json"

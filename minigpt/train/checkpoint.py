@@ -54,11 +54,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minigpt.files import BadFileError, fsync_dir, point, read_json, write_atomically, write_json_atomically
+from minigpt.files import (BadFileError, DamagedWeightsError, fsync_dir, load_safetensors, point, read_json,
+                           write_atomically, write_json_atomically)
 from minigpt.train import distributed as dist_
 from minigpt.train.config import RESUMABLE_FIELDS, TrainConfig
 from minigpt.train.rng import rng_state, seed_rngs, set_rng_state
-from minigpt.weights.common import DamagedWeightsError, load_safetensors
 
 if TYPE_CHECKING:
     from minigpt.train.state import Run

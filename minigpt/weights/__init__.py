@@ -20,9 +20,9 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from minigpt.config import GPTConfig
-from minigpt.files import BadFileError, read_json
+from minigpt.files import BadFileError, DamagedWeightsError, read_json
 from minigpt.weights import gpt2, gpt_neo
-from minigpt.weights.common import DamagedWeightsError, map_from_minigpt, map_to_minigpt, read_state_dict
+from minigpt.weights.common import map_from_minigpt, map_to_minigpt, read_state_dict
 
 FAMILIES = {gpt2.MODEL_TYPE: gpt2, gpt_neo.MODEL_TYPE: gpt_neo}
 NATIVE = "minigpt"

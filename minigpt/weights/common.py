@@ -1,14 +1,12 @@
-"""Reading tensors safely and strictly, shared by every weight family."""
+"""Reading tensors safely and strictly, shared by every weight family (one .safetensors file
+is read by `minigpt.files.load_safetensors`, which every weights reader shares)."""
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
-from minigpt.files import BadFileError, read_json
+from minigpt.files import DamagedWeightsError, damaged, load_safetensors, read_json
 
 
 # Tensors outside the blocks, named alike in GPT-2 and GPT-Neo: HF name -> minigpt name.
@@ -61,32 +59,6 @@ def check_hf_options(hf: dict, model_type: str, supported: dict[str, tuple]) -> 
             raise ValueError(
                 f"{model_type} config: {key}={hf[key]!r} is not supported by minigpt (supported: {allowed})"
             )
-
-
-class DamagedWeightsError(BadFileError):
-    """A weights file that exists but cannot be read: empty, cut short, or not tensors.
-
-    Loaders that can fall back to another checkpoint (resume) catch this one type."""
-
-
-def damaged(path: Path, err: BaseException) -> DamagedWeightsError:
-    """The error for a weights file that could not be read: names it, says how big it is
-    (an empty file is the usual remains of a crash) and what to do."""
-    size = path.stat().st_size if path.is_file() else None
-    detail = "it is empty: 0 bytes" if size == 0 else f"{size} bytes; {str(err).split('. ')[0] or type(err).__name__}"
-    return DamagedWeightsError(
-        f"weights file {path} is damaged or incomplete ({detail}); it was probably cut off while being "
-        f"written or downloaded. Re-save or re-download the model, or load another checkpoint"
-    )
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one .safetensors file; a damaged file is a `DamagedWeightsError`
-    naming it, never a bare SafetensorError."""
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise damaged(path, err) from None
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:

@@ -139,8 +139,7 @@ def test_nonfinite_skip_counts_only_consecutive_updates(tmp_path, shakespeare_ch
 def test_resume_reports_damaged_files_with_the_shared_readers_messages(tmp_path, shakespeare_chars):
     """A damaged checkpoint file reads the same on resume as anywhere else (weights via
     `load_safetensors`, JSON via `files.read_json`), so one message teaches one fix."""
-    from minigpt.files import BadFileError, read_json
-    from minigpt.weights.common import DamagedWeightsError, load_safetensors
+    from minigpt.files import BadFileError, DamagedWeightsError, load_safetensors, read_json
 
     _run(tmp_path, shakespeare_chars, max_steps=3)
     folder = tmp_path / "checkpoints" / "step_0000003"
