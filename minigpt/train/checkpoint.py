@@ -138,7 +138,12 @@ def clean_leftovers(root: Path) -> None:
 # Model weights ---------------------------------------------------------------------------
 def save_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors of `state`; tensors that share storage (a tied head) are stored once and
-    their other names recorded as aliases in the file's metadata."""
+    their other names recorded as aliases in the file's metadata.
+
+    Not `safetensors.torch.save_model`/`load_model`: those drop a tied name on saving and need
+    the model to put it back on loading, while a checkpoint is also read without a model (a
+    sharded run consolidated, a state checked before it is loaded); the aliases let
+    `load_state_dict_file` return every name by itself."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}

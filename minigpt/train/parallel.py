@@ -296,7 +296,14 @@ def _checkpointed_forward(block: nn.Module, *args, **kwargs):
     """`block`'s forward, keeping only its inputs for backward and recomputing the rest
     there (Chen et al. 2016): activation memory of one block instead of every block.
     torch.utils.checkpoint restores the RNG state, so dropout masks, losses and gradients
-    are the same as without it."""
+    are the same as without it.
+
+    Set as the block's own `forward` (and deleted on exit) rather than wrapping the block in
+    torch's `checkpoint_wrapper`: the wrapper puts a level into every name under it
+    (`blocks.0._checkpoint_wrapped_module.attn.qkv.weight`), which whatever reads the model by
+    name while it trains would see (the optimizer's and the MFU observer's parameter names,
+    `get_submodule("blocks.0.attn")`), and the caller would get back a model with other
+    modules in it; the instance attribute changes the call and nothing else."""
     if not torch.is_grad_enabled():
         return type(block).forward(block, *args, **kwargs)
     return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
