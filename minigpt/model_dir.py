@@ -71,3 +71,17 @@ def preset_model_config(name: str):
     if name in PRESETS:
         return GPTConfig.from_preset(name)
     return None
+
+
+def load_for_decoding(path: str | Path, *, device: str = "cpu", dtype: str = "float32", backend: str = "sdpa"):
+    """The GPT behind `path` (any model argument, `resolve_model_dir`) on `device`, its
+    weights in `dtype` ('float32' or 'bfloat16', `minigpt.device.decode_dtype`), ready to
+    decode: bfloat16 weights on a CPU are laid out once for oneDNN (`ops.pack_for_decoding`:
+    the same tokens, products about twice as fast, the copies as big as the weights)."""
+    from minigpt import ops
+    from minigpt.device import decode_dtype
+    from minigpt.model import GPT
+
+    model = GPT.from_pretrained(resolve_model_dir(path), backend=backend).to(device, decode_dtype(dtype))
+    ops.pack_for_decoding(model)
+    return model

@@ -310,6 +310,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     through oneDNN too (`_OneDnnLinear`). Sums run in another order than MKL's, so outputs
     differ from `F.linear`'s by float32 rounding (about 1e-6 relative).
 
+    A bfloat16 weight that `pack_for_decoding` laid out for oneDNN is read in that layout
+    while no gradient is wanted (same kernel, bit-identical outputs, about twice as fast).
+
     F.linear everywhere else: off the CPU, in other dtypes (for bfloat16 F.linear already
     calls oneDNN), on tensor subclasses (DTensor), under `torch.compile` (inductor picks its
     own kernels), under a dispatch mode (torch's FLOP counter knows F.linear, not oneDNN's
@@ -317,6 +320,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     oneDNN backward is first-order: a gradient of its gradient (`create_graph=True`) raises
     an error; take such gradients with `torch.func`, under which the product is F.linear's.
     """
+    if weight.dtype == torch.bfloat16 and (packed := _packed_weight(x, weight, bias)) is not None:
+        return _one_dnn(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias).view(*x.shape[:-1], weight.shape[0])
     if not _one_dnn_product(x, weight):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, I)
@@ -358,7 +363,17 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` computes through oneDNN (see its docstring for when it does not)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not _plain_eager_cpu(x, weight):
+        return False
+    if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.numel() < GEMV_MIN_WEIGHTS:
+        return False
+    return True
+
+
+def _plain_eager_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Plain CPU tensors, run eagerly: no compile, dispatch mode, torch.func transform or
+    tensor subclass, each of which knows F.linear and not oneDNN's operator."""
+    if x.device.type != "cpu" or weight.device.type != "cpu":
         return False
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # inductor; FlopCounterMode, fakes
         return False
@@ -366,9 +381,61 @@ def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter) or x.numel() == 0:
         return False
-    if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.numel() < GEMV_MIN_WEIGHTS:
-        return False
     return weight.is_contiguous() and _one_dnn_usable()
+
+
+# ---- bfloat16 weights laid out once for decoding -------------------------------------------
+# oneDNN's bfloat16 inner product reorders a plain (N, K) weight into its blocked layout on
+# every call: for a decoding step's matrix-vector products that copy costs as much as the
+# product (24-29 GB/s of weights against 39-64 GB/s prepacked on the development VM,
+# benchmarks/NOTES.md). `pack_for_decoding` keeps each weight's reordered copy; `linear` reads
+# it while the weight is unchanged (same storage, same version counter) and no gradient is
+# wanted. float32 gains nothing from it (oneDNN reads float32 weights in place).
+_PACKED_ATTR = "_minigpt_one_dnn_packed"
+
+
+def pack_for_decoding(model: nn.Module) -> int:
+    """Keep a oneDNN-laid-out copy of every bfloat16 CPU `nn.Linear` weight of `model`; the
+    number of weights packed.
+
+    For decoding with bfloat16 weights on a CPU (`--dtype bfloat16`): outputs are
+    bit-identical to the plain weights', the products about twice as fast. The copies take
+    as much memory again as those weights (bfloat16 weights plus their copies weigh what the
+    float32 model does) and go with the weights. A weight changed afterwards (trained, loaded,
+    converted) is read plainly again, never through a stale copy; pack again to regain speed.
+    Other dtypes, devices, and machines without oneDNN are left alone.
+    """
+    count = 0
+    for module in model.modules():
+        w = module.weight if isinstance(module, nn.Linear) else None
+        if w is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() \
+                and type(w) in (torch.Tensor, nn.Parameter) and _packing_usable():
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+            # The storage is held with the copy, so its address cannot come back on another
+            # tensor while the copy lives: (address, version) names this exact content.
+            setattr(w, _PACKED_ATTR, (w.untyped_storage(), w._version, packed))
+            count += 1
+    return count
+
+
+def _packed_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`weight`'s packed copy when `linear` may use it (see `pack_for_decoding`), else None."""
+    entry = getattr(weight, _PACKED_ATTR, None)
+    if entry is None or x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    storage, version, packed = entry
+    if weight.untyped_storage().data_ptr() != storage.data_ptr() or weight._version != version:
+        delattr(weight, _PACKED_ATTR)  # changed since packing: the plain weight is the truth
+        return None
+    return packed if _plain_eager_cpu(x, weight) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _packing_usable() -> bool:
+    return _one_dnn_usable() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 @functools.lru_cache(maxsize=None)

@@ -135,3 +135,69 @@ def test_bfloat16_decoding_samples_float32_logits_close_to_the_float32_model():
     assert logits.dtype == torch.float32
     assert_rel_close(logits, expected, torch.bfloat16, "bfloat16 logits")
     assert len(generate(half, prompt.tolist(), 5, temperature=0)[0]) == 5
+
+
+# ---- bfloat16 weights packed for decoding (ops.pack_for_decoding) ---------------------------
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 40), lead=st.sampled_from([(), (2,)]), in_features=st.sampled_from([64, 384, 771]),
+       out_features=st.sampled_from([5, 347, 1152]), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_packed_bfloat16_products_equal_the_plain_ones_bit_for_bit_and_match_float64(
+        rows, lead, in_features, out_features, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=g))
+    x = torch.randn(*lead, rows, in_features, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        plain = F.linear(x, layer.weight, layer.bias)  # torch's own bfloat16 product: the same kernel, unpacked
+        assert ops.pack_for_decoding(layer) == 1
+        assert ops._packed_weight(x, layer.weight, layer.bias) is not None
+        packed = ops.linear(x, layer.weight, layer.bias)
+    assert torch.equal(packed, plain)
+    assert_rel_close(packed, reference(x, layer.weight, layer.bias), torch.bfloat16, "packed bfloat16 product")
+
+
+def test_a_weight_changed_after_packing_is_read_plainly_never_through_the_stale_copy():
+    g = torch.Generator().manual_seed(2)
+    layer = torch.nn.Linear(384, 700, bias=False).to(torch.bfloat16)
+    x = torch.randn(3, 384, generator=g).to(torch.bfloat16)
+    ops.pack_for_decoding(layer)
+    with torch.no_grad():
+        layer.weight.mul_(-2)  # in place: the version counter moves
+        assert ops._packed_weight(x, layer.weight, None) is None
+        assert torch.equal(ops.linear(x, layer.weight), F.linear(x, layer.weight))
+    ops.pack_for_decoding(layer)
+    layer.float()  # new storage under the same Parameter
+    layer.to(torch.bfloat16)
+    with torch.no_grad():
+        assert ops._packed_weight(x, layer.weight, None) is None
+        assert torch.equal(ops.linear(x, layer.weight), F.linear(x, layer.weight))
+
+
+def test_packed_weights_step_aside_while_a_gradient_is_wanted_and_for_float32():
+    layer = torch.nn.Linear(384, 512).to(torch.bfloat16)
+    assert ops.pack_for_decoding(layer) == 1
+    x = torch.randn(4, 384, dtype=torch.bfloat16, requires_grad=True)
+    assert ops._packed_weight(x, layer.weight, layer.bias) is None  # grad mode on, tensors that want gradients
+    ops.linear(x, layer.weight, layer.bias).float().sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    assert ops.pack_for_decoding(torch.nn.Linear(384, 512)) == 0  # float32: oneDNN reads it in place already
+
+
+def test_a_packed_bfloat16_model_decodes_the_same_tokens_as_the_plain_one(tmp_path):
+    from minigpt.model_dir import load_for_decoding
+
+    wide_model().save_pretrained(tmp_path / "m")
+    plain = load_for_decoding(tmp_path / "m", dtype="bfloat16")
+    for module in plain.modules():  # drop the copies: the plain bfloat16 model as before packing
+        if isinstance(module, torch.nn.Linear) and hasattr(module.weight, ops._PACKED_ATTR):
+            delattr(module.weight, ops._PACKED_ATTR)
+    packed = load_for_decoding(tmp_path / "m", dtype="bfloat16")
+    head = packed.lm_head.weight
+    assert packed.lm_head.weight.dtype == torch.bfloat16 and hasattr(head, ops._PACKED_ATTR)
+    assert not any(hasattr(m.weight, ops._PACKED_ATTR) for m in load_for_decoding(tmp_path / "m").modules()
+                   if isinstance(m, torch.nn.Linear))  # float32: nothing packed
+    prompts = torch.randint(0, 512, (3, 6), generator=torch.Generator().manual_seed(7)).tolist()
+    assert generate(packed, prompts, 12, temperature=0) == generate(plain, prompts, 12, temperature=0)
+    with torch.no_grad():
+        assert torch.equal(packed(torch.tensor(prompts)).logits, plain(torch.tensor(prompts)).logits)

@@ -12,15 +12,14 @@ from minigpt.ops import BACKENDS
 def _sample(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from minigpt.device import decode_dtype
     from minigpt.finetune.export import saved_stop
     from minigpt.generate import stream_text
-    from minigpt.model import GPT
+    from minigpt.model_dir import load_for_decoding
     from minigpt.tokenizer import load_tokenizer
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples={args.num_samples} must be at least 1")
-    model = GPT.from_pretrained(args.model, backend=args.backend).to(args.device, decode_dtype(args.dtype))
+    model = load_for_decoding(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     tokenizer = load_tokenizer(args.model)
     stop = args.stop or saved_stop(args.model)
     # Samples done so far, on stderr, when it is a terminal (disable=None) and there are several;

@@ -27,13 +27,12 @@ def load_state(model: str | Path, *, model_name: str | None = None, api_key: str
     """
     from minigpt.device import decode_dtype
     from minigpt.finetune.export import META_FILE, read_meta
-    from minigpt.model import GPT
-    from minigpt.model_dir import resolve_model_dir
+    from minigpt.model_dir import load_for_decoding, resolve_model_dir
     from minigpt.serve.app import PromptDefaults, ServerState
     from minigpt.serve.engine import Engine
     from minigpt.tokenizer import load_tokenizer
 
-    torch_dtype = decode_dtype(dtype)
+    decode_dtype(dtype)  # a bad --dtype is refused before the model is read
     folder = resolve_model_dir(model)
     defaults = PromptDefaults()
     if (folder / META_FILE).is_file():
@@ -45,7 +44,7 @@ def load_state(model: str | Path, *, model_name: str | None = None, api_key: str
             defaults = PromptDefaults(bos=meta.bos, separator=meta.separator, stop=(meta.stop,) if meta.stop else ())
             log.info("prompts get the fine-tuning's bos %r and separator %r, and stop at %r unless a request "
                      "says otherwise (--raw-prompts turns this off)", meta.bos, meta.separator, meta.stop)
-    net = GPT.from_pretrained(folder, backend=backend).to(device, torch_dtype)
+    net = load_for_decoding(folder, device=device, dtype=dtype, backend=backend)
     tokenizer = load_tokenizer(folder)
     engine = Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue)
     name = model_name or Path(model).resolve().name
