@@ -96,7 +96,12 @@ def _child_torch(library: str, folder: str, dtype: str, batch: int, repeats: int
     prompts = _prompts(folder, batch)
     if library == "minigpt":
         minigpt = _import_minigpt()
-        model = minigpt.GPT.from_pretrained(folder).eval().to(torch_dtype)
+        from minigpt import model_dir
+
+        if hasattr(model_dir, "load_for_decoding"):  # what `sample` and `serve` load (bfloat16 packed for oneDNN)
+            model = model_dir.load_for_decoding(folder, dtype=dtype).eval()
+        else:  # a checkout from before it (--breakdown-before)
+            model = minigpt.GPT.from_pretrained(folder).eval().to(torch_dtype)
 
         def run(new: int):
             return model.generate(prompts, new, temperature=0)
