@@ -140,6 +140,7 @@ def test_the_model_card_and_the_lens(site):
     driver, model, _, _ = site
     from selenium.common.exceptions import StaleElementReferenceException
 
+    _set(driver, "prompt", "the cat sat")  # the inside view reads the prompt when nothing was generated yet
     driver.find_element(By.ID, "inside-button").click()
 
     def shown(d):  # the card and the lens's last row, once the lens has every row; the page may
