@@ -23,6 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
 
 class BadFileError(ValueError):
     """A file that exists but cannot be used: unreadable, damaged, or of the wrong shape."""
@@ -97,7 +100,6 @@ def read_toml(path: str | Path, what: str = "TOML file") -> dict[str, Any]:
                            f"sections are written [train], keys as key = value)") from None
 
 
-# Writing -------------------------------------------------------------------------------
 class DamagedWeightsError(BadFileError):
     """A weights file that exists but cannot be read: empty, cut short, or not tensors.
 
@@ -117,17 +119,14 @@ def damaged(path: Path, err: BaseException) -> DamagedWeightsError:
 
 def load_safetensors(path: Path) -> dict[str, Any]:
     """The tensors of one .safetensors file; a damaged file is a `DamagedWeightsError`
-    naming it, never a bare SafetensorError. (safetensors, and with it torch, is imported
-    here, on first use: reading a JSON config needs neither.)"""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    naming it, never a bare SafetensorError."""
     try:
         return load_file(path)
     except (SafetensorError, OSError) as err:
         raise damaged(path, err) from None
 
 
+# Writing -------------------------------------------------------------------------------
 class WriteError(OSError):
     """A write that failed for want of space or permission; its message names the path and the way on."""
 

@@ -412,20 +412,14 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def resize_token_embeddings(self, new_vocab_size: int, mean_of: int | None = None) -> "GPT":
-        """Give this model `new_vocab_size` token rows, in place (for added special tokens); returns it.
+        """Grow to `new_vocab_size` token rows in place (for added special tokens); returns self.
 
-        Rows 0..old-1 are kept bit for bit; new rows (and the head's, when untied) start at
-        the mean of rows 0..mean_of-1 (default: all old rows). With a tied head a new token's
-        logit is then <h, mean_i e_i> = mean_i <h, e_i>, the average of the existing logits,
-        so its first probability sits among the existing tokens' instead of dominating or
-        vanishing, and the distribution over old tokens barely moves (Hewitt 2021,
-        "Initializing New Word Embeddings for Pretrained Language Models"). Pass the
-        tokenizer's vocabulary size as `mean_of` when vocab_size is padded (e.g. 50304), so
-        the untrained padding rows stay out of the mean. The config's vocab_size follows;
-        dtype, device and requires_grad are kept.
-
-        Raises ValueError when shrinking (that would drop trained rows) or when mean_of is
-        out of range.
+        Old rows are kept bit for bit; new rows (the head's too, when untied) start at the mean
+        of rows 0..mean_of-1 (default: all), so a new token's first logit is the average of
+        the old ones and the distribution over old tokens barely moves (Hewitt 2021). Give the
+        tokenizer's size as `mean_of` when vocab_size is padded (50304), to leave the untrained
+        padding rows out. Raises ValueError for shrinking (it would drop trained rows) or for
+        mean_of out of range.
         """
         old = self.config.vocab_size
         mean_of = old if mean_of is None else mean_of
@@ -436,12 +430,17 @@ class GPT(nn.Module):
             raise ValueError(f"mean_of={mean_of} must be in 1..{old} (the rows to average)")
         if new_vocab_size == old:
             return self
+
+        def grown(p: nn.Parameter) -> nn.Parameter:  # (old, ...) -> (new_vocab_size, ...)
+            mean = p[:mean_of].float().mean(0).to(p.dtype)
+            return nn.Parameter(torch.cat([p, mean.expand(new_vocab_size - old, *p.shape[1:])]), p.requires_grad)
+
         tied = self.lm_head.weight is self.tok_emb.weight
-        self.tok_emb = _grown(self.tok_emb, new_vocab_size, mean_of)
-        if tied:
-            self.lm_head.weight = self.tok_emb.weight
-        else:
-            self.lm_head = _grown(self.lm_head, new_vocab_size, mean_of)
+        self.tok_emb.weight = grown(self.tok_emb.weight)
+        self.lm_head.weight = self.tok_emb.weight if tied else grown(self.lm_head.weight)
+        if self.lm_head.bias is not None:
+            self.lm_head.bias = grown(self.lm_head.bias)
+        self.tok_emb.num_embeddings = self.lm_head.out_features = new_vocab_size
         self.config = self.config.replace(vocab_size=new_vocab_size)
         return self
 
@@ -458,23 +457,3 @@ class GPT(nn.Module):
 
         save_pretrained(self, path)
 
-
-def _grown_rows(weight: torch.Tensor, rows: int, mean_of: int) -> nn.Parameter:
-    """`weight` with rows appended up to `rows`, each the mean of its first `mean_of` rows."""
-    grown = torch.empty(rows, *weight.shape[1:], dtype=weight.dtype, device=weight.device)
-    grown[: weight.shape[0]] = weight
-    grown[weight.shape[0]:] = weight[:mean_of].float().mean(0).to(weight.dtype)
-    return nn.Parameter(grown, requires_grad=weight.requires_grad)
-
-
-def _grown(module: nn.Embedding | nn.Linear, rows: int, mean_of: int) -> nn.Embedding | nn.Linear:
-    """A copy of the token embedding or the LM head with `rows` output rows (`_grown_rows`)."""
-    w = module.weight
-    if isinstance(module, nn.Embedding):
-        out = nn.Embedding(rows, module.embedding_dim, device=w.device, dtype=w.dtype)
-    else:
-        out = type(module)(module.in_features, rows, bias=module.bias is not None, device=w.device, dtype=w.dtype)
-        if module.bias is not None:
-            out.bias = _grown_rows(module.bias, rows, mean_of)
-    out.weight = _grown_rows(w, rows, mean_of)
-    return out

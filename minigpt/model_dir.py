@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from minigpt.model import GPT
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +77,15 @@ def preset_model_config(name: str):
     return None
 
 
-def load_for_decoding(path: str | Path, *, device: str = "cpu", dtype: str = "float32", backend: str = "sdpa"):
+def load_for_decoding(path: str | Path, *, device: str = "cpu", dtype: str = "float32",
+                      backend: str = "sdpa") -> "GPT":
     """The GPT behind `path` (any model argument, `resolve_model_dir`) on `device`, its
     weights in `dtype` ('float32' or 'bfloat16', `minigpt.device.decode_dtype`), ready to
     decode: bfloat16 weights on a CPU are laid out once for oneDNN (`ops.pack_for_decoding`:
-    the same tokens, products about twice as fast, the copies as big as the weights)."""
+    the same tokens, products about twice as fast, the copies as big as the weights).
+
+    Raises ValueError for another dtype, FileNotFoundError (listing where it looked) when
+    `path` holds no model, and what `GPT.from_pretrained` raises for a bad folder."""
     from minigpt import ops
     from minigpt.device import decode_dtype
     from minigpt.model import GPT

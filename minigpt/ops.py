@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 
 import torch
 import torch.nn as nn
@@ -320,7 +321,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     oneDNN backward is first-order: a gradient of its gradient (`create_graph=True`) raises
     an error; take such gradients with `torch.func`, under which the product is F.linear's.
     """
-    if weight.dtype == torch.bfloat16 and (packed := _packed_weight(x, weight, bias)) is not None:
+    if _PACKED and (packed := _packed_weight(x, weight, bias)) is not None:
         return _one_dnn(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias).view(*x.shape[:-1], weight.shape[0])
     if not _one_dnn_product(x, weight):
         return F.linear(x, weight, bias)
@@ -388,53 +389,87 @@ def _plain_eager_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # oneDNN's bfloat16 inner product reorders a plain (N, K) weight into its blocked layout on
 # every call: for a decoding step's matrix-vector products that copy costs as much as the
 # product (24-29 GB/s of weights against 39-64 GB/s prepacked on the development VM,
-# benchmarks/NOTES.md). `pack_for_decoding` keeps each weight's reordered copy; `linear` reads
-# it while the weight is unchanged (same storage, same version counter) and no gradient is
-# wanted. float32 gains nothing from it (oneDNN reads float32 weights in place).
-_PACKED_ATTR = "_minigpt_one_dnn_packed"
+# benchmarks/NOTES.md). `pack_for_decoding` keeps each weight's reordered copy here, outside
+# the Parameter (so pickling, deepcopy and state dicts never see it); `linear` reads it while
+# the weight is unchanged and no gradient is wanted. float32 gains nothing from it (oneDNN
+# reads float32 weights in place), so it is not packed.
+_PACKED: dict[int, tuple] = {}
+"""id(weight) -> (weakref to the weight, `_content_key` when packed, the packed copy); an
+entry goes when its weight is freed (weakref.finalize), found changed, or unpacked."""
 
 
 def pack_for_decoding(model: nn.Module) -> int:
     """Keep a oneDNN-laid-out copy of every bfloat16 CPU `nn.Linear` weight of `model`; the
-    number of weights packed.
+    number of weights packed. The GPT's own layers compute through `linear`, which reads the
+    copies (a plain `nn.Linear` elsewhere, such as a classifier's head, calls F.linear and
+    would not: pack a GPT, as `model_dir.load_for_decoding` does).
 
     For decoding with bfloat16 weights on a CPU (`--dtype bfloat16`): outputs are
     bit-identical to the plain weights', the products about twice as fast. The copies take
-    as much memory again as those weights (bfloat16 weights plus their copies weigh what the
-    float32 model does) and go with the weights. A weight changed afterwards (trained, loaded,
-    converted) is read plainly again, never through a stale copy; pack again to regain speed.
-    Other dtypes, devices, and machines without oneDNN are left alone.
+    as much memory again as those weights. A weight changed afterwards through the tensor
+    (in place, `load_state_dict`, `.to()`, a new `.data`) is read plainly again and its copy
+    freed. A write the tensor's version counter cannot see (through `.data`'s own view, a
+    NumPy view, a collective writing into its memory) is not noticed: call
+    `unpack_for_decoding` after such writes. Weights in other dtypes or on other devices,
+    inference tensors (they keep no version counter), and machines without oneDNN are left
+    alone.
     """
+    if not _packing_usable():
+        return 0
     count = 0
     for module in model.modules():
         w = module.weight if isinstance(module, nn.Linear) else None
-        if w is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() \
-                and type(w) in (torch.Tensor, nn.Parameter) and _packing_usable():
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-            # The storage is held with the copy, so its address cannot come back on another
-            # tensor while the copy lives: (address, version) names this exact content.
-            setattr(w, _PACKED_ATTR, (w.untyped_storage(), w._version, packed))
-            count += 1
+        if w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous() \
+                or w.is_inference() or type(w) not in (torch.Tensor, nn.Parameter):
+            continue
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+        if id(w) not in _PACKED:
+            weakref.finalize(w, _PACKED.pop, id(w), None)
+        _PACKED[id(w)] = (weakref.ref(w), _content_key(w), packed)
+        count += 1
     return count
 
 
+def unpack_for_decoding(model: nn.Module) -> int:
+    """Drop the copies `pack_for_decoding` kept for `model`'s weights (freeing their memory);
+    the number dropped. Products read the plain weights from then on."""
+    return sum(_PACKED.pop(id(m.weight), None) is not None for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def _content_key(w: torch.Tensor) -> tuple:
+    """What changes when a weight's content is replaced through the tensor: its storage (held
+    in the key, so its address cannot come back on another tensor while the key lives), the
+    view on it, and the version counter that in-place writes move."""
+    return (w.untyped_storage(), w.storage_offset(), tuple(w.shape), w.stride(), w.dtype,
+            None if w.is_inference() else w._version)
+
+
 def _packed_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """`weight`'s packed copy when `linear` may use it (see `pack_for_decoding`), else None."""
-    entry = getattr(weight, _PACKED_ATTR, None)
-    if entry is None or x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
+    """`weight`'s packed copy when `linear` may use it (see `pack_for_decoding`), else None;
+    a copy found stale is dropped."""
+    entry = _PACKED.get(id(weight))
+    if entry is None or entry[0]() is not weight:
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
+            or torch._C._are_functorch_transforms_active():  # fakes and traced tensors: touch nothing
         return None
-    storage, version, packed = entry
-    if weight.untyped_storage().data_ptr() != storage.data_ptr() or weight._version != version:
-        delattr(weight, _PACKED_ATTR)  # changed since packing: the plain weight is the truth
+    storage, *view = entry[1]
+    now = _content_key(weight)
+    if now[0].data_ptr() != storage.data_ptr() or tuple(now[1:]) != tuple(view):
+        _PACKED.pop(id(weight), None)  # changed since packing: the plain weight is the truth
         return None
-    return packed if _plain_eager_cpu(x, weight) else None
+    if x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return None
+    return entry[2] if _plain_eager_cpu(x, weight) else None
 
 
 @functools.lru_cache(maxsize=None)
 def _packing_usable() -> bool:
+    """Whether this torch has oneDNN and its weight reorder (inductor's freezing uses it)."""
     return _one_dnn_usable() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 

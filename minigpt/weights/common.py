@@ -1,11 +1,13 @@
-"""Reading tensors safely and strictly, shared by every weight family (one .safetensors file
-is read by `minigpt.files.load_safetensors`, which every weights reader shares)."""
+"""What every weight family shares: the name maps' outer tensors, strict lookups, the HF
+options checked, and reading a folder's weights (`read_state_dict`: one .safetensors file,
+its sharded index, or pytorch_model.bin without unpickling objects)."""
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
 
 import torch
+
 from minigpt.files import DamagedWeightsError, damaged, load_safetensors, read_json
 
 

@@ -1,13 +1,14 @@
-"""Added special tokens and resized embeddings: old behaviour kept bit for bit, new rows at
-the mean, and the saved folder read the same by minigpt and by `transformers`."""
+"""Added special tokens (`minigpt.finetune.run.add_tokens`) and resized embeddings
+(`GPT.resize_token_embeddings`): old behaviour kept bit for bit, new rows at the mean, and
+the saved folder read the same by minigpt and by `transformers`."""
 
 import pytest
 import torch
 
 from minigpt import GPT, GPTConfig
 from minigpt.cli import main
-from minigpt.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 from minigpt.finetune.run import add_tokens
+from minigpt.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 from tests.helpers import DATA, need_file, randomize_, use_tiktoken_cache
 
 NEW = ["<|startoftext|>", "<|pad|>"]
