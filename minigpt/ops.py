@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt import banded
+from minigpt import banded, cpu_gemv
 # Also importable from here: minigpt.counts reads the band's block rules, minigpt.attention_map the mask.
 from minigpt.banded import band_block_size, scores_whole_band  # noqa: F401
 from minigpt.masks import band_mask
@@ -313,6 +313,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     A bfloat16 weight that `pack_for_decoding` laid out for oneDNN is read in that layout
     while no gradient is wanted (same kernel, bit-identical outputs, about twice as fast).
+    One float32 row by a large matrix with no gradient wanted (decoding at batch 1) goes to
+    `cpu_gemv`, our AVX-512 matrix-vector product, where it is built: about 1.27x oneDNN's
+    streaming rate (benchmarks/NOTES.md).
 
     F.linear everywhere else: off the CPU, in other dtypes (for bfloat16 F.linear already
     calls oneDNN), on tensor subclasses (DTensor), under `torch.compile` (inductor picks its
@@ -325,8 +328,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return _one_dnn(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias).view(*x.shape[:-1], weight.shape[0])
     if not _one_dnn_product(x, weight):
         return F.linear(x, weight, bias)
+    wants_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if not wants_grad and x.numel() == x.shape[-1] and _plain_bias(bias) and cpu_gemv.available():
+        return cpu_gemv.gemv(x, weight, bias)  # decoding's one row: streams the weight faster
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, I)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if wants_grad:
         out = _OneDnnLinear.apply(rows, weight, bias)
     else:
         out = _one_dnn(rows, weight, bias)
@@ -369,6 +376,11 @@ def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.numel() < GEMV_MIN_WEIGHTS:
         return False
     return True
+
+
+def _plain_bias(bias: torch.Tensor | None) -> bool:
+    return bias is None or (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == torch.float32
+                            and bias.device.type == "cpu" and bias.is_contiguous())
 
 
 def _plain_eager_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
