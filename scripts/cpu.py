@@ -13,8 +13,11 @@ Cases (issue 9):
 Random weights are saved once by `transformers` and loaded by both libraries. Each
 measurement runs in a fresh child process so that its peak resident memory is its own;
 times are medians over --repeats runs after a warm-up, and the two libraries alternate
-for --rounds rounds so that drift in the machine's speed hits both. Writes JSON and a
-markdown table.
+for --rounds rounds so that drift in the machine's speed hits both. The training step goes
+further: within each round's process the two libraries take turns step by step (a drift of
+tens of percent over minutes otherwise spreads the rounds' ratios by more than ±5 %), and
+each library's peak memory comes from a process of its own. Writes JSON and a markdown
+table.
 Never asserts: it reports, including whether the outputs matched.
 
     python scripts/cpu.py --out benchmarks/results
@@ -83,28 +86,33 @@ def _generate(library: str, model, prompts: list[list[int]], new_tokens: int) ->
     return out[:, longest:].tolist()
 
 
-def _train_steps(library: str, model, repeats: int) -> tuple[list[float], float]:
+def _train_steps(models: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Time `repeats` training steps of each library after one untimed step, the libraries
+    taking turns step by step (A, B, A, B, ...): a drift in the machine's speed then hits
+    both within a second of each other, which separate processes cannot promise."""
     import torch
 
     g = torch.Generator().manual_seed(2)
     idx = torch.randint(0, 50257, (TRAIN_BATCH, TRAIN_T + 1), generator=g)
     x, y = idx[:, :-1], idx[:, 1:]
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times, first_loss = [], None
+    optimizers = {}
+    for model in models.values():
+        model.train()
+    for library, model in models.items():
+        optimizers[library] = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times: dict[str, list[float]] = {library: [] for library in models}
+    first_loss: dict[str, float] = {}
     for step in range(repeats + 1):
-        start = time.perf_counter()
-        if library == "minigpt":
-            loss = model(x, y).loss
-        else:
-            loss = _hf_loss(model, x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step == 0:
-            first_loss = loss.item()
-        else:
-            times.append(time.perf_counter() - start)
+        for library, model in models.items():
+            start = time.perf_counter()
+            loss = model(x, y).loss if library == "minigpt" else _hf_loss(model, x, y)
+            loss.backward()
+            optimizers[library].step()
+            optimizers[library].zero_grad(set_to_none=True)
+            if step == 0:
+                first_loss[library] = loss.item()
+            else:
+                times[library].append(time.perf_counter() - start)
     return times, first_loss
 
 
@@ -119,21 +127,27 @@ def _child(case: str, library: str, folder: str, repeats: int, threads: int) -> 
     import torch
 
     torch.set_num_threads(threads)
-    model = _load(library, Path(folder))
     result: dict = {"library": library, "case": case}
     if case == "train":
-        times, loss = _train_steps(library, model, repeats)
-        result.update(seconds=statistics.median(times), tokens=TRAIN_BATCH * TRAIN_T, first_loss=loss)
-    else:
-        prompts = _prompts(BATCH_LENGTHS if case == "gen-batch" else (PROMPT_LEN,))
-        with torch.no_grad():
-            _generate(library, model, prompts, 8)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                out = _generate(library, model, prompts, NEW_TOKENS)
-                times.append(time.perf_counter() - start)
-        result.update(seconds=statistics.median(times), tokens=NEW_TOKENS * len(prompts), output=out)
+        # "both": the two libraries' steps interleaved in this one process (the speed-up);
+        # one library alone: its peak memory, which a shared process would mix up.
+        libraries = ("minigpt", "transformers") if library == "both" else (library,)
+        times, losses = _train_steps({lib: _load(lib, Path(folder)) for lib in libraries}, repeats)
+        result.update(seconds={lib: statistics.median(t) for lib, t in times.items()}, step_seconds=times,
+                      tokens=TRAIN_BATCH * TRAIN_T, first_loss=losses)
+        result["tokens_per_s"] = {lib: result["tokens"] / t for lib, t in result["seconds"].items()}
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return result
+    model = _load(library, Path(folder))
+    prompts = _prompts(BATCH_LENGTHS if case == "gen-batch" else (PROMPT_LEN,))
+    with torch.no_grad():
+        _generate(library, model, prompts, 8)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = _generate(library, model, prompts, NEW_TOKENS)
+            times.append(time.perf_counter() - start)
+    result.update(seconds=statistics.median(times), tokens=NEW_TOKENS * len(prompts), output=out)
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
@@ -189,6 +203,31 @@ def _compare_main_jobs(data: str, threads: int) -> dict:
     }
 
 
+def _compare_training_steps(folder: Path, repeats: int, rounds: int, threads: int) -> dict:
+    """The training step's speed-up: `rounds` fresh processes, each stepping both libraries
+    in turn `repeats` times (its ratio: transformers' median step over minigpt's); then each
+    library once alone for its peak memory."""
+    runs = [measure("train", "both", folder, repeats, threads) for _ in range(rounds)]
+    alone = {lib: measure("train", lib, folder, 2, threads) for lib in ("minigpt", "transformers")}
+    speed = {lib: [r["tokens_per_s"][lib] for r in runs] for lib in ("minigpt", "transformers")}
+    ratios = [a / b for a, b in zip(speed["minigpt"], speed["transformers"])]
+    speedup = statistics.median(ratios)
+    return {
+        "case": "train",
+        "shape": "small",
+        "minigpt_tokens_per_s": round(statistics.median(speed["minigpt"]), 1),
+        "transformers_tokens_per_s": round(statistics.median(speed["transformers"]), 1),
+        "speedup": round(speedup, 3),
+        "speedup_per_round": [round(r, 3) for r in ratios],
+        "spread": round(max(abs(r / speedup - 1) for r in ratios), 4),
+        "step_seconds_per_round": [r["step_seconds"] for r in runs],
+        "minigpt_peak_rss_mb": round(alone["minigpt"]["peak_rss_mb"]),
+        "transformers_peak_rss_mb": round(alone["transformers"]["peak_rss_mb"]),
+        "first_loss_minigpt": runs[0]["first_loss"]["minigpt"],
+        "first_loss_transformers": runs[0]["first_loss"]["transformers"],
+    }
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -230,6 +269,10 @@ def main() -> None:
             if shape not in folders:
                 folders[shape] = Path(tmp) / shape
                 _run_child("--save", shape, str(folders[shape]))
+            if case == "train":
+                rows.append(_compare_training_steps(folders[shape], args.repeats, args.rounds, args.threads))
+                print(json.dumps(rows[-1]))
+                continue
             # Alternate the two libraries round by round: the speed of a shared VM drifts by
             # tens of percent over minutes, and a ratio of back-to-back runs cancels most of it.
             rounds = [{lib: measure(case, lib, folders[shape], args.repeats, args.threads)
@@ -247,11 +290,7 @@ def main() -> None:
                 "minigpt_peak_rss_mb": round(mini["peak_rss_mb"]),
                 "transformers_peak_rss_mb": round(hf["peak_rss_mb"]),
             }
-            if case == "train":
-                row["first_loss_minigpt"] = mini["first_loss"]
-                row["first_loss_transformers"] = hf["first_loss"]
-            else:
-                row["identical_tokens"] = all(r["minigpt"]["output"] == r["transformers"]["output"] for r in rounds)
+            row["identical_tokens"] = all(r["minigpt"]["output"] == r["transformers"]["output"] for r in rounds)
             rows.append(row)
             print(json.dumps(row))
 
@@ -274,7 +313,9 @@ def main() -> None:
         f"{meta['rounds']} rounds alternating the libraries, each a fresh process timing {meta['repeats']} runs "
         f"after a warm-up; tokens/s are medians, the speed-up is the median of the rounds' ratios "
         f"(per round in cpu.json). Generation: greedy, KV cache, {NEW_TOKENS} new tokens per prompt. "
-        f"Train: fwd+bwd+AdamW, batch {TRAIN_BATCH}x{TRAIN_T}.",
+        f"Train: fwd+bwd+AdamW, batch {TRAIN_BATCH}x{TRAIN_T}; each round is one process in which the two "
+        f"libraries take turns step by step, its ratio the two median steps', the spread the largest "
+        f"distance of a round's ratio from the median; peak memory from one process per library alone.",
         "",
         "| case | shape | minigpt tok/s | transformers tok/s | speed-up | peak RSS MB (minigpt / transformers) | outputs |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -284,8 +325,9 @@ def main() -> None:
             continue
         same = (f"identical: {r['identical_tokens']}" if "identical_tokens" in r
                 else f"first loss {r['first_loss_minigpt']:.5f} vs {r['first_loss_transformers']:.5f}")
+        spread = f" (±{100 * r['spread']:.1f} %)" if "spread" in r else ""
         lines.append(f"| {r['case']} | {r['shape']} | {r['minigpt_tokens_per_s']} | {r['transformers_tokens_per_s']} | "
-                     f"{r['speedup']}x | {r['minigpt_peak_rss_mb']} / {r['transformers_peak_rss_mb']} | {same} |")
+                     f"{r['speedup']}x{spread} | {r['minigpt_peak_rss_mb']} / {r['transformers_peak_rss_mb']} | {same} |")
     for r in rows:
         if r["case"] == "main":
             lines += [
