@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 120
 
 
 def _cache_dir() -> Path:
@@ -43,11 +45,11 @@ def _cache_dir() -> Path:
 def _build() -> Path:
     """Compile cpu_gemv.c once per source and flags; concurrent builders each write their own
     temporary file and rename it into place, so a reader never sees half a library."""
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler {compiler!r} on PATH")
+    compiler = shlex.split(os.environ.get("CC") or "cc")  # "ccache gcc" is a compiler too
+    if not compiler or shutil.which(compiler[0]) is None:
+        raise RuntimeError(f"no C compiler {os.environ.get('CC') or 'cc'!r} on PATH")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join((*compiler, *FLAGS)).encode()).hexdigest()[:16]
     folder = _cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"cpu_gemv-{key}.so"
@@ -56,9 +58,13 @@ def _build() -> Path:
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
+        try:
+            done = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True,
+                                  text=True, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{' '.join(compiler)} took over {BUILD_TIMEOUT_S} s") from None
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-500:]}")
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
@@ -77,7 +83,7 @@ def _library() -> ctypes.CDLL | None:
         log.info("minigpt's CPU matrix-vector product is off (%s); oneDNN computes it", error)
         return None
     library.minigpt_gemv_f32.restype = None
-    library.minigpt_gemv_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    library.minigpt_gemv_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     return library
 
 
@@ -89,16 +95,17 @@ def available() -> bool:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (in,) or (1, in) float32 times weight (out, in)^T, plus bias (out,): (out,) or (1, out).
 
-    Contiguous float32 CPU tensors only (the caller, `ops.linear`, checks); raises
-    RuntimeError where `available()` is False."""
+    float32 CPU tensors, the weight contiguous, the bias (out,) and contiguous (the caller,
+    `ops.linear`, checks); raises RuntimeError where `available()` is False."""
     library = _library()
     if library is None:
         raise RuntimeError("minigpt's CPU matrix-vector product is not available here; use F.linear")
     out_features, in_features = weight.shape
     x = x.contiguous()
-    if x.numel() != in_features:
-        raise ValueError(f"x has {x.numel()} values; the weight takes {in_features}")
-    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    if x.numel() != in_features or (bias is not None and tuple(bias.shape) != (out_features,)):
+        raise ValueError(f"gemv takes one row of {in_features} values and a bias of {out_features}; got x "
+                         f"{tuple(x.shape)}, bias {None if bias is None else tuple(bias.shape)}")
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32, device="cpu")  # whatever the default device
     library.minigpt_gemv_f32(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None,
                              y.data_ptr(), out_features, in_features, torch.get_num_threads())
     return y

@@ -28,6 +28,7 @@ import weakref
 
 import torch
 import torch.nn as nn
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from minigpt import banded, cpu_gemv
@@ -326,11 +327,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if _PACKED and (packed := _packed_weight(x, weight, bias)) is not None:
         return _one_dnn(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias).view(*x.shape[:-1], weight.shape[0])
-    if not _one_dnn_product(x, weight):
-        return F.linear(x, weight, bias)
+    if not _one_dnn_product(x, weight) or (bias is not None and bias.shape != weight.shape[:1]):
+        return F.linear(x, weight, bias)  # (oneDNN takes only an (out,) bias, not one that broadcasts)
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    if not wants_grad and x.numel() == x.shape[-1] and _plain_bias(bias) and cpu_gemv.available():
+    if not wants_grad and _one_row_for_gemv(x, weight, bias) and cpu_gemv.available():
         return cpu_gemv.gemv(x, weight, bias)  # decoding's one row: streams the weight faster
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, I)
     if wants_grad:
@@ -378,19 +379,27 @@ def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return True
 
 
-def _plain_bias(bias: torch.Tensor | None) -> bool:
-    return bias is None or (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == torch.float32
-                            and bias.device.type == "cpu" and bias.is_contiguous())
+def _one_row_for_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """One row of the weight's width, and a plain (out,) bias or none."""
+    if x.numel() != x.shape[-1] or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        return False
+    if bias is not None and not (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == torch.float32
+                                 and bias.device.type == "cpu" and bias.is_contiguous()
+                                 and tuple(bias.shape) == (weight.shape[0],)):
+        return False
+    return True
 
 
 def _plain_eager_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Plain CPU tensors, run eagerly: no compile, dispatch mode, torch.func transform or
-    tensor subclass, each of which knows F.linear and not oneDNN's operator."""
+    """Plain CPU tensors, run eagerly: no compile, dispatch mode, torch.func transform, tracer,
+    forward-mode AD or tensor subclass, each of which knows F.linear and not oneDNN's operator."""
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return False
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # inductor; FlopCounterMode, fakes
         return False
     if torch._C._are_functorch_transforms_active():  # torch.func's grad and vmap know F.linear
+        return False
+    if torch.jit.is_tracing() or forward_ad._current_level >= 0:  # so do the tracer and forward-mode AD
         return False
     if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter) or x.numel() == 0:
         return False

@@ -55,8 +55,10 @@ def test_gemv_same_bits_at_any_thread_count():
 
 @needs_kernel
 def test_gemv_refuses_a_wrong_length():
-    with pytest.raises(ValueError, match="x has 5 values; the weight takes 4"):
+    with pytest.raises(ValueError, match=r"one row of 4 values and a bias of 3; got x \(5,\), bias None"):
         cpu_gemv.gemv(torch.randn(5), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"got x \(4,\), bias \(1,\)"):
+        cpu_gemv.gemv(torch.randn(4), torch.randn(3, 4), torch.randn(1))
 
 
 @needs_kernel
@@ -102,3 +104,41 @@ def test_greedy_decoding_tokens_unchanged(monkeypatch):
     monkeypatch.setattr(cpu_gemv, "available", lambda: False)
     without = [model.generate([p], 24, temperature=0)[0] for p in prompts]
     assert with_kernel == without
+
+
+@needs_kernel
+def test_linear_keeps_the_kernel_out_of_what_it_cannot_serve(monkeypatch):
+    calls = []
+    real = cpu_gemv.gemv
+    monkeypatch.setattr(cpu_gemv, "gemv", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    weight, x = torch.randn(2048, 256, generator=g), torch.randn(1, 256, generator=g)
+    with torch.no_grad():
+        # A bias that broadcasts (F.linear takes it) would be read past its end.
+        short = torch.randn(1, generator=g)
+        torch.testing.assert_close(ops.linear(x, weight, short).double(), _reference(x, weight, short),
+                                   rtol=1e-5, atol=1e-5 * 16)
+    assert calls == []
+    with torch.no_grad():
+        # The tracer records torch's ops, never a write through ctypes (its check then runs
+        # the function eagerly, through the kernel).
+        traced = torch.jit.trace(lambda t: ops.linear(t, weight), (x,))
+        other = torch.randn(1, 256, generator=g)
+        torch.testing.assert_close(traced(other).double(), _reference(other, weight, None), rtol=1e-5, atol=1e-5 * 16)
+    assert "aten::linear" in str(traced.graph)
+    calls.clear()
+    # Under another default device the output still lands on the CPU, where the kernel writes.
+    with torch.no_grad(), torch.device("meta"):
+        out = ops.linear(x, weight)
+    assert out.device.type == "cpu" and calls == [1]
+    torch.testing.assert_close(out.double(), _reference(x, weight, None), rtol=1e-5, atol=1e-5 * 16)
+
+
+def test_linear_keeps_forward_mode_tangents():
+    import torch.autograd.forward_ad as forward_ad
+
+    g = torch.Generator().manual_seed(4)
+    weight, x, tangent = torch.randn(2048, 256, generator=g), torch.randn(1, 256, generator=g), torch.randn(1, 256, generator=g)
+    with torch.no_grad(), forward_ad.dual_level():
+        out = forward_ad.unpack_dual(ops.linear(forward_ad.make_dual(x, tangent), weight))
+    torch.testing.assert_close(out.tangent.double(), _reference(tangent, weight, None), rtol=1e-5, atol=1e-5 * 16)

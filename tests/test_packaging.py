@@ -101,6 +101,12 @@ def test_the_wheel_ships_the_main_jobs_corpus_intact(wheel):
     assert hashlib.sha256(data).hexdigest() == TINY_SHAKESPEARE_SHA256
 
 
+def test_the_wheel_ships_the_cpu_kernels_source(wheel):
+    # Without it decoding quietly falls back to oneDNN (minigpt.cpu_gemv).
+    source = zipfile.ZipFile(wheel).read("minigpt/cpu_gemv.c")
+    assert source == (Path(__file__).resolve().parents[1] / "minigpt" / "cpu_gemv.c").read_bytes()
+
+
 def test_nothing_at_the_repository_root_hides_an_installed_distribution():
     # From a checkout (pytest's rootdir, `python -m ...`, any `python` started there) the root
     # is first on sys.path: a package or module there would win over an installed one of the
