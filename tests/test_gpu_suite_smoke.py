@@ -111,13 +111,15 @@ def test_gpu_suite_merge_joins_the_two_commands(tmp_path: Path):
 
 def test_a_pytest_stage_past_its_budget_still_writes_its_junit(tmp_path: Path):
     (tmp_path / "test_slow.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
-                                           "def test_slow():\n    time.sleep(60)\n")
+                                           "def test_slow():\n    time.sleep(600)\n")
     log = tmp_path / "suite.log"
     log.write_text("")
     junit = tmp_path / "junit.xml"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                str(tmp_path / "test_slow.py")]
-    code, tail = gpu_suite._run_child(command, 8.0, log, dict(os.environ))
+    # 20 s: the child pytest must start and pass test_quick before the budget ends; in a fresh
+    # virtualenv on a busy 2-core machine 8 s were once not enough (no junit was written).
+    code, tail = gpu_suite._run_child(command, 20.0, log, dict(os.environ))
     assert code is None and "killed after its budget" in tail
     summary = gpu_suite._junit_summary(junit)
     assert summary["passed"] >= 1, (summary, tail)
