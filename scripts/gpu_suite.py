@@ -288,6 +288,15 @@ def _child_env(smoke: bool, commit: str | None) -> dict[str, str]:
     return env
 
 
+def _let_sigint_through() -> None:
+    """In the child before exec: SIGINT at its default and unblocked. An ignored or blocked
+    SIGINT is inherited (a parent started in the background, or one whose helper threads
+    masked it), and a Python child that inherits either never raises KeyboardInterrupt, so
+    pytest would be killed without writing its junit file."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _run_child(command: list[str], budget_s: float, log: Path, env: dict[str, str]) -> tuple[int | None, str]:
     """Run ``command`` in its own process group, appending its output to ``log``.
 
@@ -300,7 +309,8 @@ def _run_child(command: list[str], budget_s: float, log: Path, env: dict[str, st
         sink.flush()
         start = log.stat().st_size
         proc = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_let_sigint_through,
         )
         grace = min(GRACE_S, budget_s / 4)
         try:
