@@ -380,14 +380,12 @@ def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _one_row_for_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """One row of the weight's width, and a plain (out,) bias or none."""
+    """One row of the weight's width, and a plain float32 CPU bias or none (`linear` has
+    already sent a bias of any shape but (out,) to F.linear)."""
     if x.numel() != x.shape[-1] or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return False
-    if bias is not None and not (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == torch.float32
-                                 and bias.device.type == "cpu" and bias.is_contiguous()
-                                 and tuple(bias.shape) == (weight.shape[0],)):
-        return False
-    return True
+    return bias is None or (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == torch.float32
+                            and bias.device.type == "cpu" and bias.is_contiguous())
 
 
 def _plain_eager_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -95,11 +95,9 @@ def _train_steps(models: dict, repeats: int) -> tuple[dict[str, list[float]], di
     g = torch.Generator().manual_seed(2)
     idx = torch.randint(0, 50257, (TRAIN_BATCH, TRAIN_T + 1), generator=g)
     x, y = idx[:, :-1], idx[:, 1:]
-    optimizers = {}
     for model in models.values():
         model.train()
-    for library, model in models.items():
-        optimizers[library] = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizers = {library: torch.optim.AdamW(model.parameters(), lr=1e-4) for library, model in models.items()}
     times: dict[str, list[float]] = {library: [] for library in models}
     first_loss: dict[str, float] = {}
     for step in range(repeats + 1):
