@@ -39,6 +39,13 @@ class LayerCache:
         slots = torch.arange(count, device=self.k.device)
         return (end - 1) - ((end - 1 - slots) % self.window)
 
+    def one_token_slots(self, start: int) -> tuple[int, int]:
+        """Where token `start` goes when it comes alone (decoding), and how many slots its query
+        then sees: every filled one (a dense layer's tokens 0..start, a banded layer's ring)."""
+        if self.window is None:
+            return start, start + 1
+        return start % self.window, min(start + 1, self.window)
+
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Add the keys/values of tokens start..start+T-1; return what their queries attend to.
 
@@ -54,9 +61,9 @@ class LayerCache:
 
         w = self.window
         if T == 1:  # decoding: write first, then every filled slot is visible
-            self.k[:, :, start % w] = k[:, :, 0]
-            self.v[:, :, start % w] = v[:, :, 0]
-            count = min(end, w)
+            slot, count = self.one_token_slots(start)
+            self.k[:, :, slot] = k[:, :, 0]
+            self.v[:, :, slot] = v[:, :, 0]
             return self.k[:, :, :count], self.v[:, :, :count], self._ring_index(count, end)
 
         # A chunk of several tokens: its early queries may need ring entries that its own

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
-from minigpt import banded, cpu_gemv
+from minigpt import banded, cpu_decode
 # Also importable from here: minigpt.counts reads the band's block rules, minigpt.attention_map the mask.
 from minigpt.banded import band_block_size, scores_whole_band  # noqa: F401
 from minigpt.masks import band_mask
@@ -315,7 +315,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     A bfloat16 weight that `pack_for_decoding` laid out for oneDNN is read in that layout
     while no gradient is wanted (same kernel, bit-identical outputs, about twice as fast).
     One float32 row by a large matrix with no gradient wanted (decoding at batch 1) goes to
-    `cpu_gemv`, our AVX-512 matrix-vector product, where it is built: about 1.27x oneDNN's
+    `cpu_decode.gemv`, our AVX-512 matrix-vector product, where it is built: about 1.27x oneDNN's
     streaming rate (benchmarks/NOTES.md).
 
     F.linear everywhere else: off the CPU, in other dtypes (for bfloat16 F.linear already
@@ -331,8 +331,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)  # (oneDNN takes only an (out,) bias, not one that broadcasts)
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    if not wants_grad and _one_row_for_gemv(x, weight, bias) and cpu_gemv.available():
-        return cpu_gemv.gemv(x, weight, bias)  # decoding's one row: streams the weight faster
+    if not wants_grad and _one_row_for_gemv(x, weight, bias) and cpu_decode.available():
+        return cpu_decode.gemv(x, weight, bias)  # decoding's one row: streams the weight faster
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, I)
     if wants_grad:
         out = _OneDnnLinear.apply(rows, weight, bias)

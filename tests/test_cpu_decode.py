@@ -1,4 +1,4 @@
-"""minigpt.cpu_gemv, the C matrix-vector product decoding uses on a CPU, against float64.
+"""minigpt.cpu_decode, the C matrix-vector product decoding uses on a CPU, against float64.
 
 float32 tolerance: the sum of `in` products of unit normals, each rounded once, in another
 order than the reference: rtol 1e-5 and atol 1e-5 * sqrt(in).
@@ -13,9 +13,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from minigpt import GPT, GPTConfig, cpu_gemv, ops
+from minigpt import GPT, GPTConfig, cpu_decode, ops
 
-needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="no AVX-512 CPU or no C compiler here")
+needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason="no AVX-512 CPU or no C compiler here")
 
 
 def _reference(x, weight, bias):
@@ -32,7 +32,7 @@ def test_gemv_matches_float64(out_features, in_features, with_bias, flat, seed):
     weight = torch.randn(out_features, in_features, generator=g)
     x = torch.randn(in_features if flat else (1, in_features), generator=g)
     bias = torch.randn(out_features, generator=g) if with_bias else None
-    y = cpu_gemv.gemv(x, weight, bias)
+    y = cpu_decode.gemv(x, weight, bias)
     assert y.shape == (*x.shape[:-1], out_features) and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), _reference(x, weight, bias), rtol=1e-5, atol=1e-5 * in_features**0.5)
 
@@ -47,7 +47,7 @@ def test_gemv_same_bits_at_any_thread_count():
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(cpu_gemv.gemv(x, weight, bias))
+            results.append(cpu_decode.gemv(x, weight, bias))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
@@ -56,16 +56,16 @@ def test_gemv_same_bits_at_any_thread_count():
 @needs_kernel
 def test_gemv_refuses_a_wrong_length():
     with pytest.raises(ValueError, match=r"one row of 4 values and a bias of 3; got x \(5,\), bias None"):
-        cpu_gemv.gemv(torch.randn(5), torch.randn(3, 4))
+        cpu_decode.gemv(torch.randn(5), torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"got x \(4,\), bias \(1,\)"):
-        cpu_gemv.gemv(torch.randn(4), torch.randn(3, 4), torch.randn(1))
+        cpu_decode.gemv(torch.randn(4), torch.randn(3, 4), torch.randn(1))
 
 
 @needs_kernel
 def test_linear_sends_only_one_row_without_gradient_to_the_kernel(monkeypatch):
     calls = []
-    real = cpu_gemv.gemv
-    monkeypatch.setattr(cpu_gemv, "gemv", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = cpu_decode.gemv
+    monkeypatch.setattr(cpu_decode, "gemv", lambda *a: calls.append(a[0].shape) or real(*a))
     weight = torch.randn(2048, 256)  # large enough that oneDNN, not MKL, would take it
     bias = torch.randn(2048)
     with torch.no_grad():
@@ -82,10 +82,10 @@ def test_linear_sends_only_one_row_without_gradient_to_the_kernel(monkeypatch):
 
 def test_off_without_a_compiler_or_when_asked(tmp_path):
     # A fresh interpreter: available() is decided once per process.
-    code = ("from minigpt import cpu_gemv, ops; import torch; print(cpu_gemv.available()); "
+    code = ("from minigpt import cpu_decode, ops; import torch; print(cpu_decode.available()); "
             "w = torch.randn(2048, 256); x = torch.randn(1, 256);"
             "print(torch.allclose(ops.linear(x, w), x @ w.T, rtol=1e-5, atol=1e-4))")
-    for env in ({"CC": str(tmp_path / "no-such-cc")}, {"MINIGPT_CPU_GEMV": "0"}):
+    for env in ({"CC": str(tmp_path / "no-such-cc")}, {"MINIGPT_CPU_DECODE": "0"}):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env})
         assert done.stdout.split() == ["False", "True"], done.stderr
@@ -97,11 +97,11 @@ def test_greedy_decoding_tokens_unchanged(monkeypatch):
     model = GPT(GPTConfig(vocab_size=4096, block_size=64, n_layer=2, n_head=4, n_embd=256)).eval()
     prompts = [[1, 2, 3, 4, 5], [40, 41]]
     calls = []
-    real = cpu_gemv.gemv
-    monkeypatch.setattr(cpu_gemv, "gemv", lambda *a: calls.append(1) or real(*a))
+    real = cpu_decode.gemv
+    monkeypatch.setattr(cpu_decode, "gemv", lambda *a: calls.append(1) or real(*a))
     with_kernel = [model.generate([p], 24, temperature=0)[0] for p in prompts]
     assert calls  # the head and the MLP's products went through it
-    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+    monkeypatch.setattr(cpu_decode, "available", lambda: False)
     without = [model.generate([p], 24, temperature=0)[0] for p in prompts]
     assert with_kernel == without
 
@@ -109,8 +109,8 @@ def test_greedy_decoding_tokens_unchanged(monkeypatch):
 @needs_kernel
 def test_linear_keeps_the_kernel_out_of_what_it_cannot_serve(monkeypatch):
     calls = []
-    real = cpu_gemv.gemv
-    monkeypatch.setattr(cpu_gemv, "gemv", lambda *a: calls.append(1) or real(*a))
+    real = cpu_decode.gemv
+    monkeypatch.setattr(cpu_decode, "gemv", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(3)
     weight, x = torch.randn(2048, 256, generator=g), torch.randn(1, 256, generator=g)
     with torch.no_grad():

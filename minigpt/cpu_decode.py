@@ -1,0 +1,170 @@
+"""Decoding at batch 1 on an AVX-512 CPU, in C (`cpu_decode.c`): a float32 matrix-vector
+product, and a whole pre-norm block for one token.
+
+Why: at batch 1 a decoding step is one pass over the weights. oneDNN's float32 inner product
+streams 33.6 GB/s over GPT-2 124M's per-token products with 2 threads (22.6 with 1) on the
+development VM, where a plain AVX-512 loop of four rows at a time over OpenMP threads streams
+42.3 (33.0): `gemv`, which `ops.linear` calls for one row by a large float32 matrix while no
+gradient is wanted. With the products at the memory's speed, what is left of a token is the
+block's ~20 small torch operators between them, about 0.2 ms per block; `block_step` does a
+whole block in one call, and `minigpt.model.Block` takes it for one token of one row whenever
+nothing could tell the difference (no hook, no gradient, plain float32 weights). torch offers
+neither (`torch.compile` of the decoding step was slower: benchmarks/NOTES.md).
+
+The C file ships with the package and is compiled on first use by the C compiler (`$CC`, else
+`cc`) into a cache folder (`$XDG_CACHE_HOME/minigpt`, else `~/.cache/minigpt`), keyed by the
+source and flags, then loaded with ctypes (which releases the GIL during the call). No
+compiler, no AVX-512, a failed build, or `MINIGPT_CPU_DECODE=0` (or the older
+`MINIGPT_CPU_GEMV=0`): `available()` is False and torch computes everything, as before. The
+sums run in another order than torch's, so outputs differ by float32 rounding; tests compare
+both against float64.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+WEIGHTS = ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "attn_proj_w", "attn_proj_b",
+           "ln2_w", "ln2_b", "fc_w", "fc_b", "mlp_proj_w", "mlp_proj_b")
+"""A block's tensors in `block_step`'s order (a bias may be None)."""
+ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2}
+"""GPTConfig.activation -> the C file's code for it."""
+
+
+class BlockShape(ctypes.Structure):
+    """cpu_decode.c's `MinigptBlock`: the block's weights (NULL for a missing bias) and shape."""
+
+    _fields_ = ([(name, ctypes.c_void_p) for name in WEIGHTS]
+                + [(name, ctypes.c_int64) for name in ("n_embd", "n_head", "mlp_width", "activation")]
+                + [("eps", ctypes.c_float), ("scale", ctypes.c_float)])
+
+
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 120
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "minigpt"
+
+
+def _build() -> Path:
+    """Compile cpu_decode.c once per source and flags; concurrent builders each write their own
+    temporary file and rename it into place, so a reader never sees half a library."""
+    compiler = shlex.split(os.environ.get("CC") or "cc")  # "ccache gcc" is a compiler too
+    if not compiler or shutil.which(compiler[0]) is None:
+        raise RuntimeError(f"no C compiler {os.environ.get('CC') or 'cc'!r} on PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((*compiler, *FLAGS)).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"cpu_decode-{key}.so"
+    if target.exists():
+        return target
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        try:
+            done = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True,
+                                  text=True, timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{' '.join(compiler)} took over {BUILD_TIMEOUT_S} s") from None
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-500:]}")
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if "0" in (os.environ.get("MINIGPT_CPU_DECODE"), os.environ.get("MINIGPT_CPU_GEMV")):
+        return None
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError) as error:
+        log.info("minigpt's CPU decoding kernels are off (%s); torch computes everything", error)
+        return None
+    library.minigpt_gemv_f32.restype = None
+    library.minigpt_gemv_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    library.minigpt_decode_block.restype = None
+    library.minigpt_decode_block.argtypes = ([ctypes.POINTER(BlockShape)] + [ctypes.c_void_p] * 4
+                                             + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int])
+    return library
+
+
+def available() -> bool:
+    """Whether `gemv` and `block_step` can run here (built and loaded on the first call)."""
+    return _library() is not None
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (in,) or (1, in) float32 times weight (out, in)^T, plus bias (out,): (out,) or (1, out).
+
+    float32 CPU tensors, the weight contiguous, the bias (out,) and contiguous (the caller,
+    `ops.linear`, checks); raises RuntimeError where `available()` is False."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("minigpt's CPU matrix-vector product is not available here; use F.linear")
+    out_features, in_features = weight.shape
+    x = x.contiguous()
+    if x.numel() != in_features or (bias is not None and tuple(bias.shape) != (out_features,)):
+        raise ValueError(f"gemv takes one row of {in_features} values and a bias of {out_features}; got x "
+                         f"{tuple(x.shape)}, bias {None if bias is None else tuple(bias.shape)}")
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32, device="cpu")  # whatever the default device
+    library.minigpt_gemv_f32(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None,
+                             y.data_ptr(), out_features, in_features, torch.get_num_threads())
+    return y
+
+
+def _plain_float32(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu" \
+        and t.is_contiguous()
+
+
+def block_step(weights: tuple[torch.Tensor | None, ...], x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               slot: int, count: int, *, n_head: int, eps: float, scale: float,
+               activation: str) -> torch.Tensor | None:
+    """One pre-norm GPT block for one token: x + attn(ln_1(x)), then + mlp(ln_2(.)), as
+    `minigpt.model.Block` computes it; None where this cannot compute it (not built here, or a
+    tensor that is not a plain contiguous float32 CPU tensor), so the caller takes torch's path.
+
+    weights: the 12 tensors of `WEIGHTS` (a bias may be None); x: (C,) or (1, 1, C); k, v: the
+    layer's cache (1, n_head, capacity, head_dim), into whose slot `slot` the token's key and
+    value are written; the query sees slots 0..count-1, every one of them. Returns a new tensor
+    shaped like x. Raises ValueError for shapes that do not fit together.
+    """
+    library = _library()
+    if library is None or not all(_plain_float32(t) for t in (x, k, v, *(w for w in weights if w is not None))):
+        return None
+    C, F = x.shape[-1], weights[8].shape[0]
+    capacity = k.shape[2]
+    if (x.numel() != C or k.shape != v.shape or k.shape[:2] != (1, n_head) or n_head * k.shape[3] != C
+            or weights[2].shape != (3 * C, C) or weights[10].shape != (C, F) or not 0 <= slot < capacity
+            or not 0 < count <= capacity or activation not in ACTIVATIONS):
+        raise ValueError(f"block_step: x {tuple(x.shape)}, cache {tuple(k.shape)} with {n_head} heads, qkv "
+                         f"{tuple(weights[2].shape)}, MLP ({F}, {C}), slot {slot} and count {count} of "
+                         f"{capacity}, activation {activation!r} do not fit together")
+    shape = BlockShape(*(w.data_ptr() if w is not None else None for w in weights), C, n_head, F,
+                       ACTIVATIONS[activation], eps, scale)
+    out = torch.empty(x.shape, dtype=torch.float32, device="cpu")
+    scratch = torch.empty(5 * C + F + n_head * capacity, dtype=torch.float32, device="cpu")
+    library.minigpt_decode_block(ctypes.byref(shape), x.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                 capacity, slot, count, scratch.data_ptr(), torch.get_num_threads())
+    return out
