@@ -138,33 +138,64 @@ def _plain_float32(t: torch.Tensor) -> bool:
         and t.is_contiguous()
 
 
-def block_step(weights: tuple[torch.Tensor | None, ...], x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               slot: int, count: int, *, n_head: int, eps: float, scale: float,
-               activation: str) -> torch.Tensor | None:
-    """One pre-norm GPT block for one token: x + attn(ln_1(x)), then + mlp(ln_2(.)), as
-    `minigpt.model.Block` computes it; None where this cannot compute it (not built here, or a
-    tensor that is not a plain contiguous float32 CPU tensor), so the caller takes torch's path.
+class BlockPlan:
+    """One block's weights checked once and handed to C as a struct, for `step` to compute the
+    block for one token after another (building the struct is most of a block's Python cost).
 
-    weights: the 12 tensors of `WEIGHTS` (a bias may be None); x: (C,) or (1, 1, C); k, v: the
-    layer's cache (1, n_head, capacity, head_dim), into whose slot `slot` the token's key and
-    value are written; the query sees slots 0..count-1, every one of them. Returns a new tensor
-    shaped like x. Raises ValueError for shapes that do not fit together.
+    weights: the 12 tensors of `WEIGHTS` (a bias may be None); n_head, eps, scale and
+    activation as in GPTConfig. Raises ValueError for shapes that do not fit together; check
+    `usable(weights)` first, which is False where a tensor is not plain contiguous float32 on
+    the CPU. A plan keeps the weights' addresses: `matches` says whether they are still the
+    block's (a `.data` swap, `.to()` or a replaced Parameter moves them).
     """
-    library = _library()
-    if library is None or not all(_plain_float32(t) for t in (x, k, v, *(w for w in weights if w is not None))):
-        return None
-    C, F = x.shape[-1], weights[8].shape[0]
-    capacity = k.shape[2]
-    if (x.numel() != C or k.shape != v.shape or k.shape[:2] != (1, n_head) or n_head * k.shape[3] != C
-            or weights[2].shape != (3 * C, C) or weights[10].shape != (C, F) or not 0 <= slot < capacity
-            or not 0 < count <= capacity or activation not in ACTIVATIONS):
-        raise ValueError(f"block_step: x {tuple(x.shape)}, cache {tuple(k.shape)} with {n_head} heads, qkv "
-                         f"{tuple(weights[2].shape)}, MLP ({F}, {C}), slot {slot} and count {count} of "
-                         f"{capacity}, activation {activation!r} do not fit together")
-    shape = BlockShape(*(w.data_ptr() if w is not None else None for w in weights), C, n_head, F,
-                       ACTIVATIONS[activation], eps, scale)
-    out = torch.empty(x.shape, dtype=torch.float32, device="cpu")
-    scratch = torch.empty(5 * C + F + n_head * capacity, dtype=torch.float32, device="cpu")
-    library.minigpt_decode_block(ctypes.byref(shape), x.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                 capacity, slot, count, scratch.data_ptr(), torch.get_num_threads())
-    return out
+
+    def __init__(self, weights: tuple[torch.Tensor | None, ...], *, n_head: int, eps: float, scale: float,
+                 activation: str) -> None:
+        qkv, fc, proj = weights[2], weights[8], weights[10]
+        C, F = qkv.shape[1], fc.shape[0]
+        expected = {0: (C,), 1: (C,), 2: (3 * C, C), 3: (3 * C,), 4: (C, C), 5: (C,),
+                    6: (C,), 7: (C,), 8: (F, C), 9: (F,), 10: (C, F), 11: (C,)}
+        wrong = [f"{WEIGHTS[i]} {tuple(w.shape)} (expected {expected[i]})" for i, w in enumerate(weights)
+                 if w is not None and tuple(w.shape) != expected[i]]
+        if wrong or weights[0] is None or C % n_head or activation not in ACTIVATIONS:
+            raise ValueError(f"block_step cannot take this block: {', '.join(wrong) or 'shapes fit'}; n_embd {C}, "
+                             f"n_head {n_head}, activation {activation!r} (one of {sorted(ACTIVATIONS)})")
+        self.weights = weights
+        self.addresses = tuple(w.data_ptr() if w is not None else 0 for w in weights)
+        self.n_embd, self.n_head, self.mlp_width = C, n_head, F
+        self.shape = BlockShape(*(w.data_ptr() if w is not None else None for w in weights), C, n_head, F,
+                                ACTIVATIONS[activation], eps, scale)
+
+    @staticmethod
+    def usable(weights: tuple[torch.Tensor | None, ...]) -> bool:
+        """Whether C can read these tensors: plain contiguous float32 CPU tensors, and built here."""
+        return available() and all(w is None or _plain_float32(w) for w in weights) and weights[0] is not None
+
+    def matches(self, weights: tuple[torch.Tensor | None, ...]) -> bool:
+        """Whether `weights` are this plan's tensors at the addresses it holds."""
+        mine = self.weights
+        return all(a is b for a, b in zip(weights, mine)) and \
+            all((w.data_ptr() if w is not None else 0) == address for w, address in zip(weights, self.addresses))
+
+    def step(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int, count: int) -> torch.Tensor | None:
+        """The block for one token: x + attn(ln_1(x)), then + mlp(ln_2(.)), as
+        `minigpt.model.Block` computes it. x: (C,) or (1, 1, C); k, v: the layer's cache (1,
+        n_head, capacity, head_dim), into whose slot `slot` the token's key and value are
+        written; the query sees slots 0..count-1, every one of them. Returns a new tensor shaped
+        like x, or None where x or the cache is not plain contiguous float32 on the CPU (the
+        caller takes torch's path). Raises ValueError for shapes that do not fit the plan."""
+        if not (_plain_float32(x) and _plain_float32(k) and _plain_float32(v)):
+            return None
+        C, H = self.n_embd, self.n_head
+        capacity = k.shape[2]
+        if x.numel() != C or k.shape != v.shape or tuple(k.shape) != (1, H, capacity, C // H) \
+                or not 0 <= slot < capacity or not 0 < count <= capacity:
+            raise ValueError(f"block_step: x {tuple(x.shape)}, cache {tuple(k.shape)}, slot {slot} and count {count} "
+                             f"do not fit a block of n_embd {C} with {H} heads (cache (1, {H}, capacity, {C // H}), "
+                             f"0 <= slot < capacity, 0 < count <= capacity)")
+        out = torch.empty(x.shape, dtype=torch.float32, device="cpu")
+        scratch = torch.empty(5 * C + self.mlp_width + H * capacity, dtype=torch.float32, device="cpu")
+        _library().minigpt_decode_block(ctypes.byref(self.shape), x.data_ptr(), out.data_ptr(), k.data_ptr(),
+                                        v.data_ptr(), capacity, slot, count, scratch.data_ptr(),
+                                        torch.get_num_threads())
+        return out

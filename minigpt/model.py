@@ -17,6 +17,7 @@ hook attached they change nothing, bit for bit.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,32 +220,41 @@ class Block(nn.Module):
         the block (torch's global module hooks included), no optional hook point switched on,
         the modules this file defines (not LoRA's or another wrapper), eager CPU execution (no
         compile, tracer, dispatch mode or torch.func), and the cache's own layer type."""
-        if torch.is_grad_enabled() or x.dtype != torch.float32 or not cpu_decode.available():
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or type(cache) is not LayerCache:
             return False
-        attn, mlp = self.attn, self.mlp
-        if self.training and (attn.dropout or attn.resid_dropout.p or mlp.dropout.p):
+        if not cpu_decode.available() or _global_module_hooks() or _hooked(self):
             return False
-        if (type(self.ln_1), type(self.ln_2), type(attn), type(mlp)) != (LayerNorm, LayerNorm, CausalSelfAttention, MLP):
+        parts = self._modules  # (read directly: nn.Module's attribute lookup costs ~0.5 us a name)
+        attn, mlp = parts["attn"], parts["mlp"]
+        if (type(parts["ln_1"]), type(parts["ln_2"]), type(attn), type(mlp)) != (LayerNorm, LayerNorm, CausalSelfAttention, MLP):
             return False
-        if {type(attn.qkv), type(attn.proj), type(mlp.fc), type(mlp.proj)} != {Linear}:
+        a, m = attn._modules, mlp._modules
+        if {type(a["qkv"]), type(a["proj"]), type(m["fc"]), type(m["proj"])} != {Linear}:
             return False
-        if self.hook_attn_in.enabled or self.hook_q_input.enabled or self.hook_mlp_in.enabled or attn.hook_result.enabled:
+        if self.training and (attn.dropout or a["resid_dropout"].p or m["dropout"].p):
             return False
-        if _global_module_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
+        if any(parts[name].enabled for name in ("hook_attn_in", "hook_q_input", "hook_mlp_in")) or a["hook_result"].enabled:
             return False
-        return type(cache) is LayerCache and ops._plain_eager_cpu(x, attn.qkv.weight)
+        return ops._plain_eager_cpu(x, a["qkv"].weight)
 
     def _decode_in_c(self, x: torch.Tensor, cache, start: int) -> torch.Tensor | None:
-        """This block's output for one token by `cpu_decode.block_step` (its reference is
-        `forward`'s torch path), or None where the kernel cannot take these tensors."""
-        attn, mlp = self.attn, self.mlp
+        """This block's output for one token by `cpu_decode` (its reference is `forward`'s
+        torch path), or None where the kernel cannot take these tensors."""
+        attn, mlp = self._modules["attn"], self._modules["mlp"]
         slot, count = cache.one_token_slots(start)
-        if slot >= cache.k.shape[2] or attn.qkv.weight.shape[0] != 3 * x.shape[-1] or self.ln_1.eps != self.ln_2.eps:
-            return None  # past a shortened cache (torch's path says so), tensor parallel's share of heads, ...
-        weights = (self.ln_1.weight, self.ln_1.bias, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
-                   self.ln_2.weight, self.ln_2.bias, mlp.fc.weight, mlp.fc.bias, mlp.proj.weight, mlp.proj.bias)
-        return cpu_decode.block_step(weights, x, cache.k, cache.v, slot, count, n_head=attn.n_head,
-                                     eps=self.ln_1.eps, scale=attn.scale, activation=mlp.activation)
+        if slot >= cache.k.shape[2]:
+            return None  # past a shortened cache: torch's path says so
+        ln_1, ln_2 = self._modules["ln_1"], self._modules["ln_2"]
+        parameters = [m._parameters for m in (ln_1, attn._modules["qkv"], attn._modules["proj"], ln_2,
+                                              mlp._modules["fc"], mlp._modules["proj"])]
+        weights = tuple(p.get(name) for p in parameters for name in ("weight", "bias"))  # a missing bias: None
+        plan = _C_PLANS.get(self)
+        if plan is None or not plan.matches(weights):
+            if not cpu_decode.BlockPlan.usable(weights) or weights[2].shape[0] != 3 * x.shape[-1] or ln_1.eps != ln_2.eps:
+                return None  # not float32 on the CPU, tensor parallel's share of heads, two epsilons
+            plan = _C_PLANS[self] = cpu_decode.BlockPlan(weights, n_head=attn.n_head, eps=ln_1.eps, scale=attn.scale,
+                                                         activation=mlp.activation)
+        return plan.step(x, cache.k, cache.v, slot, count)
 
     def _attention_input(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ln_1(x) (B, T, C); with per-head inputs switched on, ln_1 of a copy of x for each
@@ -265,6 +275,23 @@ def _global_module_hooks() -> bool:
     and `_pre_hook`); such a hook must see each module run, so no block is computed in C."""
     module = torch.nn.modules.module
     return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
+
+
+_C_PLANS: "weakref.WeakKeyDictionary[Block, cpu_decode.BlockPlan]" = weakref.WeakKeyDictionary()
+"""Each block's weights as `cpu_decode` reads them, kept outside the module (so pickling,
+deepcopy and state dicts never see them) and rebuilt when they no longer match."""
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook sits on `module` or any module inside it (a walk of
+    the `_modules` dicts: a third of `module.modules()`'s cost, paid once per block per token)."""
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True
+        stack.extend(m._modules.values())
+    return False
 
 
 class GPT(nn.Module):

@@ -1,19 +1,28 @@
-"""minigpt.cpu_decode, the C matrix-vector product decoding uses on a CPU, against float64.
+"""minigpt.cpu_decode, decoding's C kernels on a CPU, against float64.
 
-float32 tolerance: the sum of `in` products of unit normals, each rounded once, in another
-order than the reference: rtol 1e-5 and atol 1e-5 * sqrt(in).
+`gemv`, the matrix-vector product: float32 tolerance for the sum of `in` products of unit
+normals, each rounded once, in another order than the reference: rtol 1e-5 and atol
+1e-5 * sqrt(in).
+
+`BlockPlan.step`, a whole block for one token, as `Block` takes it while decoding: its
+reference is the same model in float64 on torch's path (float64 never takes the kernel). The
+kernel's exp and GELU are within a few float32 ulps, and every sum runs in float32: logits of
+about unit size agree within 1e-4 (observed: under 4e-6).
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from minigpt import GPT, GPTConfig, cpu_decode, ops
+from minigpt import model as model_module
 
 needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason="no AVX-512 CPU or no C compiler here")
 
@@ -142,3 +151,179 @@ def test_linear_keeps_forward_mode_tangents():
     with torch.no_grad(), forward_ad.dual_level():
         out = forward_ad.unpack_dual(ops.linear(forward_ad.make_dual(x, tangent), weight))
     torch.testing.assert_close(out.tangent.double(), _reference(tangent, weight, None), rtol=1e-5, atol=1e-5 * 16)
+
+
+# ---- a whole block for one token -------------------------------------------------------------
+
+def _random_model(config: GPTConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger than GPT-2's init, so every part moves the logits
+            p.normal_(0.0, 0.3)
+    return model
+
+
+@contextmanager
+def counting_block_steps():
+    """Counts the tokens' blocks that the kernel computes inside the `with`."""
+    calls = []
+    real = cpu_decode.BlockPlan.step
+    with mock.patch.object(cpu_decode.BlockPlan, "step", lambda *a: calls.append(1) or real(*a)):
+        yield calls
+
+
+@pytest.fixture
+def block_steps():
+    with counting_block_steps() as calls:
+        yield calls
+
+
+def _decode_logits(model: GPT, ids: torch.Tensor, prompt: int) -> list[torch.Tensor]:
+    """Logits of each token after a prompt of `prompt` tokens, fed one at a time through the cache."""
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        model(ids[:, :prompt], cache=cache)
+        return [model(ids[:, t:t + 1], cache=cache).logits[0, -1] for t in range(prompt, ids.shape[1])]
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(n_head=st.integers(1, 4), head_dim=st.sampled_from([4, 16, 24, 33]), n_inner=st.integers(1, 90),
+       bias=st.booleans(), qkv_bias=st.booleans(), activation=st.sampled_from(["gelu_tanh", "gelu"]),
+       neo_scale=st.booleans(), banded=st.booleans(), window=st.integers(1, 6), prompt=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_block_step_matches_float64(n_head, head_dim, n_inner, bias, qkv_bias, activation, neo_scale,
+                                    banded, window, prompt, seed):
+    config = GPTConfig(vocab_size=97, block_size=24, n_layer=2, n_head=n_head, n_embd=n_head * head_dim,
+                       n_inner=n_inner, bias=bias, qkv_bias=qkv_bias, activation=activation,
+                       attention_scale=1.0 if neo_scale else None,
+                       attention_pattern=("dense", "banded") if banded else ("dense",), attention_window=window)
+    model = _random_model(config, seed)
+    reference = GPT(config).double().eval()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(seed))
+    with counting_block_steps() as block_steps:
+        got = _decode_logits(model, ids, prompt)
+    # Every block of every decoded token (a banded ring past its window too), and of a one-token prompt.
+    assert len(block_steps) == 2 * (16 - prompt + (prompt == 1))
+    for ours, theirs in zip(got, _decode_logits(reference, ids, prompt)):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_block_step_same_bits_at_any_thread_count():
+    model = _random_model(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=3, n_embd=96))
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.stack(_decode_logits(model, ids, 4)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def _small_model() -> GPT:
+    return _random_model(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
+
+
+@needs_kernel
+def test_a_hooked_block_takes_torchs_path_and_its_hook_fires(block_steps):
+    model = _small_model()
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(2))
+    plain = _decode_logits(model, ids, 4)
+    assert len(block_steps) == 12
+    seen = []
+
+    def ablate(activation, hook):
+        seen.append(hook.name)
+        return torch.zeros_like(activation)
+
+    block_steps.clear()
+    with model.hooks(fwd_hooks=[("blocks.0.mlp.hook_post", ablate)]):
+        hooked = _decode_logits(model, ids, 4)
+    assert len(block_steps) == 6 and len(seen) == 7  # block 1 still in C; block 0's hook ran for the prompt and each token
+    with torch.no_grad():
+        model.blocks[0].mlp.proj.weight.zero_()  # the ablation written into the weights: the MLP gives its bias
+    block_steps.clear()
+    for a, b in zip(hooked, _decode_logits(model, ids, 4)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(block_steps) == 12
+    assert not all(torch.allclose(a, b) for a, b in zip(plain, hooked))
+
+
+@needs_kernel
+def test_the_kernel_stays_out_of_what_could_tell(block_steps):
+    model = _small_model()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(3))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: None)
+    try:
+        _decode_logits(model, ids, 4)  # a hook for every module: each must run
+    finally:
+        handle.remove()
+    assert block_steps == []
+    pre = model.blocks[1].attn.register_forward_pre_hook(lambda module, inputs: None)
+    _decode_logits(model, ids, 4)
+    pre.remove()
+    assert len(block_steps) == 4  # block 0 only
+    block_steps.clear()
+    model.train()  # dropout on
+    _decode_logits(model, ids, 4)
+    model.eval()
+    with torch.enable_grad():  # a gradient wanted
+        cache = model.new_cache(1)
+        model(ids[:, :4], cache=cache)
+        assert model(ids[:, 4:5], cache=cache).logits.requires_grad
+    assert block_steps == []
+    model.set_use_attn_result(True)  # an optional hook point switched on
+    _decode_logits(model, ids, 4)
+    model.set_use_attn_result(False)
+    assert block_steps == []
+
+    class Wrapped(model_module.Linear):  # LoRA or another wrapper of a product
+        pass
+
+    fc = model.blocks[0].mlp.fc
+    model.blocks[0].mlp.fc = Wrapped(fc.in_features, fc.out_features)
+    _decode_logits(model, ids, 4)
+    assert len(block_steps) == 4  # block 1 only
+
+
+@needs_kernel
+def test_new_weights_are_read_where_they_are(block_steps):
+    model = _small_model()
+    reference = _small_model().double()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(4))
+    _decode_logits(model, ids, 4)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.data = torch.randn(96, 32, generator=g)  # moved: the plan is rebuilt
+        model.blocks[1].mlp.fc.weight.mul_(-2.0)  # in place: read where it is
+        model.blocks[1].ln_2.bias = torch.nn.Parameter(torch.randn(32, generator=g))  # a new Parameter
+    reference.load_state_dict(model.state_dict())
+    block_steps.clear()
+    for ours, theirs in zip(_decode_logits(model, ids, 4), _decode_logits(reference, ids, 4)):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
+    assert len(block_steps) == 8
+
+
+@needs_kernel
+def test_block_plan_refuses_shapes_that_do_not_fit():
+    model = _small_model()
+    block = model.blocks[0]
+    weights = [block.ln_1.weight, block.ln_1.bias, block.attn.qkv.weight, block.attn.qkv.bias, block.attn.proj.weight,
+               block.attn.proj.bias, block.ln_2.weight, block.ln_2.bias, block.mlp.fc.weight, block.mlp.fc.bias,
+               block.mlp.proj.weight, block.mlp.proj.bias]
+    plan = cpu_decode.BlockPlan(tuple(weights), n_head=2, eps=1e-5, scale=0.25, activation="gelu_tanh")
+    cache = model.new_cache(1).layers[0]
+    with pytest.raises(ValueError, match=r"slot 32 and count 1 do not fit a block of n_embd 32 with 2 heads"):
+        plan.step(torch.randn(1, 1, 32), cache.k, cache.v, 32, 1)
+    weights[5] = torch.randn(31)
+    with pytest.raises(ValueError, match=r"attn_proj_b \(31,\) \(expected \(32,\)\)"):
+        cpu_decode.BlockPlan(tuple(weights), n_head=2, eps=1e-5, scale=0.25, activation="gelu_tanh")
+    with pytest.raises(ValueError, match=r"activation 'relu' \(one of \['gelu', 'gelu_tanh'\]\)"):
+        cpu_decode.BlockPlan(tuple(weights[:5] + [None] + weights[6:]), n_head=2, eps=1e-5, scale=0.25,
+                             activation="relu")
