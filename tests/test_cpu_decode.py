@@ -293,6 +293,24 @@ def test_the_kernel_stays_out_of_what_could_tell(block_steps):
 
 
 @needs_kernel
+def test_a_module_swapped_in_with_its_hook_keeps_it(block_steps):
+    # The walk for hooks is skipped while torch's hook counter has not moved; a product swapped
+    # in with a hook registered before that walk is caught when its new weight rebuilds the plan.
+    model = _small_model()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(6))
+    fc = model.blocks[0].mlp.fc
+    replacement = model_module.Linear(fc.in_features, fc.out_features)
+    seen = []
+    replacement.register_forward_hook(lambda module, inputs, output: seen.append(1))
+    _decode_logits(model, ids, 4)
+    assert len(block_steps) == 8
+    model.blocks[0].mlp.fc = replacement
+    block_steps.clear()
+    _decode_logits(model, ids, 4)
+    assert len(seen) == 5 and len(block_steps) == 4  # the prompt and four tokens through the hook; block 1 in C
+
+
+@needs_kernel
 def test_new_weights_are_read_where_they_are(block_steps):
     model = _small_model()
     reference = _small_model().double()
