@@ -8,6 +8,11 @@
  * a GPT-2 124M token (benchmarks/NOTES.md). Here the block is one call and one OpenMP
  * parallel region whose threads share each product's rows and the attention's heads.
  *
+ * A block's weights, its KV cache and its input and output are all float32 or all bfloat16 (a
+ * model cast with .to(torch.bfloat16)); in between, everything is float32: bfloat16 values
+ * are widened exactly as they are read, and rounded to nearest even, as torch rounds, only
+ * where they are stored (the cache's new key and value, the block's output).
+ *
  * W is (out, in) row-major, nn.Linear's layout, read in place. The rows of a product are cut
  * into one contiguous share per thread (whole vectors of 16, for the epilogues); each row's
  * sum is one thread's work in a fixed order, so the thread count never changes a bit. With
@@ -20,6 +25,7 @@
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 enum { ACT_NONE = 0, ACT_GELU_ERF = 1, ACT_GELU_TANH = 2 };
 
@@ -66,47 +72,83 @@ static inline __m512 gelu16(__m512 u, int act) {
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), u), one_plus_erf);
 }
 
+/* bfloat16 <-> float32. Widening is exact (the 16 bits become the top of a float32); rounding
+ * is to nearest even, NaN kept NaN. Tails of n < 16 values are masked loads and stores. */
+static inline __m512 bf16_widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+static inline __m512i bf16_round(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+/* Up to 16 values from element i of p (float32 or bfloat16) as float32; lanes past n are 0. */
+static inline __m512 load_any(const void *p, int64_t i, int64_t n, int bf16) {
+    if (bf16) return bf16_widen(_mm256_maskz_loadu_epi16(first_lanes(n), (const uint16_t *)p + i));
+    return _mm512_maskz_loadu_ps(first_lanes(n), (const float *)p + i);
+}
+
+static inline void store_any(void *p, int64_t i, int64_t n, __m512 v, int bf16) {
+    if (bf16) _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)p + i, first_lanes(n), bf16_round(v));
+    else _mm512_mask_storeu_ps((float *)p + i, first_lanes(n), v);
+}
+
+static inline float scalar_any(const void *p, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* 16 weights from element i, the hot loop's unmasked load. */
+static inline __attribute__((always_inline)) __m512 load_w(const void *w, int64_t i, int bf16) {
+    if (bf16) return bf16_widen(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+    return _mm512_loadu_ps((const float *)w + i);
+}
+
 /* y[r] = res[r] + (w_r . x + b[r]) for one row; b and res may be NULL. */
-static inline float finish(__m512 acc, const float *b, const float *res, int64_t r) {
-    float v = _mm512_reduce_add_ps(acc) + (b ? b[r] : 0.0f);
+static inline float finish(__m512 acc, const void *b, const float *res, int64_t r, int bf16) {
+    float v = _mm512_reduce_add_ps(acc) + (b ? scalar_any(b, r, bf16) : 0.0f);
     return res ? res[r] + v : v;
 }
 
 /* Four rows from `first`: four accumulators in registers, so each load of x serves four
  * weight streams. res may alias y (each element is read before it is written). */
-static void four_rows(const float *w, const float *x, const float *b, const float *res, float *y,
-                      int64_t first, int64_t in) {
-    const float *w0 = w + first * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
+static inline __attribute__((always_inline)) void four_rows(const void *w, const float *x, const void *b,
+                                                            const float *res, float *y, int64_t first, int64_t in,
+                                                            int bf16) {
+    int64_t o0 = first * in, o1 = o0 + in, o2 = o1 + in, o3 = o2 + in;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t full = in & ~(int64_t)15;
     for (int64_t i = 0; i < full; i += 16) {
         __m512 xv = _mm512_loadu_ps(x + i);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + i), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + i), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + i), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + i), xv, a3);
+        a0 = _mm512_fmadd_ps(load_w(w, o0 + i, bf16), xv, a0);
+        a1 = _mm512_fmadd_ps(load_w(w, o1 + i, bf16), xv, a1);
+        a2 = _mm512_fmadd_ps(load_w(w, o2 + i, bf16), xv, a2);
+        a3 = _mm512_fmadd_ps(load_w(w, o3 + i, bf16), xv, a3);
     }
     if (full < in) {
         int64_t n = in - full;
         __m512 xv = load_tail(x + full, n);
-        a0 = _mm512_fmadd_ps(load_tail(w0 + full, n), xv, a0);
-        a1 = _mm512_fmadd_ps(load_tail(w1 + full, n), xv, a1);
-        a2 = _mm512_fmadd_ps(load_tail(w2 + full, n), xv, a2);
-        a3 = _mm512_fmadd_ps(load_tail(w3 + full, n), xv, a3);
+        a0 = _mm512_fmadd_ps(load_any(w, o0 + full, n, bf16), xv, a0);
+        a1 = _mm512_fmadd_ps(load_any(w, o1 + full, n, bf16), xv, a1);
+        a2 = _mm512_fmadd_ps(load_any(w, o2 + full, n, bf16), xv, a2);
+        a3 = _mm512_fmadd_ps(load_any(w, o3 + full, n, bf16), xv, a3);
     }
-    y[first] = finish(a0, b, res, first);
-    y[first + 1] = finish(a1, b, res, first + 1);
-    y[first + 2] = finish(a2, b, res, first + 2);
-    y[first + 3] = finish(a3, b, res, first + 3);
+    y[first] = finish(a0, b, res, first, bf16);
+    y[first + 1] = finish(a1, b, res, first + 1, bf16);
+    y[first + 2] = finish(a2, b, res, first + 2, bf16);
+    y[first + 3] = finish(a3, b, res, first + 3, bf16);
 }
 
-static void one_row(const float *w, const float *x, const float *b, const float *res, float *y, int64_t row, int64_t in) {
-    const float *wr = w + row * in;
+static inline __attribute__((always_inline)) void one_row(const void *w, const float *x, const void *b,
+                                                          const float *res, float *y, int64_t row, int64_t in,
+                                                          int bf16) {
     __m512 a = _mm512_setzero_ps();
-    int64_t full = in & ~(int64_t)15;
-    for (int64_t i = 0; i < full; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i), _mm512_loadu_ps(x + i), a);
-    if (full < in) a = _mm512_fmadd_ps(load_tail(wr + full, in - full), load_tail(x + full, in - full), a);
-    y[row] = finish(a, b, res, row);
+    for (int64_t i = 0; i < in; i += 16) a = _mm512_fmadd_ps(load_any(w, row * in + i, in - i, bf16), load_tail(x + i, in - i), a);
+    y[row] = finish(a, b, res, row, bf16);
 }
 
 /* This thread's share of a product's rows, [lo, hi): contiguous, whole vectors of 16 each.
@@ -118,16 +160,24 @@ static void my_rows(int64_t out, int64_t *lo, int64_t *hi) {
     *hi = *lo + share < out ? *lo + share : out;
 }
 
-/* The calling thread's share of y = act(W x + b) (+ res): call it from every thread of a
- * parallel region; no barrier at the end. */
-static void product_share(const float *w, const float *x, const float *b, const float *res, float *y,
-                          int64_t out, int64_t in, int act) {
-    int64_t lo, hi, r;
+static inline __attribute__((always_inline)) void rows_of(const void *w, const float *x, const void *b,
+                                                          const float *res, float *y, int64_t lo, int64_t hi,
+                                                          int64_t in, int bf16) {
+    int64_t r;
+    for (r = lo; r + 4 <= hi; r += 4) four_rows(w, x, b, res, y, r, in, bf16);
+    for (; r < hi; r++) one_row(w, x, b, res, y, r, in, bf16);
+}
+
+/* The calling thread's share of y = act(W x + b) (+ res), W and b float32 or bfloat16, x, res
+ * and y float32: call it from every thread of a parallel region; no barrier at the end. */
+static void product_share(const void *w, const float *x, const void *b, const float *res, float *y,
+                          int64_t out, int64_t in, int act, int bf16) {
+    int64_t lo, hi;
     my_rows(out, &lo, &hi);
-    for (r = lo; r + 4 <= hi; r += 4) four_rows(w, x, b, res, y, r, in);
-    for (; r < hi; r++) one_row(w, x, b, res, y, r, in);
+    if (bf16) rows_of(w, x, b, res, y, lo, hi, in, 1);  /* two copies of the loop, one per dtype */
+    else rows_of(w, x, b, res, y, lo, hi, in, 0);
     if (act != ACT_NONE)
-        for (r = lo; r < hi; r += 16) {
+        for (int64_t r = lo; r < hi; r += 16) {
             __mmask16 m = first_lanes(hi - r);
             _mm512_mask_storeu_ps(y + r, m, gelu16(_mm512_maskz_loadu_ps(m, y + r), act));
         }
@@ -135,7 +185,7 @@ static void product_share(const float *w, const float *x, const float *b, const 
 
 void minigpt_gemv_f32(const float *w, const float *x, const float *b, float *y, int64_t out, int64_t in, int threads) {
     #pragma omp parallel num_threads(threads)
-    product_share(w, x, b, NULL, y, out, in, ACT_NONE);
+    product_share(w, x, b, NULL, y, out, in, ACT_NONE, 0);
 }
 
 static float sum16(const float *x, int64_t n) {
@@ -144,8 +194,9 @@ static float sum16(const float *x, int64_t n) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* y = (x - mean) / sqrt(var + eps) * g + b over one row of n (b may be NULL). */
-static void layer_norm(const float *x, const float *g, const float *b, float *y, int64_t n, float eps) {
+/* y = (x - mean) / sqrt(var + eps) * g + b over one row of n (b may be NULL; g and b float32
+ * or bfloat16). */
+static void layer_norm(const float *x, const void *g, const void *b, float *y, int64_t n, float eps, int bf16) {
     float mean = sum16(x, n) / (float)n;
     __m512 acc = _mm512_setzero_ps(), mv = _mm512_set1_ps(mean);
     for (int64_t i = 0; i < n; i += 16) {
@@ -155,27 +206,33 @@ static void layer_norm(const float *x, const float *g, const float *b, float *y,
     __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps));
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 m = first_lanes(n - i);
-        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(load_tail(x + i, n - i), mv), rstd), load_tail(g + i, n - i));
-        if (b) v = _mm512_add_ps(v, load_tail(b + i, n - i));
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(load_tail(x + i, n - i), mv), rstd), load_any(g, i, n - i, bf16));
+        if (b) v = _mm512_add_ps(v, load_any(b, i, n - i, bf16));
         _mm512_mask_storeu_ps(y + i, m, v);
     }
 }
 
-static float dot16(const float *a, const float *b, int64_t n) {
+/* q . k[0..d) with k float32 or bfloat16. */
+static float dot_any(const float *q, const void *k, int64_t offset, int64_t d, int bf16) {
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(load_tail(a + i, n - i), load_tail(b + i, n - i), acc);
+    for (int64_t i = 0; i < d; i += 16) acc = _mm512_fmadd_ps(load_tail(q + i, d - i), load_any(k, offset + i, d - i, bf16), acc);
     return _mm512_reduce_add_ps(acc);
 }
 
-/* One head of one query: store its key and value in cache slot `slot`, then softmax over the
- * `count` filled slots (every one visible: a dense layer's slots are tokens 0..count-1, a
- * banded layer's ring holds only its window, in any order) and the weighted sum of values. */
-static void attend(const float *q, const float *k_new, const float *v_new, float *k, float *v, float *scores,
-                   float *z, int64_t slot, int64_t count, int64_t d, float scale) {
-    for (int64_t i = 0; i < d; i++) { k[slot * d + i] = k_new[i]; v[slot * d + i] = v_new[i]; }
+/* One head of one query: store its key and value in cache slot `slot` (k and v are this head's
+ * (capacity, d) rows, float32 or bfloat16), then softmax over the `count` filled slots (every
+ * one visible: a dense layer's slots are tokens 0..count-1, a banded layer's ring holds only
+ * its window, in any order) and the weighted sum of values. The new key and value are read
+ * back from the cache, so a bfloat16 cache's rounding applies to them as to every other. */
+static void attend(const float *q, const float *k_new, const float *v_new, void *k, void *v, float *scores,
+                   float *z, int64_t slot, int64_t count, int64_t d, float scale, int bf16) {
+    for (int64_t i = 0; i < d; i += 16) {
+        store_any(k, slot * d + i, d - i, load_tail(k_new + i, d - i), bf16);
+        store_any(v, slot * d + i, d - i, load_tail(v_new + i, d - i), bf16);
+    }
     float top = -INFINITY;
     for (int64_t j = 0; j < count; j++) {
-        scores[j] = scale * dot16(q, k + j * d, d);
+        scores[j] = scale * dot_any(q, k, j * d, d, bf16);
         top = scores[j] > top ? scores[j] : top;
     }
     __m512 total = _mm512_setzero_ps();
@@ -187,46 +244,64 @@ static void attend(const float *q, const float *k_new, const float *v_new, float
     }
     float inverse = 1.0f / _mm512_reduce_add_ps(total);
     for (int64_t i = 0; i < d; i += 16) {
-        __mmask16 m = first_lanes(d - i);
         __m512 acc = _mm512_setzero_ps();
         for (int64_t j = 0; j < count; j++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), _mm512_maskz_loadu_ps(m, v + j * d + i), acc);
-        _mm512_mask_storeu_ps(z + i, m, _mm512_mul_ps(acc, _mm512_set1_ps(inverse)));
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), load_any(v, j * d + i, d - i, bf16), acc);
+        _mm512_mask_storeu_ps(z + i, first_lanes(d - i), _mm512_mul_ps(acc, _mm512_set1_ps(inverse)));
     }
 }
 
 /* A block's weights (NULL for a bias it does not have) and shape; minigpt/cpu_decode.py
- * declares the same fields in the same order. */
+ * declares the same fields in the same order. bf16: weights, cache, input and output are
+ * bfloat16 (else float32). */
 typedef struct {
-    const float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *attn_proj_w, *attn_proj_b;
-    const float *ln2_w, *ln2_b, *fc_w, *fc_b, *mlp_proj_w, *mlp_proj_b;
-    int64_t n_embd, n_head, mlp_width, activation;
+    const void *ln1_w, *ln1_b, *qkv_w, *qkv_b, *attn_proj_w, *attn_proj_b;
+    const void *ln2_w, *ln2_b, *fc_w, *fc_b, *mlp_proj_w, *mlp_proj_b;
+    int64_t n_embd, n_head, mlp_width, activation, bf16;
     float eps, scale;
 } MinigptBlock;
 
 /* out = x + attn(ln_1(x)); out += mlp(ln_2(out)) for one token x (n_embd,). k and v are the
  * layer's cache, (n_head, capacity, head_dim); the token's key and value go to `slot`, and
- * its query sees slots 0..count-1. scratch holds 5 n_embd + mlp_width + n_head * capacity floats. */
-void minigpt_decode_block(const MinigptBlock *p, const float *x, float *out, float *k, float *v, int64_t capacity,
+ * its query sees slots 0..count-1. scratch holds 7 n_embd + mlp_width + n_head * capacity
+ * float32s. */
+void minigpt_decode_block(const MinigptBlock *p, const void *x, void *out, void *k, void *v, int64_t capacity,
                           int64_t slot, int64_t count, float *scratch, int threads) {
     const int64_t C = p->n_embd, H = p->n_head, D = C / H, F = p->mlp_width;
+    const int bf16 = (int)p->bf16;
     float *h = scratch, *qkv = h + C, *z = qkv + 3 * C, *u = z + C, *scores = u + F;
+    float *stream = scores + H * capacity, *stream_in = stream + C;  /* the residual stream in float32 */
+    const float *xin = bf16 ? stream_in : (const float *)x;
+    float *res = bf16 ? stream : (float *)out;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp single
-        layer_norm(x, p->ln1_w, p->ln1_b, h, C, p->eps);
-        product_share(p->qkv_w, h, p->qkv_b, NULL, qkv, 3 * C, C, ACT_NONE);
+        {
+            if (bf16)
+                for (int64_t i = 0; i < C; i += 16) _mm512_mask_storeu_ps(stream_in + i, first_lanes(C - i), load_any(x, i, C - i, 1));
+            layer_norm(xin, p->ln1_w, p->ln1_b, h, C, p->eps, bf16);
+        }
+        product_share(p->qkv_w, h, p->qkv_b, NULL, qkv, 3 * C, C, ACT_NONE, bf16);
         #pragma omp barrier
         #pragma omp for schedule(static)
-        for (int64_t head = 0; head < H; head++)
-            attend(qkv + head * D, qkv + C + head * D, qkv + 2 * C + head * D, k + head * capacity * D,
-                   v + head * capacity * D, scores + head * capacity, z + head * D, slot, count, D, p->scale);
-        product_share(p->attn_proj_w, z, p->attn_proj_b, x, out, C, C, ACT_NONE);
+        for (int64_t head = 0; head < H; head++) {
+            int64_t rows = head * capacity * D;  /* this head's cache rows, in elements */
+            void *kh = bf16 ? (void *)((uint16_t *)k + rows) : (void *)((float *)k + rows);
+            void *vh = bf16 ? (void *)((uint16_t *)v + rows) : (void *)((float *)v + rows);
+            attend(qkv + head * D, qkv + C + head * D, qkv + 2 * C + head * D, kh, vh, scores + head * capacity,
+                   z + head * D, slot, count, D, p->scale, bf16);
+        }
+        product_share(p->attn_proj_w, z, p->attn_proj_b, xin, res, C, C, ACT_NONE, bf16);
         #pragma omp barrier
         #pragma omp single
-        layer_norm(out, p->ln2_w, p->ln2_b, h, C, p->eps);
-        product_share(p->fc_w, h, p->fc_b, NULL, u, F, C, (int)p->activation);
+        layer_norm(res, p->ln2_w, p->ln2_b, h, C, p->eps, bf16);
+        product_share(p->fc_w, h, p->fc_b, NULL, u, F, C, (int)p->activation, bf16);
         #pragma omp barrier
-        product_share(p->mlp_proj_w, u, p->mlp_proj_b, out, out, C, F, ACT_NONE);
+        product_share(p->mlp_proj_w, u, p->mlp_proj_b, res, res, C, F, ACT_NONE, bf16);
+        if (bf16) {
+            #pragma omp barrier
+            #pragma omp single
+            for (int64_t i = 0; i < C; i += 16) store_any(out, i, C - i, load_tail(res + i, C - i), 1);
+        }
     }
 }

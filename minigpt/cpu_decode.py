@@ -6,10 +6,13 @@ streams 33.6 GB/s over GPT-2 124M's per-token products with 2 threads (22.6 with
 development VM, where a plain AVX-512 loop of four rows at a time over OpenMP threads streams
 42.3 (33.0): `gemv`, which `ops.linear` calls for one row by a large float32 matrix while no
 gradient is wanted. With the products at the memory's speed, what is left of a token is the
-block's ~20 small torch operators between them, about 0.2 ms per block; `block_step` does a
-whole block in one call, and `minigpt.model.Block` takes it for one token of one row whenever
-nothing could tell the difference (no hook, no gradient, plain float32 weights). torch offers
-neither (`torch.compile` of the decoding step was slower: benchmarks/NOTES.md).
+block's ~20 small torch operators between them, about 0.2 ms per block, most of it Python
+reading objects that the weights have pushed out of the cache. `BlockPlan.step` does a whole
+block in one call, and `minigpt.model.Block` takes it for one token of one row whenever
+nothing could tell the difference (no hook, no gradient, plain float32 or bfloat16 weights;
+with bfloat16 the block computes in float32 between the values it reads and those it stores,
+so it is closer to float64 than torch's bfloat16 operators are). torch offers neither
+(`torch.compile` of the decoding step was slower: benchmarks/NOTES.md).
 
 The C file ships with the package and is compiled on first use by the C compiler (`$CC`, else
 `cc`) into a cache folder (`$XDG_CACHE_HOME/minigpt`, else `~/.cache/minigpt`), keyed by the
@@ -48,11 +51,12 @@ class BlockShape(ctypes.Structure):
     """cpu_decode.c's `MinigptBlock`: the block's weights (NULL for a missing bias) and shape."""
 
     _fields_ = ([(name, ctypes.c_void_p) for name in WEIGHTS]
-                + [(name, ctypes.c_int64) for name in ("n_embd", "n_head", "mlp_width", "activation")]
+                + [(name, ctypes.c_int64) for name in ("n_embd", "n_head", "mlp_width", "activation", "bf16")]
                 + [("eps", ctypes.c_float), ("scale", ctypes.c_float)])
 
 
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# AVX-512 F, BW and VL: what torch's "AVX512" capability (checked before loading) requires.
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 
 
@@ -133,8 +137,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return y
 
 
-def _plain_float32(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu" \
+DTYPES = (torch.float32, torch.bfloat16)
+"""What a block's tensors may be, all of them the same."""
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == dtype and t.device.type == "cpu" \
         and t.is_contiguous()
 
 
@@ -144,8 +152,9 @@ class BlockPlan:
 
     weights: the 12 tensors of `WEIGHTS` (a bias may be None); n_head, eps, scale and
     activation as in GPTConfig. Raises ValueError for shapes that do not fit together; check
-    `usable(weights)` first, which is False where a tensor is not plain contiguous float32 on
-    the CPU. A plan keeps the weights' addresses: `matches` says whether they are still the
+    `usable(weights)` first, which is False where a tensor is not a plain contiguous CPU tensor
+    (all float32, or all bfloat16: in between, everything is computed in float32). A
+    plan keeps the weights' addresses: `matches` says whether they are still the
     block's (a `.data` swap, `.to()` or a replaced Parameter moves them).
     """
 
@@ -162,14 +171,17 @@ class BlockPlan:
                              f"n_head {n_head}, activation {activation!r} (one of {sorted(ACTIVATIONS)})")
         self.weights = weights
         self.addresses = tuple(w.data_ptr() if w is not None else 0 for w in weights)
-        self.n_embd, self.n_head, self.mlp_width = C, n_head, F
+        self.n_embd, self.n_head, self.mlp_width, self.dtype = C, n_head, F, weights[0].dtype
         self.shape = BlockShape(*(w.data_ptr() if w is not None else None for w in weights), C, n_head, F,
-                                ACTIVATIONS[activation], eps, scale)
+                                ACTIVATIONS[activation], self.dtype == torch.bfloat16, eps, scale)
 
     @staticmethod
     def usable(weights: tuple[torch.Tensor | None, ...]) -> bool:
-        """Whether C can read these tensors: plain contiguous float32 CPU tensors, and built here."""
-        return available() and all(w is None or _plain_float32(w) for w in weights) and weights[0] is not None
+        """Whether C can read these tensors: plain contiguous CPU tensors, all float32 or all
+        bfloat16, and built here."""
+        first = weights[0]
+        return first is not None and first.dtype in DTYPES and available() and \
+            all(w is None or _plain(w, first.dtype) for w in weights)
 
     def matches(self, weights: tuple[torch.Tensor | None, ...]) -> bool:
         """Whether `weights` are this plan's tensors at the addresses it holds."""
@@ -179,12 +191,13 @@ class BlockPlan:
 
     def step(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int, count: int) -> torch.Tensor | None:
         """The block for one token: x + attn(ln_1(x)), then + mlp(ln_2(.)), as
-        `minigpt.model.Block` computes it. x: (C,) or (1, 1, C); k, v: the layer's cache (1,
+        `minigpt.model.Block` computes it. x: (C,) or (1, 1, C), of the weights' dtype (as is
+        the result); k, v: the layer's cache (1,
         n_head, capacity, head_dim), into whose slot `slot` the token's key and value are
         written; the query sees slots 0..count-1, every one of them. Returns a new tensor shaped
-        like x, or None where x or the cache is not plain contiguous float32 on the CPU (the
-        caller takes torch's path). Raises ValueError for shapes that do not fit the plan."""
-        if not (_plain_float32(x) and _plain_float32(k) and _plain_float32(v)):
+        like x, or None where x or the cache is not plain and contiguous on the CPU in the
+        weights' dtype (the caller takes torch's path). Raises ValueError for shapes that do not fit the plan."""
+        if not (_plain(x, self.dtype) and _plain(k, self.dtype) and _plain(v, self.dtype)):
             return None
         C, H = self.n_embd, self.n_head
         capacity = k.shape[2]
@@ -193,8 +206,8 @@ class BlockPlan:
             raise ValueError(f"block_step: x {tuple(x.shape)}, cache {tuple(k.shape)}, slot {slot} and count {count} "
                              f"do not fit a block of n_embd {C} with {H} heads (cache (1, {H}, capacity, {C // H}), "
                              f"0 <= slot < capacity, 0 < count <= capacity)")
-        out = torch.empty(x.shape, dtype=torch.float32, device="cpu")
-        scratch = torch.empty(5 * C + self.mlp_width + H * capacity, dtype=torch.float32, device="cpu")
+        out = torch.empty(x.shape, dtype=self.dtype, device="cpu")
+        scratch = torch.empty(7 * C + self.mlp_width + H * capacity, dtype=torch.float32, device="cpu")
         _library().minigpt_decode_block(ctypes.byref(self.shape), x.data_ptr(), out.data_ptr(), k.data_ptr(),
                                         v.data_ptr(), capacity, slot, count, scratch.data_ptr(),
                                         torch.get_num_threads())

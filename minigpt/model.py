@@ -221,7 +221,7 @@ class Block(nn.Module):
         the block (torch's global module hooks included), no optional hook point switched on,
         the modules this file defines (not LoRA's or another wrapper), eager CPU execution (no
         compile, tracer, dispatch mode or torch.func), and the cache's own layer type."""
-        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != torch.float32 or type(cache) is not LayerCache:
+        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in cpu_decode.DTYPES or type(cache) is not LayerCache:
             return False
         if not cpu_decode.available() or _global_module_hooks() or not _hook_free(self):
             return False

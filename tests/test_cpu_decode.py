@@ -345,3 +345,62 @@ def test_block_plan_refuses_shapes_that_do_not_fit():
     with pytest.raises(ValueError, match=r"activation 'relu' \(one of \['gelu', 'gelu_tanh'\]\)"):
         cpu_decode.BlockPlan(tuple(weights[:5] + [None] + weights[6:]), n_head=2, eps=1e-5, scale=0.25,
                              activation="relu")
+
+
+def _block_reference(weights, x, k, v, slot, count, *, n_head, eps, scale, activation, cache_dtype):
+    """A block for one token in float64, written out here (independent of minigpt.model): the
+    kernel's own rounding points replayed, the new key and value rounded to the cache's dtype."""
+    ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mproj_w, mproj_b = (
+        None if w is None else w.double() for w in weights)
+    C = x.numel()
+    D = C // n_head
+
+    def norm(t, g, b):
+        t = (t - t.mean()) / torch.sqrt(t.var(unbiased=False) + eps) * g
+        return t + b if b is not None else t
+
+    def product(t, w, b):
+        return t @ w.T + b if b is not None else t @ w.T
+
+    x = x.double().reshape(C)
+    q, k_new, v_new = product(norm(x, ln1_w, ln1_b), qkv_w, qkv_b).split(C)
+    keys, values = k.double().reshape(n_head, -1, D).clone(), v.double().reshape(n_head, -1, D).clone()
+    keys[:, slot] = k_new.view(n_head, D).to(cache_dtype).double()
+    values[:, slot] = v_new.view(n_head, D).to(cache_dtype).double()
+    scores = torch.einsum("hd,hsd->hs", q.view(n_head, D), keys[:, :count]) * scale
+    z = torch.einsum("hs,hsd->hd", torch.softmax(scores, dim=-1), values[:, :count]).reshape(C)
+    x = x + product(z, proj_w, proj_b)
+    hidden = torch.nn.functional.gelu(product(norm(x, ln2_w, ln2_b), fc_w, fc_b),
+                                      approximate="tanh" if activation == "gelu_tanh" else "none")
+    return x + product(hidden, mproj_w, mproj_b)
+
+
+@needs_kernel
+@settings(max_examples=20, deadline=None)
+@given(n_head=st.integers(1, 3), head_dim=st.sampled_from([8, 16, 20]), n_inner=st.integers(1, 70),
+       biases=st.booleans(), activation=st.sampled_from(["gelu_tanh", "gelu"]), bfloat16=st.booleans(),
+       capacity=st.integers(1, 20), data=st.data())
+def test_block_plan_step_matches_a_float64_block(n_head, head_dim, n_inner, biases, activation, bfloat16, capacity,
+                                                 data):
+    dtype = torch.bfloat16 if bfloat16 else torch.float32
+    C = n_head * head_dim
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    shapes = [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (n_inner, C), (n_inner,), (C, n_inner), (C,)]
+    weights = tuple(None if (i % 2 and len(shape) == 1 and not biases and i != 1)
+                    else (torch.randn(shape, generator=g) * (1.0 if i in (0, 6) else 0.3)).to(dtype)
+                    for i, shape in enumerate(shapes))
+    slot = data.draw(st.integers(0, capacity - 1))
+    count = data.draw(st.integers(slot + 1, capacity))
+    x = torch.randn(1, 1, C, generator=g).to(dtype)
+    k, v = (torch.randn(1, n_head, capacity, head_dim, generator=g).to(dtype) for _ in range(2))
+    k_before, v_before = k.clone(), v.clone()
+    settings_ = dict(n_head=n_head, eps=1e-5, scale=head_dim ** -0.5, activation=activation)
+    out = cpu_decode.BlockPlan(weights, **settings_).step(x, k, v, slot, count)
+    expected = _block_reference(weights, x, k_before, v_before, slot, count, cache_dtype=dtype, **settings_)
+    assert out.dtype == dtype and out.shape == x.shape
+    if bfloat16:  # float32 inside, one rounding at the end: within one bfloat16 step of float64's
+        torch.testing.assert_close(out.double().reshape(C), expected, rtol=2**-8, atol=1e-5)
+    else:
+        torch.testing.assert_close(out.double().reshape(C), expected, rtol=1e-4, atol=1e-4)
+    others = [s for s in range(capacity) if s != slot]
+    assert torch.equal(k[:, :, others], k_before[:, :, others]) and torch.equal(v[:, :, others], v_before[:, :, others])
