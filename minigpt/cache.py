@@ -54,6 +54,11 @@ class LayerCache:
         """
         T = k.shape[-2]
         end = start + T
+        capacity = self.k.shape[2]
+        if end > capacity and (self.window is None or capacity < self.window):
+            # (a slice past the buffer is empty, and a one-token write into it would broadcast to nothing)
+            raise ValueError(f"this KV cache holds {capacity} tokens (max_length) and token {end - 1} does not fit; "
+                             f"make it with max_length >= {end}")
         if self.window is None:
             self.k[:, :, start:end] = k
             self.v[:, :, start:end] = v

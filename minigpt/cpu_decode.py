@@ -160,13 +160,17 @@ class BlockPlan:
 
     def __init__(self, weights: tuple[torch.Tensor | None, ...], *, n_head: int, eps: float, scale: float,
                  activation: str) -> None:
-        qkv, fc, proj = weights[2], weights[8], weights[10]
+        missing = [WEIGHTS[i] for i in range(0, len(WEIGHTS), 2) if weights[i] is None]
+        if len(weights) != len(WEIGHTS) or missing:
+            raise ValueError(f"block_step takes the {len(WEIGHTS)} tensors {WEIGHTS}, only biases may be None; "
+                             f"got {len(weights)}, missing {missing}")
+        qkv, fc = weights[2], weights[8]
         C, F = qkv.shape[1], fc.shape[0]
         expected = {0: (C,), 1: (C,), 2: (3 * C, C), 3: (3 * C,), 4: (C, C), 5: (C,),
                     6: (C,), 7: (C,), 8: (F, C), 9: (F,), 10: (C, F), 11: (C,)}
         wrong = [f"{WEIGHTS[i]} {tuple(w.shape)} (expected {expected[i]})" for i, w in enumerate(weights)
                  if w is not None and tuple(w.shape) != expected[i]]
-        if wrong or weights[0] is None or C % n_head or activation not in ACTIVATIONS:
+        if wrong or C % n_head or activation not in ACTIVATIONS:
             raise ValueError(f"block_step cannot take this block: {', '.join(wrong) or 'shapes fit'}; n_embd {C}, "
                              f"n_head {n_head}, activation {activation!r} (one of {sorted(ACTIVATIONS)})")
         self.weights = weights
@@ -180,14 +184,15 @@ class BlockPlan:
         """Whether C can read these tensors: plain contiguous CPU tensors, all float32 or all
         bfloat16, and built here."""
         first = weights[0]
-        return first is not None and first.dtype in DTYPES and available() and \
-            all(w is None or _plain(w, first.dtype) for w in weights)
+        if any(weights[i] is None for i in range(0, len(WEIGHTS), 2)):  # only a bias may be missing
+            return False
+        return first.dtype in DTYPES and available() and all(w is None or _plain(w, first.dtype) for w in weights)
 
     def matches(self, weights: tuple[torch.Tensor | None, ...]) -> bool:
-        """Whether `weights` are this plan's tensors at the addresses it holds."""
-        mine = self.weights
-        return all(a is b for a, b in zip(weights, mine)) and \
-            all((w.data_ptr() if w is not None else 0) == address for w, address in zip(weights, self.addresses))
+        """Whether `weights` are this plan's tensors, at the addresses and in the dtype it holds."""
+        dtype = self.dtype
+        return all(a is b for a, b in zip(weights, self.weights)) and all(
+            w is None or (w.data_ptr() == address and w.dtype == dtype) for w, address in zip(weights, self.addresses))
 
     def step(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int, count: int) -> torch.Tensor | None:
         """The block for one token: x + attn(ln_1(x)), then + mlp(ln_2(.)), as

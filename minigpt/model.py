@@ -177,7 +177,6 @@ class MLP(nn.Module):
         self.fc = Linear(config.n_embd, config.mlp_width, bias=config.bias)
         self.proj = Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.activation = config.activation
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # (B, T, mlp_width): before / after GELU
 
@@ -215,12 +214,18 @@ class Block(nn.Module):
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln_2(mlp_in))))
 
     def _c_may_decode(self, x: torch.Tensor, cache) -> bool:
-        """Whether one token of one row may take `cpu_decode.block_step` (this block's forward in
-        one C call, about 0.2 ms less per block on the development VM): only where nothing could
-        tell it from the torch path below. No gradient, no active dropout, no hook anywhere in
-        the block (torch's global module hooks included), no optional hook point switched on,
-        the modules this file defines (not LoRA's or another wrapper), eager CPU execution (no
-        compile, tracer, dispatch mode or torch.func), and the cache's own layer type."""
+        """Whether one token of one row may take `cpu_decode` (this block's forward in one C
+        call, about 0.2 ms less per block on the development VM): only where nothing but
+        rounding could tell it from the torch path below. No gradient, no active dropout, no
+        hook anywhere in the block (torch's global module hooks included), no optional hook
+        point switched on, the modules this file defines with their own `forward` (not LoRA's
+        or another wrapper, nor a patched method), eager CPU execution (no compile, tracer,
+        dispatch mode or torch.func), and the cache's own layer type.
+
+        The rounding: float32 rounding for a float32 model. A bfloat16 model's block computes
+        in float32 between the values it reads and those it stores (the cache's new key and
+        value, its output), where torch's operators round every intermediate to bfloat16: its
+        logits are closer to float64's, and differ from torch's path by bfloat16 steps."""
         if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in cpu_decode.DTYPES or type(cache) is not LayerCache:
             return False
         if not cpu_decode.available() or _global_module_hooks() or not _hook_free(self):
@@ -230,7 +235,10 @@ class Block(nn.Module):
         if (type(parts["ln_1"]), type(parts["ln_2"]), type(attn), type(mlp)) != (LayerNorm, LayerNorm, CausalSelfAttention, MLP):
             return False
         a, m = attn._modules, mlp._modules
-        if {type(a["qkv"]), type(a["proj"]), type(m["fc"]), type(m["proj"])} != {Linear}:
+        products = (a["qkv"], a["proj"], m["fc"], m["proj"])
+        if {type(p) for p in products} != {Linear}:
+            return False
+        if _patched_forward() or any("forward" in part.__dict__ for part in (self, attn, mlp, parts["ln_1"], parts["ln_2"], *products)):
             return False
         if self.training and (attn.dropout or a["resid_dropout"].p or m["dropout"].p):
             return False
@@ -243,22 +251,28 @@ class Block(nn.Module):
         torch path), or None where the kernel cannot take these tensors."""
         attn, mlp = self._modules["attn"], self._modules["mlp"]
         slot, count = cache.one_token_slots(start)
-        if slot >= cache.k.shape[2]:
+        if max(slot + 1, count) > cache.k.shape[2]:
             return None  # past a shortened cache: torch's path says so
         ln_1, ln_2 = self._modules["ln_1"], self._modules["ln_2"]
         parameters = [m._parameters for m in (ln_1, attn._modules["qkv"], attn._modules["proj"], ln_2,
                                               mlp._modules["fc"], mlp._modules["proj"])]
         weights = tuple(p.get(name) for p in parameters for name in ("weight", "bias"))  # a missing bias: None
-        plan = _C_PLANS.get(self)
-        if plan is None or not plan.matches(weights):
+        settings = (attn.n_head, ln_1.eps, ln_2.eps, attn.scale, mlp.approximate)
+        settings_and_plan = _C_PLANS.get(self)
+        if settings_and_plan is None or settings_and_plan[0] != settings or not settings_and_plan[1].matches(weights):
             if not cpu_decode.BlockPlan.usable(weights) or weights[2].shape[0] != 3 * x.shape[-1] or ln_1.eps != ln_2.eps:
-                return None  # not float32 on the CPU, tensor parallel's share of heads, two epsilons
+                return None  # not float32/bfloat16 on the CPU, tensor parallel's share of heads, two epsilons
             _HOOK_FREE.pop(self, None)  # new modules may bring hooks registered before the last walk
             if not _hook_free(self):
                 return None
-            plan = _C_PLANS[self] = cpu_decode.BlockPlan(weights, n_head=attn.n_head, eps=ln_1.eps, scale=attn.scale,
-                                                         activation=mlp.activation)
-        return plan.step(x, cache.k, cache.v, slot, count)
+            activation = "gelu_tanh" if mlp.approximate == "tanh" else "gelu"  # as MLP.forward reads it
+            try:
+                plan = cpu_decode.BlockPlan(weights, n_head=attn.n_head, eps=ln_1.eps, scale=attn.scale,
+                                            activation=activation)
+            except ValueError:
+                return None  # a shape the kernel does not take (a bias that broadcasts): torch's path
+            settings_and_plan = _C_PLANS[self] = (settings, plan)
+        return settings_and_plan[1].step(x, cache.k, cache.v, slot, count)
 
     def _attention_input(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ln_1(x) (B, T, C); with per-head inputs switched on, ln_1 of a copy of x for each
@@ -281,9 +295,15 @@ def _global_module_hooks() -> bool:
     return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
 
 
-_C_PLANS: "weakref.WeakKeyDictionary[Block, cpu_decode.BlockPlan]" = weakref.WeakKeyDictionary()
-"""Each block's weights as `cpu_decode` reads them, kept outside the module (so pickling,
-deepcopy and state dicts never see them) and rebuilt when they no longer match."""
+_C_PLANS: "weakref.WeakKeyDictionary[Block, tuple[tuple, cpu_decode.BlockPlan]]" = weakref.WeakKeyDictionary()
+"""Each block's settings (heads, epsilons, scale, GELU) and weights as `cpu_decode` reads them,
+kept outside the module (so pickling, deepcopy and state dicts never see them) and rebuilt
+when either no longer matches."""
+
+
+def _patched_forward() -> bool:
+    """Whether a class's `forward` that the C block stands for was replaced since import."""
+    return any(cls.forward is not forward for cls, forward in _OWN_FORWARDS)
 
 
 _HOOK_FREE: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
@@ -296,7 +316,9 @@ def _hook_free(module: nn.Module) -> bool:
     since a walk found none, there is still none (removing a hook cannot add one), and the walk
     is skipped: it reads ~35 modules that a decoded token's weights have pushed out of the
     cache, 0.13 ms of a 6 x 384 token and 0.37 of a 124M one (benchmarks/NOTES.md). A block
-    whose weights are replaced is walked again (`_decode_in_c` forgets it)."""
+    whose weights are replaced is walked again (`_decode_in_c` forgets it). The one case it
+    misses: a module without weights (a HookPoint, a Dropout) hooked before that walk and
+    swapped into the block after it; hook a module after putting it in place."""
     stamp = getattr(RemovableHandle, "next_id", None)
     if stamp is not None and _HOOK_FREE.get(module) == stamp:
         return True
@@ -555,3 +577,6 @@ class GPT(nn.Module):
 
         save_pretrained(self, path)
 
+
+
+_OWN_FORWARDS = tuple((cls, cls.forward) for cls in (LayerNorm, Linear, CausalSelfAttention, MLP, HookPoint))

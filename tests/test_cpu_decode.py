@@ -94,7 +94,7 @@ def test_off_without_a_compiler_or_when_asked(tmp_path):
     code = ("from minigpt import cpu_decode, ops; import torch; print(cpu_decode.available()); "
             "w = torch.randn(2048, 256); x = torch.randn(1, 256);"
             "print(torch.allclose(ops.linear(x, w), x @ w.T, rtol=1e-5, atol=1e-4))")
-    for env in ({"CC": str(tmp_path / "no-such-cc")}, {"MINIGPT_CPU_DECODE": "0"}):
+    for env in ({"CC": str(tmp_path / "no-such-cc")}, {"MINIGPT_CPU_DECODE": "0"}, {"MINIGPT_CPU_GEMV": "0"}):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env})
         assert done.stdout.split() == ["False", "True"], done.stderr
@@ -218,11 +218,13 @@ def test_block_step_same_bits_at_any_thread_count():
     threads = torch.get_num_threads()
     try:
         results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(torch.stack(_decode_logits(model, ids, 4)))
+        with counting_block_steps() as block_steps:
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results.append(torch.stack(_decode_logits(model, ids, 4)))
     finally:
         torch.set_num_threads(threads)
+    assert len(block_steps) == 3 * 2 * 8
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
@@ -372,7 +374,7 @@ def _block_reference(weights, x, k, v, slot, count, *, n_head, eps, scale, activ
     x = x + product(z, proj_w, proj_b)
     hidden = torch.nn.functional.gelu(product(norm(x, ln2_w, ln2_b), fc_w, fc_b),
                                       approximate="tanh" if activation == "gelu_tanh" else "none")
-    return x + product(hidden, mproj_w, mproj_b)
+    return x + product(hidden, mproj_w, mproj_b), keys[:, slot], values[:, slot]
 
 
 @needs_kernel
@@ -396,11 +398,106 @@ def test_block_plan_step_matches_a_float64_block(n_head, head_dim, n_inner, bias
     k_before, v_before = k.clone(), v.clone()
     settings_ = dict(n_head=n_head, eps=1e-5, scale=head_dim ** -0.5, activation=activation)
     out = cpu_decode.BlockPlan(weights, **settings_).step(x, k, v, slot, count)
-    expected = _block_reference(weights, x, k_before, v_before, slot, count, cache_dtype=dtype, **settings_)
+    expected, k_new, v_new = _block_reference(weights, x, k_before, v_before, slot, count, cache_dtype=dtype,
+                                              **settings_)
     assert out.dtype == dtype and out.shape == x.shape
-    if bfloat16:  # float32 inside, one rounding at the end: within one bfloat16 step of float64's
-        torch.testing.assert_close(out.double().reshape(C), expected, rtol=2**-8, atol=1e-5)
-    else:
-        torch.testing.assert_close(out.double().reshape(C), expected, rtol=1e-4, atol=1e-4)
+    # bfloat16: float32 inside, one rounding where stored, so within one bfloat16 step of float64's.
+    tolerance = dict(rtol=2**-8, atol=1e-5) if bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double().reshape(C), expected, **tolerance)
+    torch.testing.assert_close(k[0, :, slot].double(), k_new, **tolerance)  # each head's key in its row
+    torch.testing.assert_close(v[0, :, slot].double(), v_new, **tolerance)
     others = [s for s in range(capacity) if s != slot]
     assert torch.equal(k[:, :, others], k_before[:, :, others]) and torch.equal(v[:, :, others], v_before[:, :, others])
+
+
+@needs_kernel
+def test_a_bfloat16_model_decodes_closer_to_float64_than_torchs_bfloat16_path(monkeypatch):
+    # The same bfloat16 weights three ways: C (float32 between reads and stores), torch's
+    # bfloat16 operators (every intermediate rounded), and float64. The first token has no
+    # prompt, so the cache holds only what each path wrote.
+    model = _random_model(GPTConfig(vocab_size=200, block_size=40, n_layer=3, n_head=4, n_embd=128), seed=7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 / 3)
+    model = model.to(torch.bfloat16)
+    reference = GPT(model.config).double().eval()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 200, (1, 30), generator=torch.Generator().manual_seed(8))
+    expected = torch.stack(_decode_logits(reference, ids, 1))
+    with counting_block_steps() as block_steps:
+        ours = torch.stack(_decode_logits(model, ids, 1)).double()
+    assert len(block_steps) == 3 * 30
+    monkeypatch.setattr(model_module.Block, "_c_may_decode", lambda *args: False)
+    torchs = torch.stack(_decode_logits(model, ids, 1)).double()
+    scale = expected.abs().mean()
+    assert (ours - expected).abs().mean() < 0.9 * (torchs - expected).abs().mean()
+    torch.testing.assert_close(ours, expected, rtol=0.0, atol=0.05 * scale)
+
+
+@needs_kernel
+def test_two_threads_share_a_gpt2_sized_block(block_steps):
+    # GPT-2's width: the rows of each product and the heads split over two threads, in float32
+    # against float64.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = _random_model(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=12, n_embd=768), seed=9)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.1)
+        reference = GPT(model.config).double().eval()
+        reference.load_state_dict(model.state_dict())
+        ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(10))
+        for ours, theirs in zip(_decode_logits(model, ids, 2), _decode_logits(reference, ids, 2)):
+            torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(block_steps) == 4
+
+
+@needs_kernel
+def test_what_the_kernel_does_not_take_goes_to_torch(block_steps):
+    model = _small_model()
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        model.blocks[0].mlp.fc.bias = torch.nn.Parameter(torch.randn(1))  # a bias that broadcasts
+        model.blocks[1].mlp.approximate = "none"  # the GELU changed after the plan was made: seen
+        model.blocks[1].attn.forward = model.blocks[1].attn.forward  # an instance's own forward
+    ours = _decode_logits(model, ids, 4)
+    assert block_steps == []
+    monkeypatch_free = model_module.Block._c_may_decode
+    try:
+        model_module.Block._c_may_decode = lambda *args: False
+        for a, b in zip(ours, _decode_logits(model, ids, 4)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    finally:
+        model_module.Block._c_may_decode = monkeypatch_free
+    # A cache shorter than the sequence: torch's path says so, as it would without the kernel.
+    short = _small_model()
+    with torch.no_grad():
+        cache = short.new_cache(1, max_length=3)
+        for t in range(3):
+            short(ids[:, t:t + 1], cache=cache)
+        with pytest.raises(ValueError, match=r"holds 3 tokens \(max_length\) and token 3 does not fit"):
+            short(ids[:, 3:4], cache=cache)
+
+
+@needs_kernel
+def test_settings_changed_after_the_first_token_are_read(block_steps):
+    model = _small_model()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(12))
+    _decode_logits(model, ids, 4)
+    for block in model.blocks:
+        block.mlp.approximate = "none"
+        block.ln_1.eps = block.ln_2.eps = 0.5
+        block.attn.scale = 1.0
+    reference = _small_model().double()
+    reference.load_state_dict(model.state_dict())
+    for block in reference.blocks:
+        block.mlp.approximate = "none"
+        block.ln_1.eps = block.ln_2.eps = 0.5
+        block.attn.scale = 1.0
+    block_steps.clear()
+    for ours, theirs in zip(_decode_logits(model, ids, 4), _decode_logits(reference, ids, 4)):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
+    assert len(block_steps) == 8
