@@ -25,7 +25,9 @@ bfloat16 weights, at 2 threads and at 1; and the aggregate tokens/s of batches o
   a model trained on tiny Shakespeare (`--trained`, a run folder, e.g. the main job's).
 - **Where the time goes.** `--breakdown` profiles minigpt's float32 decoding per token:
   the matrix products by layer part (attention, MLP, head), attention's own work, LayerNorm,
-  sampling, other operators; Python and dispatch are the wall time no operator accounts for.
+  sampling, other operators; minigpt's C calls (a block for one token, the head's product),
+  which torch's profiler cannot see, are timed by wrapping them; Python and dispatch are the
+  wall time none of these accounts for.
   `--breakdown-before <checkout>` profiles another checkout of minigpt the same way.
 
     python benchmarks/bench_decode.py --llama-python /path/to/venv/bin/python \\
@@ -195,8 +197,13 @@ def _child_agreement(folder: str, count: int, threads: int) -> dict:
 
 
 def _child_breakdown(folder: str, threads: int) -> dict:
-    """Per decoded token (batch 1, float32): milliseconds by part, from torch's profiler, and
-    the unprofiled wall time; Python and dispatch are what no operator accounts for."""
+    """Per decoded token (batch 1, float32): milliseconds by part, and the unprofiled wall time.
+
+    torch's profiler sees torch's operators; it cannot see minigpt's C calls (`cpu_decode`:
+    a block for one token, the head's matrix-vector product), which are timed instead by
+    wrapping them in a run of their own. Python and dispatch are what neither accounts for.
+    The 32-token prompt's forward (through torch) is counted in the per-token figures, as
+    in the speed rows."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -211,14 +218,19 @@ def _child_breakdown(folder: str, threads: int) -> dict:
         began = time.perf_counter()
         model.generate(prompt, NEW_TOKENS, temperature=0)
         walls.append(time.perf_counter() - began)
+    parts: dict[str, float] = {}
+    kernels = _time_c_calls(model, prompt)  # {} for a checkout without them
+    for part, ms in kernels.items():
+        parts[part] = ms
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         model.generate(prompt, NEW_TOKENS, temperature=0)
-    parts: dict[str, float] = {}
     products = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::bmm", "aten::mv")
     for event in prof.key_averages(group_by_input_shape=True):
         dims = {d for shape in (event.input_shapes or []) for d in (shape or [])}
         if event.key in products:
             part = "head" if V in dims else "MLP products" if 4 * C in dims else "attention products"
+            if kernels:  # with the C block, torch's products are the prompt's
+                part = "the prompt's products (through torch)"
         elif "attention" in event.key or event.key in ("aten::index_put_", "aten::copy_", "aten::arange", "aten::cat"):
             part = "attention (scores, KV cache)"
         elif "layer_norm" in event.key:
@@ -234,6 +246,45 @@ def _child_breakdown(folder: str, threads: int) -> dict:
     per_token = {k: v / NEW_TOKENS for k, v in parts.items()}
     per_token["Python and dispatch"] = max(0.0, wall_ms / NEW_TOKENS - sum(per_token.values()))
     return {"wall_ms_per_token": wall_ms / NEW_TOKENS, "ms_per_token": per_token}
+
+
+def _time_c_calls(model, prompt) -> dict[str, float]:
+    """Milliseconds in minigpt's C calls over one `generate`: the blocks computed in one call
+    each, and the one-row products (the head's, and the blocks' where they are not in a C
+    block); {} where the checkout has no C kernels (`cpu_decode`, before it `cpu_gemv`)."""
+    try:
+        from minigpt import cpu_decode as kernels
+    except ImportError:
+        try:
+            from minigpt import cpu_gemv as kernels
+        except ImportError:
+            return {}
+    block = "blocks, one C call each (products, attention, LayerNorm, GELU)"
+    spent = {block: 0.0, "head": 0.0, "block products (C, one row)": 0.0}
+    vocab = model.config.vocab_size
+    plan = getattr(kernels, "BlockPlan", None)
+    step, gemv = getattr(plan, "step", None), kernels.gemv
+
+    def timed(fn, part_of):
+        def call(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part_of(*args)] += (time.perf_counter() - began) * 1e3
+        return call
+
+    if plan is not None:
+        plan.step = timed(step, lambda *args: block)
+    kernels.gemv = timed(gemv, lambda x, weight, *rest: "head" if weight.shape[0] == vocab else
+                         "block products (C, one row)")
+    try:
+        model.generate(prompt, NEW_TOKENS, temperature=0)
+    finally:
+        kernels.gemv = gemv
+        if plan is not None:
+            plan.step = step
+    return {part: ms for part, ms in spent.items() if ms}
 
 
 # ---- the parent: never imports torch --------------------------------------------------------
