@@ -501,3 +501,22 @@ def test_settings_changed_after_the_first_token_are_read(block_steps):
     for ours, theirs in zip(_decode_logits(model, ids, 4), _decode_logits(reference, ids, 4)):
         torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
     assert len(block_steps) == 8
+
+
+@needs_kernel
+def test_a_weight_that_is_not_a_parameter_or_a_patched_forward_keeps_torchs_path(block_steps, monkeypatch):
+    model = _small_model()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(13))
+    proj = model.blocks[0].attn.proj
+    weight = proj.weight.detach().clone()
+    del proj.weight
+    proj.register_buffer("weight", weight)  # F.linear reads it; the kernel's plan finds no parameter
+    ours = _decode_logits(model, ids, 4)
+    assert len(block_steps) == 4  # block 1 only
+    block_steps.clear()
+    original = model_module.MLP.forward
+    monkeypatch.setattr(model_module.MLP, "forward", lambda self, x: original(self, x))  # a patched class
+    patched = _decode_logits(model, ids, 4)
+    assert block_steps == []
+    for a, b in zip(ours, patched):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
