@@ -39,9 +39,20 @@ class LayerCache:
         slots = torch.arange(count, device=self.k.device)
         return (end - 1) - ((end - 1 - slots) % self.window)
 
+    def check_fits(self, end: int) -> None:
+        """Raise ValueError unless tokens up to `end` - 1 fit: a dense layer holds max_length
+        tokens, and so does a banded layer whose ring max_length made shorter than its window.
+        (A slice past the buffer is empty, and a one-token write into it would broadcast to
+        nothing: the token would be lost.)"""
+        capacity = self.k.shape[2]
+        if end > capacity and (self.window is None or capacity < self.window):
+            raise ValueError(f"this KV cache holds {capacity} tokens (max_length) and token {end - 1} does not fit; "
+                             f"make it with max_length >= {end}")
+
     def one_token_slots(self, start: int) -> tuple[int, int]:
         """Where token `start` goes when it comes alone (decoding), and how many slots its query
-        then sees: every filled one (a dense layer's tokens 0..start, a banded layer's ring)."""
+        then sees: every filled one (a dense layer's tokens 0..start, a banded layer's ring).
+        Both fit the buffers once `check_fits(start + 1)` has passed."""
         if self.window is None:
             return start, start + 1
         return start % self.window, min(start + 1, self.window)
@@ -54,11 +65,7 @@ class LayerCache:
         """
         T = k.shape[-2]
         end = start + T
-        capacity = self.k.shape[2]
-        if end > capacity and (self.window is None or capacity < self.window):
-            # (a slice past the buffer is empty, and a one-token write into it would broadcast to nothing)
-            raise ValueError(f"this KV cache holds {capacity} tokens (max_length) and token {end - 1} does not fit; "
-                             f"make it with max_length >= {end}")
+        self.check_fits(end)
         if self.window is None:
             self.k[:, :, start:end] = k
             self.v[:, :, start:end] = v

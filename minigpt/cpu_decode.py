@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 WEIGHTS = ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "attn_proj_w", "attn_proj_b",
            "ln2_w", "ln2_b", "fc_w", "fc_b", "mlp_proj_w", "mlp_proj_b")
-"""A block's tensors in `block_step`'s order (a bias may be None)."""
+"""A block's tensors in `BlockPlan`'s order (a bias may be None)."""
 ACTIVATIONS = {"gelu": 1, "gelu_tanh": 2}
 """GPTConfig.activation -> the C file's code for it."""
 
@@ -114,7 +114,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether `gemv` and `block_step` can run here (built and loaded on the first call)."""
+    """Whether `gemv` and `BlockPlan.step` can run here (built and loaded on the first call)."""
     return _library() is not None
 
 
@@ -162,7 +162,7 @@ class BlockPlan:
                  activation: str) -> None:
         missing = [WEIGHTS[i] for i in range(0, len(WEIGHTS), 2) if weights[i] is None]
         if len(weights) != len(WEIGHTS) or missing:
-            raise ValueError(f"block_step takes the {len(WEIGHTS)} tensors {WEIGHTS}, only biases may be None; "
+            raise ValueError(f"BlockPlan takes the {len(WEIGHTS)} tensors {WEIGHTS}, only biases may be None; "
                              f"got {len(weights)}, missing {missing}")
         qkv, fc = weights[2], weights[8]
         C, F = qkv.shape[1], fc.shape[0]
@@ -171,7 +171,7 @@ class BlockPlan:
         wrong = [f"{WEIGHTS[i]} {tuple(w.shape)} (expected {expected[i]})" for i, w in enumerate(weights)
                  if w is not None and tuple(w.shape) != expected[i]]
         if wrong or C % n_head or activation not in ACTIVATIONS:
-            raise ValueError(f"block_step cannot take this block: {', '.join(wrong) or 'shapes fit'}; n_embd {C}, "
+            raise ValueError(f"BlockPlan cannot take this block: {', '.join(wrong) or 'shapes fit'}; n_embd {C}, "
                              f"n_head {n_head}, activation {activation!r} (one of {sorted(ACTIVATIONS)})")
         self.weights = weights
         self.addresses = tuple(w.data_ptr() if w is not None else 0 for w in weights)
@@ -208,7 +208,7 @@ class BlockPlan:
         capacity = k.shape[2]
         if x.numel() != C or k.shape != v.shape or tuple(k.shape) != (1, H, capacity, C // H) \
                 or not 0 <= slot < capacity or not 0 < count <= capacity:
-            raise ValueError(f"block_step: x {tuple(x.shape)}, cache {tuple(k.shape)}, slot {slot} and count {count} "
+            raise ValueError(f"BlockPlan.step: x {tuple(x.shape)}, cache {tuple(k.shape)}, slot {slot} and count {count} "
                              f"do not fit a block of n_embd {C} with {H} heads (cache (1, {H}, capacity, {C // H}), "
                              f"0 <= slot < capacity, 0 < count <= capacity)")
         out = torch.empty(x.shape, dtype=self.dtype, device="cpu")

@@ -250,9 +250,8 @@ class Block(nn.Module):
         """This block's output for one token by `cpu_decode` (its reference is `forward`'s
         torch path), or None where the kernel cannot take these tensors."""
         attn, mlp = self._modules["attn"], self._modules["mlp"]
+        cache.check_fits(start + 1)  # past a shortened cache: the same error as torch's path
         slot, count = cache.one_token_slots(start)
-        if max(slot + 1, count) > cache.k.shape[2]:
-            return None  # past a shortened cache: torch's path says so
         ln_1, ln_2 = self._modules["ln_1"], self._modules["ln_2"]
         parameters = [m._parameters for m in (ln_1, attn._modules["qkv"], attn._modules["proj"], ln_2,
                                               mlp._modules["fc"], mlp._modules["proj"])]
@@ -331,7 +330,7 @@ def _hook_free(module: nn.Module) -> bool:
 
 def _hooked(module: nn.Module) -> bool:
     """Whether a forward hook or pre-hook sits on `module` or any module inside it (a walk of
-    the `_modules` dicts: a third of `module.modules()`'s cost, paid once per block per token)."""
+    the `_modules` dicts: a third of `module.modules()`'s cost, paid when `_hook_free` cannot skip it)."""
     stack = [module]
     while stack:
         m = stack.pop()
@@ -578,5 +577,5 @@ class GPT(nn.Module):
         save_pretrained(self, path)
 
 
-
+# The forwards the C block stands for, as defined above (`_patched_forward` compares against them).
 _OWN_FORWARDS = tuple((cls, cls.forward) for cls in (LayerNorm, Linear, CausalSelfAttention, MLP, HookPoint))

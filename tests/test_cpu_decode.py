@@ -456,7 +456,7 @@ def test_two_threads_share_a_gpt2_sized_block(block_steps):
 
 
 @needs_kernel
-def test_what_the_kernel_does_not_take_goes_to_torch(block_steps):
+def test_what_the_kernel_does_not_take_goes_to_torch(block_steps, monkeypatch):
     model = _small_model()
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
@@ -465,13 +465,10 @@ def test_what_the_kernel_does_not_take_goes_to_torch(block_steps):
         model.blocks[1].attn.forward = model.blocks[1].attn.forward  # an instance's own forward
     ours = _decode_logits(model, ids, 4)
     assert block_steps == []
-    monkeypatch_free = model_module.Block._c_may_decode
-    try:
-        model_module.Block._c_may_decode = lambda *args: False
+    with monkeypatch.context() as torch_only:
+        torch_only.setattr(model_module.Block, "_c_may_decode", lambda *args: False)
         for a, b in zip(ours, _decode_logits(model, ids, 4)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    finally:
-        model_module.Block._c_may_decode = monkeypatch_free
     # A cache shorter than the sequence: torch's path says so, as it would without the kernel.
     short = _small_model()
     with torch.no_grad():
