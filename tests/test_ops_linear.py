@@ -42,9 +42,10 @@ def test_float32_products_take_onednn_and_match_float64(rows, lead, in_features,
 
 
 @settings(max_examples=15, deadline=None)
-@given(rows=st.integers(1, 70), out_features=st.sampled_from([5, 384, 1001]), bias=st.booleans(),
+@given(rows=st.integers(1, 70), out_features=st.sampled_from([5, 96, 384, 1001]), bias=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_onednn_gradients_match_float64(rows, out_features, bias, seed):
+    """out_features below 384 take dW as dy^T x, the others as (x^T dy)^T."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, rows, 384, generator=g, requires_grad=True)
     weight = torch.randn(out_features, 384, generator=g, requires_grad=True)

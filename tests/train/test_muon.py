@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from minigpt import GPT
 from minigpt.train import TrainConfig, build_optimizer
-from minigpt.train.muon import MuonWithAdamW, orthogonalize
+from minigpt.train.muon import MuonWithAdamW, iteration_dtype, orthogonalize
 from tests.train.common import tiny_gpt_config
 
 
@@ -22,7 +22,7 @@ def test_orthogonalize_keeps_singular_vectors_and_pulls_singular_values_towards_
     g = torch.Generator().manual_seed(seed)
     matrix = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    out = orthogonalize(matrix.float()).double()
+    out = orthogonalize(matrix.float(), dtype=torch.float32).double()
     assert out.shape == matrix.shape and out.dtype == torch.float64
     # In the singular basis of the input the output is diagonal: same singular vectors ...
     core = u.T @ out @ vh.T
@@ -53,17 +53,35 @@ def _reference_muon(weight, grads, lr, momentum, weight_decay):
     return w
 
 
-@pytest.mark.parametrize("shape", [(24, 8), (8, 24), (16, 16)])
-def test_muon_update_matches_a_float64_restatement(shape):
+# Four updates of lr 0.01 move each weight by about 0.05; the iteration's own rounding in
+# bfloat16 (8 bits of mantissa) leaves about 1e-3 of that.
+ITERATION_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24), (16, 16), (3, 16, 16)])
+def test_muon_update_matches_a_float64_restatement(shape, ns_dtype):
+    """A stack (3, 16, 16) checks that each matrix of a stack is orthogonalized on its own."""
     torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(shape))
-    grads = [torch.randn(shape) for _ in range(4)]
-    expected = _reference_muon(weight.detach(), grads, lr=0.01, momentum=0.95, weight_decay=0.1)
-    optimizer = MuonWithAdamW([{"params": [weight], "muon": True, "weight_decay": 0.1}], lr=0.01)
-    for grad in grads:
-        weight.grad = grad.clone()
+    weights = [torch.nn.Parameter(w) for w in torch.randn(shape).reshape(-1, *shape[-2:])]
+    grads = [[torch.randn(shape[-2:]) for _ in weights] for _ in range(4)]
+    expected = [_reference_muon(w.detach(), [g[i] for g in grads], lr=0.01, momentum=0.95, weight_decay=0.1)
+                for i, w in enumerate(weights)]
+    optimizer = MuonWithAdamW([{"params": weights, "muon": True, "weight_decay": 0.1}], lr=0.01, ns_dtype=ns_dtype)
+    for step_grads in grads:
+        for w, g in zip(weights, step_grads):
+            w.grad = g.clone()
         optimizer.step()
-    torch.testing.assert_close(weight.detach().double(), expected, rtol=0, atol=1e-5)  # float32 iteration
+    for w, e in zip(weights, expected):
+        torch.testing.assert_close(w.detach().double(), e, rtol=0, atol=ITERATION_ATOL[ns_dtype])
+
+
+def test_iteration_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert iteration_dtype(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert iteration_dtype(torch.device("cpu")) == torch.float32
+    assert iteration_dtype(torch.device("cuda")) == torch.bfloat16
 
 
 def test_adamw_groups_match_torch_adamw():
