@@ -12,8 +12,8 @@ Each side is one whole command in a fresh process, timed from launch to exit:
 They alternate for --rounds rounds at each thread count (OMP_NUM_THREADS, which both torch
 processes read at start-up: neither command gains a flag). Reported per round and as
 medians: wall seconds, the final validation loss, the ratio of wall times, and the wall
-time at which each first reached nanoGPT's final loss (minigpt's from its metrics.jsonl
-evaluations; nanoGPT's from its own evaluation lines).
+time after launch at which each first reached nanoGPT's final loss (from when each
+evaluation's log line arrived, start-up included for both).
 
     python benchmarks/bench_main_job.py --nanogpt /path/to/nanoGPT
 
@@ -38,6 +38,7 @@ NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=F
                 "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
                 "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
 EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+MINIGPT_EVAL_LINE = re.compile(r"step (\d+): val_loss ([\d.]+)")
 
 
 def _timed(cmd: list[str], cwd: Path, threads: int) -> tuple[float, list[tuple[float, str]]]:
@@ -55,10 +56,12 @@ def _timed(cmd: list[str], cwd: Path, threads: int) -> tuple[float, list[tuple[f
 
 
 def run_minigpt(threads: int) -> dict:
+    """Its evaluations timed, as nanoGPT's, by when their log line arrived after launch."""
     with tempfile.TemporaryDirectory() as out:
-        wall, _ = _timed([sys.executable, "-m", "minigpt", "train", "--out-dir", out], REPO, threads)
+        wall, lines = _timed([sys.executable, "-m", "minigpt", "train", "--out-dir", out], REPO, threads)
         records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
-    evals = [(r["wall_s"], r["val_loss"]) for r in records if r["kind"] == "eval"]
+    logged = {int(m.group(1)): stamp for stamp, line in lines if (m := MINIGPT_EVAL_LINE.search(line))}
+    evals = [(logged[r["step"]], r["val_loss"]) for r in records if r["kind"] == "eval"]
     return {"wall_s": wall, "val_loss": evals[-1][1], "evals": evals}
 
 

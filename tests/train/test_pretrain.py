@@ -39,7 +39,7 @@ def test_file_then_overrides(tmp_path):
     ("lrr=1", r"no section has a key 'lrr'. Valid keys are model: .*; train: "),
     ("seed=1", r"'seed' is in several sections; write --train.seed=... or --sample.seed=..."),
     ("train.lr=-1", r"lr=-1.0 must be > 0 \(from --train.lr\)"),
-    ("model.n_embd=130", r"n_embd=130 is not divisible by n_head=4"),
+    ("model.n_embd=130", r"n_embd=130 is not divisible by n_head=3"),
     ("data.tokenizer=bpe", r"tokenizer='bpe' must be one of"),
 ])
 def test_bad_overrides_are_named_errors(override, message):
@@ -189,7 +189,7 @@ def test_absurd_block_size_is_refused_up_front_naming_the_sizes(tmp_path):
         main(["train", "--data", str(corpus), "--out-dir", str(tmp_path / "run"), "--block_size=100000",
               "--n_layer=4000", "--max_steps=1"])
     message = str(err.value)
-    assert "model.block_size=100000 with train.batch_size=32" in message and "GiB" in message
+    assert "model.block_size=100000 with train.batch_size=48" in message and "GiB" in message
     assert "--model.block_size" in message  # the fix
     assert not (tmp_path / "run").exists()  # refused before anything was prepared or built
 
