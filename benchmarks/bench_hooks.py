@@ -80,7 +80,7 @@ def _per_call_ms(fn, calls: int) -> float:
 def run(rounds: int, threads: int, compare: str | None = None) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_preset("tiny")).eval()  # the main job's model: 4 layers, n_embd 128
+    model = GPT(GPTConfig.from_preset("tiny")).eval()  # the main job's model
     before = model_at(BEFORE, model)
     other = model_at(compare, model) if compare else None
     V = model.config.vocab_size
@@ -115,8 +115,10 @@ def run(rounds: int, threads: int, compare: str | None = None) -> dict:
             "overhead_pct_min": {name: 100 * (m / low["without hook points"] - 1) for name, m in low.items()
                                  if name != "without hook points"},
         })
+    c = model.config
     return {
-        "model": "tiny preset (4 layers, 4 heads, n_embd 128, dense/banded w=32), float32, no_grad",
+        "model": f"tiny preset ({c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, "
+                 f"{'/'.join(c.attention_pattern)} w={c.attention_window}), float32, no_grad",
         "compare": compare, "rounds": rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "results": results,
     }

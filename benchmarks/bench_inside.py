@@ -71,11 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     from minigpt.model_dir import resolve_model_dir
+    from minigpt.weights import read_config
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         gpt2 = _gpt2_shaped(Path(tmp) / "gpt2-6x384")
-        for name, folder, length in (("main job (4 x 128, char, context 64)", resolve_model_dir(args.main_job), 64),
+        main_job = resolve_model_dir(args.main_job)
+        main_config = read_config(main_job)[1]
+        main_name = f"main job ({main_config.n_layer} x {main_config.n_embd}, char, context 64)"
+        for name, folder, length in ((main_name, main_job, 64),
                                      ("GPT-2 shape (6 x 384, 50257 vocab)", gpt2, 64),
                                      ("GPT-2 shape (6 x 384, 50257 vocab)", gpt2, 256)):
             row = {"model": name, **measure(folder, length, args.threads, args.repeats)}

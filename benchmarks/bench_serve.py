@@ -7,7 +7,7 @@ the same batch, all in one run on this machine.
 
 The server is a real `minigpt serve` process on 127.0.0.1 (its own torch threads), driven
 by the official `openai` client over HTTP, greedy (temperature 0), so every mode produces
-the same tokens. Models: the README's main job (trained here for its 500 updates unless
+the same tokens. Models: the README's main job (trained here by its recipe unless
 --main-job points at one) and a GPT-2-shaped model of 6 layers x 384 (GPT-2's vocabulary,
 random weights, saved as transformers saves GPT-2), for which transformers' GPT2LMHeadModel
 runs `generate` on the same 16 prompts as one left-padded batch. Never asserts: it reports.
@@ -214,8 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         main_job = args.main_job or _train_main_job(Path(tmp) / "shakespeare", args.threads)
         from minigpt.model_dir import resolve_model_dir
+        from minigpt.weights import read_config
 
-        models = {"main job (tiny recipe, 4 x 128, char)": resolve_model_dir(main_job),
+        main_config = read_config(resolve_model_dir(main_job))[1]
+        models = {f"main job (tiny recipe, {main_config.n_layer} x {main_config.n_embd}, char)": resolve_model_dir(main_job),
                   "GPT-2 shape (6 x 384, 50257 vocab)": _gpt2_shaped(Path(tmp) / "gpt2-6x384")}
         for name, folder in models.items():
             row = {"model": name, **run_server(folder, args.threads, args.repeats),

@@ -349,11 +349,10 @@ def _one_dnn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None)
 
 class _OneDnnLinear(torch.autograd.Function):
     """y = x W^T + b with every product by oneDNN: forward x W^T, backward dy W (for dx) and
-    dW. dW as (x^T dy)^T (x^T made contiguous, dy read transposed in place, the result
-    handed on as a transposed view) where the input is no wider than the output: that order
-    ran at 354 GFLOP/s on GPT-2's head where dy^T x ran at 180. Where the input is wider (an
-    MLP's down-projection), dy^T x with both read transposed in place: copying the wide x^T
-    cost more than the product it served (benchmarks/NOTES.md)."""
+    dW, with x and dy read transposed in place (no copies; benchmarks/NOTES.md). dW as
+    (x^T dy)^T, handed on as a transposed view, where the input is no wider than the output:
+    that order ran at 354 GFLOP/s on GPT-2's head where dy^T x ran at 180; as dy^T x where
+    the input is wider (an MLP's down-projection), which there is the faster order."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -369,7 +368,7 @@ class _OneDnnLinear(torch.autograd.Function):
         dx = _one_dnn(grad, weight.t()) if ctx.needs_input_grad[0] else None  # (M, K)
         dw = None
         if ctx.needs_input_grad[1]:  # (N, K)
-            dw = _one_dnn(grad.t(), x.t()) if x.shape[1] > grad.shape[1] else _one_dnn(x.t().contiguous(), grad.t()).t()
+            dw = _one_dnn(grad.t(), x.t()) if x.shape[1] > grad.shape[1] else _one_dnn(x.t(), grad.t()).t()
         db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
