@@ -38,7 +38,7 @@ NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=F
                 "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
                 "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
 EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
-MINIGPT_EVAL_LINE = re.compile(r"step (\d+): val_loss ([\d.]+)")
+MINIGPT_EVAL_LINE = re.compile(r"step (\d+): val_loss (\S+)")
 
 
 def _timed(cmd: list[str], cwd: Path, threads: int) -> tuple[float, list[tuple[float, str]]]:
@@ -61,6 +61,10 @@ def run_minigpt(threads: int) -> dict:
         wall, lines = _timed([sys.executable, "-m", "minigpt", "train", "--out-dir", out], REPO, threads)
         records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     logged = {int(m.group(1)): stamp for stamp, line in lines if (m := MINIGPT_EVAL_LINE.search(line))}
+    steps = [r["step"] for r in records if r["kind"] == "eval"]
+    if missing := [step for step in steps if step not in logged]:
+        raise RuntimeError(f"minigpt's output has no 'step N: val_loss' line for the evaluations at steps {missing}; "
+                           f"the bench times them by those lines")
     evals = [(logged[r["step"]], r["val_loss"]) for r in records if r["kind"] == "eval"]
     return {"wall_s": wall, "val_loss": evals[-1][1], "evals": evals}
 

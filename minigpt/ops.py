@@ -296,7 +296,7 @@ def _masked_attention(q, k, v, mask, scale, implementation, return_probs):
 # oneDNN has a fixed cost per call (about 12 us more than MKL's) that a matrix-vector product
 # wins back only when its matrix streams from memory: a product of at most this many rows ...
 GEMV_MAX_ROWS = 16
-# ... with fewer weight entries than this stays with MKL (the tiny recipe's 128-wide matrices,
+# ... with fewer weight entries than this stays with MKL (the tiny recipe's 96-wide matrices,
 # which sit in cache; 384 x 384 already streams).
 GEMV_MIN_WEIGHTS = 1 << 17
 
@@ -349,10 +349,11 @@ def _one_dnn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None)
 
 class _OneDnnLinear(torch.autograd.Function):
     """y = x W^T + b with every product by oneDNN: forward x W^T, backward dy W (for dx) and
-    dW, with x and dy read transposed in place (no copies; benchmarks/NOTES.md). dW as
-    (x^T dy)^T, handed on as a transposed view, where the input is no wider than the output:
-    that order ran at 354 GFLOP/s on GPT-2's head where dy^T x ran at 180; as dy^T x where
-    the input is wider (an MLP's down-projection), which there is the faster order."""
+    dW, with x and dy passed as transposed views (oneDNN copies a transposed input itself
+    where it needs to; benchmarks/NOTES.md). dW as (x^T dy)^T, handed on as a transposed
+    view, where the input is no wider than the output: on GPT-2's head that order took 117
+    ms where dy^T x took 226; as dy^T x where the input is wider (an MLP's down-projection),
+    which there is the faster order (3.2 against 4.4 ms at 1024 x 1536 -> 384)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -96,6 +96,8 @@ def test_show_config_prints_the_effective_config_without_training(tmp_path, caps
     main(["train", "--preset", "tiny-bpe", "--out-dir", str(tmp_path / "run"), "--show-config", "--max_steps=7"])
     config = json.loads(capsys.readouterr().out)
     assert config["model"]["vocab_size"] == 50257 and config["train"]["max_steps"] == 7
+    # first_hour.md's figures were measured at this shape, not the tiny preset's own
+    assert (config["model"]["n_layer"], config["model"]["n_head"], config["model"]["n_embd"]) == (4, 4, 128)
     assert config["data"]["tokenizer"] == "gpt2" and not (tmp_path / "run").exists()
 
 

@@ -16,9 +16,9 @@ Recipe = dict[str, dict[str, Any]]
 
 
 def tiny() -> Recipe:
-    """The README's main job: character-level tiny Shakespeare on a 2-core CPU in about 40
-    seconds, to a validation loss below 1.60 (issue 31), in half the time nanoGPT's CPU
-    recipe takes to reach 1.89. Tuned by measurement, see benchmarks/NOTES.md: Muon gets far
+    """The README's main job: character-level tiny Shakespeare on a 2-core CPU in 40-50
+    seconds, to a validation loss below 1.60 (issue 31), in 0.55-0.7x of the time nanoGPT's
+    CPU recipe takes to reach 1.89. Tuned by measurement, see benchmarks/NOTES.md: Muon gets far
     lower than AdamW in the same updates (1.705 vs 1.923 after 600 at batch 16 x 128); in a
     fixed time a small model that sees more text wins (the `tiny` preset, 2 x 96, 1400
     updates of 48 x 64 characters: about four passes over the training text)."""

@@ -171,7 +171,7 @@ def _pretrain(config: PretrainConfig, info: dist_.DistInfo,
         raise ValueError(
             f"the data's tokenizer has {train_split.vocab_size} ids but model.vocab_size={config.model.vocab_size}; "
             f"set --model.vocab_size={train_split.vocab_size}"
-            + (" (or start from --preset tiny-bpe, the tiny recipe with GPT-2's vocabulary)"
+            + (" (or start from --preset tiny-bpe, a small recipe with GPT-2's vocabulary)"
                if train_split.vocab_size == 50257 else "")
         )
     block, tc = config.model.block_size, config.train

@@ -54,12 +54,12 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     if tall:
         x = x.mT  # iterate on the smaller Gram matrix
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
-    x = x.reshape(-1, *x.shape[-2:])  # baddbmm takes a stack
+    x = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])  # (S, r, c) with r <= c: baddbmm takes a stack
     for _ in range(steps):
         gram = x @ x.mT
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * gram + c * gram @ gram
         x = torch.baddbmm(x, poly, x, beta=a)  # a * x + poly @ x, in one pass over x
-    x = x.reshape(matrix.mT.shape if tall else matrix.shape)
+    x = x.reshape(matrix.mT.shape if tall else matrix.shape)  # (..., r, c) again
     return (x.mT if tall else x).to(matrix.dtype)
 
 
@@ -67,7 +67,8 @@ class MuonWithAdamW:
     """One optimizer: groups with ``muon=True`` get Muon updates, the others AdamW.
 
     Every group has lr, weight_decay (decoupled, as in AdamW) and muon; Muon groups also
-    momentum and nesterov, AdamW groups betas and eps. It has the interface the training
+    momentum and nesterov, AdamW groups betas and eps. `ns_dtype` is the Newton-Schulz
+    iteration's dtype for every Muon matrix (None: `iteration_dtype` of its device). It has the interface the training
     loop and `torch.amp.GradScaler` use (param_groups, step, zero_grad, state_dict,
     load_state_dict) but is deliberately not a `torch.optim.Optimizer`: that class imports
     torch._dynamo on construction, about 150 MB of resident memory, which on the main job
@@ -79,6 +80,9 @@ class MuonWithAdamW:
                  ns_dtype: torch.dtype | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=0.0, muon=False)
+        if ns_dtype is not None and not (isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point):
+            raise ValueError(f"ns_dtype={ns_dtype!r} must be a floating-point torch dtype (torch.float32, "
+                             f"torch.bfloat16) or None for each device's own choice")
         self.ns_dtype = ns_dtype  # None: iteration_dtype of each parameter's device
         self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
         self.state: dict[torch.Tensor, dict] = {}

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from minigpt import GPT
 from minigpt.train import TrainConfig, build_optimizer
 from minigpt.train.muon import MuonWithAdamW, iteration_dtype, orthogonalize
+from tests.tolerances import NEWTON_SCHULZ_ATOL
 from tests.train.common import tiny_gpt_config
 
 
@@ -53,15 +54,10 @@ def _reference_muon(weight, grads, lr, momentum, weight_decay):
     return w
 
 
-# Four updates of lr 0.01 move each weight by about 0.05; the iteration's own rounding in
-# bfloat16 (8 bits of mantissa) leaves about 1e-3 of that.
-ITERATION_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
-
-
 @pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(24, 8), (8, 24), (16, 16), (3, 16, 16)])
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24), (16, 16), (3, 16, 16), (3, 24, 8), (3, 8, 24)])
 def test_muon_update_matches_a_float64_restatement(shape, ns_dtype):
-    """A stack (3, 16, 16) checks that each matrix of a stack is orthogonalized on its own."""
+    """Three matrices of one shape are one stack: each must come out as if alone."""
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(w) for w in torch.randn(shape).reshape(-1, *shape[-2:])]
     grads = [[torch.randn(shape[-2:]) for _ in weights] for _ in range(4)]
@@ -73,7 +69,7 @@ def test_muon_update_matches_a_float64_restatement(shape, ns_dtype):
             w.grad = g.clone()
         optimizer.step()
     for w, e in zip(weights, expected):
-        torch.testing.assert_close(w.detach().double(), e, rtol=0, atol=ITERATION_ATOL[ns_dtype])
+        torch.testing.assert_close(w.detach().double(), e, rtol=0, atol=NEWTON_SCHULZ_ATOL[ns_dtype])
 
 
 def test_iteration_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
@@ -82,6 +78,22 @@ def test_iteration_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(m
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     assert iteration_dtype(torch.device("cpu")) == torch.float32
     assert iteration_dtype(torch.device("cuda")) == torch.bfloat16
+    assert iteration_dtype(torch.device("meta")) == torch.float32  # neither: float32
+
+
+def test_a_non_float_iteration_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match="ns_dtype=torch.int32 must be a floating-point"):
+        MuonWithAdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "muon": True}], lr=0.01, ns_dtype=torch.int32)
+
+
+def test_orthogonalize_takes_empty_stacks_and_stacks_of_stacks():
+    assert orthogonalize(torch.zeros(0, 16, 4)).shape == (0, 16, 4)
+    matrices = torch.randn(2, 3, 8, 5, dtype=torch.float64)
+    out = orthogonalize(matrices.float(), dtype=torch.float32).double()
+    for i in range(2):
+        for j in range(3):
+            alone = orthogonalize(matrices[i, j].float(), dtype=torch.float32).double()
+            torch.testing.assert_close(out[i, j], alone, rtol=0, atol=1e-5)
 
 
 def test_adamw_groups_match_torch_adamw():
