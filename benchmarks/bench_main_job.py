@@ -61,11 +61,11 @@ def run_minigpt(threads: int) -> dict:
         wall, lines = _timed([sys.executable, "-m", "minigpt", "train", "--out-dir", out], REPO, threads)
         records = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     logged = {int(m.group(1)): stamp for stamp, line in lines if (m := MINIGPT_EVAL_LINE.search(line))}
-    steps = [r["step"] for r in records if r["kind"] == "eval"]
-    if missing := [step for step in steps if step not in logged]:
+    evaluations = [r for r in records if r["kind"] == "eval"]
+    if missing := [r["step"] for r in evaluations if r["step"] not in logged]:
         raise RuntimeError(f"minigpt's output has no 'step N: val_loss' line for the evaluations at steps {missing}; "
                            f"the bench times them by those lines")
-    evals = [(logged[r["step"]], r["val_loss"]) for r in records if r["kind"] == "eval"]
+    evals = [(logged[r["step"]], r["val_loss"]) for r in evaluations]
     return {"wall_s": wall, "val_loss": evals[-1][1], "evals": evals}
 
 

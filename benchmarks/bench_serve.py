@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         from minigpt.model_dir import resolve_model_dir
         from minigpt.weights import read_config
 
-        main_config = read_config(resolve_model_dir(main_job))[1]
-        models = {f"main job (tiny recipe, {main_config.n_layer} x {main_config.n_embd}, char)": resolve_model_dir(main_job),
+        main_folder = resolve_model_dir(main_job)
+        main_config = read_config(main_folder)[1]
+        models = {f"main job (tiny recipe, {main_config.n_layer} x {main_config.n_embd}, char)": main_folder,
                   "GPT-2 shape (6 x 384, 50257 vocab)": _gpt2_shaped(Path(tmp) / "gpt2-6x384")}
         for name, folder in models.items():
             row = {"model": name, **run_server(folder, args.threads, args.repeats),

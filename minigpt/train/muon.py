@@ -20,6 +20,7 @@ parameter.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -37,8 +38,13 @@ def iteration_dtype(device: torch.device) -> torch.dtype:
     singular values brought near one, which bfloat16 does as well (Jordan et al. run it so)."""
     if device.type == "cuda":
         return torch.bfloat16
-    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    return torch.bfloat16 if device.type == "cpu" and native_bf16() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and _cpu_multiplies_bf16() else torch.float32
+
+
+@functools.cache
+def _cpu_multiplies_bf16() -> bool:
+    """AVX-512 BF16 on this CPU: asked once, not on every update's orthogonalization."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7,
@@ -68,8 +74,8 @@ class MuonWithAdamW:
 
     Every group has lr, weight_decay (decoupled, as in AdamW) and muon; Muon groups also
     momentum and nesterov, AdamW groups betas and eps. `ns_dtype` is the Newton-Schulz
-    iteration's dtype for every Muon matrix (None: `iteration_dtype` of its device). It has the interface the training
-    loop and `torch.amp.GradScaler` use (param_groups, step, zero_grad, state_dict,
+    iteration's dtype for every Muon matrix (None: `iteration_dtype` of its device). It has
+    the interface the training loop and `torch.amp.GradScaler` use (param_groups, step, zero_grad, state_dict,
     load_state_dict) but is deliberately not a `torch.optim.Optimizer`: that class imports
     torch._dynamo on construction, about 150 MB of resident memory, which on the main job
     would be a third of the process.

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from minigpt import GPT
 from minigpt.train import TrainConfig, build_optimizer
+from minigpt.train import muon
 from minigpt.train.muon import MuonWithAdamW, iteration_dtype, orthogonalize
 from tests.tolerances import NEWTON_SCHULZ_ATOL
 from tests.train.common import tiny_gpt_config
@@ -72,10 +73,13 @@ def test_muon_update_matches_a_float64_restatement(shape, ns_dtype):
         torch.testing.assert_close(w.detach().double(), e, rtol=0, atol=NEWTON_SCHULZ_ATOL[ns_dtype])
 
 
-def test_iteration_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+def test_iteration_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch, request):
+    request.addfinalizer(muon._cpu_multiplies_bf16.cache_clear)  # the real CPU's answer again after the test
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    muon._cpu_multiplies_bf16.cache_clear()
     assert iteration_dtype(torch.device("cpu")) == torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    muon._cpu_multiplies_bf16.cache_clear()
     assert iteration_dtype(torch.device("cpu")) == torch.float32
     assert iteration_dtype(torch.device("cuda")) == torch.bfloat16
     assert iteration_dtype(torch.device("meta")) == torch.float32  # neither: float32
