@@ -16,17 +16,21 @@ Recipe = dict[str, dict[str, Any]]
 
 
 def tiny() -> Recipe:
-    """The README's main job: character-level tiny Shakespeare on a 2-core CPU in 40-50
-    seconds, to a validation loss below 1.60 (issue 31), in 0.55-0.7x of the time nanoGPT's
-    CPU recipe takes to reach 1.89. Tuned by measurement, see benchmarks/NOTES.md: Muon gets far
-    lower than AdamW in the same updates (1.705 vs 1.923 after 600 at batch 16 x 128); in a
-    fixed time a small model that sees more text wins (the `tiny` preset, 2 x 96, 1400
-    updates of 48 x 64 characters: about four passes over the training text)."""
+    """The README's main job: character-level tiny Shakespeare on a 2-core CPU in under 45
+    seconds, to a validation loss below 1.60 (issue 31), in well under the time nanoGPT's CPU
+    recipe takes to reach 1.89 (benchmarks/results/main_job_vs_nanogpt.md). Tuned by
+    measurement, see benchmarks/NOTES.md: Muon gets far lower than AdamW in the same updates
+    (1.705 vs 1.923 after 600 at batch 16 x 128); in a fixed time a small model that sees more
+    text wins (the `tiny` preset, 2 x 96, 1400 updates of 48 x 64 characters: about four
+    passes over the training text). Each update is two micro-batches of 24, one per thread
+    (cpu_parallel='micro_batches': the model's operations are too small to split across
+    cores), and the evaluation reads 40 x 24 windows, the same 960 as 20 x 48."""
     return {
         "model": {"preset": "tiny"},
-        "train": dict(out_dir="runs/tiny", max_steps=1400, batch_size=48, optimizer="muon", lr=1e-2, min_lr=1e-3,
+        "train": dict(out_dir="runs/tiny", max_steps=1400, batch_size=24, grad_accum=2, cpu_parallel="micro_batches",
+                      optimizer="muon", lr=1e-2, min_lr=1e-3,
                       warmup_steps=30, weight_decay=0.1, beta2=0.99, grad_clip=1.0, eval_interval=200,
-                      eval_steps=20, log_interval=10, checkpoint_interval=0, device="cpu"),
+                      eval_steps=40, log_interval=10, checkpoint_interval=0, device="cpu"),
         "data": {"tokenizer": "char"},
         "sample": {"tokens": 500, "prompt": "\n"},
     }
@@ -43,8 +47,8 @@ def tiny_bpe() -> Recipe:
     return {
         "model": {"preset": "tiny", "n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 50257,
                   "block_size": 128, "attention_window": 64},
-        "train": {**tiny()["train"], "out_dir": "runs/tiny-bpe", "max_steps": 300, "batch_size": 8,
-                  "warmup_steps": 20, "eval_interval": 100, "eval_steps": 10},
+        "train": {**tiny()["train"], "out_dir": "runs/tiny-bpe", "max_steps": 300, "batch_size": 8, "grad_accum": 1,
+                  "cpu_parallel": "ops", "warmup_steps": 20, "eval_interval": 100, "eval_steps": 10},
         "data": {"tokenizer": "gpt2"},
         "sample": {"tokens": 40, "prompt": "The"},
     }

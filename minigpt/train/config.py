@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from minigpt.config import reject_unknown_keys
 from minigpt.ops import BACKENDS
 from minigpt.train.distributed import PARALLEL
+from minigpt.train.threads import CPU_PARALLEL
 from minigpt.typed import PathStr, check_fields
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -111,6 +112,11 @@ class TrainConfig:
     """Peak FLOP/s of one device for MFU; None estimates it (the log says how)."""
     cpu_threads: int = 0
     """torch.set_num_threads on the CPU; 0 keeps torch's default."""
+    cpu_parallel: str = "ops"
+    """How a CPU run uses its threads (cpu_threads, or torch's default of one per core): 'ops' splits
+    every operation across them (torch's way); 'micro_batches' runs up to that many of an update's
+    grad_accum micro-batches at once, one whole micro-batch per thread, for models whose operations
+    are too small to split well (minigpt.train.threads; the same update as one thread computes)."""
 
     def __post_init__(self) -> None:
         check_fields(self)  # every value has its field's type (minigpt.typed)
@@ -145,6 +151,7 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
         need(self.parallel in PARALLEL, "parallel", f"must be one of {PARALLEL}")
+        need(self.cpu_parallel in CPU_PARALLEL, "cpu_parallel", f"must be one of {CPU_PARALLEL}")
         for name in ("dp_replicate", "tp"):
             need(is_int(name) and getattr(self, name) >= 1, name, "must be a positive integer")
         need(is_int("dp_shard") and (self.dp_shard >= 1 or self.dp_shard == -1), "dp_shard",
@@ -192,7 +199,7 @@ class TrainConfig:
 RESUMABLE_FIELDS = frozenset({
     "out_dir", "max_steps", "eval_interval", "eval_steps", "log_interval", "checkpoint_interval", "keep_last",
     "device", "dtype", "compile", "backend", "parallel", "on_nonfinite", "max_consecutive_skips", "early_stopping_patience",
-    "tensorboard", "progress", "peak_flops", "cpu_threads", "activation_checkpointing",
+    "tensorboard", "progress", "peak_flops", "cpu_threads", "cpu_parallel", "activation_checkpointing",
     # Another mesh reads the same global batch (the loaders check it) and reshards the checkpoint.
     "batch_size", "dp_replicate", "dp_shard", "tp", "checkpoint_format",
 })

@@ -38,6 +38,7 @@ GradScaler an infinite gradient is skipped inside scaler.step, as always.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -52,6 +53,7 @@ from minigpt.train import checkpoint as ckpt
 from minigpt.train import distributed as dist_
 from minigpt.train import runfolder
 from minigpt.train.config import TrainConfig
+from minigpt.train.host_memory import keep_freed_memory
 from minigpt.train.observe import MetricsLog, TrainWindow, peak_flops
 from minigpt.train.optim import build_optimizer, lr_at
 from minigpt.train.materialize import materialize, on_meta
@@ -59,6 +61,7 @@ from minigpt.train.mesh import MeshShape
 from minigpt.train.parallel import loss_context, mixed_precision, parallelize
 from minigpt.train.rng import seed_rngs
 from minigpt.train.state import Batches, Run, TrainResult, Update, read_updates
+from minigpt.train.threads import micro_batch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +175,8 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
     device = dist_.resolve_device(config.device, info)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # the activations' pages are not faulted in again every step
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -192,12 +197,13 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
         if hasattr(gpt, "config") and hasattr(gpt.config, "mlp_width"):
             mesh.check_model(gpt.config.n_head, gpt.config.mlp_width)
     amp_dtype, scaler, autocast = mixed_precision(device, config.dtype)
-    with parallelize(raw, config, parallel, device, mesh, amp_dtype) as module:
+    with (parallelize(raw, config, parallel, device, mesh, amp_dtype) as module,
+          micro_batch_threads(config.cpu_parallel, device, parallel, config.grad_accum, raw) as threads):
         if on_meta(raw):  # distributed while empty: each rank now allocates and fills its shards alone
             materialize(raw, device, init_seed)
         optimizer = build_optimizer(raw, config, device)
         run = Run(config, info, parallel, device, raw, module, optimizer, scaler, autocast, batches, loss_fn,
-                  checkpointer, mesh)
+                  checkpointer, mesh, threads)
         if resume_from is not None:
             checkpointer.load(saved, run)
             if info.is_main:
@@ -215,7 +221,8 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
     trainable = [p for p in raw.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in {id(p): p for p in raw.parameters()}.values())
     n_train = sum(p.numel() for p in {id(p): p for p in trainable}.values())
-    peak, peak_note = (config.peak_flops, "set by peak_flops") if config.peak_flops else peak_flops(run.device)
+    computing = run.threads.threads if run.threads is not None else None
+    peak, peak_note = (config.peak_flops, "set by peak_flops") if config.peak_flops else peak_flops(run.device, computing)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         layout = run.parallel if run.mesh is None else f"{run.parallel}, mesh {run.mesh}"
@@ -284,7 +291,6 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    total = torch.zeros((), device=run.device)
     tokens, head_tokens, seq_len = 0, 0, None
     head_positions = getattr(run.loss_fn, "lm_head_positions", None)  # a loss that skips the LM head somewhere
     loaded = [run.batches.next_batch() for _ in range(config.grad_accum)]
@@ -299,20 +305,15 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
         divisors = (global_items / (items.to(run.device) * run.info.dp_size)).float()
     else:
         divisors = (items.sum() / items).float()
-    for micro, (cpu_batch, divisor) in enumerate(zip(loaded, divisors)):
-        batch = {k: v.to(run.device) for k, v in cpu_batch.items()}  # pageable memory: non_blocking would overlap nothing
-        if "idx" in batch:
-            tokens += batch["idx"].numel()
-            head_tokens += head_positions(run.module, cpu_batch) if head_positions else batch["idx"].numel()
-            seq_len = batch["idx"].shape[-1]
-        last = micro == config.grad_accum - 1
-        sync = nullcontext() if last or run.parallel != "ddp" else run.module.no_sync()
-        with sync, loss_context(run.raw):
-            with run.autocast:
-                loss = run.loss_fn(run.module, batch)
-            scaled = loss / divisor
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += _plain(loss.detach()).float() / divisor
+    for cpu_batch in loaded:
+        if "idx" in cpu_batch:
+            tokens += cpu_batch["idx"].numel()
+            head_tokens += head_positions(run.module, cpu_batch) if head_positions else cpu_batch["idx"].numel()
+            seq_len = cpu_batch["idx"].shape[-1]
+    if run.threads is None:
+        total = _backward_in_turn(run, loaded, divisors)
+    else:
+        total = _backward_on_threads(run, loaded, divisors, trainable)
     mean_loss = dist_.all_reduce_mean(total)
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -340,6 +341,47 @@ def _update(run: Run, trainable: list[nn.Parameter]) -> Update:
     return update
 
 
+def _backward_in_turn(run: Run, loaded: list[dict], divisors: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of each micro-batch in turn, its loss / divisor accumulating into
+    the parameters' .grad (under DDP, gradients are reduced after the last one only). Returns
+    the update's loss, the sum of the micro-batches' loss / divisor."""
+    total = torch.zeros((), device=run.device)
+    for micro, (cpu_batch, divisor) in enumerate(zip(loaded, divisors)):
+        batch = {k: v.to(run.device) for k, v in cpu_batch.items()}  # pageable memory: non_blocking would overlap nothing
+        last = micro == len(loaded) - 1
+        sync = nullcontext() if last or run.parallel != "ddp" else run.module.no_sync()
+        with sync, loss_context(run.raw):
+            with run.autocast:
+                loss = run.loss_fn(run.module, batch)
+            scaled = loss / divisor
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        total += _plain(loss.detach()).float() / divisor
+    return total
+
+
+def _backward_on_threads(run: Run, loaded: list[dict], divisors: torch.Tensor,
+                         trainable: list[nn.Parameter]) -> torch.Tensor:
+    """`_backward_in_turn` with up to run.threads.threads micro-batches at once (on the CPU, one
+    process, no scaler: minigpt.train.threads checked). Each thread returns its micro-batch's
+    loss and the gradients of loss / divisor; they are added in micro-batch order, as
+    `_backward_in_turn` adds them, so the sums are the same bit for bit. A group of micro-batches
+    at a time, so that at most one set of gradients per thread waits to be added."""
+    def gradients(micro: int) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        with run.autocast:
+            loss = run.loss_fn(run.module, loaded[micro])
+        return loss.detach(), torch.autograd.grad(loss / divisors[micro], trainable, allow_unused=True)
+
+    total = torch.zeros(())
+    width = run.threads.threads
+    for first in range(0, len(loaded), width):
+        for micro, (loss, grads) in enumerate(run.threads.map(gradients, range(first, min(first + width, len(loaded)))), first):
+            total += loss.float() / divisors[micro]
+            for param, grad in zip(trainable, grads):
+                if grad is not None:
+                    param.grad = grad.contiguous() if param.grad is None else param.grad.add_(grad)
+    return total
+
+
 def _record(run: Run, updates: list[Update], window: TrainWindow) -> float:
     """At a read point: read `updates` (one device sync for all), record each in order
     (`LoopState.record`, which raises on the first non-finite one under 'stop', then the
@@ -361,13 +403,16 @@ def _evaluate(run: Run, eval_batches, extra_eval) -> dict[str, float]:
     run.module.eval()
     results: dict[str, float] = {}
     if eval_batches is not None:
-        total, count = torch.zeros((), device=run.device), 0
-        for i, batch in enumerate(eval_batches()):
-            if i == run.config.eval_steps:
-                break
+        def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             batch = {k: v.to(run.device) for k, v in batch.items()}
-            with run.autocast, loss_context(run.raw):
-                total += _plain(run.loss_fn(run.module, batch)).float()
+            with torch.no_grad(), run.autocast, loss_context(run.raw):  # no_grad: a worker thread's own mode
+                return _plain(run.loss_fn(run.module, batch)).float()
+
+        batches = itertools.islice(eval_batches(), run.config.eval_steps)
+        losses = run.threads.map(batch_loss, batches) if run.threads is not None else map(batch_loss, batches)
+        total, count = torch.zeros((), device=run.device), 0
+        for loss in losses:  # added in order, however many threads computed them
+            total += loss
             count += 1
         if count == 0:
             raise ValueError("eval_batches() yielded no batches")

@@ -65,15 +65,16 @@ def _cpu_flops_per_cycle() -> tuple[int, str]:
     return 16, "SIMD, assumed"
 
 
-def peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s of one device, how it was arrived at) for MFU."""
+def peak_flops(device: torch.device, threads: int | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, how it was arrived at) for MFU; on a CPU, `threads` computing
+    (None: torch's thread count; micro-batch threads leave torch's at 1, minigpt.train.threads)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops, f"{name}: {flops / 1e12:.0f} TFLOP/s bf16 dense (data sheet)"
         return 312e12, f"{name} is not in the table: assuming A100's 312 TFLOP/s bf16; set peak_flops"
-    threads = torch.get_num_threads()
+    threads = threads or torch.get_num_threads()
     ghz = _cpu_ghz()
     per_cycle, isa = _cpu_flops_per_cycle()
     flops = threads * ghz * 1e9 * per_cycle

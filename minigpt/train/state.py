@@ -16,6 +16,7 @@ from torch import nn
 from minigpt.train.config import TrainConfig
 from minigpt.train.distributed import DistInfo
 from minigpt.train.mesh import MeshShape
+from minigpt.train.threads import MicroBatchThreads
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -186,6 +187,8 @@ class Run:
     """Finds, loads and saves the run's checkpoints (minigpt.train.checkpoint.Checkpointer)."""
     mesh: MeshShape | None = None
     """The device mesh's degrees on the mesh path (parallel='fsdp'), else None."""
+    threads: MicroBatchThreads | None = None
+    """Under cpu_parallel='micro_batches', the threads that run micro-batches at once (minigpt.train.threads)."""
     state: LoopState = field(default_factory=LoopState)
 
 
