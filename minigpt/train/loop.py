@@ -61,7 +61,7 @@ from minigpt.train.mesh import MeshShape
 from minigpt.train.parallel import loss_context, mixed_precision, parallelize
 from minigpt.train.rng import seed_rngs
 from minigpt.train.state import Batches, Run, TrainResult, Update, read_updates
-from minigpt.train.threads import micro_batch_threads
+from minigpt.train.threads import fresh, micro_batch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +175,6 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
     device = dist_.resolve_device(config.device, info)
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    if device.type == "cpu":
-        keep_freed_memory()  # the activations' pages are not faulted in again every step
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -197,8 +195,10 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
         if hasattr(gpt, "config") and hasattr(gpt.config, "mlp_width"):
             mesh.check_model(gpt.config.n_head, gpt.config.mlp_width)
     amp_dtype, scaler, autocast = mixed_precision(device, config.dtype)
-    with (parallelize(raw, config, parallel, device, mesh, amp_dtype) as module,
-          micro_batch_threads(config.cpu_parallel, device, parallel, config.grad_accum, raw) as threads):
+    with (keep_freed_memory(device),  # the activations' pages are not faulted in again every step
+          parallelize(raw, config, parallel, device, mesh, amp_dtype) as module,
+          micro_batch_threads(config.cpu_parallel, config.grad_accum, device, parallel, raw, scaled=scaler is not None,
+                              compiled=config.compile) as threads):
         if on_meta(raw):  # distributed while empty: each rank now allocates and fills its shards alone
             materialize(raw, device, init_seed)
         optimizer = build_optimizer(raw, config, device)
@@ -221,7 +221,7 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
     trainable = [p for p in raw.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in {id(p): p for p in raw.parameters()}.values())
     n_train = sum(p.numel() for p in {id(p): p for p in trainable}.values())
-    computing = run.threads.threads if run.threads is not None else None
+    computing = run.threads.given if run.threads is not None else None
     peak, peak_note = (config.peak_flops, "set by peak_flops") if config.peak_flops else peak_flops(run.device, computing)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -362,12 +362,12 @@ def _backward_in_turn(run: Run, loaded: list[dict], divisors: torch.Tensor) -> t
 def _backward_on_threads(run: Run, loaded: list[dict], divisors: torch.Tensor,
                          trainable: list[nn.Parameter]) -> torch.Tensor:
     """`_backward_in_turn` with up to run.threads.threads micro-batches at once (on the CPU, one
-    process, no scaler: minigpt.train.threads checked). Each thread returns its micro-batch's
+    process, no scaler, not compiled: minigpt.train.threads checked). Each thread returns its micro-batch's
     loss and the gradients of loss / divisor; they are added in micro-batch order, as
     `_backward_in_turn` adds them, so the sums are the same bit for bit. A group of micro-batches
     at a time, so that at most one set of gradients per thread waits to be added."""
     def gradients(micro: int) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
-        with run.autocast:
+        with fresh(run.autocast):
             loss = run.loss_fn(run.module, loaded[micro])
         return loss.detach(), torch.autograd.grad(loss / divisors[micro], trainable, allow_unused=True)
 
@@ -377,8 +377,12 @@ def _backward_on_threads(run: Run, loaded: list[dict], divisors: torch.Tensor,
         for micro, (loss, grads) in enumerate(run.threads.map(gradients, range(first, min(first + width, len(loaded)))), first):
             total += loss.float() / divisors[micro]
             for param, grad in zip(trainable, grads):
-                if grad is not None:
-                    param.grad = grad.contiguous() if param.grad is None else param.grad.add_(grad)
+                if grad is None:
+                    continue
+                if param.grad is not None:
+                    param.grad.add_(grad)
+                else:  # laid out as the parameter, as autograd's accumulation lays out .grad
+                    param.grad = grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
     return total
 
 
@@ -405,7 +409,7 @@ def _evaluate(run: Run, eval_batches, extra_eval) -> dict[str, float]:
     if eval_batches is not None:
         def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             batch = {k: v.to(run.device) for k, v in batch.items()}
-            with torch.no_grad(), run.autocast, loss_context(run.raw):  # no_grad: a worker thread's own mode
+            with torch.no_grad(), fresh(run.autocast), loss_context(run.raw):  # no_grad: a worker thread's own mode
                 return _plain(run.loss_fn(run.module, batch)).float()
 
         batches = itertools.islice(eval_batches(), run.config.eval_steps)
@@ -420,5 +424,6 @@ def _evaluate(run: Run, eval_batches, extra_eval) -> dict[str, float]:
         results["val_loss"] = val_loss
         results["val_ppl"] = math.exp(min(val_loss, 80.0))
     if extra_eval is not None:
-        results.update({k: float(v) for k, v in extra_eval(run.raw).items()})
+        with run.threads.all_threads() if run.threads is not None else nullcontext():
+            results.update({k: float(v) for k, v in extra_eval(run.raw).items()})
     return results

@@ -33,7 +33,7 @@ LOSS_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 def _config(data: Path, out_dir: Path, dp: int, max_steps: int = 10, sample_tokens: int = 0, **train) -> dict:
     return {
         "model": MODEL,
-        "train": {"out_dir": str(out_dir), "max_steps": max_steps, "batch_size": GLOBAL_BATCH // dp, "optimizer": "adamw", "lr": 3e-3, "lr_decay_steps": 10,
+        "train": {"out_dir": str(out_dir), "max_steps": max_steps, "batch_size": GLOBAL_BATCH // dp, "grad_accum": 1, "optimizer": "adamw", "lr": 3e-3, "lr_decay_steps": 10,
                   "warmup_steps": 1, "eval_interval": 5, "eval_steps": 1, "log_interval": 1,
                   "checkpoint_interval": 5, "device": "cpu", "progress": False, **train},
         "data": {"path": str(data)},

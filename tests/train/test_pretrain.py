@@ -189,7 +189,7 @@ def test_absurd_block_size_is_refused_up_front_naming_the_sizes(tmp_path):
         main(["train", "--data", str(corpus), "--out-dir", str(tmp_path / "run"), "--block_size=100000",
               "--n_layer=4000", "--max_steps=1"])
     message = str(err.value)
-    assert "model.block_size=100000 with train.batch_size=48" in message and "GiB" in message
+    assert "model.block_size=100000 with train.batch_size=24" in message and "GiB" in message
     assert "--model.block_size" in message  # the fix
     assert not (tmp_path / "run").exists()  # refused before anything was prepared or built
 

@@ -27,22 +27,25 @@ def keep_torch_threads():
 
 
 class ThreadsSeen:
-    """A loss that records which threads computed it."""
+    """A loss that records which threads computed it, and how many threads torch gave each."""
 
     def __init__(self, loss_fn):
-        self.loss_fn, self.names = loss_fn, set()
+        self.loss_fn, self.names, self.torch_threads = loss_fn, set(), set()
 
     def __call__(self, model, batch):
         self.names.add(threading.current_thread().name)
+        self.torch_threads.add(torch.get_num_threads())
         return self.loss_fn(model, batch)
 
 
-def run(out_dir, cpu_parallel: str, threads: int, grad_accum: int, masked: bool, optimizer: str, dropout=0.0):
+def run(out_dir, cpu_parallel: str, threads: int, grad_accum: int, masked: bool, optimizer: str, dropout=0.0,
+        loss: ThreadsSeen | None = None, **train_config):
     torch.manual_seed(0)
     model = GPT(tiny_gpt_config(n_embd=16, block_size=16, dropout=dropout))
-    loss = ThreadsSeen(masked_lm_loss if masked else language_model_loss)
+    loss = loss or ThreadsSeen(masked_lm_loss if masked else language_model_loss)
     config = quick_train_config(out_dir, max_steps=4, batch_size=2, grad_accum=grad_accum, optimizer=optimizer,
-                                cpu_parallel=cpu_parallel, cpu_threads=threads, eval_interval=2, checkpoint_interval=0)
+                                cpu_parallel=cpu_parallel, cpu_threads=threads, eval_interval=2, checkpoint_interval=0,
+                                **train_config)
     result = train(model, config, SplitBatches(masked, 2), eval_batches=lambda: [SplitBatches(masked, 2).next_batch()
                                                                                   for _ in range(3)], loss_fn=loss)
     return result, model.state_dict(), loss.names
@@ -56,6 +59,7 @@ def test_micro_batches_on_threads_equal_one_thread_bit_for_bit(tmp_path, grad_ac
     got, got_weights, got_threads = run(tmp_path / "threads", "micro_batches", 2, grad_accum, masked, optimizer)
     assert want_threads == {"MainThread"}
     assert len([name for name in got_threads if name.startswith("micro-batch")]) == 2, got_threads
+    assert torch.get_num_threads() == 2  # given back after the run
     assert got.train_losses == want.train_losses
     assert got.evals == want.evals
     for name, value in want_weights.items():
@@ -73,12 +77,42 @@ def test_torch_threads_are_restored_after_the_run(tmp_path):
     assert torch.get_num_threads() == 2
 
 
-def test_dropout_runs_the_micro_batches_in_turn_and_says_why(tmp_path, caplog):
+def test_each_thread_runs_torch_on_one_thread(tmp_path):
+    loss = ThreadsSeen(language_model_loss)
+    run(tmp_path, "micro_batches", 2, 2, False, "adamw", loss=loss)
+    assert loss.torch_threads == {1}
+
+
+@pytest.mark.parametrize("case", ["dropout", "float16", "compile"])
+def test_where_threads_cannot_be_used_the_micro_batches_run_in_turn_and_it_says_why(tmp_path, caplog, case):
+    if case == "compile":  # compiling takes long: the pool's own decision is enough here
+        from minigpt.train.threads import micro_batch_threads
+
+        with caplog.at_level("WARNING", logger="minigpt.train.threads"), micro_batch_threads(
+                "micro_batches", 2, torch.device("cpu"), "none", torch.nn.Linear(2, 2), compiled=True) as threads:
+            assert threads is None
+        assert "torch.compile is not thread-safe" in caplog.text
+        return
     with caplog.at_level("WARNING", logger="minigpt.train.threads"):
-        _, _, names = run(tmp_path, "micro_batches", 2, 2, False, "adamw", dropout=0.1)
+        if case == "dropout":
+            _, _, names = run(tmp_path, "micro_batches", 2, 2, False, "adamw", dropout=0.1)
+        else:
+            _, _, names = run(tmp_path, "micro_batches", 2, 2, False, "adamw", dtype="float16")
     assert names == {"MainThread"}
-    assert "cpu_parallel='micro_batches' is not used: the model has dropout" in caplog.text
-    assert "p=0.1" in caplog.text
+    want = {"dropout": "the model has dropout (", "float16": "float16's GradScaler"}[case]
+    assert f"cpu_parallel='micro_batches' is not used: {want}" in caplog.text
+
+
+def test_a_failing_micro_batch_raises_and_gives_the_threads_back(tmp_path):
+    def failing(model, batch):
+        if threading.current_thread().name != "MainThread":
+            raise RuntimeError("the loss failed on a thread")
+        return language_model_loss(model, batch)
+
+    torch.set_num_threads(2)
+    with pytest.raises(RuntimeError, match="the loss failed on a thread"):
+        run(tmp_path, "micro_batches", 2, 2, False, "adamw", loss=ThreadsSeen(failing))
+    assert torch.get_num_threads() == 2
 
 
 def test_an_unknown_cpu_parallel_is_refused(tmp_path):
