@@ -88,12 +88,23 @@ class TokenSplit:
             )
         return np.cumsum(counts)
 
-    def window(self, cumulative: np.ndarray, index: int, block_size: int) -> np.ndarray:
-        shard = int(np.searchsorted(cumulative, index, side="right"))
-        offset = index - (int(cumulative[shard - 1]) if shard else 0)
-        ids = self.arrays[shard][offset: offset + block_size + 1]
-        self._check_ids(shard, ids, offset)
-        return ids
+    def rows(self, cumulative: np.ndarray, indices: list[int], block_size: int) -> np.ndarray:
+        """The windows of block_size + 1 tokens with these window indices (positions counted
+        over the shards, `windows`), as (len(indices), block_size + 1) int64, read a shard at
+        a time."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shards = np.searchsorted(cumulative, indices, side="right")
+        offsets = indices - np.where(shards > 0, cumulative[np.maximum(shards - 1, 0)], 0)
+        out = np.empty((len(indices), block_size + 1), dtype=np.int64)
+        span = np.arange(block_size + 1)
+        for shard in np.unique(shards).tolist():
+            mine = shards == shard
+            ids = self.arrays[shard][offsets[mine, None] + span]  # (rows, block_size + 1)
+            if ids.size and int(ids.max()) >= self.vocab_size:
+                for row, offset in zip(ids, offsets[mine].tolist()):
+                    self._check_ids(shard, row, offset)  # raises, naming the first bad id
+            out[mine] = ids
+        return out
 
     def _check_ids(self, shard: int, ids: np.ndarray, offset: int) -> None:
         """ValueError naming the shard, the position, the id and the vocabulary size when an
@@ -128,8 +139,7 @@ class RandomWindows:
         total = int(self.cumulative[-1])
         starts = torch.randint(total, (self.world_size * self.batch_size,), generator=self.generator)
         mine = starts[self.rank * self.batch_size: (self.rank + 1) * self.batch_size].tolist()
-        rows = np.stack([self.data.window(self.cumulative, s, self.block_size) for s in mine])
-        x = torch.from_numpy(rows.astype(np.int64))  # (B, T + 1)
+        x = torch.from_numpy(self.data.rows(self.cumulative, mine, self.block_size))  # (B, T + 1)
         self.batches += 1
         return {"idx": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous()}  # (B, T) x 2
 

@@ -116,7 +116,8 @@ class TrainConfig:
     """How a CPU run uses its threads (cpu_threads, or torch's default of one per core): 'ops' splits
     every operation across them (torch's way); 'micro_batches' runs up to that many of an update's
     grad_accum micro-batches at once, one whole micro-batch per thread, for models whose operations
-    are too small to split well (minigpt.train.threads; the same update as one thread computes)."""
+    are too small to split well (minigpt.train.threads; the same update as one thread computes;
+    the memory of one micro-batch's activations and gradients per thread)."""
 
     def __post_init__(self) -> None:
         check_fields(self)  # every value has its field's type (minigpt.typed)

@@ -202,6 +202,8 @@ def _train(model, config, batches, info, parallel, resume, eval_batches, extra_e
         if on_meta(raw):  # distributed while empty: each rank now allocates and fills its shards alone
             materialize(raw, device, init_seed)
         optimizer = build_optimizer(raw, config, device)
+        if threads is not None and hasattr(optimizer, "run_jobs"):  # MuonWithAdamW's stacks at once
+            optimizer.run_jobs = threads.map
         run = Run(config, info, parallel, device, raw, module, optimizer, scaler, autocast, batches, loss_fn,
                   checkpointer, mesh, threads)
         if resume_from is not None:

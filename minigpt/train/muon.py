@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -79,6 +79,11 @@ class MuonWithAdamW:
     load_state_dict) but is deliberately not a `torch.optim.Optimizer`: that class imports
     torch._dynamo on construction, about 150 MB of resident memory, which on the main job
     would be a third of the process.
+
+    `run_jobs` runs a step's independent pieces of work (a stack of same-shaped Muon
+    matrices, an AdamW group): the builtin `map` by default, one after another; the training
+    loop hands it its micro-batch threads' `map` (minigpt.train.threads), which runs them at
+    once. No two pieces touch the same parameter, so the update is the same either way.
     """
 
     def __init__(self, groups: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
@@ -90,6 +95,7 @@ class MuonWithAdamW:
             raise ValueError(f"ns_dtype={ns_dtype!r} must be a floating-point torch dtype (torch.float32, "
                              f"torch.bfloat16) or None for each device's own choice")
         self.ns_dtype = ns_dtype  # None: iteration_dtype of each parameter's device
+        self.run_jobs: Callable[[Callable, Iterable], Iterable] = map
         self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
         self.state: dict[torch.Tensor, dict] = {}
         for group in self.param_groups:
@@ -141,36 +147,36 @@ class MuonWithAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
+        jobs: list[Callable[[], None]] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if group["weight_decay"]:
                 for p in params:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
             if group["muon"]:
-                self._muon(params, group)
-            else:
-                for p in params:
-                    self._adamw(p, group)
+                jobs += [functools.partial(self._muon, same, group) for same in _stacks(params)]
+            elif params:
+                jobs.append(functools.partial(self._adamw_group, params, group))
+        for _ in self.run_jobs(_call, jobs):  # consumed: map is lazy
+            pass
 
-    def _muon(self, params: list[torch.Tensor], group: dict) -> None:
-        # Matrices of one shape (the same projection in every layer) are orthogonalized as
-        # one stack: on a CPU, 4 batched iterations instead of 16 small ones cut the step's
-        # optimizer time several-fold (benchmarks/NOTES.md).
-        by_shape: dict[tuple, list[torch.Tensor]] = {}
+    def _muon(self, same: list[torch.Tensor], group: dict) -> None:
+        """One Muon update of matrices of one shape, orthogonalized as one stack."""
+        directions = []
+        for p in same:
+            state = self.state.setdefault(p, {})
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buffer = state["momentum_buffer"]
+            buffer.mul_(group["momentum"]).add_(p.grad)
+            directions.append(p.grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer)
+        updates = orthogonalize(torch.stack(directions), group["ns_steps"], dtype=self.ns_dtype)
+        for p, update in zip(same, updates):
+            p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+
+    def _adamw_group(self, params: list[torch.Tensor], group: dict) -> None:
         for p in params:
-            by_shape.setdefault((p.shape, p.device), []).append(p)
-        for same in by_shape.values():
-            directions = []
-            for p in same:
-                state = self.state.setdefault(p, {})
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buffer = state["momentum_buffer"]
-                buffer.mul_(group["momentum"]).add_(p.grad)
-                directions.append(p.grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer)
-            updates = orthogonalize(torch.stack(directions), group["ns_steps"], dtype=self.ns_dtype)
-            for p, update in zip(same, updates):
-                p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+            self._adamw(p, group)
 
     def _adamw(self, p: torch.Tensor, group: dict) -> None:
         state = self.state.setdefault(p, {})
@@ -186,3 +192,18 @@ class MuonWithAdamW:
         bias2 = 1.0 - beta2 ** state["step"]
         denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+
+
+def _stacks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`params` grouped by shape and device. Matrices of one shape (the same projection in every
+    layer) are orthogonalized as one stack: on a CPU, 4 batched iterations instead of 16 small
+    ones cut the step's optimizer time several-fold (benchmarks/NOTES.md)."""
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        by_shape.setdefault((p.shape, p.device), []).append(p)
+    return list(by_shape.values())
+
+
+def _call(job: Callable[[], None]) -> None:
+    with torch.no_grad():  # a thread's own mode: step's decorator covers only the thread that called it
+        job()

@@ -79,3 +79,16 @@ def test_an_out_of_range_token_id_names_the_shard_the_id_and_the_vocab_size(tmp_
                                          r"vocabulary of 4 ids in meta.json.*re-run `minigpt prepare`"):
         for _ in range(50):  # ... and, without it, by the loader when a window covers it
             loader.next_batch()
+
+
+def test_rows_are_the_windows_their_indices_name_across_shards(sharded):
+    """`TokenSplit.rows` (a shard at a time) against a window-by-window reading."""
+    cumulative = sharded.windows(8).tolist()
+    firsts = [0, *cumulative[:-1]]
+    want = {}
+    for index in range(cumulative[-1]):
+        shard = next(k for k, end in enumerate(cumulative) if index < end)
+        offset = index - firsts[shard]
+        want[index] = np.asarray(sharded.arrays[shard][offset:offset + 9]).tolist()
+    order = list(range(cumulative[-1]))[::-3] + [0, 0]  # out of order, every shard, repeats
+    assert sharded.rows(np.asarray(cumulative), order, 8).tolist() == [want[i] for i in order]

@@ -189,3 +189,37 @@ def test_muon_takes_block_matrices_and_adamw_the_rest(tmp_path):
 def test_muon_with_fsdp_is_a_config_error(tmp_path):
     with pytest.raises(ValueError, match="optimizer='muon' cannot be used with parallel='fsdp'"):
         TrainConfig(out_dir=str(tmp_path), max_steps=1, batch_size=1, optimizer="muon", parallel="fsdp")
+
+
+def test_a_step_on_threads_equals_a_step_in_turn_bit_for_bit():
+    """`run_jobs` given a thread pool's map (as the training loop does under
+    cpu_parallel='micro_batches'): the stacks and the AdamW group run on the threads, and
+    three updates leave the same weights as the builtin map's."""
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+
+    def trained(run_jobs) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = GPT(tiny_gpt_config())
+        optimizer = build_optimizer(model, TrainConfig(out_dir="unused", max_steps=3, batch_size=2, optimizer="muon",
+                                                       weight_decay=0.1, device="cpu"), torch.device("cpu"))
+        if run_jobs is not None:
+            optimizer.run_jobs = run_jobs
+        idx = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            model(idx, idx).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model.state_dict()
+
+    names = set()
+
+    def recording(job):
+        names.add(threading.current_thread().name)
+        return muon._call(job)
+
+    with ThreadPoolExecutor(2, thread_name_prefix="job") as pool:
+        on_threads = trained(lambda call, jobs: pool.map(recording, jobs))
+    want = trained(None)
+    assert {n for n in names if n.startswith("job")} and "MainThread" not in names
+    assert all(torch.equal(on_threads[k], want[k]) for k in want)
