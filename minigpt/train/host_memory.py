@@ -6,7 +6,8 @@ dynamically up to 32 MiB) goes back to the kernel, and so does free space at the
 heap above the trim threshold; the next step's allocation then faults every page back in,
 and the kernel zeroes each one. At the main job's shape that was 900-1,300 page faults per
 micro-batch on one thread and 1,900-4,700 per update with two micro-batches on two threads
-(each thread has its own arena), about a tenth of the step's time (benchmarks/NOTES.md).
+(each thread has its own arena); without them the main job's updates took 0.86x the wall
+time (benchmarks/NOTES.md).
 Raising both thresholds keeps the freed blocks for reuse, as torch's caching allocator does
 on a GPU: the peak memory is unchanged, but the process does not give memory back to the
 system after its peak until the run ends (then it does, `keep_freed_memory`'s exit).

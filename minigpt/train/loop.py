@@ -223,8 +223,10 @@ def _loop(run: Run, resume_from: Path | None, eval_batches, extra_eval, amp_dtyp
     trainable = [p for p in raw.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in {id(p): p for p in raw.parameters()}.values())
     n_train = sum(p.numel() for p in {id(p): p for p in trainable}.values())
-    computing = run.threads.given if run.threads is not None else None
-    peak, peak_note = (config.peak_flops, "set by peak_flops") if config.peak_flops else peak_flops(run.device, computing)
+    if config.peak_flops:
+        peak, peak_note = config.peak_flops, "set by peak_flops"
+    else:
+        peak, peak_note = peak_flops(run.device, run.threads.given if run.threads is not None else None)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         layout = run.parallel if run.mesh is None else f"{run.parallel}, mesh {run.mesh}"
@@ -364,10 +366,10 @@ def _backward_in_turn(run: Run, loaded: list[dict], divisors: torch.Tensor) -> t
 def _backward_on_threads(run: Run, loaded: list[dict], divisors: torch.Tensor,
                          trainable: list[nn.Parameter]) -> torch.Tensor:
     """`_backward_in_turn` with up to run.threads.threads micro-batches at once (on the CPU, one
-    process, no scaler, not compiled: minigpt.train.threads checked). Each thread returns its micro-batch's
-    loss and the gradients of loss / divisor; they are added in micro-batch order, as
-    `_backward_in_turn` adds them, so the sums are the same bit for bit. A group of micro-batches
-    at a time, so that at most one set of gradients per thread waits to be added."""
+    process, no scaler, not compiled: minigpt.train.threads checked). Each thread returns its
+    micro-batch's loss and the gradients of loss / divisor; they are added in micro-batch
+    order, as `_backward_in_turn` adds them, so the sums are the same bit for bit. A group of
+    micro-batches at a time, so that at most one set of gradients per thread waits to be added."""
     def gradients(micro: int) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
         with fresh(run.autocast):
             loss = run.loss_fn(run.module, loaded[micro])
@@ -376,7 +378,8 @@ def _backward_on_threads(run: Run, loaded: list[dict], divisors: torch.Tensor,
     total = torch.zeros(())
     width = run.threads.threads
     for first in range(0, len(loaded), width):
-        for micro, (loss, grads) in enumerate(run.threads.map(gradients, range(first, min(first + width, len(loaded)))), first):
+        group = range(first, min(first + width, len(loaded)))
+        for micro, (loss, grads) in zip(group, run.threads.map(gradients, group)):
             total += loss.float() / divisors[micro]
             for param, grad in zip(trainable, grads):
                 if grad is None:
