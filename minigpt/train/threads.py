@@ -13,9 +13,11 @@ gradients per thread at once, where in turn there is one of each (`batch_size` a
 `grad_accum` then trade memory for nothing: lower the thread count instead).
 
 Python's GIL is released inside every torch operation, so the threads overlap in the
-operations and take turns only in the Python between them. The optimizer step and
-checkpoints, between updates, run on one thread (the main job's Muon step took 2.9-3.0 ms on
-one, no more than on two); an `extra_eval` (a fine-tuning run's accuracy) gets all of them back.
+operations and take turns only in the Python between them. Between updates, the optimizer
+hands its independent pieces to the same threads where it can (`MuonWithAdamW.run_jobs`:
+each stack of same-shaped matrices, the AdamW group; another optimizer steps on one
+thread), checkpoints are written from one thread, and an `extra_eval` (a fine-tuning run's
+accuracy) gets all of the run's threads back for torch's own splitting.
 
 Dropout would draw its random numbers from the one global generator in whatever order the
 threads reach it, so a model with dropout runs its micro-batches one after another (with a
