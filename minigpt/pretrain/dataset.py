@@ -94,7 +94,7 @@ class TokenSplit:
         a time."""
         indices = np.asarray(indices, dtype=np.int64)
         shards = np.searchsorted(cumulative, indices, side="right")
-        offsets = indices - np.where(shards > 0, cumulative[np.maximum(shards - 1, 0)], 0)
+        offsets = indices - np.concatenate(([0], cumulative[:-1]))[shards]  # minus the shard's first index
         out = np.empty((len(indices), block_size + 1), dtype=np.int64)
         span = np.arange(block_size + 1)
         for shard in np.unique(shards).tolist():
