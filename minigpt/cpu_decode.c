@@ -1,5 +1,5 @@
-/* Decoding at batch 1 on an AVX-512 CPU: a float32 matrix-vector product, and one whole
- * pre-norm GPT block for one token, each in one call.
+/* Decoding at batch 1 on an x86-64 CPU with AVX-512 or AVX2 and FMA: a float32
+ * matrix-vector product, and one whole pre-norm GPT block for one token, each in one call.
  *
  * Why a block in C: a decoded token reads every weight once, and the products already stream
  * at the memory's speed; what is left is the ~20 small operators per block between them
@@ -14,12 +14,17 @@
  * where they are stored (the cache's new key and value, the block's output).
  *
  * W is (out, in) row-major, nn.Linear's layout, read in place. The rows of a product are cut
- * into one contiguous share per thread (whole vectors of 16, for the epilogues); each row's
- * sum is one thread's work in a fixed order, so the thread count never changes a bit. With
- * GCC the OpenMP runtime is the libgomp torch has already loaded where torch bundles it under
- * the same soname, as its Linux wheels do: one thread pool. Built and loaded by
- * minigpt/cpu_decode.py; the references are F.linear and minigpt.model.Block
- * (tests/test_cpu_decode.py). */
+ * into one contiguous share per thread (whole cache lines of 16 outputs, for the epilogues);
+ * each row's sum is one thread's work in a fixed order, so the thread count never changes a
+ * bit. With GCC the OpenMP runtime is the libgomp torch has already loaded where torch bundles
+ * it under the same soname, as its Linux wheels do: one thread pool. Built and loaded by
+ * minigpt/cpu_decode.py, once with -mavx512f... where torch reports AVX-512 and once with
+ * -mavx2 -mfma where it reports AVX2 (most laptops: Intel's client chips since 2021 and AMD's
+ * before Zen 4 have no AVX-512); the references are F.linear and minigpt.model.Block
+ * (tests/test_cpu_decode.py).
+ *
+ * The vector section below gives the few operations the algorithms use, for both instruction
+ * sets; everything after it is written once, LANES floats at a time. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -28,48 +33,36 @@
 #include <string.h>
 
 enum { ACT_NONE = 0, ACT_GELU_ERF = 1, ACT_GELU_TANH = 2 };
+enum { SHARE_GRAIN = 16 };  /* a thread's rows come in whole 64-byte lines of float32 outputs */
 
-static inline __mmask16 first_lanes(int64_t n) { return (__mmask16)((1u << (n < 16 ? n : 16)) - 1u); }
-static inline __m512 load_tail(const float *p, int64_t n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
-
-/* e^x for 16 floats (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n by scalef);
- * about 1 ulp. Inputs are clamped to [-88, 88.7], where the float32 result is finite. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.7f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* GELU of 16 floats. tanh form: 0.5 u (1 + tanh(a)) = u / (1 + e^(-2a)), a = sqrt(2/pi)(u + 0.044715 u^3).
- * erf form: 0.5 u (1 + erf(u / sqrt 2)) with erfc(|z|) from Numerical Recipes' Chebyshev fit
- * (relative error under 1.2e-7), so that the negative side keeps its relative precision. */
-static inline __m512 gelu16(__m512 u, int act) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    if (act == ACT_GELU_TANH) {
-        __m512 a = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
-                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), u), _mm512_mul_ps(u, u), u));
-        return _mm512_div_ps(u, _mm512_add_ps(one, exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), a))));
-    }
-    __m512 z = _mm512_abs_ps(_mm512_mul_ps(u, _mm512_set1_ps(0.7071067811865476f)));
-    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.5f), z, one));
-    static const float c[] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
-                              -0.18628806f, 0.09678418f, 0.37409196f, 1.00002368f, -1.26551223f};
-    __m512 poly = _mm512_set1_ps(c[0]);
-    for (int i = 1; i < 10; i++) poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c[i]));
-    __m512 erfc = _mm512_mul_ps(t, exp16(_mm512_sub_ps(poly, _mm512_mul_ps(z, z))));
-    __mmask16 positive = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_GE_OQ);
-    __m512 one_plus_erf = _mm512_mask_sub_ps(erfc, positive, _mm512_set1_ps(2.0f), erfc);
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), u), one_plus_erf);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* ---- AVX-512: 16 floats, masks in k registers ---- */
+enum { LANES = 16 };
+typedef __m512 vf;
+typedef __mmask16 lanes_t;
+static inline lanes_t first_lanes(int64_t n) { return (__mmask16)((1u << (n < 16 ? n : 16)) - 1u); }
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vset(float a) { return _mm512_set1_ps(a); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vabs(vf a) { return _mm512_abs_ps(a); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }   /* a b + c */
+static inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); } /* c - a b */
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vscale2(vf p, vf n) { return _mm512_scalef_ps(p, n); }       /* p 2^n, n whole */
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf load_tail(const float *p, int64_t n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
+static inline void store_tail(float *p, int64_t n, vf v) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }
+static inline vf keep_first(int64_t n, vf v) { return _mm512_maskz_mov_ps(first_lanes(n), v); }
+static inline vf sub_keep_first(int64_t n, vf a, vf b) { return _mm512_maskz_sub_ps(first_lanes(n), a, b); }
+/* where u >= 0: 2 - e, elsewhere e (GELU's 1 + erf from erfc) */
+static inline vf one_plus_erf(vf u, vf e) {
+    return _mm512_mask_sub_ps(e, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_GE_OQ), _mm512_set1_ps(2.0f), e);
 }
 
 /* bfloat16 <-> float32. Widening is exact (the 16 bits become the top of a float32); rounding
@@ -84,14 +77,139 @@ static inline __m512i bf16_round(__m512 v) {
 }
 
 /* Up to 16 values from element i of p (float32 or bfloat16) as float32; lanes past n are 0. */
-static inline __m512 load_any(const void *p, int64_t i, int64_t n, int bf16) {
+static inline vf load_any(const void *p, int64_t i, int64_t n, int bf16) {
     if (bf16) return bf16_widen(_mm256_maskz_loadu_epi16(first_lanes(n), (const uint16_t *)p + i));
     return _mm512_maskz_loadu_ps(first_lanes(n), (const float *)p + i);
 }
 
-static inline void store_any(void *p, int64_t i, int64_t n, __m512 v, int bf16) {
+static inline void store_any(void *p, int64_t i, int64_t n, vf v, int bf16) {
     if (bf16) _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)p + i, first_lanes(n), bf16_round(v));
     else _mm512_mask_storeu_ps((float *)p + i, first_lanes(n), v);
+}
+
+/* 16 weights from element i, the hot loop's unmasked load. */
+static inline __attribute__((always_inline)) vf load_w(const void *w, int64_t i, int bf16) {
+    if (bf16) return bf16_widen(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+    return _mm512_loadu_ps((const float *)w + i);
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+/* ---- AVX2 and FMA: 8 floats; a mask is a vector whose first n lanes are all ones ---- */
+enum { LANES = 8 };
+typedef __m256 vf;
+static inline __m256i first_lanes(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vset(float a) { return _mm256_set1_ps(a); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vabs(vf a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline float vsum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline vf vround(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* p 2^n for whole n in [-127, 128] (exp's range): two factors 2^(n/2) and 2^(n - n/2) built
+ * from their exponent bits, each a normal float, so that 2^128 and 2^-127 scale p as
+ * AVX-512's scalef does, with one rounding where the result is subnormal. */
+static inline vf vscale2(vf p, vf n) {
+    __m256i whole = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(whole, 1);
+    __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+    __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(whole, half),
+                                                                      _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, a), b);
+}
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf load_tail(const float *p, int64_t n) { return _mm256_maskload_ps(p, first_lanes(n)); }
+static inline void store_tail(float *p, int64_t n, vf v) { _mm256_maskstore_ps(p, first_lanes(n), v); }
+static inline vf keep_first(int64_t n, vf v) { return _mm256_and_ps(v, _mm256_castsi256_ps(first_lanes(n))); }
+static inline vf sub_keep_first(int64_t n, vf a, vf b) { return keep_first(n, _mm256_sub_ps(a, b)); }
+static inline vf one_plus_erf(vf u, vf e) {
+    return _mm256_blendv_ps(e, _mm256_sub_ps(_mm256_set1_ps(2.0f), e), _mm256_cmp_ps(u, _mm256_setzero_ps(), _CMP_GE_OQ));
+}
+
+/* bfloat16 <-> float32, as above. AVX2 has no 16-bit masked load or store: a tail of n < 8
+ * values goes through a small zeroed buffer. */
+static inline __m256 bf16_widen(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+
+static inline __m128i bf16_round(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);  /* 0..0xFFFF each: exact */
+    return _mm256_castsi256_si128(packed);
+}
+
+static inline vf load_any(const void *p, int64_t i, int64_t n, int bf16) {
+    if (!bf16) return _mm256_maskload_ps((const float *)p + i, first_lanes(n));
+    if (n >= 8) return bf16_widen(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    uint16_t part[8] = {0};
+    memcpy(part, (const uint16_t *)p + i, (size_t)n * sizeof *part);
+    return bf16_widen(_mm_loadu_si128((const __m128i *)part));
+}
+
+static inline void store_any(void *p, int64_t i, int64_t n, vf v, int bf16) {
+    if (!bf16) { _mm256_maskstore_ps((float *)p + i, first_lanes(n), v); return; }
+    if (n >= 8) { _mm_storeu_si128((__m128i *)((uint16_t *)p + i), bf16_round(v)); return; }
+    uint16_t part[8];
+    _mm_storeu_si128((__m128i *)part, bf16_round(v));
+    memcpy((uint16_t *)p + i, part, (size_t)n * sizeof *part);
+}
+
+static inline __attribute__((always_inline)) vf load_w(const void *w, int64_t i, int bf16) {
+    if (bf16) return bf16_widen(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    return _mm256_loadu_ps((const float *)w + i);
+}
+
+#else
+#error "cpu_decode.c needs AVX-512 (F, BW, VL) or AVX2 with FMA"
+#endif
+
+/* ---- the algorithms, LANES floats at a time ---- */
+
+/* e^x (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n); about 1 ulp.
+ * Inputs are clamped to [-88, 88.7], where the float32 result is finite. */
+static inline vf vexp(vf x) {
+    x = vmin(vmax(x, vset(-88.0f)), vset(88.7f));
+    vf n = vround(vmul(x, vset(1.44269504088896341f)));
+    vf r = vfnma(n, vset(0.693359375f), x);
+    r = vfnma(n, vset(-2.12194440e-4f), r);
+    vf p = vset(1.9875691500e-4f);
+    p = vfma(p, r, vset(1.3981999507e-3f));
+    p = vfma(p, r, vset(8.3334519073e-3f));
+    p = vfma(p, r, vset(4.1665795894e-2f));
+    p = vfma(p, r, vset(1.6666665459e-1f));
+    p = vfma(p, r, vset(5.0000001201e-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset(1.0f)));
+    return vscale2(p, n);
+}
+
+/* GELU. tanh form: 0.5 u (1 + tanh(a)) = u / (1 + e^(-2a)), a = sqrt(2/pi)(u + 0.044715 u^3).
+ * erf form: 0.5 u (1 + erf(u / sqrt 2)) with erfc(|z|) from Numerical Recipes' Chebyshev fit
+ * (relative error under 1.2e-7), so that the negative side keeps its relative precision. */
+static inline vf vgelu(vf u, int act) {
+    const vf one = vset(1.0f);
+    if (act == ACT_GELU_TANH) {
+        vf a = vmul(vset(0.7978845608028654f), vfma(vmul(vset(0.044715f), u), vmul(u, u), u));
+        return vdiv(u, vadd(one, vexp(vmul(vset(-2.0f), a))));
+    }
+    vf z = vabs(vmul(u, vset(0.7071067811865476f)));
+    vf t = vdiv(one, vfma(vset(0.5f), z, one));
+    static const float c[] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
+                              -0.18628806f, 0.09678418f, 0.37409196f, 1.00002368f, -1.26551223f};
+    vf poly = vset(c[0]);
+    for (int i = 1; i < 10; i++) poly = vfma(poly, t, vset(c[i]));
+    vf erfc = vmul(t, vexp(vsub(poly, vmul(z, z))));
+    return vmul(vmul(vset(0.5f), u), one_plus_erf(u, erfc));
 }
 
 static inline float scalar_any(const void *p, int64_t i, int bf16) {
@@ -102,15 +220,9 @@ static inline float scalar_any(const void *p, int64_t i, int bf16) {
     return f;
 }
 
-/* 16 weights from element i, the hot loop's unmasked load. */
-static inline __attribute__((always_inline)) __m512 load_w(const void *w, int64_t i, int bf16) {
-    if (bf16) return bf16_widen(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
-    return _mm512_loadu_ps((const float *)w + i);
-}
-
 /* y[r] = res[r] + (w_r . x + b[r]) for one row; b and res may be NULL. */
-static inline float finish(__m512 acc, const void *b, const float *res, int64_t r, int bf16) {
-    float v = _mm512_reduce_add_ps(acc) + (b ? scalar_any(b, r, bf16) : 0.0f);
+static inline float finish(vf acc, const void *b, const float *res, int64_t r, int bf16) {
+    float v = vsum(acc) + (b ? scalar_any(b, r, bf16) : 0.0f);
     return res ? res[r] + v : v;
 }
 
@@ -120,22 +232,22 @@ static inline __attribute__((always_inline)) void four_rows(const void *w, const
                                                             const float *res, float *y, int64_t first, int64_t in,
                                                             int bf16) {
     int64_t o0 = first * in, o1 = o0 + in, o2 = o1 + in, o3 = o2 + in;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t full = in & ~(int64_t)15;
-    for (int64_t i = 0; i < full; i += 16) {
-        __m512 xv = _mm512_loadu_ps(x + i);
-        a0 = _mm512_fmadd_ps(load_w(w, o0 + i, bf16), xv, a0);
-        a1 = _mm512_fmadd_ps(load_w(w, o1 + i, bf16), xv, a1);
-        a2 = _mm512_fmadd_ps(load_w(w, o2 + i, bf16), xv, a2);
-        a3 = _mm512_fmadd_ps(load_w(w, o3 + i, bf16), xv, a3);
+    vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    int64_t full = in & ~(int64_t)(LANES - 1);
+    for (int64_t i = 0; i < full; i += LANES) {
+        vf xv = vload(x + i);
+        a0 = vfma(load_w(w, o0 + i, bf16), xv, a0);
+        a1 = vfma(load_w(w, o1 + i, bf16), xv, a1);
+        a2 = vfma(load_w(w, o2 + i, bf16), xv, a2);
+        a3 = vfma(load_w(w, o3 + i, bf16), xv, a3);
     }
     if (full < in) {
         int64_t n = in - full;
-        __m512 xv = load_tail(x + full, n);
-        a0 = _mm512_fmadd_ps(load_any(w, o0 + full, n, bf16), xv, a0);
-        a1 = _mm512_fmadd_ps(load_any(w, o1 + full, n, bf16), xv, a1);
-        a2 = _mm512_fmadd_ps(load_any(w, o2 + full, n, bf16), xv, a2);
-        a3 = _mm512_fmadd_ps(load_any(w, o3 + full, n, bf16), xv, a3);
+        vf xv = load_tail(x + full, n);
+        a0 = vfma(load_any(w, o0 + full, n, bf16), xv, a0);
+        a1 = vfma(load_any(w, o1 + full, n, bf16), xv, a1);
+        a2 = vfma(load_any(w, o2 + full, n, bf16), xv, a2);
+        a3 = vfma(load_any(w, o3 + full, n, bf16), xv, a3);
     }
     y[first] = finish(a0, b, res, first, bf16);
     y[first + 1] = finish(a1, b, res, first + 1, bf16);
@@ -146,16 +258,16 @@ static inline __attribute__((always_inline)) void four_rows(const void *w, const
 static inline __attribute__((always_inline)) void one_row(const void *w, const float *x, const void *b,
                                                           const float *res, float *y, int64_t row, int64_t in,
                                                           int bf16) {
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t i = 0; i < in; i += 16) a = _mm512_fmadd_ps(load_any(w, row * in + i, in - i, bf16), load_tail(x + i, in - i), a);
+    vf a = vzero();
+    for (int64_t i = 0; i < in; i += LANES) a = vfma(load_any(w, row * in + i, in - i, bf16), load_tail(x + i, in - i), a);
     y[row] = finish(a, b, res, row, bf16);
 }
 
-/* This thread's share of a product's rows, [lo, hi): contiguous, whole vectors of 16 each.
+/* This thread's share of a product's rows, [lo, hi): contiguous, whole lines of SHARE_GRAIN.
  * Outside a parallel region the caller is the only thread and takes them all. */
 static void my_rows(int64_t out, int64_t *lo, int64_t *hi) {
     int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-    int64_t share = (out + 16 * threads - 1) / (16 * threads) * 16;
+    int64_t share = (out + SHARE_GRAIN * threads - 1) / (SHARE_GRAIN * threads) * SHARE_GRAIN;
     *lo = me * share < out ? me * share : out;
     *hi = *lo + share < out ? *lo + share : out;
 }
@@ -177,10 +289,7 @@ static void product_share(const void *w, const float *x, const void *b, const fl
     if (bf16) rows_of(w, x, b, res, y, lo, hi, in, 1);  /* two copies of the loop, one per dtype */
     else rows_of(w, x, b, res, y, lo, hi, in, 0);
     if (act != ACT_NONE)
-        for (int64_t r = lo; r < hi; r += 16) {
-            __mmask16 m = first_lanes(hi - r);
-            _mm512_mask_storeu_ps(y + r, m, gelu16(_mm512_maskz_loadu_ps(m, y + r), act));
-        }
+        for (int64_t r = lo; r < hi; r += LANES) store_tail(y + r, hi - r, vgelu(load_tail(y + r, hi - r), act));
 }
 
 void minigpt_gemv_f32(const float *w, const float *x, const float *b, float *y, int64_t out, int64_t in, int threads) {
@@ -188,35 +297,34 @@ void minigpt_gemv_f32(const float *w, const float *x, const float *b, float *y, 
     product_share(w, x, b, NULL, y, out, in, ACT_NONE, 0);
 }
 
-static float sum16(const float *x, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) acc = _mm512_add_ps(acc, load_tail(x + i, n - i));
-    return _mm512_reduce_add_ps(acc);
+static float sum_of(const float *x, int64_t n) {
+    vf acc = vzero();
+    for (int64_t i = 0; i < n; i += LANES) acc = vadd(acc, load_tail(x + i, n - i));
+    return vsum(acc);
 }
 
 /* y = (x - mean) / sqrt(var + eps) * g + b over one row of n (b may be NULL; g and b float32
  * or bfloat16). */
 static void layer_norm(const float *x, const void *g, const void *b, float *y, int64_t n, float eps, int bf16) {
-    float mean = sum16(x, n) / (float)n;
-    __m512 acc = _mm512_setzero_ps(), mv = _mm512_set1_ps(mean);
-    for (int64_t i = 0; i < n; i += 16) {
-        __m512 d = _mm512_maskz_sub_ps(first_lanes(n - i), load_tail(x + i, n - i), mv);
-        acc = _mm512_fmadd_ps(d, d, acc);
+    float mean = sum_of(x, n) / (float)n;
+    vf acc = vzero(), mv = vset(mean);
+    for (int64_t i = 0; i < n; i += LANES) {
+        vf d = sub_keep_first(n - i, load_tail(x + i, n - i), mv);
+        acc = vfma(d, d, acc);
     }
-    __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps));
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 m = first_lanes(n - i);
-        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(load_tail(x + i, n - i), mv), rstd), load_any(g, i, n - i, bf16));
-        if (b) v = _mm512_add_ps(v, load_any(b, i, n - i, bf16));
-        _mm512_mask_storeu_ps(y + i, m, v);
+    vf rstd = vset(1.0f / sqrtf(vsum(acc) / (float)n + eps));
+    for (int64_t i = 0; i < n; i += LANES) {
+        vf v = vmul(vmul(vsub(load_tail(x + i, n - i), mv), rstd), load_any(g, i, n - i, bf16));
+        if (b) v = vadd(v, load_any(b, i, n - i, bf16));
+        store_tail(y + i, n - i, v);
     }
 }
 
 /* q . k[0..d) with k float32 or bfloat16. */
 static float dot_any(const float *q, const void *k, int64_t offset, int64_t d, int bf16) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) acc = _mm512_fmadd_ps(load_tail(q + i, d - i), load_any(k, offset + i, d - i, bf16), acc);
-    return _mm512_reduce_add_ps(acc);
+    vf acc = vzero();
+    for (int64_t i = 0; i < d; i += LANES) acc = vfma(load_tail(q + i, d - i), load_any(k, offset + i, d - i, bf16), acc);
+    return vsum(acc);
 }
 
 /* One head of one query: store its key and value in cache slot `slot` (k and v are this head's
@@ -226,7 +334,7 @@ static float dot_any(const float *q, const void *k, int64_t offset, int64_t d, i
  * back from the cache, so a bfloat16 cache's rounding applies to them as to every other. */
 static void attend(const float *q, const float *k_new, const float *v_new, void *k, void *v, float *scores,
                    float *z, int64_t slot, int64_t count, int64_t d, float scale, int bf16) {
-    for (int64_t i = 0; i < d; i += 16) {
+    for (int64_t i = 0; i < d; i += LANES) {
         store_any(k, slot * d + i, d - i, load_tail(k_new + i, d - i), bf16);
         store_any(v, slot * d + i, d - i, load_tail(v_new + i, d - i), bf16);
     }
@@ -235,19 +343,18 @@ static void attend(const float *q, const float *k_new, const float *v_new, void 
         scores[j] = scale * dot_any(q, k, j * d, d, bf16);
         top = scores[j] > top ? scores[j] : top;
     }
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t j = 0; j < count; j += 16) {
-        __mmask16 m = first_lanes(count - j);
-        __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(load_tail(scores + j, count - j), _mm512_set1_ps(top))));
-        _mm512_mask_storeu_ps(scores + j, m, e);
-        total = _mm512_add_ps(total, e);
+    vf total = vzero();
+    for (int64_t j = 0; j < count; j += LANES) {
+        vf e = keep_first(count - j, vexp(vsub(load_tail(scores + j, count - j), vset(top))));
+        store_tail(scores + j, count - j, e);
+        total = vadd(total, e);
     }
-    float inverse = 1.0f / _mm512_reduce_add_ps(total);
-    for (int64_t i = 0; i < d; i += 16) {
-        __m512 acc = _mm512_setzero_ps();
+    float inverse = 1.0f / vsum(total);
+    for (int64_t i = 0; i < d; i += LANES) {
+        vf acc = vzero();
         for (int64_t j = 0; j < count; j++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), load_any(v, j * d + i, d - i, bf16), acc);
-        _mm512_mask_storeu_ps(z + i, first_lanes(d - i), _mm512_mul_ps(acc, _mm512_set1_ps(inverse)));
+            acc = vfma(vset(scores[j]), load_any(v, j * d + i, d - i, bf16), acc);
+        store_tail(z + i, d - i, vmul(acc, vset(inverse)));
     }
 }
 
@@ -278,7 +385,7 @@ void minigpt_decode_block(const MinigptBlock *p, const void *x, void *out, void 
         #pragma omp single
         {
             if (bf16)
-                for (int64_t i = 0; i < C; i += 16) _mm512_mask_storeu_ps(stream_in + i, first_lanes(C - i), load_any(x, i, C - i, 1));
+                for (int64_t i = 0; i < C; i += LANES) store_tail(stream_in + i, C - i, load_any(x, i, C - i, 1));
             layer_norm(xin, p->ln1_w, p->ln1_b, h, C, p->eps, bf16);
         }
         product_share(p->qkv_w, h, p->qkv_b, NULL, qkv, 3 * C, C, ACT_NONE, bf16);
@@ -301,7 +408,7 @@ void minigpt_decode_block(const MinigptBlock *p, const void *x, void *out, void 
         if (bf16) {
             #pragma omp barrier
             #pragma omp single
-            for (int64_t i = 0; i < C; i += 16) store_any(out, i, C - i, load_tail(res + i, C - i), 1);
+            for (int64_t i = 0; i < C; i += LANES) store_any(out, i, C - i, load_tail(res + i, C - i), 1);
         }
     }
 }

@@ -1,5 +1,5 @@
-"""Decoding at batch 1 on an AVX-512 CPU, in C (`cpu_decode.c`): a float32 matrix-vector
-product, and a whole pre-norm block for one token.
+"""Decoding at batch 1 on an x86-64 CPU with AVX-512 or AVX2, in C (`cpu_decode.c`): a
+float32 matrix-vector product, and a whole pre-norm block for one token.
 
 Why: at batch 1 a decoding step is one pass over the weights. oneDNN's float32 inner product
 streams 33.6 GB/s over GPT-2 124M's per-token products with 2 threads (22.6 with 1) on the
@@ -15,9 +15,11 @@ so it is closer to float64 than torch's bfloat16 operators are). torch offers ne
 (`torch.compile` of the decoding step was slower: benchmarks/NOTES.md).
 
 The C file ships with the package and is compiled on first use by the C compiler (`$CC`, else
-`cc`) into a cache folder (`$XDG_CACHE_HOME/minigpt`, else `~/.cache/minigpt`), keyed by the
-source and flags, then loaded with ctypes (which releases the GIL during the call). No
-compiler, no AVX-512, a failed build, or `MINIGPT_CPU_DECODE=0` (or the older
+`cc`) for the instruction set torch itself runs here: AVX-512 where torch reports "AVX512",
+AVX2 with FMA where it reports "AVX2" (most laptops, and CPUs such as AMD's before Zen 4). It
+goes into a cache folder (`$XDG_CACHE_HOME/minigpt`, else `~/.cache/minigpt`), keyed by the
+source and flags, and is loaded with ctypes (which releases the GIL during the call). No
+compiler, neither instruction set, a failed build, or `MINIGPT_CPU_DECODE=0` (or the older
 `MINIGPT_CPU_GEMV=0`): `available()` is False and torch computes everything, as before. The
 sums run in another order than torch's, so outputs differ by float32 rounding; tests compare
 both against float64.
@@ -55,8 +57,10 @@ class BlockShape(ctypes.Structure):
                 + [("eps", ctypes.c_float), ("scale", ctypes.c_float)])
 
 
-# AVX-512 F, BW and VL: what torch's "AVX512" capability (checked before loading) requires.
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-shared", "-fPIC")
+COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+ISA_FLAGS = {"AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"), "AVX2": ("-mavx2", "-mfma")}
+"""torch's CPU capability -> the instruction sets cpu_decode.c is compiled for. torch's
+"AVX512" requires AVX-512 F, BW, VL and DQ; its "AVX2", AVX2 and FMA."""
 BUILD_TIMEOUT_S = 120
 
 
@@ -65,14 +69,16 @@ def _cache_dir() -> Path:
     return Path(root) / "minigpt"
 
 
-def _build() -> Path:
-    """Compile cpu_decode.c once per source and flags; concurrent builders each write their own
-    temporary file and rename it into place, so a reader never sees half a library."""
+def _build(isa: str) -> Path:
+    """Compile cpu_decode.c once per source and flags for `isa` (a key of ISA_FLAGS);
+    concurrent builders each write their own temporary file and rename it into place, so a
+    reader never sees half a library."""
+    flags = (*COMMON_FLAGS, *ISA_FLAGS[isa])
     compiler = shlex.split(os.environ.get("CC") or "cc")  # "ccache gcc" is a compiler too
     if not compiler or shutil.which(compiler[0]) is None:
         raise RuntimeError(f"no C compiler {os.environ.get('CC') or 'cc'!r} on PATH")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((*compiler, *FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join((*compiler, *flags)).encode()).hexdigest()[:16]
     folder = _cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"cpu_decode-{key}.so"
@@ -82,7 +88,7 @@ def _build() -> Path:
         partial = Path(tmp.name)
     try:
         try:
-            done = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True,
+            done = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True,
                                   text=True, timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{' '.join(compiler)} took over {BUILD_TIMEOUT_S} s") from None
@@ -98,10 +104,11 @@ def _build() -> Path:
 def _library() -> ctypes.CDLL | None:
     if "0" in (os.environ.get("MINIGPT_CPU_DECODE"), os.environ.get("MINIGPT_CPU_GEMV")):
         return None
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+    isa = torch.backends.cpu.get_cpu_capability()
+    if isa not in ISA_FLAGS:
         return None
     try:
-        library = ctypes.CDLL(str(_build()))
+        library = ctypes.CDLL(str(_build(isa)))
     except (OSError, RuntimeError) as error:
         log.info("minigpt's CPU decoding kernels are off (%s); torch computes everything", error)
         return None

@@ -24,7 +24,7 @@ from hypothesis import given, settings, strategies as st
 from minigpt import GPT, GPTConfig, cpu_decode, ops
 from minigpt import model as model_module
 
-needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason="no AVX-512 CPU or no C compiler here")
+needs_kernel = pytest.mark.skipif(not cpu_decode.available(), reason="no AVX-512 or AVX2 CPU, or no C compiler here")
 
 
 def _reference(x, weight, bias):
@@ -517,3 +517,27 @@ def test_a_weight_that_is_not_a_parameter_or_a_patched_forward_keeps_torchs_path
     assert block_steps == []
     for a, b in zip(ours, patched):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_block_plan_step_at_the_ends_of_exps_range(activation):
+    # GELU's inputs of several hundred either way and attention scores hundreds apart take the
+    # kernel's exp to its clamps at -88 and 88.7 (2^-127 and 2^128 before the polynomial's
+    # factor): the block must stay finite and match float64 there too.
+    C, n_head, n_inner, capacity = 32, 2, 48, 12
+    g = torch.Generator().manual_seed(3)
+    shapes = [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (n_inner, C), (n_inner,), (C, n_inner), (C,)]
+    scales = {2: 8.0, 8: 120.0}  # wide queries and keys; very wide MLP inputs
+    weights = tuple(torch.randn(shape, generator=g) * scales.get(i, 1.0) for i, shape in enumerate(shapes))
+    x = torch.randn(1, 1, C, generator=g)
+    k, v = (torch.randn(1, n_head, capacity, C // n_head, generator=g) * 20 for _ in range(2))
+    k_before, v_before = k.clone(), v.clone()
+    settings_ = dict(n_head=n_head, eps=1e-5, scale=(C // n_head) ** -0.5, activation=activation)
+    out = cpu_decode.BlockPlan(weights, **settings_).step(x, k, v, 5, capacity)
+    expected, _, _ = _block_reference(weights, x, k_before, v_before, 5, capacity, cache_dtype=torch.float32,
+                                      **settings_)
+    hidden = torch.nn.functional.linear(torch.nn.functional.layer_norm(x.reshape(C), (C,)), weights[8], weights[9])
+    assert hidden.min() < -300 and hidden.max() > 300  # the MLP's inputs reach both ends
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double().reshape(C), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
