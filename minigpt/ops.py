@@ -315,8 +315,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     A bfloat16 weight that `pack_for_decoding` laid out for oneDNN is read in that layout
     while no gradient is wanted (same kernel, bit-identical outputs, about twice as fast).
     One float32 row by a large matrix with no gradient wanted (decoding at batch 1) goes to
-    `cpu_decode.gemv`, our AVX-512 matrix-vector product, where it is built: about 1.27x oneDNN's
-    streaming rate (benchmarks/NOTES.md).
+    `cpu_decode.gemv`, our AVX-512 or AVX2 matrix-vector product, where it is built: about 1.27x
+    oneDNN's streaming rate on the AVX-512 VM (benchmarks/NOTES.md).
 
     F.linear everywhere else: off the CPU, in other dtypes (for bfloat16 F.linear already
     calls oneDNN), on tensor subclasses (DTensor), under `torch.compile` (inductor picks its
@@ -434,8 +434,8 @@ def pack_for_decoding(model: nn.Module) -> int:
     freed. A write the tensor's version counter cannot see (through `.data`'s own view, a
     NumPy view, a collective writing into its memory) is not noticed: call
     `unpack_for_decoding` after such writes. Weights in other dtypes or on other devices,
-    inference tensors (they keep no version counter), and machines without oneDNN are left
-    alone.
+    inference tensors (they keep no version counter), and machines without oneDNN or without
+    its bfloat16 (a CPU with AVX2 but not AVX-512) are left alone.
     """
     if not _packing_usable():
         return 0
@@ -491,9 +491,15 @@ def _packed_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _packing_usable() -> bool:
-    """Whether this torch has oneDNN and its weight reorder (inductor's freezing uses it)."""
-    return _one_dnn_usable() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether this torch has oneDNN and its weight reorder (inductor's freezing uses it), and
+    oneDNN has bfloat16 on this CPU: the reorder needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT
+    and raises on a CPU with AVX2 alone (most laptops), where nothing is packed."""
+    if not (_one_dnn_usable() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return supported is None or bool(supported())
 
 
 @functools.lru_cache(maxsize=None)

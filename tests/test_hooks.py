@@ -101,9 +101,12 @@ def test_cache_views_equal_output_hidden_states_and_attentions(backend):
         assert torch.equal(cache[f"blocks.{i}.attn.hook_pattern"], out.attentions[i])
     assert torch.equal(cache["ln_final.hook_out"], out.hidden_states[-1])
     _, everything = model.run_with_cache(idx)
+    # float32: the two LayerNorm paths round differently by an ulp or two, and the later
+    # layers carry that on: 1e-4 on these unit-scale activations (1.2e-5 seen on AVX2, where
+    # the CPU's LayerNorm kernels differ from AVX-512's).
     for i in range(n):
-        torch.testing.assert_close(everything[f"blocks.{i}.hook_resid_pre"], out.hidden_states[i], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(everything["ln_final.hook_out"], out.hidden_states[-1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(everything[f"blocks.{i}.hook_resid_pre"], out.hidden_states[i], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(everything["ln_final.hook_out"], out.hidden_states[-1], rtol=1e-5, atol=1e-4)
 
 
 def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:

@@ -143,6 +143,10 @@ def test_bfloat16_decoding_samples_float32_logits_close_to_the_float32_model():
 
 
 # ---- bfloat16 weights packed for decoding (ops.pack_for_decoding) ---------------------------
+needs_packing = pytest.mark.skipif(not ops._packing_usable(),
+                                   reason="oneDNN has no bfloat16 on this CPU (it needs AVX-512 or AVX-NE-CONVERT)")
+
+
 def bf16_linear(in_features=384, out_features=700, bias=False, seed=2):
     layer = torch.nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
     with torch.no_grad():
@@ -150,6 +154,7 @@ def bf16_linear(in_features=384, out_features=700, bias=False, seed=2):
     return layer
 
 
+@needs_packing
 @settings(max_examples=20, deadline=None)
 @given(rows=st.integers(1, 40), lead=st.sampled_from([(), (2,)]), in_features=st.sampled_from([64, 384, 771]),
        out_features=st.sampled_from([5, 347, 1152]), bias=st.booleans(), seed=st.integers(0, 2**16))
@@ -166,6 +171,7 @@ def test_packed_bfloat16_products_equal_the_plain_ones_bit_for_bit_and_match_flo
     assert_rel_close(packed, reference(x, layer.weight, layer.bias), torch.bfloat16, "packed bfloat16 product")
 
 
+@needs_packing
 @pytest.mark.parametrize("change", ["in place", "load_state_dict", "float and back", "a new view as .data"])
 def test_a_weight_changed_through_the_tensor_after_packing_is_read_plainly_and_its_copy_dropped(change):
     layer = bf16_linear()
@@ -185,6 +191,7 @@ def test_a_weight_changed_through_the_tensor_after_packing_is_read_plainly_and_i
         assert torch.equal(ops.linear(x, layer.weight), F.linear(x, layer.weight))
 
 
+@needs_packing
 def test_writes_the_version_counter_cannot_see_are_cleared_by_unpacking():
     layer = bf16_linear()
     x = torch.randn(2, 384, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
@@ -195,6 +202,7 @@ def test_writes_the_version_counter_cannot_see_are_cleared_by_unpacking():
         assert torch.equal(ops.linear(x, layer.weight), F.linear(x, layer.weight))
 
 
+@needs_packing
 def test_packed_weights_step_aside_while_a_gradient_is_wanted_even_for_the_bias_alone():
     layer = bf16_linear(bias=True)
     assert ops.pack_for_decoding(layer) == 1
@@ -209,6 +217,7 @@ def test_packed_weights_step_aside_while_a_gradient_is_wanted_even_for_the_bias_
     assert ops.pack_for_decoding(torch.nn.Linear(384, 512)) == 0  # float32: oneDNN reads it in place already
 
 
+@needs_packing
 def test_a_packed_layer_compiles_pickles_and_deep_copies_and_inference_tensors_are_left_alone():
     import copy
     import io
@@ -229,6 +238,7 @@ def test_a_packed_layer_compiles_pickles_and_deep_copies_and_inference_tensors_a
     assert ops.pack_for_decoding(made_here) == 0  # an inference tensor keeps no version counter
 
 
+@needs_packing
 def test_a_packed_bfloat16_model_decodes_the_same_tokens_as_the_plain_one(tmp_path, monkeypatch):
     from minigpt.model_dir import load_for_decoding
 
@@ -246,3 +256,17 @@ def test_a_packed_bfloat16_model_decodes_the_same_tokens_as_the_plain_one(tmp_pa
     assert used and all(p is not None for p in used)  # every product of the decoding read a packed copy
     with torch.no_grad():
         assert torch.equal(packed(torch.tensor(prompts)).logits, plain(torch.tensor(prompts)).logits)
+
+
+def test_bfloat16_decoding_loads_and_decodes_on_any_cpu(tmp_path):
+    # Where oneDNN has no bfloat16 (a CPU with AVX2 alone), loading for decoding packs nothing
+    # instead of failing in the reorder, and the products stay torch's.
+    from minigpt.model_dir import load_for_decoding
+
+    wide_model().save_pretrained(tmp_path / "m")
+    model = load_for_decoding(tmp_path / "m", dtype="bfloat16")
+    assert ops.unpack_for_decoding(model) == (9 if ops._packing_usable() else 0)
+    assert ops.pack_for_decoding(model) == (9 if ops._packing_usable() else 0)
+    prompts = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(7)).tolist()
+    tokens = generate(model, prompts, 5, temperature=0)
+    assert [len(row) for row in tokens] == [5, 5] and all(0 <= t < 512 for row in tokens for t in row)
