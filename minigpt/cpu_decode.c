@@ -292,9 +292,11 @@ static void product_share(const void *w, const float *x, const void *b, const fl
         for (int64_t r = lo; r < hi; r += LANES) store_tail(y + r, hi - r, vgelu(load_tail(y + r, hi - r), act));
 }
 
-void minigpt_gemv_f32(const float *w, const float *x, const float *b, float *y, int64_t out, int64_t in, int threads) {
+/* y = W x + b for one row: W (out, in) and b float32 or bfloat16 (b may be NULL), x and y float32. */
+void minigpt_gemv(const void *w, const float *x, const void *b, float *y, int64_t out, int64_t in, int threads,
+                  int bf16) {
     #pragma omp parallel num_threads(threads)
-    product_share(w, x, b, NULL, y, out, in, ACT_NONE, 0);
+    product_share(w, x, b, NULL, y, out, in, ACT_NONE, bf16);
 }
 
 static float sum_of(const float *x, int64_t n) {

@@ -1,5 +1,5 @@
 """Decoding at batch 1 on an x86-64 CPU with AVX-512 or AVX2, in C (`cpu_decode.c`): a
-float32 matrix-vector product, and a whole pre-norm block for one token.
+matrix-vector product (float32 or bfloat16 weights), and a whole pre-norm block for one token.
 
 Why: at batch 1 a decoding step is one pass over the weights. oneDNN's float32 inner product
 streams 33.6 GB/s over GPT-2 124M's per-token products with 2 threads (22.6 with 1) on the
@@ -112,8 +112,8 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as error:
         log.info("minigpt's CPU decoding kernels are off (%s); torch computes everything", error)
         return None
-    library.minigpt_gemv_f32.restype = None
-    library.minigpt_gemv_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    library.minigpt_gemv.restype = None
+    library.minigpt_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     library.minigpt_decode_block.restype = None
     library.minigpt_decode_block.argtypes = ([ctypes.POINTER(BlockShape)] + [ctypes.c_void_p] * 4
                                              + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int])
@@ -125,27 +125,32 @@ def available() -> bool:
     return _library() is not None
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (in,) or (1, in) float32 times weight (out, in)^T, plus bias (out,): (out,) or (1, out).
+DTYPES = (torch.float32, torch.bfloat16)
+"""What a block's tensors (all of them the same) and gemv's weight may be."""
 
-    float32 CPU tensors, the weight contiguous, the bias (out,) and contiguous (the caller,
-    `ops.linear`, checks); raises RuntimeError where `available()` is False."""
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (in,) or (1, in) times weight (out, in)^T, plus bias (out,): (out,) or (1, out).
+
+    CPU tensors, the weight contiguous and float32 or bfloat16, the bias (out,), contiguous
+    and of the weight's dtype (the caller, `ops.linear`, checks). The sums run in float32
+    (a bfloat16 weight is widened exactly as it is read, x is taken in float32) and the
+    result is rounded once to the weight's dtype, as torch's bfloat16 product rounds it.
+    Raises RuntimeError where `available()` is False."""
     library = _library()
     if library is None:
         raise RuntimeError("minigpt's CPU matrix-vector product is not available here; use F.linear")
     out_features, in_features = weight.shape
-    x = x.contiguous()
-    if x.numel() != in_features or (bias is not None and tuple(bias.shape) != (out_features,)):
-        raise ValueError(f"gemv takes one row of {in_features} values and a bias of {out_features}; got x "
-                         f"{tuple(x.shape)}, bias {None if bias is None else tuple(bias.shape)}")
+    x = x.to(torch.float32).contiguous()
+    if x.numel() != in_features or (bias is not None and tuple(bias.shape) != (out_features,)) \
+            or weight.dtype not in DTYPES or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError(f"gemv takes one row of {in_features} values, a float32 or bfloat16 weight and a bias of "
+                         f"{out_features} in the weight's dtype; got x {tuple(x.shape)}, weight {weight.dtype}, bias "
+                         f"{None if bias is None else (tuple(bias.shape), bias.dtype)}")
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32, device="cpu")  # whatever the default device
-    library.minigpt_gemv_f32(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None,
-                             y.data_ptr(), out_features, in_features, torch.get_num_threads())
-    return y
-
-
-DTYPES = (torch.float32, torch.bfloat16)
-"""What a block's tensors may be, all of them the same."""
+    library.minigpt_gemv(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None,
+                         y.data_ptr(), out_features, in_features, torch.get_num_threads(), weight.dtype == torch.bfloat16)
+    return y if weight.dtype == torch.float32 else y.to(weight.dtype)
 
 
 def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:

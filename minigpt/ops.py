@@ -316,7 +316,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     while no gradient is wanted (same kernel, bit-identical outputs, about twice as fast).
     One float32 row by a large matrix with no gradient wanted (decoding at batch 1) goes to
     `cpu_decode.gemv`, our AVX-512 or AVX2 matrix-vector product, where it is built: about 1.27x
-    oneDNN's streaming rate on the AVX-512 VM (benchmarks/NOTES.md).
+    oneDNN's streaming rate on the AVX-512 VM (benchmarks/NOTES.md). On a CPU whose oneDNN
+    has no bfloat16 (AVX2 alone), a bfloat16 product with no gradient wanted is computed in
+    float32 (`_bfloat16_in_float32`): one row by `cpu_decode.gemv` reading the weight in place,
+    more rows with the weight widened to float32 first; either way rounded once to bfloat16.
 
     F.linear everywhere else: off the CPU, in other dtypes (for bfloat16 F.linear already
     calls oneDNN), on tensor subclasses (DTensor), under `torch.compile` (inductor picks its
@@ -327,6 +330,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if _PACKED and (packed := _packed_weight(x, weight, bias)) is not None:
         return _one_dnn(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias).view(*x.shape[:-1], weight.shape[0])
+    if weight.dtype == torch.bfloat16 and _bfloat16_in_float32(x, weight, bias):
+        if _one_row_for_gemv(x, weight, bias) and weight.numel() >= GEMV_MIN_WEIGHTS and cpu_decode.available():
+            return cpu_decode.gemv(x, weight, bias)  # reads the bfloat16 weight in place
+        wide = linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return wide.to(torch.bfloat16)
     if not _one_dnn_product(x, weight) or (bias is not None and bias.shape != weight.shape[:1]):
         return F.linear(x, weight, bias)  # (oneDNN takes only an (out,) bias, not one that broadcasts)
     wants_grad = torch.is_grad_enabled() and (
@@ -384,12 +392,26 @@ def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _one_row_for_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """One row of the weight's width, and a plain float32 CPU bias or none (`linear` has
-    already sent a bias of any shape but (out,) to F.linear)."""
-    if x.numel() != x.shape[-1] or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+    """One row of the weight's width, a contiguous weight, and a plain CPU bias of the
+    weight's dtype, (out,) and contiguous, or none."""
+    if x.numel() != x.shape[-1] or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous():
         return False
-    return bias is None or (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == torch.float32
-                            and bias.device.type == "cpu" and bias.is_contiguous())
+    return bias is None or (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == weight.dtype
+                            and bias.device.type == "cpu" and bias.is_contiguous() and bias.shape == weight.shape[:1])
+
+
+def _bfloat16_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `linear` computes this bfloat16 product in float32: on a CPU where oneDNN has
+    no bfloat16 (AVX2 without AVX-512), torch's own bfloat16 GEMM is ~4x slower than
+    widening the weight to float32 (0.15 ms for a 3072 x 768 matrix) and multiplying there,
+    which gives the same sums (a bfloat16 product also adds in float32) rounded once to
+    bfloat16 (benchmarks/NOTES.md). Only where no gradient is wanted (decoding, evaluation):
+    training keeps torch's operator and its backward."""
+    if x.dtype != torch.bfloat16 or (bias is not None and bias.dtype != torch.bfloat16) or weight.dim() != 2:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return _plain_eager_cpu(x, weight) and _one_dnn_usable() and not _one_dnn_has_bfloat16()
 
 
 def _plain_eager_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -491,13 +513,16 @@ def _packed_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _packing_usable() -> bool:
     """Whether this torch has oneDNN and its weight reorder (inductor's freezing uses it), and
-    oneDNN has bfloat16 on this CPU: the reorder needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT
-    and raises on a CPU with AVX2 alone (most laptops), where nothing is packed."""
-    if not (_one_dnn_usable() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-        return False
+    oneDNN has bfloat16 on this CPU: the reorder raises on a CPU with AVX2 alone (most
+    laptops), where nothing is packed."""
+    return _one_dnn_usable() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and _one_dnn_has_bfloat16()
+
+
+@functools.lru_cache(maxsize=None)
+def _one_dnn_has_bfloat16() -> bool:
+    """oneDNN's bfloat16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT on the CPU."""
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return supported is None or bool(supported())
 

@@ -47,6 +47,24 @@ def test_gemv_matches_float64(out_features, in_features, with_bias, flat, seed):
 
 
 @needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(out_features=st.integers(1, 70), in_features=st.integers(1, 100), with_bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_gemv_of_a_bfloat16_weight_sums_in_float32_and_rounds_once(out_features, in_features, with_bias, seed):
+    # The weight and bias are read as the bfloat16 values they are; x is taken in float32; the
+    # result is float32 sums rounded to bfloat16 once: within half a bfloat16 step of float64's
+    # product of the same values, plus float32 rounding.
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, in_features, generator=g)
+    bias = torch.randn(out_features, generator=g).to(torch.bfloat16) if with_bias else None
+    y = cpu_decode.gemv(x, weight, bias)
+    assert y.shape == (1, out_features) and y.dtype == torch.bfloat16
+    expected = _reference(x, weight, bias)
+    torch.testing.assert_close(y.double(), expected, rtol=2**-8, atol=1e-5 * in_features**0.5)
+
+
+@needs_kernel
 def test_gemv_same_bits_at_any_thread_count():
     # Each row's sum is one thread's work in a fixed order, so threads change nothing.
     g = torch.Generator().manual_seed(0)
@@ -64,10 +82,15 @@ def test_gemv_same_bits_at_any_thread_count():
 
 @needs_kernel
 def test_gemv_refuses_a_wrong_length():
-    with pytest.raises(ValueError, match=r"one row of 4 values and a bias of 3; got x \(5,\), bias None"):
+    with pytest.raises(ValueError, match=r"one row of 4 values, a float32 or bfloat16 weight and a bias of 3 in the "
+                                         r"weight's dtype; got x \(5,\), weight torch.float32, bias None"):
         cpu_decode.gemv(torch.randn(5), torch.randn(3, 4))
-    with pytest.raises(ValueError, match=r"got x \(4,\), bias \(1,\)"):
+    with pytest.raises(ValueError, match=r"got x \(4,\), weight torch.float32, bias \(\(1,\), torch.float32\)"):
         cpu_decode.gemv(torch.randn(4), torch.randn(3, 4), torch.randn(1))
+    with pytest.raises(ValueError, match=r"weight torch.float64, bias None"):
+        cpu_decode.gemv(torch.randn(4), torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"weight torch.bfloat16, bias \(\(3,\), torch.float32\)"):
+        cpu_decode.gemv(torch.randn(4), torch.randn(3, 4).bfloat16(), torch.randn(3))
 
 
 @needs_kernel

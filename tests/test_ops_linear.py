@@ -1,6 +1,8 @@
 """`ops.linear`, the model's matrix products: oneDNN on a CPU in float32 (forward and the
 backward pass's two products), `F.linear` otherwise. Both are held to a float64 reference;
 the path each case takes is asserted, so a test of one path cannot pass on the other."""
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -270,3 +272,34 @@ def test_bfloat16_decoding_loads_and_decodes_on_any_cpu(tmp_path):
     prompts = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(7)).tolist()
     tokens = generate(model, prompts, 5, temperature=0)
     assert [len(row) for row in tokens] == [5, 5] and all(0 <= t < 512 for row in tokens for t in row)
+
+
+# ---- bfloat16 products where oneDNN has no bfloat16 (AVX2 alone) -----------------------------
+@settings(max_examples=25, deadline=None)
+@given(rows=st.sampled_from([1, 2, 7]), lead=st.sampled_from([(), (1,)]), in_features=st.sampled_from([64, 384, 771]),
+       out_features=st.sampled_from([5, 347, 1152]), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_bfloat16_products_without_one_dnns_bfloat16_are_summed_in_float32(rows, lead, in_features, out_features,
+                                                                           bias, seed):
+    # Forced here on any CPU: one row through cpu_decode.gemv (where it is built and the weight
+    # is large), more rows widened to float32; both add in float32 and round once, so they
+    # match float64 within bfloat16's tolerance, as torch's own bfloat16 product does.
+    layer = bf16_linear(in_features, out_features, bias, seed)
+    x = torch.randn(*lead, rows, in_features, generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16)
+    with mock.patch.object(ops, "_one_dnn_has_bfloat16", lambda: False), mock.patch.object(
+            ops.cpu_decode, "gemv", wraps=ops.cpu_decode.gemv) as gemv, torch.no_grad():
+        out = ops.linear(x, layer.weight, layer.bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (*lead, rows, out_features)
+    one_row_by_a_large_matrix = rows == 1 and layer.weight.numel() >= ops.GEMV_MIN_WEIGHTS
+    assert gemv.called == (one_row_by_a_large_matrix and ops.cpu_decode.available())
+    assert_rel_close(out, reference(x, layer.weight, layer.bias), torch.bfloat16, "bfloat16 product summed in float32")
+    torch.testing.assert_close(out.double(), F.linear(x, layer.weight, layer.bias).double(), rtol=2**-7, atol=1e-2)
+
+
+def test_bfloat16_products_that_want_a_gradient_keep_torchs_operator():
+    layer = bf16_linear(bias=True)
+    x = torch.randn(3, 384, dtype=torch.bfloat16, requires_grad=True)
+    with mock.patch.object(ops, "_one_dnn_has_bfloat16", lambda: False):
+        out = ops.linear(x, layer.weight, layer.bias)
+        out.float().sum().backward()
+    assert torch.equal(out.detach(), F.linear(x.detach(), layer.weight, layer.bias))  # torch's kernel, not ours
+    assert x.grad is not None and layer.weight.grad is not None
