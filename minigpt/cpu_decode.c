@@ -1,5 +1,5 @@
-/* Decoding at batch 1 on an x86-64 CPU with AVX-512 or AVX2 and FMA: a float32
- * matrix-vector product, and one whole pre-norm GPT block for one token, each in one call.
+/* Decoding at batch 1 on an x86-64 CPU with AVX-512 or AVX2 and FMA: a matrix-vector product
+ * (float32 or bfloat16 weights), and one whole pre-norm GPT block for one token, each in one call.
  *
  * Why a block in C: a decoded token reads every weight once, and the products already stream
  * at the memory's speed; what is left is the ~20 small operators per block between them

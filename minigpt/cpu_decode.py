@@ -5,7 +5,7 @@ Why: at batch 1 a decoding step is one pass over the weights. oneDNN's float32 i
 streams 33.6 GB/s over GPT-2 124M's per-token products with 2 threads (22.6 with 1) on the
 development VM, where a plain AVX-512 loop of four rows at a time over OpenMP threads streams
 42.3 (33.0): `gemv`, which `ops.linear` calls for one row by a large float32 matrix while no
-gradient is wanted. With the products at the memory's speed, what is left of a token is the
+gradient is wanted (and for bfloat16 where oneDNN has no bfloat16: a CPU with AVX2 alone). With the products at the memory's speed, what is left of a token is the
 block's ~20 small torch operators between them, about 0.2 ms per block, most of it Python
 reading objects that the weights have pushed out of the cache. `BlockPlan.step` does a whole
 block in one call, and `minigpt.model.Block` takes it for one token of one row whenever
@@ -142,11 +142,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise RuntimeError("minigpt's CPU matrix-vector product is not available here; use F.linear")
     out_features, in_features = weight.shape
     x = x.to(torch.float32).contiguous()
-    if x.numel() != in_features or (bias is not None and tuple(bias.shape) != (out_features,)) \
+    if x.numel() != in_features or x.shape[-1] != in_features or x.device.type != "cpu" \
+            or (bias is not None and tuple(bias.shape) != (out_features,)) \
             or weight.dtype not in DTYPES or (bias is not None and bias.dtype != weight.dtype):
         raise ValueError(f"gemv takes one row of {in_features} values, a float32 or bfloat16 weight and a bias of "
                          f"{out_features} in the weight's dtype; got x {tuple(x.shape)}, weight {weight.dtype}, bias "
                          f"{None if bias is None else (tuple(bias.shape), bias.dtype)}")
+    if not (_plain(weight, weight.dtype) and (bias is None or _plain(bias, weight.dtype))):
+        raise ValueError("gemv reads the weight and bias in place: they must be plain contiguous CPU tensors; "
+                         f"got weight strides {weight.stride()} on {weight.device}")
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32, device="cpu")  # whatever the default device
     library.minigpt_gemv(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None,
                          y.data_ptr(), out_features, in_features, torch.get_num_threads(), weight.dtype == torch.bfloat16)

@@ -81,8 +81,9 @@ def load_for_decoding(path: str | Path, *, device: str = "cpu", dtype: str = "fl
                       backend: str = "sdpa") -> "GPT":
     """The GPT behind `path` (any model argument, `resolve_model_dir`) on `device`, its
     weights in `dtype` ('float32' or 'bfloat16', `minigpt.device.decode_dtype`), ready to
-    decode: bfloat16 weights on a CPU are laid out once for oneDNN (`ops.pack_for_decoding`:
-    the same tokens, products about twice as fast, the copies as big as the weights).
+    decode: bfloat16 weights on a CPU are laid out once for oneDNN where it has bfloat16
+    (`ops.pack_for_decoding`: the same tokens, products about twice as fast, the copies as big
+    as the weights; not on a CPU with AVX2 alone, where the products run in float32).
 
     Raises ValueError for another dtype, FileNotFoundError (listing where it looked) when
     `path` holds no model, and what `GPT.from_pretrained` raises for a bad folder."""

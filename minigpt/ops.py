@@ -522,9 +522,12 @@ def _packing_usable() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _one_dnn_has_bfloat16() -> bool:
-    """oneDNN's bfloat16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT on the CPU."""
+    """oneDNN's bfloat16 needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT on the CPU (torch's own
+    check where this torch has it, else torch's AVX-512 capability)."""
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return supported is None or bool(supported())
+    if supported is None:
+        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return bool(supported())
 
 
 @functools.lru_cache(maxsize=None)

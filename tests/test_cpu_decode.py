@@ -48,8 +48,8 @@ def test_gemv_matches_float64(out_features, in_features, with_bias, flat, seed):
 
 @needs_kernel
 @settings(max_examples=40, deadline=None)
-@given(out_features=st.integers(1, 70), in_features=st.integers(1, 100), with_bias=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(out_features=st.integers(1, 70), in_features=st.one_of(st.integers(1, 100), st.sampled_from([1031, 1543])),
+       with_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_gemv_of_a_bfloat16_weight_sums_in_float32_and_rounds_once(out_features, in_features, with_bias, seed):
     # The weight and bias are read as the bfloat16 values they are; x is taken in float32; the
     # result is float32 sums rounded to bfloat16 once: within half a bfloat16 step of float64's
@@ -91,6 +91,12 @@ def test_gemv_refuses_a_wrong_length():
         cpu_decode.gemv(torch.randn(4), torch.randn(3, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"weight torch.bfloat16, bias \(\(3,\), torch.float32\)"):
         cpu_decode.gemv(torch.randn(4), torch.randn(3, 4).bfloat16(), torch.randn(3))
+    with pytest.raises(ValueError, match=r"got x \(2, 2\)"):  # four values, but two rows
+        cpu_decode.gemv(torch.randn(2, 2), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"plain contiguous CPU tensors; got weight strides \(1, 3\)"):
+        cpu_decode.gemv(torch.randn(4), torch.randn(4, 3).t())
+    with pytest.raises(ValueError, match=r"got weight strides \(0, 1\)"):  # an expanded row: one row's storage
+        cpu_decode.gemv(torch.randn(4), torch.randn(1, 4).expand(3, 4))
 
 
 @needs_kernel

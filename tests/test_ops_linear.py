@@ -275,6 +275,7 @@ def test_bfloat16_decoding_loads_and_decodes_on_any_cpu(tmp_path):
 
 
 # ---- bfloat16 products where oneDNN has no bfloat16 (AVX2 alone) -----------------------------
+@pytest.mark.skipif(not ops._one_dnn_usable(), reason="this torch has no oneDNN")
 @settings(max_examples=25, deadline=None)
 @given(rows=st.sampled_from([1, 2, 7]), lead=st.sampled_from([(), (1,)]), in_features=st.sampled_from([64, 384, 771]),
        out_features=st.sampled_from([5, 347, 1152]), bias=st.booleans(), seed=st.integers(0, 2**16))
@@ -286,11 +287,16 @@ def test_bfloat16_products_without_one_dnns_bfloat16_are_summed_in_float32(rows,
     layer = bf16_linear(in_features, out_features, bias, seed)
     x = torch.randn(*lead, rows, in_features, generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16)
     with mock.patch.object(ops, "_one_dnn_has_bfloat16", lambda: False), mock.patch.object(
-            ops.cpu_decode, "gemv", wraps=ops.cpu_decode.gemv) as gemv, torch.no_grad():
+            ops.cpu_decode, "gemv", wraps=ops.cpu_decode.gemv) as gemv, mock.patch.object(
+            ops, "linear", wraps=ops.linear) as linear, torch.no_grad():
         out = ops.linear(x, layer.weight, layer.bias)
     assert out.dtype == torch.bfloat16 and out.shape == (*lead, rows, out_features)
     one_row_by_a_large_matrix = rows == 1 and layer.weight.numel() >= ops.GEMV_MIN_WEIGHTS
     assert gemv.called == (one_row_by_a_large_matrix and ops.cpu_decode.available())
+    widened = [c.args for c in linear.call_args_list[1:] if c.args[0].dtype == torch.float32]  # the inner call
+    assert len(widened) == (0 if gemv.called else 1)
+    if widened:
+        assert widened[0][1].dtype == torch.float32 and torch.equal(widened[0][1], layer.weight.float())
     assert_rel_close(out, reference(x, layer.weight, layer.bias), torch.bfloat16, "bfloat16 product summed in float32")
     torch.testing.assert_close(out.double(), F.linear(x, layer.weight, layer.bias).double(), rtol=2**-7, atol=1e-2)
 
