@@ -322,9 +322,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     more rows with the weight widened to float32 first; either way rounded once to bfloat16.
 
     F.linear everywhere else: off the CPU, in other dtypes (for bfloat16 F.linear already
-    calls oneDNN where oneDNN has bfloat16), for a bfloat16 product that wants a gradient, on tensor subclasses (DTensor), under `torch.compile` (inductor picks its
-    own kernels), under a dispatch mode (torch's FLOP counter knows F.linear, not oneDNN's
-    op) or a `torch.func` transform, and for a product of a few rows by a small matrix. The
+    calls oneDNN where oneDNN has bfloat16), for a bfloat16 product that wants a gradient,
+    on tensor subclasses (DTensor), under `torch.compile` (inductor picks its own kernels),
+    under a dispatch mode (torch's FLOP counter knows F.linear, not oneDNN's op) or a
+    `torch.func` transform, and for a product of a few rows by a small matrix. The
     oneDNN backward is first-order: a gradient of its gradient (`create_graph=True`) raises
     an error; take such gradients with `torch.func`, under which the product is F.linear's.
     """
