@@ -5,8 +5,9 @@ Why: at batch 1 a decoding step is one pass over the weights. oneDNN's float32 i
 streams 33.6 GB/s over GPT-2 124M's per-token products with 2 threads (22.6 with 1) on the
 development VM, where a plain AVX-512 loop of four rows at a time over OpenMP threads streams
 42.3 (33.0): `gemv`, which `ops.linear` calls for one row by a large float32 matrix while no
-gradient is wanted (and for bfloat16 where oneDNN has no bfloat16: a CPU with AVX2 alone). With the products at the memory's speed, what is left of a token is the
-block's ~20 small torch operators between them, about 0.2 ms per block, most of it Python
+gradient is wanted (and for bfloat16 where oneDNN has no bfloat16: a CPU with AVX2 alone).
+With the products at the memory's speed, what is left of a token is the block's ~20 small
+torch operators between them, about 0.2 ms per block, most of it Python
 reading objects that the weights have pushed out of the cache. `BlockPlan.step` does a whole
 block in one call, and `minigpt.model.Block` takes it for one token of one row whenever
 nothing could tell the difference (no hook, no gradient, plain float32 or bfloat16 weights;
