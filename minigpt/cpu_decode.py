@@ -133,29 +133,46 @@ DTYPES = (torch.float32, torch.bfloat16)
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (in,) or (1, in) times weight (out, in)^T, plus bias (out,): (out,) or (1, out).
 
-    CPU tensors, the weight contiguous and float32 or bfloat16, the bias (out,), contiguous
-    and of the weight's dtype (the caller, `ops.linear`, checks). The sums run in float32
-    (a bfloat16 weight is widened exactly as it is read, x is taken in float32) and the
-    result is rounded once to the weight's dtype, as torch's bfloat16 product rounds it.
-    Raises RuntimeError where `available()` is False."""
+    What it takes is what `gemv_takes` accepts; anything else raises ValueError saying why.
+    The sums run in float32 (a bfloat16 weight is widened exactly as it is read, x is taken in
+    float32) and the result is rounded once to the weight's dtype, as torch's bfloat16
+    product rounds it. Raises RuntimeError where `available()` is False."""
     library = _library()
     if library is None:
         raise RuntimeError("minigpt's CPU matrix-vector product is not available here; use F.linear")
-    out_features, in_features = weight.shape
-    x = x.to(torch.float32).contiguous()
-    if x.numel() != in_features or x.shape[-1] != in_features or x.device.type != "cpu" \
-            or (bias is not None and tuple(bias.shape) != (out_features,)) \
-            or weight.dtype not in DTYPES or (bias is not None and bias.dtype != weight.dtype):
-        raise ValueError(f"gemv takes one row of {in_features} values, a float32 or bfloat16 weight and a bias of "
-                         f"{out_features} in the weight's dtype; got x {tuple(x.shape)}, weight {weight.dtype}, bias "
-                         f"{None if bias is None else (tuple(bias.shape), bias.dtype)}")
-    if not (_plain(weight, weight.dtype) and (bias is None or _plain(bias, weight.dtype))):
+    if not _shapes_fit(x, weight, bias):
+        raise ValueError(f"gemv takes one row of {weight.shape[-1]} values, a float32 or bfloat16 weight and a bias "
+                         f"of {weight.shape[0]} in the weight's dtype; got x {tuple(x.shape)}, weight "
+                         f"{weight.dtype}, bias {None if bias is None else (tuple(bias.shape), bias.dtype)}")
+    if not _in_place(weight, bias):
         raise ValueError("gemv reads the weight and bias in place: they must be plain contiguous CPU tensors; "
                          f"got weight strides {weight.stride()} on {weight.device}")
+    out_features, in_features = weight.shape
+    x = x.to(torch.float32).contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32, device="cpu")  # whatever the default device
     library.minigpt_gemv(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None,
                          y.data_ptr(), out_features, in_features, torch.get_num_threads(), weight.dtype == torch.bfloat16)
     return y if weight.dtype == torch.float32 else y.to(weight.dtype)
+
+
+def gemv_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `gemv` can take these tensors: one row of the weight's width on the CPU (any
+    float dtype), a plain contiguous float32 or bfloat16 CPU weight (out, in), and a bias
+    (out,) of the weight's dtype, plain and contiguous, or none. `ops.linear` asks this
+    before it sends a product to gemv."""
+    return _shapes_fit(x, weight, bias) and _in_place(weight, bias)
+
+
+def _shapes_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if weight.dim() != 2 or weight.dtype not in DTYPES:
+        return False
+    out_features, in_features = weight.shape
+    return x.numel() == in_features and x.shape[-1] == in_features and x.device.type == "cpu" \
+        and (bias is None or (tuple(bias.shape) == (out_features,) and bias.dtype == weight.dtype))
+
+
+def _in_place(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return _plain(weight, weight.dtype) and (bias is None or _plain(bias, weight.dtype))
 
 
 def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:

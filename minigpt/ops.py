@@ -332,7 +332,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _PACKED and (packed := _packed_weight(x, weight, bias)) is not None:
         return _one_dnn(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias).view(*x.shape[:-1], weight.shape[0])
     if weight.dtype == torch.bfloat16 and _bfloat16_in_float32(x, weight, bias):
-        if _one_row_for_gemv(x, weight, bias) and weight.numel() >= GEMV_MIN_WEIGHTS and cpu_decode.available():
+        if weight.numel() >= GEMV_MIN_WEIGHTS and cpu_decode.gemv_takes(x, weight, bias) \
+                and cpu_decode.available():
             return cpu_decode.gemv(x, weight, bias)  # reads the bfloat16 weight in place
         wide = linear(x.float(), weight.float(), None if bias is None else bias.float())
         return wide.to(torch.bfloat16)
@@ -340,7 +341,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)  # (oneDNN takes only an (out,) bias, not one that broadcasts)
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    if not wants_grad and _one_row_for_gemv(x, weight, bias) and cpu_decode.available():
+    if not wants_grad and cpu_decode.gemv_takes(x, weight, bias) and cpu_decode.available():
         return cpu_decode.gemv(x, weight, bias)  # decoding's one row: streams the weight faster
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, I)
     if wants_grad:
@@ -390,15 +391,6 @@ def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.numel() < GEMV_MIN_WEIGHTS:
         return False
     return True
-
-
-def _one_row_for_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """One row of the weight's width, a contiguous weight, and a plain CPU bias of the
-    weight's dtype, (out,) and contiguous, or none."""
-    if x.numel() != x.shape[-1] or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous():
-        return False
-    return bias is None or (type(bias) in (torch.Tensor, nn.Parameter) and bias.dtype == weight.dtype
-                            and bias.device.type == "cpu" and bias.is_contiguous() and bias.shape == weight.shape[:1])
 
 
 def _bfloat16_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
