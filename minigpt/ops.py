@@ -321,6 +321,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     float32 (`_bfloat16_in_float32`): one row by `cpu_decode.gemv` reading the weight in place,
     more rows with the weight widened to float32 first; either way rounded once to bfloat16.
 
+    On an x86 CPU with AVX2 and no AVX-512, a product that wants a gradient (training) goes
+    to F.linear: there MKL's are the faster products (`_training_products_by_mkl`).
+
     F.linear everywhere else: off the CPU, in other dtypes (for bfloat16 F.linear already
     calls oneDNN where oneDNN has bfloat16), for a bfloat16 product that wants a gradient,
     on tensor subclasses (DTensor), under `torch.compile` (inductor picks its own kernels),
@@ -337,10 +340,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return cpu_decode.gemv(x, weight, bias)  # reads the bfloat16 weight in place
         wide = linear(x.float(), weight.float(), None if bias is None else bias.float())
         return wide.to(torch.bfloat16)
-    if not _one_dnn_product(x, weight) or (bias is not None and bias.shape != weight.shape[:1]):
-        return F.linear(x, weight, bias)  # (oneDNN takes only an (out,) bias, not one that broadcasts)
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if not _one_dnn_product(x, weight, wants_grad) or (bias is not None and bias.shape != weight.shape[:1]):
+        return F.linear(x, weight, bias)  # (oneDNN takes only an (out,) bias, not one that broadcasts)
     if not wants_grad and cpu_decode.gemv_takes(x, weight, bias) and cpu_decode.available():
         return cpu_decode.gemv(x, weight, bias)  # decoding's one row: streams the weight faster
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, I)
@@ -384,9 +387,11 @@ class _OneDnnLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor, wants_grad: bool = False) -> bool:
     """Whether `linear` computes through oneDNN (see its docstring for when it does not)."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or not _plain_eager_cpu(x, weight):
+        return False
+    if wants_grad and _training_products_by_mkl():
         return False
     if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.numel() < GEMV_MIN_WEIGHTS:
         return False
@@ -521,6 +526,19 @@ def _one_dnn_has_bfloat16() -> bool:
     if supported is None:
         return torch.backends.cpu.get_cpu_capability() == "AVX512"
     return bool(supported())
+
+
+@functools.lru_cache(maxsize=None)
+def _training_products_by_mkl() -> bool:
+    """Whether a product that wants a gradient goes to MKL (F.linear) instead of oneDNN: on an
+    x86 CPU with AVX2 and no AVX-512 (a Zen 3 EPYC here; most laptops), where MKL and oneDNN
+    run the same 8-lane code and MKL's dx and dW products were 10-50 % faster on the training
+    shapes measured (the 6 x 384 step at 2 threads: 63 against 82 ms over its twelve block
+    products; the main job's 2 x 96 micro-batch at 1 thread: 12.3 against 14.3 ms), the
+    whole 6 x 384 step 1.00x transformers' against 0.87x (benchmarks/NOTES.md). oneDNN keeps
+    what it does better there, products with no gradient: a few rows by a large matrix it
+    threads over the cores (1.1-1.8x MKL's speed at 4-32 rows)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 @functools.lru_cache(maxsize=None)

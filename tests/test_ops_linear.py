@@ -43,22 +43,40 @@ def test_float32_products_take_onednn_and_match_float64(rows, lead, in_features,
     assert_rel_close(out, reference(x, weight, b), torch.float32, "ops.linear (oneDNN)")
 
 
+def backward_nodes(out: torch.Tensor) -> set[str]:
+    """The names of every node of `out`'s backward graph."""
+    names, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in names:
+            names.add(node.name())
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("by_mkl", [False, True], ids=["oneDNN", "MKL as on AVX2"])
 @settings(max_examples=15, deadline=None)
 @given(rows=st.integers(1, 70), out_features=st.sampled_from([5, 96, 384, 1001]), bias=st.booleans(),
        seed=st.integers(0, 2**16))
 @example(rows=70, out_features=96, bias=True, seed=1)  # oneDNN, input wider: dW as dy^T x
 @example(rows=70, out_features=384, bias=False, seed=2)  # oneDNN, square: dW as (x^T dy)^T
 @example(rows=70, out_features=1001, bias=True, seed=3)  # oneDNN, output wider: (x^T dy)^T
-def test_onednn_gradients_match_float64(rows, out_features, bias, seed):
+def test_gradients_match_float64(by_mkl, rows, out_features, bias, seed):
     """out_features below 384 take dW as dy^T x, the others as (x^T dy)^T, where oneDNN
-    takes the product (the examples: 140 rows)."""
+    takes the product (the examples: 140 rows); where training products go to MKL (an x86
+    CPU with AVX2 alone, `_training_products_by_mkl`), the product is F.linear's."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, rows, 384, generator=g, requires_grad=True)
     weight = torch.randn(out_features, 384, generator=g, requires_grad=True)
     b = torch.randn(out_features, generator=g, requires_grad=True) if bias else None
     up = torch.randn(2, rows, out_features, generator=g)  # the gradient arriving from above
-    assert ops._one_dnn_product(x, weight) or rows * 2 <= ops.GEMV_MAX_ROWS
-    (ops.linear(x, weight, b) * up).sum().backward()
+    with mock.patch.object(ops, "_training_products_by_mkl", lambda: by_mkl):
+        out = ops.linear(x, weight, b)
+        through_one_dnn = "_OneDnnLinearBackward" in backward_nodes(out)
+        assert through_one_dnn == ops._one_dnn_product(x, weight, wants_grad=True)
+        assert through_one_dnn or by_mkl or rows * 2 <= ops.GEMV_MAX_ROWS
+        assert not (through_one_dnn and by_mkl)
+        (out * up).sum().backward()
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     b64 = b.detach().double().requires_grad_() if bias else None
     (F.linear(x64, w64, b64) * up.double()).sum().backward()
@@ -72,8 +90,9 @@ def test_a_gradient_of_the_onednn_gradient_is_refused_and_torch_func_takes_f_lin
     g = torch.Generator().manual_seed(1)
     x = torch.randn(20, 384, generator=g, requires_grad=True)
     weight = torch.randn(400, 384, generator=g, requires_grad=True)
-    assert ops._one_dnn_product(x, weight)
-    (dx,) = torch.autograd.grad(ops.linear(x, weight).square().sum(), x, create_graph=True)
+    with mock.patch.object(ops, "_training_products_by_mkl", lambda: False):
+        assert ops._one_dnn_product(x, weight, wants_grad=True)
+        (dx,) = torch.autograd.grad(ops.linear(x, weight).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
         dx.sum().backward()
     # torch.func: the transform sees F.linear, so second derivatives are exact (float64 reference).
