@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -353,7 +352,9 @@ def main() -> None:
 
     rows, extra = [], {}
     bandwidth = statistics.median(_run("--child", "bandwidth", str(max(threads)))["gb_per_s"] for _ in range(3))
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    from minigpt.device import describe_cpu  # here, not at the top: the children measure their own imports
+
+    meta = {"machine": describe_cpu(),
             "bandwidth_gb_per_s": round(bandwidth, 1), "date": time.strftime("%Y-%m-%d"),
             "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True).stdout.strip(),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -114,7 +113,9 @@ def main() -> None:
             "reaches_nanogpt_final_at": round(statistics.median(reach), 2),
             "rounds": rounds,
         })
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    from minigpt.device import describe_cpu
+
+    meta = {"machine": describe_cpu(),
             "date": time.strftime("%Y-%m-%d"), "commit": commit, "nanogpt_commit": nano_commit,
             "nanogpt_command": "python train.py " + " ".join(NANOGPT_ARGS),
             "minigpt_command": "python -m minigpt train --out-dir <tmp>"}

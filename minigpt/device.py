@@ -73,3 +73,31 @@ def memory_bytes(name: str) -> int | None:
         except (ValueError, OSError, AttributeError):  # not POSIX
             return None
     return None
+
+
+def describe_cpu() -> str:
+    """This machine's CPU in one line, for the header of a benchmark's results: architecture,
+    model name and family (from /proc/cpuinfo, where there is one), the vector instruction
+    set torch's kernels use here (`torch.backends.cpu.get_cpu_capability`) and the cores,
+    e.g. 'x86_64, AMD EPYC (family 25), AVX2, 2 cores'. CPU figures are only comparable
+    between machines that agree on all of it: one VM name has stood for a Zen 5 with AVX-512
+    and a Zen 3 with AVX2 alone, and this project's CPU paths differ between the two."""
+    import os
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = fields.get("model name", "")
+    if model and "cpu family" in fields:
+        model += f" (family {fields['cpu family']})"
+    parts = [platform.machine() or "unknown architecture", model, torch.backends.cpu.get_cpu_capability(),
+             f"{os.cpu_count()} cores"]
+    return ", ".join(part for part in parts if part)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -292,8 +291,10 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row))
 
+    from minigpt.device import describe_cpu  # here, not at the top: the children measure their own imports
+
     meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe_cpu(),
         "torch": version("torch"),
         "transformers": version("transformers"),
         "threads": args.threads,
