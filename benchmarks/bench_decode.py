@@ -346,14 +346,15 @@ def main() -> None:
     parser.add_argument("--breakdown-before", default=None,
                         help="another checkout of minigpt whose decoding is profiled too (the 'before' column)")
     args = parser.parse_args()
+    sys.path.insert(0, str(REPO))  # this checkout's minigpt names the CPU, whichever MINIGPT_SRC the children time
+    from minigpt.device import describe_cpu  # not at the top: the children measure their own imports
+
     threads = [int(t) for t in args.threads.split(",")]
     llama = bool(args.llama_python and args.llama_convert)
     notes = [] if llama else ["llama.cpp: not measured (give --llama-python and --llama-convert)"]
 
     rows, extra = [], {}
     bandwidth = statistics.median(_run("--child", "bandwidth", str(max(threads)))["gb_per_s"] for _ in range(3))
-    from minigpt.device import describe_cpu  # here, not at the top: the children measure their own imports
-
     meta = {"machine": describe_cpu(),
             "bandwidth_gb_per_s": round(bandwidth, 1), "date": time.strftime("%Y-%m-%d"),
             "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt import GPT, GPTConfig  # noqa: E402
+from minigpt.device import describe_cpu  # noqa: E402
 from minigpt.evaluation.scoring import score_continuations  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,7 +91,7 @@ def main() -> None:
                 "vocab 50257, random weights, float32"},
         "runs": runs,
         "environment": {"device": args.device, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                        "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+                        "python": platform.python_version(), "machine": describe_cpu(),
                         "note": "shared 2-core VM; other engineers' jobs were running (see the load averages)"},
     }
     RESULTS.mkdir(exist_ok=True)

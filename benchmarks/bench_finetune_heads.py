@@ -134,9 +134,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="finetune_heads", help="results file stem")
     args = p.parse_args()
-    import platform
+    from minigpt.device import describe_cpu
 
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    result = {"machine": describe_cpu(),
               "threads": args.threads, "model": MODEL, "train": TRAIN, "environment": environment(),
               "load_before": os.getloadavg(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench_finetune_heads_") as work:

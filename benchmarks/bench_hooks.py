@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch
 
 import minigpt
 from minigpt import GPT, GPTConfig
+from minigpt.device import describe_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def run(rounds: int, threads: int, compare: str | None = None) -> dict:
         "model": f"tiny preset ({c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, "
                  f"{'/'.join(c.attention_pattern)} w={c.attention_window}), float32, no_grad",
         "compare": compare, "rounds": rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "results": results,
+        "machine": describe_cpu(), "results": results,
     }
 
 

@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--threads", default="2,1")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    from minigpt.device import describe_cpu  # now, not after the rounds: a missing minigpt fails at once
+
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     nano_commit = subprocess.run(["git", "-C", str(args.nanogpt), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -113,8 +115,6 @@ def main() -> None:
             "reaches_nanogpt_final_at": round(statistics.median(reach), 2),
             "rounds": rounds,
         })
-    from minigpt.device import describe_cpu
-
     meta = {"machine": describe_cpu(),
             "date": time.strftime("%Y-%m-%d"), "commit": commit, "nanogpt_commit": nano_commit,
             "nanogpt_command": "python train.py " + " ".join(NANOGPT_ARGS),

@@ -219,8 +219,10 @@ def main() -> None:
                    "plan": plan_for(shape, mesh, dtype, checkpointing)}
             rows.append(row)
             print(_row_line(row), file=sys.stderr, flush=True)
+    from minigpt.device import describe_cpu
+
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "processor": describe_cpu(), "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     Path(args.out + ".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     Path(args.out + ".md").write_text(_markdown(rows, env))

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt import GPT, GPTConfig  # noqa: E402
 from minigpt.counts import flops_per_token  # noqa: E402
+from minigpt.device import describe_cpu  # noqa: E402
 from minigpt.ops import BACKENDS  # noqa: E402
 from minigpt.train import TrainConfig, build_optimizer  # noqa: E402
 from minigpt.train.observe import peak_flops  # noqa: E402
@@ -213,7 +214,7 @@ def main() -> None:
     import transformers
 
     meta = {
-        "machine": (torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name()) + f", {os.cpu_count()} CPUs",
+        "machine": f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs" if device.type == "cuda" else describe_cpu(),
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -228,16 +229,6 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(_markdown(meta, rows))
     print(f"wrote {stem}.json and .md")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""Checking that a requested device exists on this machine, before anything is built on it.
+"""Checking that a requested device exists on this machine, before anything is built on it;
+and what the machine is (`memory_bytes`, `describe_cpu`).
 
 Configs only check a device's spelling (a config may be written on a laptop for a GPU
 machine); the commands call `check_device` when they are about to use one, so that
 ``--device cuda`` without CUDA is one clear sentence, not a traceback from deep in torch.
 """
 from __future__ import annotations
+
+import os
+import platform
 
 import torch
 
@@ -67,8 +71,6 @@ def memory_bytes(name: str) -> int | None:
         return torch.cuda.get_device_properties(device.index or 0).total_memory
     if device.type == "cpu":
         try:
-            import os
-
             return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):  # not POSIX
             return None
@@ -82,9 +84,6 @@ def describe_cpu() -> str:
     e.g. 'x86_64, AMD EPYC (family 25), AVX2, 2 cores'. CPU figures are only comparable
     between machines that agree on all of it: one VM name has stood for a Zen 5 with AVX-512
     and a Zen 3 with AVX2 alone, and this project's CPU paths differ between the two."""
-    import os
-    import platform
-
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:

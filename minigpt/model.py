@@ -78,7 +78,8 @@ class LayerNorm(ops.UsesBackend, nn.Module):
 
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters, state dict and init) whose product is `ops.linear`: on a
-    CPU, oneDNN's (about twice MKL's speed on the development VM, see `ops.linear`)."""
+    CPU, oneDNN's (about twice MKL's speed on the development VM with AVX-512), MKL's for
+    training on an x86 CPU with AVX2 alone (see `ops.linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias)

@@ -302,7 +302,8 @@ GEMV_MIN_WEIGHTS = 1 << 17
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, computed on a CPU by oneDNN rather than MKL.
+    """`F.linear(x, weight, bias)`, computed on a CPU by oneDNN rather than MKL (on an x86 CPU
+    without AVX-512, only the products that want no gradient).
 
     On the development VM (AMD EPYC, AVX-512) MKL's float32 GEMM runs at 145-220 GFLOP/s and
     oneDNN's at 255-520 GFLOP/s on the training step's products, and for decoding's
@@ -329,8 +330,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     on tensor subclasses (DTensor), under `torch.compile` (inductor picks its own kernels),
     under a dispatch mode (torch's FLOP counter knows F.linear, not oneDNN's op) or a
     `torch.func` transform, and for a product of a few rows by a small matrix. The
-    oneDNN backward is first-order: a gradient of its gradient (`create_graph=True`) raises
-    an error; take such gradients with `torch.func`, under which the product is F.linear's.
+    oneDNN backward is first-order: where training products go to oneDNN (AVX-512), a
+    gradient of its gradient (`create_graph=True`) raises an error; take such gradients with
+    `torch.func`, under which the product is F.linear's on every CPU.
     """
     if _PACKED and (packed := _packed_weight(x, weight, bias)) is not None:
         return _one_dnn(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias).view(*x.shape[:-1], weight.shape[0])
@@ -342,8 +344,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return wide.to(torch.bfloat16)
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    if not _one_dnn_product(x, weight, wants_grad) or (bias is not None and bias.shape != weight.shape[:1]):
-        return F.linear(x, weight, bias)  # (oneDNN takes only an (out,) bias, not one that broadcasts)
+    broadcast_bias = bias is not None and bias.shape != weight.shape[:1]  # oneDNN takes only an (out,) bias
+    if broadcast_bias or not _one_dnn_product(x, weight, wants_grad=wants_grad):
+        return F.linear(x, weight, bias)
     if not wants_grad and cpu_decode.gemv_takes(x, weight, bias) and cpu_decode.available():
         return cpu_decode.gemv(x, weight, bias)  # decoding's one row: streams the weight faster
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, I)
@@ -387,8 +390,9 @@ class _OneDnnLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor, wants_grad: bool = False) -> bool:
-    """Whether `linear` computes through oneDNN (see its docstring for when it does not)."""
+def _one_dnn_product(x: torch.Tensor, weight: torch.Tensor, *, wants_grad: bool) -> bool:
+    """Whether `linear` computes through oneDNN (see its docstring for when it does not);
+    `wants_grad`: whether autograd will ask for the product's gradient (training)."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or not _plain_eager_cpu(x, weight):
         return False
     if wants_grad and _training_products_by_mkl():
@@ -531,13 +535,15 @@ def _one_dnn_has_bfloat16() -> bool:
 @functools.lru_cache(maxsize=None)
 def _training_products_by_mkl() -> bool:
     """Whether a product that wants a gradient goes to MKL (F.linear) instead of oneDNN: on an
-    x86 CPU with AVX2 and no AVX-512 (a Zen 3 EPYC here; most laptops), where MKL and oneDNN
-    run the same 8-lane code and MKL's dx and dW products were 10-50 % faster on the training
-    shapes measured (the 6 x 384 step at 2 threads: 63 against 82 ms over its twelve block
-    products; the main job's 2 x 96 micro-batch at 1 thread: 12.3 against 14.3 ms), the
-    whole 6 x 384 step 1.00x transformers' against 0.87x (benchmarks/NOTES.md). oneDNN keeps
-    what it does better there, products with no gradient: a few rows by a large matrix it
-    threads over the cores (1.1-1.8x MKL's speed at 4-32 rows)."""
+    x86 CPU with AVX2 and no AVX-512 (measured on a Zen 3 EPYC), where MKL and oneDNN run the
+    same 8-lane code and MKL's dx and dW products were 10-50 % faster on the training shapes
+    measured (the 6 x 384 step at 2 threads: 63 against 82 ms over one block's twelve
+    products; the main job's 2 x 96 model at 1 thread: 12.3 against 14.3 ms over one block's
+    and the head's fifteen), the whole 6 x 384 step 1.02x transformers' against 0.87x
+    (benchmarks/NOTES.md). oneDNN keeps what it does better there, products with no
+    gradient: a few rows by a large matrix it threads over the cores (1.1-1.8x MKL's speed at
+    4-32 rows). torch's capability follows the ATEN_CPU_CAPABILITY environment variable, so
+    `ATEN_CPU_CAPABILITY=avx2` on an AVX-512 CPU sends training to MKL too."""
     return torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 

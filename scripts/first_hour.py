@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import sys
@@ -118,8 +117,9 @@ def main() -> None:
         argv = minigpt_argv(step["command"])
         if argv and extra(argv):
             step["appended"] = shlex.join(extra(argv))
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                         f"{platform.python_implementation()} {platform.python_version()}",
+    from minigpt.device import describe_cpu  # here: the commands it times import minigpt themselves
+
+    result = {"machine": f"{describe_cpu()}, {platform.python_implementation()} {platform.python_version()}",
               "torch": torch.__version__, "note": args.note, "extra": args.extra, "skipped": args.skip, "steps": steps,
               "total_s": round(time.perf_counter() - began, 1), "accuracy": accuracies(steps, cwd),
               **other_figures(steps, cwd)}

@@ -1,6 +1,7 @@
 """`ops.linear`, the model's matrix products: oneDNN on a CPU in float32 (forward and the
-backward pass's two products), `F.linear` otherwise. Both are held to a float64 reference;
-the path each case takes is asserted, so a test of one path cannot pass on the other."""
+backward pass's two products; on an x86 CPU with AVX2 alone, only products that want no
+gradient), `F.linear` otherwise. Both are held to a float64 reference; the path each case
+takes is asserted, so a test of one path cannot pass on the other."""
 from unittest import mock
 
 import pytest
@@ -21,6 +22,7 @@ def reference(x, weight, bias):
     return out if bias is None else out + bias.double()
 
 
+@pytest.mark.parametrize("by_mkl", [False, True], ids=["oneDNN trains", "MKL trains, as on AVX2"])
 @settings(max_examples=25, deadline=None)
 @given(
     rows=st.integers(1, 3 * ops.GEMV_MAX_ROWS),
@@ -30,14 +32,17 @@ def reference(x, weight, bias):
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_float32_products_take_onednn_and_match_float64(rows, lead, in_features, out_features, bias, seed):
+def test_float32_products_take_onednn_and_match_float64(by_mkl, rows, lead, in_features, out_features, bias, seed):
+    """With no gradient wanted the product is oneDNN's (or, one row, `cpu_decode.gemv`'s) on
+    every CPU: F.linear is never called, wherever training products go."""
     g = torch.Generator().manual_seed(seed)
     batch = lead + (rows,)
     x = torch.randn(*batch, in_features, generator=g)
     weight = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
-    with torch.no_grad():
-        assert ops._one_dnn_product(x, weight)
+    with torch.no_grad(), mock.patch.object(ops, "_training_products_by_mkl", lambda: by_mkl), \
+            mock.patch.object(ops.F, "linear", side_effect=AssertionError("F.linear was called")):
+        assert ops._one_dnn_product(x, weight, wants_grad=False)
         out = ops.linear(x, weight, b)
     assert out.dtype == torch.float32 and out.shape == (*batch, out_features)
     assert_rel_close(out, reference(x, weight, b), torch.float32, "ops.linear (oneDNN)")
@@ -58,9 +63,9 @@ def backward_nodes(out: torch.Tensor) -> set[str]:
 @settings(max_examples=15, deadline=None)
 @given(rows=st.integers(1, 70), out_features=st.sampled_from([5, 96, 384, 1001]), bias=st.booleans(),
        seed=st.integers(0, 2**16))
-@example(rows=70, out_features=96, bias=True, seed=1)  # oneDNN, input wider: dW as dy^T x
-@example(rows=70, out_features=384, bias=False, seed=2)  # oneDNN, square: dW as (x^T dy)^T
-@example(rows=70, out_features=1001, bias=True, seed=3)  # oneDNN, output wider: (x^T dy)^T
+@example(rows=70, out_features=96, bias=True, seed=1)  # on oneDNN, input wider: dW as dy^T x
+@example(rows=70, out_features=384, bias=False, seed=2)  # on oneDNN, square: dW as (x^T dy)^T
+@example(rows=70, out_features=1001, bias=True, seed=3)  # on oneDNN, output wider: (x^T dy)^T
 def test_gradients_match_float64(by_mkl, rows, out_features, bias, seed):
     """out_features below 384 take dW as dy^T x, the others as (x^T dy)^T, where oneDNN
     takes the product (the examples: 140 rows); where training products go to MKL (an x86
@@ -72,10 +77,8 @@ def test_gradients_match_float64(by_mkl, rows, out_features, bias, seed):
     up = torch.randn(2, rows, out_features, generator=g)  # the gradient arriving from above
     with mock.patch.object(ops, "_training_products_by_mkl", lambda: by_mkl):
         out = ops.linear(x, weight, b)
-        through_one_dnn = "_OneDnnLinearBackward" in backward_nodes(out)
-        assert through_one_dnn == ops._one_dnn_product(x, weight, wants_grad=True)
-        assert through_one_dnn or by_mkl or rows * 2 <= ops.GEMV_MAX_ROWS
-        assert not (through_one_dnn and by_mkl)
+        large = rows * 2 > ops.GEMV_MAX_ROWS or weight.numel() >= ops.GEMV_MIN_WEIGHTS  # else F.linear anyway
+        assert ("_OneDnnLinearBackward" in backward_nodes(out)) == (large and not by_mkl)
         (out * up).sum().backward()
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     b64 = b.detach().double().requires_grad_() if bias else None
@@ -84,6 +87,14 @@ def test_gradients_match_float64(by_mkl, rows, out_features, bias, seed):
     assert_rel_close(weight.grad, w64.grad, torch.float32, "dW")
     if bias:
         assert_rel_close(b.grad, b64.grad, torch.float32, "db")
+
+
+@pytest.mark.parametrize("capability, by_mkl", [("AVX2", True), ("AVX512", False), ("DEFAULT", False),
+                                                ("SVE256", False)])
+def test_training_products_go_to_mkl_on_avx2_alone(capability, by_mkl):
+    """The capability torch reports decides, once per process (the cache is bypassed here)."""
+    with mock.patch.object(torch.backends.cpu, "get_cpu_capability", lambda: capability):
+        assert ops._training_products_by_mkl.__wrapped__() is by_mkl
 
 
 def test_a_gradient_of_the_onednn_gradient_is_refused_and_torch_func_takes_f_linear():
@@ -112,7 +123,7 @@ def test_other_products_take_f_linear_and_match_float64(case):
     weight = torch.randn(width, 2 * width, generator=g).to(dtype)
     weight = weight[:, ::2] if case == "strided weight" else weight[:, :width].contiguous()
     bias = torch.randn(width, generator=g).to(dtype)
-    assert not ops._one_dnn_product(x, weight)
+    assert not ops._one_dnn_product(x, weight, wants_grad=False)
     assert_rel_close(ops.linear(x, weight, bias), reference(x, weight, bias), dtype, f"ops.linear ({case})")
 
 
@@ -136,7 +147,7 @@ def wide_model():
 def test_decoding_on_the_fast_path_matches_the_float64_model():
     model = wide_model()
     with torch.no_grad():
-        assert all(ops._one_dnn_product(torch.zeros(1, m.in_features), m.weight)
+        assert all(ops._one_dnn_product(torch.zeros(1, m.in_features), m.weight, wants_grad=False)
                    for m in model.modules() if isinstance(m, Linear))
     double = wide_model().double()
     prompt = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(4))
