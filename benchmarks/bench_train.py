@@ -214,7 +214,8 @@ def main() -> None:
     import transformers
 
     meta = {
-        "machine": f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs" if device.type == "cuda" else describe_cpu(),
+        "machine": (f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs" if device.type == "cuda"
+                    else describe_cpu()),
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),

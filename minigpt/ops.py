@@ -303,7 +303,7 @@ GEMV_MIN_WEIGHTS = 1 << 17
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, computed on a CPU by oneDNN rather than MKL (on an x86 CPU
-    without AVX-512, only the products that want no gradient).
+    with AVX2 and no AVX-512, only the products that want no gradient).
 
     On the development VM (AMD EPYC, AVX-512) MKL's float32 GEMM runs at 145-220 GFLOP/s and
     oneDNN's at 255-520 GFLOP/s on the training step's products, and for decoding's
