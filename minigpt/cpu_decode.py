@@ -156,11 +156,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def gemv_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `gemv` can take these tensors: one row of the weight's width on the CPU (any
-    float dtype), a plain contiguous float32 or bfloat16 CPU weight (out, in), and a bias
-    (out,) of the weight's dtype, plain and contiguous, or none. `ops.linear` asks this
-    before it sends a product to gemv."""
-    return _shapes_fit(x, weight, bias) and _in_place(weight, bias)
+    """Whether `gemv` can compute this product here: it is built (`available()`), and it takes
+    these tensors: one row of the weight's width on the CPU (any float dtype), a plain
+    contiguous float32 or bfloat16 CPU weight (out, in), and a bias (out,) of the weight's
+    dtype, plain and contiguous, or none. `ops.linear` asks this before it sends a product
+    to gemv."""
+    return _shapes_fit(x, weight, bias) and _in_place(weight, bias) and available()
 
 
 def _shapes_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

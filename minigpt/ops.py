@@ -337,8 +337,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _PACKED and (packed := _packed_weight(x, weight, bias)) is not None:
         return _one_dnn(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias).view(*x.shape[:-1], weight.shape[0])
     if weight.dtype == torch.bfloat16 and _bfloat16_in_float32(x, weight, bias):
-        if weight.numel() >= GEMV_MIN_WEIGHTS and cpu_decode.gemv_takes(x, weight, bias) \
-                and cpu_decode.available():
+        if weight.numel() >= GEMV_MIN_WEIGHTS and cpu_decode.gemv_takes(x, weight, bias):
             return cpu_decode.gemv(x, weight, bias)  # reads the bfloat16 weight in place
         wide = linear(x.float(), weight.float(), None if bias is None else bias.float())
         return wide.to(torch.bfloat16)
@@ -347,7 +346,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     broadcast_bias = bias is not None and bias.shape != weight.shape[:1]  # oneDNN takes only an (out,) bias
     if broadcast_bias or not _one_dnn_product(x, weight, wants_grad=wants_grad):
         return F.linear(x, weight, bias)
-    if not wants_grad and cpu_decode.gemv_takes(x, weight, bias) and cpu_decode.available():
+    if not wants_grad and cpu_decode.gemv_takes(x, weight, bias):
         return cpu_decode.gemv(x, weight, bias)  # decoding's one row: streams the weight faster
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, I)
     if wants_grad:
